@@ -1,0 +1,5 @@
+import sys
+
+from cardpipe.cli import main
+
+sys.exit(main())

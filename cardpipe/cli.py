@@ -1,0 +1,199 @@
+"""The ``cardpipe`` command line: a thin layer over :mod:`cardpipe.orchestration.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cardpipe import __version__
+from cardpipe.config import Settings
+from cardpipe.errors import CardpipeError
+
+log = logging.getLogger("cardpipe")
+
+
+def _say(message: str) -> None:
+    log.info(message)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(results_dir=args.results_dir, data_dir=getattr(args, "data_dir", None))
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration import commands
+
+    settings = _settings(args)
+    commands.setup(settings)
+    print(f"clean schema created in {settings.describe_database()}")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration import commands
+
+    settings = _settings(args)
+    summary = commands.load(settings, _say)
+    rows = ", ".join(f"{table} {count:,}" for table, count in summary.rows.items())
+    print(f"loaded {settings.data_dir} in {summary.seconds:.1f} s: {rows}")
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration import commands
+
+    summary = commands.produce(_settings(args), from_csv=args.from_csv, republish_all=args.all, progress=_say)
+    print(f"published {summary.published:,} transactions in {summary.seconds:.1f} s ({summary.rate:,.0f}/s)")
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration import commands
+    from cardpipe.stream.consumer import ConsumeOptions
+
+    settings = _settings(args)
+    options = ConsumeOptions(
+        follow=args.follow,
+        idle_seconds=settings.consumer_idle_seconds if args.idle_seconds is None else args.idle_seconds,
+        batch_size=args.batch_size or settings.consumer_batch_size,
+    )
+    summary = commands.consume(settings, options, progress=_say)
+    print(_consume_line(summary))
+    return 0
+
+
+def _consume_line(summary: object) -> str:
+    counts = summary.counts  # type: ignore[attr-defined]
+    reasons = sorted((k.split(":", 1)[1], v) for k, v in counts.items() if k.startswith("rejected:"))
+    rejected = f" ({', '.join(f'{r} {n}' for r, n in reasons)})" if reasons else ""
+    return (f"decided {summary.messages:,} messages in {summary.seconds:.1f} s: "  # type: ignore[attr-defined]
+            f"{counts['pending']:,} pending, {counts['declined']:,} declined, "
+            f"{counts['rejected']:,} rejected{rejected}, {counts['duplicate_ignored']:,} duplicates ignored")
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration import commands
+
+    result = commands.batch(_settings(args), _say)
+    print(f"settled in {result.seconds:.1f} s: {result.summary}")
+    return 0
+
+
+def cmd_persist(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration import commands
+
+    counts = commands.persist(_settings(args))
+    print("persisted " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration import commands
+
+    settings = _settings(args)
+    summary = commands.run(settings, _say)
+    print(f"loaded: {', '.join(f'{t} {n:,}' for t, n in summary.load.rows.items())}")
+    print(f"published {summary.publish.published:,} transactions ({summary.publish.rate:,.0f}/s)")
+    print(_consume_line(summary.consume))
+    print(f"settled in {summary.batch.seconds:.1f} s: {summary.batch.summary}")
+    print(f"results in {settings.results_dir}; total {summary.seconds:.1f} s")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from cardpipe.stream import broker
+
+    settings = _settings(args)
+    if args.action == "stop":
+        stopped = broker.stop_broker(settings.results_dir)
+        print("embedded broker stopped" if stopped else "no embedded broker running")
+    elif args.action == "start":
+        handle = broker.ensure_broker(None, settings.results_dir)
+        print(f"embedded broker {'started' if handle.started_here else 'running'} at {handle.bootstrap_servers}")
+    else:
+        record = broker.broker_status(settings.results_dir)
+        print(f"embedded broker running at {record['bootstrap_servers']} (pid {record['pid']})"
+              if record else "no embedded broker running")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cardpipe.generate import GeneratorConfig, generate_dataset
+
+    config = GeneratorConfig(transactions=args.transactions, customers=args.customers, cards=args.cards,
+                             seed=args.seed)
+    counts = generate_dataset(args.out_dir, config, progress=lambda n: _say(f"generated {n:,} transactions"))
+    print(f"wrote {args.out_dir}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cardpipe",
+        description="Credit-card transaction pipeline: serving DB, Kafka stream authorization, Spark settlement.",
+    )
+    parser.add_argument("--version", action="version", version=f"cardpipe {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--results-dir", type=Path, default=None,
+                        help="working folder: result CSVs, and on embedded defaults the SQLite file and the "
+                             "embedded broker's record (default: ./results or CARDPIPE_RESULTS_DIR)")
+    common.add_argument("-q", "--quiet", action="store_true", help="only print the summary and errors")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data-dir", type=Path, default=None,
+                      help="folder with customers.csv, credit_card_types.csv, cards.csv, transactions.csv "
+                           "(default: the bundled sample or CARDPIPE_DATA_DIR)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        p = sub.add_parser(name, parents=[common, *parents], help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    add("setup", cmd_setup, "(re)create a clean schema in the serving database")
+    add("load", cmd_load, "load the four input CSVs into the serving database", data)
+    p = add("produce", cmd_produce, "publish transactions to the topic in timestamp order, keyed by card")
+    p.add_argument("--from-csv", type=Path, default=None, help="publish this transactions CSV instead of the database")
+    p.add_argument("--all", action="store_true", help="also republish transactions already decided")
+    p = add("consume", cmd_consume, "authorize the topic's transactions; stops when drained unless --follow")
+    p.add_argument("--follow", action="store_true", help="keep running until interrupted (Ctrl-C)")
+    p.add_argument("--idle-seconds", type=float, default=None,
+                   help="stop after this long without a message (default 5, CONSUMER_IDLE_SECONDS)")
+    p.add_argument("--batch-size", type=int, default=None, help="messages per poll and checkpoint")
+    add("batch", cmd_batch, "settle the stream results with Spark; write the batch CSVs and tables")
+    add("persist", cmd_persist, "load the batch result CSVs into the serving database")
+    add("run", cmd_run, "all layers end to end on a clean schema", data)
+    p = add("broker", cmd_broker, "manage the embedded broker of a results folder")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p = sub.add_parser("generate", help="write a synthetic dataset in the four-CSV shape",
+                       description="write a synthetic dataset in the four-CSV shape")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--transactions", type=int, required=True)
+    p.add_argument("--customers", type=int, default=None)
+    p.add_argument("--cards", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="cardpipe: %(message)s", stream=sys.stderr)
+    for noisy in ("py4j", "sqlalchemy", "cardpipe.stream.broker.librdkafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except CardpipeError as exc:
+        print(f"cardpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cardpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Configuration: one immutable value object built from the environment and an optional ``.env`` file.
+
+Every setting is documented in ``.env.example``. With nothing configured, cardpipe runs on embedded
+defaults: a SQLite file inside the results folder, an embedded Kafka-protocol broker, Spark ``local[*]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
+
+from cardpipe.errors import ConfigError
+
+SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
+DEFAULT_TOPIC = "credit-card-transactions"
+SQLITE_FILENAME = "cardpipe.db"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All of cardpipe's settings. Build with :meth:`from_env`; change with :meth:`with_`."""
+
+    results_dir: Path
+    data_dir: Path
+    database_url: URL
+    kafka_bootstrap_servers: str | None = None
+    kafka_topic: str = DEFAULT_TOPIC
+    kafka_partitions: int = 8
+    kafka_group_id: str = "cardpipe"
+    spark_master: str = "local[*]"
+    consumer_idle_seconds: float = 5.0
+    consumer_batch_size: int = 5000
+    spark_shuffle_partitions: int = 0  # 0: chosen from the data size
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self.kafka_topic}.dlq"
+
+    @property
+    def is_mysql(self) -> bool:
+        return self.database_url.get_backend_name() in ("mysql", "mariadb")
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return not self.kafka_bootstrap_servers
+
+    def describe_database(self) -> str:
+        """The database URL with the password hidden, safe for logs and errors."""
+        return self.database_url.render_as_string(hide_password=True)
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        results_dir: str | Path | None = None,
+        data_dir: str | Path | None = None,
+        load_dotenv_file: bool = True,
+    ) -> Settings:
+        """Read settings from ``env`` (default: ``os.environ`` plus ``./.env``, environment wins)."""
+        if env is None:
+            merged: dict[str, str] = {}
+            if load_dotenv_file and Path(".env").is_file():
+                from dotenv import dotenv_values
+
+                merged.update({k: v for k, v in dotenv_values(".env").items() if v is not None})
+            merged.update(os.environ)
+            env = merged
+
+        results = Path(results_dir or env.get("CARDPIPE_RESULTS_DIR") or "results").expanduser()
+        data = Path(data_dir or env.get("CARDPIPE_DATA_DIR") or SAMPLE_DATA_DIR).expanduser()
+        return cls(
+            results_dir=results.resolve(),
+            data_dir=data.resolve(),
+            database_url=_database_url(env, results.resolve()),
+            kafka_bootstrap_servers=(env.get("KAFKA_BOOTSTRAP_SERVERS") or "").strip() or None,
+            kafka_topic=(env.get("KAFKA_TOPIC") or DEFAULT_TOPIC).strip(),
+            kafka_partitions=_int(env, "KAFKA_PARTITIONS", 8),
+            kafka_group_id=(env.get("KAFKA_GROUP_ID") or "cardpipe").strip(),
+            spark_master=(env.get("SPARK_MASTER") or "local[*]").strip(),
+            consumer_idle_seconds=_float(env, "CONSUMER_IDLE_SECONDS", 5.0),
+            consumer_batch_size=_int(env, "CONSUMER_BATCH_SIZE", 5000),
+            spark_shuffle_partitions=_int(env, "SPARK_SHUFFLE_PARTITIONS", 0, minimum=0),
+        )
+
+
+def _database_url(env: Mapping[str, str], results_dir: Path) -> URL:
+    raw = (env.get("DATABASE_URL") or "").strip()
+    if raw:
+        try:
+            url = make_url(raw)
+        except Exception:
+            raise ConfigError("DATABASE_URL is not a valid database URL") from None
+        if url.get_backend_name() == "mysql" and url.get_driver_name() in ("mysqldb", ""):
+            url = url.set(drivername="mysql+pymysql")
+        if url.get_backend_name() not in ("mysql", "mariadb", "sqlite"):
+            raise ConfigError(f"DATABASE_URL: unsupported backend {url.get_backend_name()!r} (mysql or sqlite)")
+        return url
+    host = (env.get("DB_HOST") or "").strip()
+    if host:
+        return URL.create(
+            "mysql+pymysql",
+            username=env.get("DB_USER") or "root",
+            password=env.get("DB_PASSWORD") or None,
+            host=host,
+            port=_int(env, "DB_PORT", 3306),
+            database=env.get("DB_NAME") or "cardpipe",
+            query={"charset": "utf8mb4"},
+        )
+    return URL.create("sqlite", database=str(results_dir / SQLITE_FILENAME))

@@ -1,0 +1,87 @@
+"""The domain's records. Plain immutable values: no I/O, no framework types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+TRANSACTION_COLUMNS = (
+    "transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location",
+    "transaction_type", "related_transaction_id",
+)
+STREAM_COLUMNS = (*TRANSACTION_COLUMNS, "status", "pending_balance", "decline_reason")
+CUSTOMER_COLUMNS = (
+    "customer_id", "name", "phone_number", "address", "email", "credit_score", "annual_income",
+)
+CARD_TYPE_COLUMNS = (
+    "card_type_id", "name", "credit_score_min", "credit_score_max", "credit_limit_min",
+    "credit_limit_max", "annual_fee", "rewards_rate",
+)
+CARD_COLUMNS = (
+    "card_id", "customer_id", "card_type_id", "card_number", "expiration_date", "credit_limit",
+    "current_balance", "issue_date",
+)
+
+# Transaction statuses.
+PENDING = "pending"
+DECLINED = "declined"
+REJECTED = "rejected"
+APPROVED = "approved"
+
+# Decline reasons (SPEC §3, in the order the rules are checked).
+AMOUNT_OVER_HALF_LIMIT = "amount_over_half_limit"
+LOCATION_TOO_FAR = "location_too_far"
+OVER_CREDIT_LIMIT = "over_credit_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One card transaction as published on the topic."""
+
+    transaction_id: int
+    card_id: int
+    merchant_name: str
+    timestamp: datetime
+    amount: Decimal
+    location: str
+    transaction_type: str
+    related_transaction_id: int | None = None
+
+    @property
+    def timestamp_text(self) -> str:
+        return self.timestamp.strftime(TIMESTAMP_FORMAT)
+
+
+@dataclass(frozen=True, slots=True)
+class CardProfile:
+    """What authorization needs to know about a card: its limit and its owner's zip."""
+
+    card_id: int
+    credit_limit: Decimal
+    customer_zip: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of authorizing one transaction."""
+
+    status: str  # PENDING or DECLINED
+    pending_balance: Decimal  # the card's pending balance after this decision
+    reason: str | None = None  # first failing rule when declined
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    customer_id: int
+    credit_score: int
+
+
+@dataclass(frozen=True, slots=True)
+class Card:
+    card_id: int
+    customer_id: int
+    credit_limit: Decimal
+    current_balance: Decimal

@@ -1,0 +1,23 @@
+"""User-facing errors: the CLI prints them as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class CardpipeError(Exception):
+    """An error the user can act on (bad configuration, unreachable service, bad input file)."""
+
+
+class ConfigError(CardpipeError):
+    """The configuration is invalid or points at something that does not exist."""
+
+
+class DatabaseUnavailable(CardpipeError):
+    """The serving database cannot be reached or refuses the credentials."""
+
+
+class BrokerUnavailable(CardpipeError):
+    """The Kafka-protocol broker cannot be reached or started."""
+
+
+class InputFileError(CardpipeError):
+    """An input CSV is missing, lacks a column or holds a malformed row (file, line, column named)."""

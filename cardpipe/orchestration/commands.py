@@ -1,0 +1,222 @@
+"""The pipeline's commands: each layer on its own, and ``run`` for all of them end to end.
+
+Every command takes a :class:`~cardpipe.config.Settings` and returns a summary; printing is the CLI's.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SAWarning
+
+from cardpipe.config import Settings
+from cardpipe.serving import results as serving_results
+from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
+from cardpipe.serving.loader import LoadSummary, check_data_dir, load_inputs
+from cardpipe.serving.stream_store import StreamStore
+from cardpipe.stream.broker import BrokerHandle, broker_session, ensure_broker, ensure_topic
+from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, end_offsets
+from cardpipe.stream.consumer import consume as consume_topic
+from cardpipe.stream.producer import PublishSummary, publish, transactions_from_csv, transactions_from_database
+
+log = logging.getLogger("cardpipe")
+
+# SQLite stores DECIMAL as numbers; SQLAlchemy converts them back to exact 2-decimal Decimals.
+warnings.filterwarnings("ignore", message=r".*does \*not\* support Decimal objects natively", category=SAWarning)
+
+Progress = Callable[[str], None]
+
+
+def _engine(settings: Settings) -> Engine:
+    engine = make_engine(settings.database_url)
+    check_connection(engine)
+    return engine
+
+
+def setup(settings: Settings) -> None:
+    """(Re)create a clean schema, like the seed's ``db_setup.py``."""
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    engine = _engine(settings)
+    try:
+        create_clean_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def load(settings: Settings, progress: Progress | None = None) -> LoadSummary:
+    """Load the four input CSVs of ``settings.data_dir`` into the serving database."""
+    check_data_dir(settings.data_dir)
+    engine = _engine(settings)
+    try:
+        ensure_schema(engine)
+        report = (lambda table, n: progress(f"loading {table}: {n:,} rows")) if progress else None
+        return load_inputs(engine, settings.data_dir, report)
+    finally:
+        engine.dispose()
+
+
+def _broker(settings: Settings) -> BrokerHandle:
+    handle = ensure_broker(settings.kafka_bootstrap_servers, settings.results_dir)
+    if handle.started_here:
+        log.info("started the embedded broker at %s (stop it with: cardpipe broker stop --results-dir %s)",
+                 handle.bootstrap_servers, settings.results_dir)
+    return handle
+
+
+def produce(settings: Settings, *, from_csv: Path | None = None, republish_all: bool = False,
+            broker: BrokerHandle | None = None, progress: Progress | None = None) -> PublishSummary:
+    """Publish transactions (from the database, or a CSV) to the topic in timestamp order."""
+    if from_csv is not None:
+        transactions: Any = transactions_from_csv(from_csv)
+        engine = None
+    else:
+        engine = _engine(settings)
+        ensure_schema(engine)
+        transactions = transactions_from_database(engine, only_undecided=not republish_all)
+    try:
+        broker = broker or _broker(settings)
+        ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
+        report = (lambda n: progress(f"published {n:,} transactions")) if progress else None
+        return publish(transactions, broker.bootstrap_servers, settings.kafka_topic, progress=report)
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def consume(settings: Settings, options: ConsumeOptions | None = None, *,
+            broker: BrokerHandle | None = None, progress: Progress | None = None) -> ConsumeSummary:
+    """Authorize the topic's transactions, then write ``stream_transactions.csv`` from the database."""
+    options = options or ConsumeOptions(idle_seconds=settings.consumer_idle_seconds,
+                                        batch_size=settings.consumer_batch_size)
+    engine = _engine(settings)
+    try:
+        ensure_schema(engine)
+        broker = broker or _broker(settings)
+        ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
+        ensure_topic(broker.bootstrap_servers, settings.dead_letter_topic, 1)
+        store = StreamStore(engine, settings.kafka_topic)
+
+        def report(summary: ConsumeSummary) -> None:
+            if progress:
+                progress(f"decided {summary.messages:,} messages ({summary.rate:,.0f}/s)")
+
+        try:
+            summary = consume_topic(
+                broker.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
+                dead_letter_topic=settings.dead_letter_topic, options=options, progress=report,
+            )
+        finally:
+            # Also on Ctrl-C: what was committed is exported.
+            serving_results.export_stream_results(engine, settings.results_dir)
+        return summary
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class BatchResult:
+    summary: Any
+    seconds: float
+    persisted: dict[str, int] = field(default_factory=dict)
+
+
+def batch(settings: Settings, progress: Progress | None = None) -> BatchResult:
+    """Settle the stream results with Spark; write the three CSVs and tables."""
+    from cardpipe.batch.settlement_job import read_csv_inputs, read_jdbc_inputs, run_settlement
+    from cardpipe.batch.spark import build_spark_session, jdbc_options_from_url
+
+    started = time.perf_counter()
+    engine = _engine(settings)
+    staging = settings.results_dir / ".staging"
+    try:
+        ensure_schema(engine)
+        if progress:
+            progress(f"starting Spark ({settings.spark_master})")
+        spark = build_spark_session(settings.spark_master, shuffle_partitions=settings.spark_shuffle_partitions)
+        try:
+            if settings.is_mysql:
+                options = jdbc_options_from_url(settings.database_url)
+                inputs = read_jdbc_inputs(spark, options, partitions=_jdbc_partitions(settings))
+                tables = serving_results.prepare_staging_tables(engine)
+                summary = run_settlement(spark, inputs, settings.results_dir, jdbc_options=options, jdbc_tables=tables)
+                serving_results.swap_in_staging_tables(engine)
+                persisted: dict[str, int] = {}
+            else:
+                paths = serving_results.export_for_batch(engine, staging)
+                inputs = read_csv_inputs(spark, paths["stream_transactions"], paths["cards"], paths["customers"])
+                summary = run_settlement(spark, inputs, settings.results_dir)
+                persisted = serving_results.persist_batch_results(engine, settings.results_dir)
+        finally:
+            spark.stop()
+        return BatchResult(summary, time.perf_counter() - started, persisted)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        engine.dispose()
+
+
+def _jdbc_partitions(settings: Settings) -> int:
+    from cardpipe.batch.spark import local_cores
+
+    return max(2, 2 * (local_cores(settings.spark_master) or 2))
+
+
+def persist(settings: Settings) -> dict[str, int]:
+    """Load the batch result CSVs into their tables (the seed's ``serving_processor.py updated``)."""
+    engine = _engine(settings)
+    try:
+        ensure_schema(engine)
+        return serving_results.persist_batch_results(engine, settings.results_dir)
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class RunSummary:
+    load: LoadSummary
+    publish: PublishSummary
+    consume: ConsumeSummary
+    batch: BatchResult
+    seconds: float
+
+
+def _start_stream_here(settings: Settings, broker: BrokerHandle) -> None:
+    """A fresh run decides only what it publishes: checkpoint the topic's current end offsets."""
+    ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
+    engine = _engine(settings)
+    try:
+        StreamStore(engine, settings.kafka_topic).start_at(end_offsets(broker.bootstrap_servers, settings.kafka_topic))
+    finally:
+        engine.dispose()
+
+
+def run(settings: Settings, progress: Progress | None = None) -> RunSummary:
+    """All layers end to end: clean schema, load, publish, authorize, settle, persist."""
+    started = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    check_data_dir(settings.data_dir)
+    say(f"serving: clean schema in {settings.describe_database()}")
+    setup(settings)
+    say(f"serving: loading {settings.data_dir}")
+    loaded = load(settings, progress)
+    with broker_session(settings.kafka_bootstrap_servers, settings.results_dir) if settings.uses_embedded_broker \
+            else nullcontext(ensure_broker(settings.kafka_bootstrap_servers, settings.results_dir)) as broker:
+        say(f"stream: publishing to {settings.kafka_topic!r} on {broker.bootstrap_servers}")
+        _start_stream_here(settings, broker)
+        published = produce(settings, broker=broker, progress=progress)
+        say("stream: authorizing")
+        consumed = consume(settings, ConsumeOptions(until_caught_up=True, idle_seconds=settings.consumer_idle_seconds,
+                                                    batch_size=settings.consumer_batch_size),
+                           broker=broker, progress=progress)
+    say("batch: settling with Spark")
+    settled = batch(settings, progress)
+    return RunSummary(loaded, published, consumed, settled, time.perf_counter() - started)

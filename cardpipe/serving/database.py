@@ -1,0 +1,126 @@
+"""Connecting to the serving database, with failures turned into one-line errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from cardpipe.errors import DatabaseUnavailable
+from cardpipe.serving import schema
+
+log = logging.getLogger(__name__)
+
+# MySQL client/server error numbers worth a specific message.
+_MYSQL_MESSAGES = {
+    1045: "access denied (wrong user or password)",
+    1044: "access denied to the database",
+    2003: "cannot connect (is the server running and the host/port right?)",
+    2005: "unknown host",
+    2013: "lost connection during query",
+}
+
+
+def describe_error(url: URL, exc: BaseException) -> str:
+    """A one-line explanation of a database failure, never containing the password."""
+    where = url.render_as_string(hide_password=True)
+    orig = getattr(exc, "orig", None)
+    code = orig.args[0] if orig is not None and getattr(orig, "args", None) else None
+    if isinstance(code, int) and code in _MYSQL_MESSAGES:
+        detail = f"{_MYSQL_MESSAGES[code]} [MySQL error {code}]"
+    else:
+        detail = str(orig if orig is not None else exc).splitlines()[0]
+        if url.password:
+            detail = detail.replace(str(url.password), "***")
+    return f"database {where}: {detail}"
+
+
+def make_engine(url: URL, *, create_database: bool = True) -> Engine:
+    """An engine for ``url``; creates the SQLite folder or the MySQL database when missing."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.database and url.database != ":memory:":
+            from pathlib import Path
+
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if create_database and url.database:
+        _ensure_mysql_database(url)
+    return create_engine(url, pool_pre_ping=True, pool_recycle=3600,
+                         connect_args={"connect_timeout": 10, "local_infile": True})
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _ensure_mysql_database(url: URL) -> None:
+    server = create_engine(url.set(database=None), connect_args={"connect_timeout": 10})
+    try:
+        with server.connect() as conn:
+            # The name is from configuration, never from data; quote it as an identifier.
+            quoted = server.dialect.identifier_preparer.quote_identifier(url.database)
+            conn.execute(text(f"CREATE DATABASE IF NOT EXISTS {quoted} CHARACTER SET utf8mb4"))
+    except (OperationalError, DBAPIError) as exc:
+        raise DatabaseUnavailable(describe_error(url, exc)) from None
+    finally:
+        server.dispose()
+
+
+def check_connection(engine: Engine) -> None:
+    """Raise :class:`DatabaseUnavailable` unless a trivial query succeeds."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        raise DatabaseUnavailable(describe_error(engine.url, exc)) from None
+
+
+@contextmanager
+def translated_errors(engine: Engine) -> Iterator[None]:
+    """Turn connection-level database failures inside the block into :class:`DatabaseUnavailable`."""
+    try:
+        yield
+    except (OperationalError, DBAPIError) as exc:
+        if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _is_connection_error(exc):
+            raise
+        raise DatabaseUnavailable(describe_error(engine.url, exc)) from None
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    orig = getattr(exc, "orig", None)
+    code = orig.args[0] if orig is not None and getattr(orig, "args", None) else None
+    return isinstance(code, int) and code in _MYSQL_MESSAGES or isinstance(exc, OperationalError)
+
+
+def create_clean_schema(engine: Engine) -> None:
+    """Drop every cardpipe table and create the schema anew (like the seed's ``db_setup.py``)."""
+    with translated_errors(engine), engine.begin() as conn:
+        if engine.dialect.name == "mysql":
+            conn.execute(text("SET FOREIGN_KEY_CHECKS=0"))
+        schema.metadata.drop_all(conn)
+        schema.metadata.create_all(conn)
+        if engine.dialect.name == "mysql":
+            conn.execute(text("SET FOREIGN_KEY_CHECKS=1"))
+    log.info("created a clean schema in %s", engine.url.render_as_string(hide_password=True))
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create any missing cardpipe table, keeping existing data."""
+    with translated_errors(engine), engine.begin() as conn:
+        schema.metadata.create_all(conn, checkfirst=True)
+
+
+def existing_tables(engine: Engine) -> set[str]:
+    with translated_errors(engine):
+        return set(inspect(engine).get_table_names())

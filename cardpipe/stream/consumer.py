@@ -1,0 +1,219 @@
+"""The authorizing consumer: poll a batch, decide it, checkpoint it, repeat.
+
+Partitions are assigned explicitly (``assign()``, no consumer-group join) and offsets live in the
+serving database, committed in the same transaction as the decisions: after a crash the consumer
+resumes exactly after the last committed batch. Rejected messages also go to the dead-letter topic
+(flushed before the database commit: at least once there; the table is the record of truth).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+
+from cardpipe.errors import BrokerUnavailable
+from cardpipe.serving.stream_store import StreamStore
+from cardpipe.stream.processing import CheckpointBatch, RawMessage, StreamProcessor
+from cardpipe.stream.producer import make_producer
+
+log = logging.getLogger(__name__)
+MAX_LATENCY_SAMPLES = 1_000_000
+
+
+@dataclass(frozen=True)
+class ConsumeOptions:
+    """How long to run and how much to take at once."""
+
+    follow: bool = False  # run until interrupted
+    idle_seconds: float = 5.0  # otherwise stop after this long without a message...
+    until_caught_up: bool = False  # ...or as soon as every partition is read to its end
+    batch_size: int = 5000
+    partitions: tuple[int, ...] | None = None  # default: every partition of the topic
+    progress_every: float = 5.0  # seconds between progress lines
+
+
+@dataclass
+class ConsumeSummary:
+    counts: Counter[str] = field(default_factory=Counter)
+    messages: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+@contextmanager
+def _stop_on_sigterm(stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM finishes the current batch and stops, like Ctrl-C."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop())
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def consume(
+    bootstrap_servers: str,
+    topic: str,
+    store: StreamStore,
+    *,
+    group_id: str = "cardpipe",
+    dead_letter_topic: str | None = None,
+    options: ConsumeOptions = ConsumeOptions(),
+    progress: Callable[[ConsumeSummary], None] | None = None,
+) -> ConsumeSummary:
+    """Authorize the topic's transactions into ``store`` until drained (or interrupted)."""
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap_servers,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 100,
+        "queued.max.messages.kbytes": 262_144,
+    })
+    dlq = make_producer(bootstrap_servers) if dead_letter_topic else None
+    summary = ConsumeSummary()
+    stopping = False
+
+    def request_stop() -> None:
+        nonlocal stopping
+        stopping = True
+
+    try:
+        partitions = _topic_partitions(consumer, topic, options.partitions)
+        balances, watermarks, offsets = store.restore()
+        processor = StreamProcessor(topic, store.card_profiles(), balances, watermarks, store.lookup_decided)
+        consumer.assign(_start_positions(consumer, store, topic, partitions, offsets))
+        at_end: set[int] = set()
+        started = last_message = last_progress = time.monotonic()
+        with _stop_on_sigterm(request_stop):
+            while not stopping:
+                polled = consumer.consume(num_messages=options.batch_size, timeout=0.2)
+                raw: list[RawMessage] = []
+                for msg in polled:
+                    err = msg.error()
+                    if err is None:
+                        raw.append(_raw(msg))
+                        at_end.discard(msg.partition())
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition())
+                    elif err.fatal():
+                        raise BrokerUnavailable(f"consumer failed: {err.str()}")
+                    else:
+                        log.warning("consumer: %s", err.str())
+                now = time.monotonic()
+                if raw:
+                    batch = processor.process(raw)
+                    _checkpoint(store, batch, dlq, dead_letter_topic)
+                    _account(summary, batch, len(raw))
+                    last_message = now
+                if progress and now - last_progress >= options.progress_every:
+                    summary.seconds = now - started
+                    progress(summary)
+                    last_progress = now
+                if options.follow:
+                    continue
+                if options.until_caught_up and at_end >= set(partitions):
+                    break
+                if not raw and now - last_message >= options.idle_seconds:
+                    break
+        summary.seconds = time.monotonic() - started
+        return summary
+    finally:
+        consumer.close()
+        if dlq is not None:
+            dlq.flush(10)
+
+
+def _topic_partitions(consumer: Consumer, topic: str, wanted: tuple[int, ...] | None) -> list[int]:
+    try:
+        metadata = consumer.list_topics(topic, timeout=15)
+    except Exception as exc:  # confluent raises KafkaException with a KafkaError inside
+        raise BrokerUnavailable(f"cannot read metadata of topic {topic!r}: {exc}") from None
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        raise BrokerUnavailable(f"topic {topic!r} does not exist on the broker")
+    available = sorted(info.partitions)
+    if wanted is None:
+        return available
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise BrokerUnavailable(f"topic {topic!r} has no partition(s) {missing}")
+    return sorted(wanted)
+
+
+def _start_positions(consumer: Consumer, store: StreamStore, topic: str, partitions: list[int],
+                     offsets: dict[int, int]) -> list[TopicPartition]:
+    """Resume after the last checkpoint; start over on a partition the broker no longer has that far."""
+    positions = []
+    reset = []
+    for p in partitions:
+        stored = offsets.get(p)
+        if stored is not None:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+            if stored > high:
+                # The topic was recreated (e.g. an in-memory broker restarted): read it again from the
+                # start; transaction ids already decided are recognised and skipped.
+                log.warning("partition %d: checkpoint offset %d is past the end (%d); reading it again "
+                            "from the beginning", p, stored, high)
+                reset.append(p)
+                stored = None
+        positions.append(TopicPartition(topic, p, OFFSET_BEGINNING if stored is None else stored))
+    if reset:
+        store.reset_offsets(reset)
+    return positions
+
+
+def _raw(msg: Message) -> RawMessage:
+    ts_type, ts = msg.timestamp()
+    return RawMessage(msg.partition(), msg.offset(), msg.key(), msg.value(), ts if ts_type else None)
+
+
+def _checkpoint(store: StreamStore, batch: CheckpointBatch, dlq, dead_letter_topic: str | None) -> None:  # type: ignore[no-untyped-def]
+    if dlq is not None and dead_letter_topic and batch.rejected:
+        for row in batch.rejected:
+            dlq.produce(dead_letter_topic, value=row["message_value"], key=row["message_key"], headers=[
+                ("reason", row["reason"].encode()),
+                ("detail", row["detail"].encode("utf-8", "replace")),
+                ("source", f"{row['topic']}/{row['kafka_partition']}/{row['kafka_offset']}".encode()),
+            ])
+        dlq.flush(30)
+    store.commit(batch)
+
+
+def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int) -> None:
+    summary.messages += messages
+    summary.batches += 1
+    summary.counts.update(batch.counts)
+    if batch.publish_times_ms:
+        decided_ms = time.time() * 1000
+        if len(summary.latencies_ms) < MAX_LATENCY_SAMPLES:  # bounded memory on long runs
+            summary.latencies_ms.extend(decided_ms - t for t in batch.publish_times_ms)
+
+
+def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
+    """Each partition's current end offset (where a message published now would go)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "cardpipe-offsets",
+                         "enable.auto.commit": False})
+    try:
+        partitions = _topic_partitions(consumer, topic, None)
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+                for p in partitions}
+    finally:
+        consumer.close()

@@ -1,0 +1,14 @@
+"""Seed command: ``initial`` loads the input CSVs (``cardpipe load``); ``updated`` loads the batch
+results into the database (``cardpipe persist``)."""
+
+import sys
+
+from cardpipe.cli import main
+
+COMMANDS = {"initial": "load", "updated": "persist"}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print("usage: python serving_processor.py initial|updated [options]", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main([COMMANDS[sys.argv[1]], *sys.argv[2:]]))

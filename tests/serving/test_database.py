@@ -1,0 +1,117 @@
+"""The serving layer on SQLite and on a real MariaDB: schema, typed loads, bad input, exports."""
+
+import csv
+import shutil
+from datetime import datetime
+from decimal import Decimal as D
+
+import pytest
+from sqlalchemy import func, inspect, select
+from sqlalchemy.engine import URL
+
+from cardpipe.errors import ConfigError, DatabaseUnavailable, InputFileError
+from cardpipe.serving import schema
+from cardpipe.serving.csv_io import export_table
+from cardpipe.serving.database import check_connection, create_clean_schema, make_engine
+from cardpipe.serving.loader import load_inputs
+
+
+@pytest.fixture
+def engine(database_url):
+    engine = make_engine(database_url)
+    create_clean_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+def _count(engine, table):
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def test_clean_schema_has_every_table(engine):
+    assert set(inspect(engine).get_table_names()) >= set(schema.TABLES_BY_NAME)
+
+
+def test_load_is_typed_and_exact(engine, seed_dataset):
+    summary = load_inputs(engine, seed_dataset / "input")
+    assert summary.rows == {"credit_card_types": 5, "customers": 30, "cards": 54, "transactions": 400}
+    with engine.connect() as conn:
+        row = conn.execute(select(schema.transactions).where(schema.transactions.c.transaction_id == 2)).one()
+        card = conn.execute(select(schema.cards).where(schema.cards.c.card_id == 1)).one()
+    assert row.amount == D("-232.74") and isinstance(row.amount, D)
+    assert row.timestamp == datetime(2025, 4, 1, 1, 38, 24)
+    assert row.related_transaction_id is None
+    assert card.credit_limit == D("2500.00") and card.current_balance == D("120.67")
+
+
+def test_reload_replaces_rather_than_duplicates(engine, seed_dataset):
+    load_inputs(engine, seed_dataset / "input")
+    load_inputs(engine, seed_dataset / "input")
+    assert _count(engine, schema.transactions) == 400
+
+
+def _copy_dataset(seed_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(seed_dataset / "input", data)
+    return data
+
+
+def test_missing_column_is_named(engine, seed_dataset, tmp_path):
+    data = _copy_dataset(seed_dataset, tmp_path)
+    rows = list(csv.reader((data / "cards.csv").open()))
+    with (data / "cards.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([r[:5] + r[6:] for r in rows])  # drop credit_limit
+    with pytest.raises(InputFileError, match=r"cards\.csv: missing column\(s\) credit_limit"):
+        load_inputs(engine, data)
+
+
+def test_malformed_row_names_file_line_and_column_and_loads_nothing(engine, seed_dataset, tmp_path):
+    load_inputs(engine, seed_dataset / "input")
+    data = _copy_dataset(seed_dataset, tmp_path)
+    lines = (data / "transactions.csv").read_text().splitlines()
+    lines[7] = lines[7].replace("2025-04-01", "2025-04-99", 1)
+    (data / "transactions.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputFileError, match=r"transactions\.csv, line 8, column timestamp: invalid value"):
+        load_inputs(engine, data)
+    # All or nothing: the previous load is intact.
+    assert _count(engine, schema.transactions) == 400 and _count(engine, schema.cards) == 54
+
+
+def test_unknown_card_reference_is_a_clear_error(engine, seed_dataset, tmp_path):
+    data = _copy_dataset(seed_dataset, tmp_path)
+    text = (data / "transactions.csv").read_text().replace("\n1,26,", "\n1,9999,", 1)
+    (data / "transactions.csv").write_text(text)
+    with pytest.raises(InputFileError, match="references an id that is not in cards.csv"):
+        load_inputs(engine, data)
+
+
+def test_missing_data_folder(engine, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_inputs(engine, tmp_path / "nope")
+
+
+def test_export_writes_sorted_csv_with_two_decimals(engine, seed_dataset, tmp_path):
+    load_inputs(engine, seed_dataset / "input")
+    with engine.connect() as conn:
+        export_table(conn, schema.cards, tmp_path / "cards.csv")
+    rows = list(csv.DictReader((tmp_path / "cards.csv").open()))
+    assert [int(r["card_id"]) for r in rows] == list(range(1, 55))
+    assert rows[0]["credit_limit"] == "2500.00" and rows[0]["issue_date"] == "2022-11-18"
+
+
+@pytest.mark.mysql
+def test_wrong_password_is_a_one_line_error_without_the_password(mysql_database):
+    bad = mysql_database.set(password="definitely-wrong-pw")
+    engine = make_engine(bad, create_database=False)
+    with pytest.raises(DatabaseUnavailable) as info:
+        check_connection(engine)
+    message = str(info.value)
+    assert "access denied" in message and "definitely-wrong-pw" not in message and "\n" not in message
+
+
+def test_unreachable_database_is_a_one_line_error():
+    url = URL.create("mysql+pymysql", username="u", password="secret-pw", host="127.0.0.1", port=1, database="x")
+    with pytest.raises(DatabaseUnavailable) as info:
+        make_engine(url)
+    assert "cannot connect" in str(info.value) and "secret-pw" not in str(info.value)

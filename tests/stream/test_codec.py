@@ -1,0 +1,50 @@
+import json
+from datetime import datetime
+from decimal import Decimal as D
+
+import pytest
+
+from cardpipe.domain.records import Transaction
+from cardpipe.stream.codec import MAX_MESSAGE_BYTES, Rejection, decode_transaction, encode_transaction
+
+TX = Transaction(1, 26, 'Barrett "LLC", Inc.', datetime(2025, 4, 1, 1, 21, 9), D("-95.11"),
+                 "4395 Brenda Lake, Queens, NY 10859", "refund", 7)
+
+
+def test_message_format_is_readable_by_any_client():
+    key, value = encode_transaction(TX)
+    assert key == b"26"
+    assert json.loads(value) == {
+        "transaction_id": 1, "card_id": 26, "merchant_name": 'Barrett "LLC", Inc.',
+        "timestamp": "2025-04-01 01:21:09", "amount": "-95.11", "location": "4395 Brenda Lake, Queens, NY 10859",
+        "transaction_type": "refund", "related_transaction_id": 7,
+    }
+    assert decode_transaction(value) == TX
+
+
+def test_ids_as_strings_and_empty_related_id_are_accepted():
+    obj = json.loads(encode_transaction(TX)[1])
+    obj.update(transaction_id="1", card_id="26", related_transaction_id="")
+    assert decode_transaction(json.dumps(obj).encode()) == Transaction(*[*list(TX.__getattribute__(f) for f in (
+        "transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location", "transaction_type")), None])
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"amount": "abc"}, "bad_amount"), ({"amount": 1e400}, "bad_amount"), ({"amount": "1.001"}, "bad_amount"),
+    ({"amount": True}, "bad_amount"), ({"amount": None}, "bad_amount"),
+    ({"timestamp": "2025-04-01T01:21:09"}, "bad_timestamp"), ({"timestamp": "2025-02-30 00:00:00"}, "bad_timestamp"),
+    ({"timestamp": 5}, "bad_timestamp"), ({"transaction_id": -1}, "bad_transaction_id"),
+    ({"transaction_id": 1.5}, "bad_transaction_id"), ({"card_id": "x"}, "bad_card_id"),
+    ({"merchant_name": 5}, "bad_field"), ({"location": "x" * 600}, "bad_field"),
+    ({"transaction_type": ""}, "bad_field"), ({"related_transaction_id": "abc"}, "bad_field"),
+])
+def test_invalid_fields_are_rejected_with_a_reason(change, reason):
+    obj = json.loads(encode_transaction(TX)[1])
+    obj.update(change)
+    result = decode_transaction(json.dumps(obj).encode())
+    assert isinstance(result, Rejection) and result.reason == reason, result
+
+
+def test_oversized_message_is_rejected_unread():
+    result = decode_transaction(b"{" + b" " * MAX_MESSAGE_BYTES + b"}")
+    assert isinstance(result, Rejection) and result.reason == "oversized_message"

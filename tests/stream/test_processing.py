@@ -1,0 +1,117 @@
+"""The stream's processing step without a broker or a database (pure pipeline)."""
+
+import json
+from datetime import datetime
+from decimal import Decimal as D
+
+from cardpipe.domain.records import DECLINED, PENDING, REJECTED, CardProfile, Transaction
+from cardpipe.stream.codec import encode_transaction
+from cardpipe.stream.processing import RawMessage, StreamProcessor
+
+CARDS = {1: CardProfile(1, D("1000.00"), "11513"), 2: CardProfile(2, D("500.00"), "20001")}
+NEAR1, NEAR2 = "x, NY 10001", "y, DC 20002"
+
+
+def tx(tid: int, card: int, amount: str, second: int = 0, location: str | None = None) -> Transaction:
+    loc = location or (NEAR1 if card == 1 else NEAR2)
+    return Transaction(tid, card, "M", datetime(2025, 4, 1, 0, 0, second), D(amount), loc, "purchase")
+
+
+def messages(items, start=0):
+    out = []
+    for i, item in enumerate(items, start=start):
+        value = encode_transaction(item)[1] if isinstance(item, Transaction) else item
+        out.append(RawMessage(0, i, None, value, 1_000))
+    return out
+
+
+class Store:
+    """An in-memory stand-in for the serving store's lookup."""
+
+    def __init__(self):
+        self.decided: dict[int, Transaction] = {}
+        self.lookups = 0
+
+    def lookup(self, ids):
+        self.lookups += 1
+        return {i: self.decided[i] for i in ids if i in self.decided}
+
+    def commit(self, batch):
+        for row in batch.decided:
+            self.decided[row["transaction_id"]] = Transaction(*[row[k] for k in (
+                "transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location",
+                "transaction_type", "related_transaction_id")])
+
+
+def processor(store, balances=None, watermarks=None):
+    return StreamProcessor("t", CARDS, balances or {1: D("0.00"), 2: D("100.00")}, watermarks or {}, store.lookup)
+
+
+def test_decides_in_order_and_tracks_pending_balance():
+    store = Store()
+    batch = processor(store).process(messages([tx(1, 1, "100.00"), tx(2, 2, "250.00"), tx(3, 1, "-30.50", 1)]))
+    assert [(r["transaction_id"], r["status"], r["pending_balance"]) for r in batch.decided] == [
+        (1, PENDING, D("100.00")), (2, DECLINED, D("100.00")), (3, PENDING, D("69.50"))]
+    assert batch.decided[1]["decline_reason"] == "amount_over_half_limit"
+    assert batch.next_offsets == {0: 3}
+    assert batch.card_states[1].pending_balance == D("69.50")
+    assert store.lookups == 0  # nothing behind a watermark: no lookup at all
+
+
+def test_duplicate_delivery_is_decided_once():
+    store = Store()
+    proc = processor(store)
+    first = proc.process(messages([tx(1, 1, "100.00"), tx(2, 1, "50.00", 1)]))
+    store.commit(first)
+    again = proc.process(messages([tx(1, 1, "100.00"), tx(2, 1, "50.00", 1), tx(3, 1, "1.00", 2)], start=2))
+    assert [r["transaction_id"] for r in again.decided] == [3]
+    assert again.counts["duplicate_ignored"] == 2
+    assert again.decided[0]["pending_balance"] == D("151.00")
+
+
+def test_duplicate_within_one_batch_is_decided_once():
+    batch = processor(Store()).process(messages([tx(1, 1, "100.00"), tx(1, 1, "100.00")]))
+    assert len(batch.decided) == 1 and batch.counts["duplicate_ignored"] == 1
+
+
+def test_duplicate_with_other_content_is_rejected_and_changes_nothing():
+    store = Store()
+    proc = processor(store)
+    store.commit(proc.process(messages([tx(1, 1, "100.00")])))
+    batch = proc.process(messages([tx(1, 1, "999.00")], start=1))
+    assert batch.decided == [] and batch.rejected[0]["reason"] == "duplicate_conflict"
+    assert proc.authorizer.balances[1] == D("100.00")
+
+
+def test_duplicates_are_recognised_after_a_restart_from_the_checkpoint():
+    store = Store()
+    proc = processor(store)
+    batch = proc.process(messages([tx(1, 1, "100.00"), tx(2, 1, "5.00", 3)]))
+    store.commit(batch)
+    state = batch.card_states[1]
+    restarted = processor(store, balances={1: state.pending_balance, 2: D("100.00")},
+                          watermarks={1: (state.last_timestamp, state.last_transaction_id)})
+    again = restarted.process(messages([tx(1, 1, "100.00"), tx(9, 1, "1.00", 1)]))
+    # tx 1 is a duplicate; tx 9 is new although older than the watermark (a late arrival): decided.
+    assert again.counts["duplicate_ignored"] == 1
+    assert [(r["transaction_id"], r["pending_balance"]) for r in again.decided] == [(9, D("106.00"))]
+
+
+def test_bad_messages_are_rejected_with_reasons_and_never_stop_the_batch():
+    good = tx(5, 1, "10.00")
+    bad = [b"", b"not json", b"[1,2]", json.dumps({"transaction_id": 6}).encode(),
+           encode_transaction(good)[1].replace(b'"10.00"', b"NaN"), b"\xff\xfe",
+           encode_transaction(tx(7, 99, "1.00"))[1]]
+    batch = processor(Store()).process(messages([*bad, good]))
+    reasons = [r["reason"] for r in batch.rejected]
+    assert reasons == ["empty_message", "not_json", "not_an_object", "missing_field", "bad_amount", "not_utf8",
+                       "unknown_card"]
+    assert [r["status"] for r in batch.decided] == [REJECTED, PENDING]  # unknown card is recorded by id
+    assert batch.rejected[3]["transaction_id"] == 6 and batch.rejected[1]["message_value"] == b"not json"
+    assert batch.next_offsets == {0: 8}
+
+
+def test_amount_as_json_number_is_accepted():
+    value = encode_transaction(tx(1, 1, "12.34"))[1].replace(b'"12.34"', b"12.34")
+    batch = processor(Store()).process(messages([value]))
+    assert batch.decided[0]["amount"] == D("12.34")
