@@ -9,34 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
-from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, select
-from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Engine, select
 
 from cardpipe.domain.authorization import zip_of
-from cardpipe.domain.records import CardProfile, Transaction
+from cardpipe.domain.records import STREAM_COLUMNS, CardProfile, Transaction
 from cardpipe.serving import schema
+from cardpipe.serving.bulk import BulkWriter
 from cardpipe.stream.processing import CheckpointBatch, Watermark
 
 _LOOKUP_CHUNK = 900  # stays under SQLite's bound-parameter limit
-
-
-def upsert(conn: Connection, table: Table, rows: list[dict[str, Any]], keys: Iterable[str]) -> None:
-    """Insert ``rows``, updating the non-key columns of rows whose key exists (SQLite or MySQL)."""
-    if not rows:
-        return
-    key_set = set(keys)
-    updates = [c for c in rows[0] if c not in key_set]
-    if conn.dialect.name == "mysql":
-        stmt = mysql_insert(table)
-        stmt = stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in updates})
-    else:
-        stmt = sqlite_insert(table)
-        stmt = stmt.on_conflict_do_update(index_elements=list(key_set),
-                                          set_={c: stmt.excluded[c] for c in updates})
-    conn.execute(stmt, rows)
+REJECTION_COLUMNS = ("topic", "kafka_partition", "kafka_offset", "transaction_id", "reason", "detail",
+                     "message_key", "message_value", "recorded_at")
+CARD_STATE_COLUMNS = ("card_id", "pending_balance", "last_timestamp", "last_transaction_id")
 
 
 class StreamStore:
@@ -45,6 +30,12 @@ class StreamStore:
     def __init__(self, engine: Engine, topic: str):
         self.engine = engine
         self.topic = topic
+        dialect = engine.dialect
+        self._decisions = BulkWriter(dialect, schema.stream_transactions, STREAM_COLUMNS)
+        self._rejections = BulkWriter(dialect, schema.rejected_transactions, REJECTION_COLUMNS)
+        self._card_states = BulkWriter(dialect, schema.card_states, CARD_STATE_COLUMNS, upsert_keys=["card_id"])
+        self._offsets = BulkWriter(dialect, schema.stream_offsets, ("topic", "kafka_partition", "next_offset"),
+                                   upsert_keys=["topic", "kafka_partition"])
 
     def card_profiles(self) -> dict[int, CardProfile]:
         """Every card's limit and its owner's zip."""
@@ -97,19 +88,14 @@ class StreamStore:
     def commit(self, batch: CheckpointBatch) -> None:
         """Write one checkpoint batch atomically."""
         with self.engine.begin() as conn:
-            if batch.decided:
-                conn.execute(schema.stream_transactions.insert(), batch.decided)
-            if batch.rejected:
-                conn.execute(schema.rejected_transactions.insert(), batch.rejected)
-            upsert(conn, schema.card_states, [
-                {"card_id": s.card_id, "pending_balance": s.pending_balance,
-                 "last_timestamp": s.last_timestamp, "last_transaction_id": s.last_transaction_id}
-                for s in batch.card_states.values()
-            ], keys=["card_id"])
-            upsert(conn, schema.stream_offsets, [
-                {"topic": self.topic, "kafka_partition": p, "next_offset": o}
-                for p, o in sorted(batch.next_offsets.items())
-            ], keys=["topic", "kafka_partition"])
+            self._decisions.write(conn, [tuple(row[c] for c in STREAM_COLUMNS) for row in batch.decided])
+            self._rejections.write(conn, [tuple(row[c] for c in REJECTION_COLUMNS) for row in batch.rejected])
+            # Sorted keys: concurrent workers lock rows in one order (no deadlocks).
+            self._card_states.write(conn, [
+                (s.card_id, s.pending_balance, s.last_timestamp, s.last_transaction_id)
+                for _, s in sorted(batch.card_states.items())
+            ])
+            self._offsets.write(conn, [(self.topic, p, o) for p, o in sorted(batch.next_offsets.items())])
 
     def reset_offsets(self, partitions: Iterable[int]) -> None:
         """Forget the stored offsets of ``partitions`` (the topic was recreated)."""
@@ -120,6 +106,4 @@ class StreamStore:
     def start_at(self, offsets: Mapping[int, int]) -> None:
         """Make the next consume start at ``offsets`` (a fresh run ignores what the topic held before)."""
         with self.engine.begin() as conn:
-            upsert(conn, schema.stream_offsets, [
-                {"topic": self.topic, "kafka_partition": p, "next_offset": o} for p, o in sorted(offsets.items())
-            ], keys=["topic", "kafka_partition"])
+            self._offsets.write(conn, [(self.topic, p, o) for p, o in sorted(offsets.items())])

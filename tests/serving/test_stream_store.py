@@ -1,0 +1,74 @@
+"""The consumer's checkpoint store on SQLite and MariaDB: commit, restore, lookup, atomicity."""
+
+from datetime import datetime
+from decimal import Decimal as D
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from cardpipe.domain.records import Transaction
+from cardpipe.serving import schema
+from cardpipe.serving.database import create_clean_schema, make_engine
+from cardpipe.serving.loader import load_inputs
+from cardpipe.serving.stream_store import StreamStore
+from cardpipe.stream.codec import encode_transaction
+from cardpipe.stream.processing import RawMessage, StreamProcessor
+
+
+@pytest.fixture
+def store(database_url, seed_dataset):
+    engine = make_engine(database_url)
+    create_clean_schema(engine)
+    load_inputs(engine, seed_dataset / "input")
+    yield StreamStore(engine, "topic-a")
+    engine.dispose()
+
+
+def messages(txs, partition=0, start=0):
+    return [RawMessage(partition, start + i, *encode_transaction(t), None) for i, t in enumerate(txs)]
+
+
+TX1 = Transaction(1, 26, "Shop 'A', \"B\"", datetime(2025, 4, 1, 1, 21, 9), D("131.76"),
+                  "4395 Brenda Lake, Queens, NY 10859", "bill_payment", None)
+TX2 = Transaction(2, 26, "Ünïcode ✓", datetime(2025, 4, 1, 2, 0, 0), D("-5.01"), "x, NY 10001", "refund", 1)
+
+
+def processor(store):
+    balances, watermarks, _ = store.restore()
+    return StreamProcessor(store.topic, store.card_profiles(), balances, watermarks, store.lookup_decided)
+
+
+def test_commit_then_restore_resumes_exactly(store):
+    proc = processor(store)
+    batch = proc.process(messages([TX1, TX2, TX1]) + [RawMessage(3, 41, b"k", b"\x00garbage", None)])
+    store.commit(batch)
+    balances, watermarks, offsets = store.restore()
+    assert balances[26] == D("22.65") + D("131.76") - D("5.01")  # card 26 starts at 22.65
+    assert watermarks[26] == (TX2.timestamp, 2)
+    assert offsets == {0: 3, 3: 42}
+    assert store.lookup_decided([1, 2, 99]) == {1: TX1, 2: TX2}
+    with store.engine.connect() as conn:
+        rejected = conn.execute(select(schema.rejected_transactions)).one()
+    assert (rejected.reason, rejected.kafka_partition, rejected.kafka_offset) == ("not_json", 3, 41)
+    assert rejected.message_value == b"\x00garbage" and rejected.message_key == b"k"
+
+
+def test_a_failing_checkpoint_leaves_nothing_behind(store):
+    proc = processor(store)
+    store.commit(proc.process(messages([TX1])))
+    batch = proc.process(messages([TX2], start=1))
+    batch.decided.append(dict(batch.decided[0], transaction_id=1))  # collides with the committed row
+    with pytest.raises(IntegrityError):
+        store.commit(batch)
+    _, watermarks, offsets = store.restore()
+    assert offsets == {0: 1} and watermarks[26] == (TX1.timestamp, 1)
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(schema.stream_transactions)).scalar_one() == 1
+
+
+def test_start_at_and_reset_offsets(store):
+    store.start_at({0: 10, 1: 20})
+    assert store.restore()[2] == {0: 10, 1: 20}
+    store.reset_offsets([0])
+    assert store.restore()[2] == {1: 20}
