@@ -7,21 +7,33 @@ start it resumes from what the database holds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from cardpipe.domain.authorization import zip_of
 from cardpipe.domain.records import STREAM_COLUMNS, CardProfile, Transaction
+from cardpipe.errors import DatabaseUnavailable
 from cardpipe.serving import schema
 from cardpipe.serving.bulk import BulkWriter
+from cardpipe.serving.database import describe_error
 from cardpipe.stream.processing import CheckpointBatch, Watermark
+
+log = logging.getLogger(__name__)
 
 _LOOKUP_CHUNK = 900  # stays under SQLite's bound-parameter limit
 REJECTION_COLUMNS = ("topic", "kafka_partition", "kafka_offset", "transaction_id", "reason", "detail",
                      "message_key", "message_value", "recorded_at")
 CARD_STATE_COLUMNS = ("card_id", "pending_balance", "last_timestamp", "last_transaction_id")
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """A lost or refused connection, a restarting server or a busy SQLite file: worth retrying."""
+    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
 
 
 class StreamStore:
@@ -96,6 +108,47 @@ class StreamStore:
                 for _, s in sorted(batch.card_states.items())
             ])
             self._offsets.write(conn, [(self.topic, p, o) for p, o in sorted(batch.next_offsets.items())])
+
+    def commit_durably(self, batch: CheckpointBatch, *, give_up_after: float = 300.0,
+                       sleep: Callable[[float], None] = time.sleep) -> None:
+        """:meth:`commit`, retrying with backoff while the database is unreachable.
+
+        A commit whose acknowledgement was lost (the connection died after COMMIT) is recognised by the
+        stored offsets and not written twice. Raises :class:`DatabaseUnavailable` after ``give_up_after``.
+        """
+        delay, started = 0.2, time.monotonic()
+        while True:
+            try:
+                self.commit(batch)
+                return
+            except IntegrityError:
+                if self._is_committed(batch):
+                    return
+                raise
+            except DBAPIError as exc:
+                if not is_transient(exc):
+                    raise
+                if self._is_committed(batch):
+                    return
+                if time.monotonic() - started > give_up_after:
+                    raise DatabaseUnavailable(describe_error(self.engine.url, exc)) from None
+                log.warning("database unavailable (%s); retrying the checkpoint in %.1f s",
+                            describe_error(self.engine.url, exc), delay)
+                sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _is_committed(self, batch: CheckpointBatch) -> bool:
+        """Whether the database already holds this batch's offsets (False when it cannot tell)."""
+        if not batch.next_offsets:
+            return False
+        so = schema.stream_offsets
+        try:
+            with self.engine.connect() as conn:
+                stored = dict(conn.execute(select(so.c.kafka_partition, so.c.next_offset).where(
+                    so.c.topic == self.topic, so.c.kafka_partition.in_(list(batch.next_offsets)))).all())
+        except DBAPIError:
+            return False
+        return all(stored.get(p, -1) >= o for p, o in batch.next_offsets.items())
 
     def reset_offsets(self, partitions: Iterable[int]) -> None:
         """Forget the stored offsets of ``partitions`` (the topic was recreated)."""

@@ -194,7 +194,7 @@ def _checkpoint(store: StreamStore, batch: CheckpointBatch, dlq, dead_letter_top
                 ("source", f"{row['topic']}/{row['kafka_partition']}/{row['kafka_offset']}".encode()),
             ])
         dlq.flush(30)
-    store.commit(batch)
+    store.commit_durably(batch)
 
 
 def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int) -> None:

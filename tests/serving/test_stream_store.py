@@ -72,3 +72,44 @@ def test_start_at_and_reset_offsets(store):
     assert store.restore()[2] == {0: 10, 1: 20}
     store.reset_offsets([0])
     assert store.restore()[2] == {1: 20}
+
+
+def test_commit_durably_retries_transient_failures(store):
+    from sqlalchemy.exc import OperationalError
+
+    batch = processor(store).process(messages([TX1]))
+    real_commit, failures, sleeps = store.commit, [2], []
+
+    def flaky(b):
+        if failures[0]:
+            failures[0] -= 1
+            raise OperationalError("INSERT", {}, Exception("server has gone away"))
+        real_commit(b)
+
+    store.commit = flaky
+    store.commit_durably(batch, sleep=sleeps.append)
+    assert sleeps == [0.2, 0.4]
+    assert store.restore()[2] == {0: 1}
+
+
+def test_commit_whose_acknowledgement_was_lost_is_not_written_twice(store):
+    batch = processor(store).process(messages([TX1]))
+    store.commit(batch)  # committed, but suppose the consumer never heard back and retries
+    store.commit_durably(batch)
+    assert store.lookup_decided([1]) == {1: TX1}
+
+
+def test_commit_durably_gives_up_with_a_clear_error(store):
+    from sqlalchemy.exc import OperationalError
+
+    from cardpipe.errors import DatabaseUnavailable
+
+    batch = processor(store).process(messages([TX1]))
+
+    def down(_b):
+        raise OperationalError("INSERT", {}, Exception("cannot connect"))
+
+    store.commit = down
+    store._is_committed = lambda _b: False
+    with pytest.raises(DatabaseUnavailable):
+        store.commit_durably(batch, give_up_after=0.0, sleep=lambda _s: None)
