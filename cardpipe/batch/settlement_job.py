@@ -1,0 +1,681 @@
+"""Batch layer: settle the stream results with Spark (SPEC §4) and write them out (SPEC §5).
+
+Every rule is built as a native Spark expression from the constants of :mod:`cardpipe.domain.settlement`
+(one source of truth; no Python UDFs) and computes with exact decimals, exactly as the pure-Python
+reference :func:`cardpipe.domain.settlement.settle` does:
+
+* the only pass over the large transactions table is one projection (status ``pending`` → ``approved``)
+  and one partial aggregation (approved amounts per card, a few rows per card);
+* cards and customers are small: the per-card sums and per-customer changes are broadcast into them, so
+  no large side is ever shuffled for a join;
+* utilization bounds are compared without division (``balance × 100 <= bound × limit``), new limits are
+  ``bround(limit × factor, -2)`` (half to even) cast to DECIMAL(12,2).
+
+Outputs go to one CSV file each (written in parallel as sorted part files, then concatenated after a
+header and renamed atomically) and optionally to database tables over JDBC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, DataFrameReader, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    DataType,
+    DateType,
+    DecimalType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from cardpipe.domain.records import (
+    APPROVED,
+    CARD_COLUMNS,
+    CUSTOMER_COLUMNS,
+    DECLINED,
+    PENDING,
+    REJECTED,
+    STREAM_COLUMNS,
+)
+from cardpipe.domain.settlement import (
+    LIMIT_FACTOR_OTHER_NEGATIVE,
+    LIMIT_FACTOR_STEPS,
+    SCORE_CHANGE_ABOVE,
+    SCORE_MAX,
+    SCORE_MIN,
+    SCORE_STEPS,
+)
+from cardpipe.errors import CardpipeError, DatabaseUnavailable, InputFileError
+
+log = logging.getLogger(__name__)
+
+MONEY = DecimalType(12, 2)
+#: Spark datetime patterns of the files (SPEC §1).
+TIMESTAMP_PATTERN = "yyyy-MM-dd HH:mm:ss"
+DATE_PATTERN = "yyyy-MM-dd"
+
+BATCH_TRANSACTIONS = "batch_transactions"
+CARDS_UPDATED = "cards_updated"
+CUSTOMERS_UPDATED = "customers_updated"
+#: Output name → (sort key, columns). The CSV file is ``<name>.csv``.
+OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    BATCH_TRANSACTIONS: ("transaction_id", STREAM_COLUMNS),
+    CARDS_UPDATED: ("card_id", CARD_COLUMNS),
+    CUSTOMERS_UPDATED: ("customer_id", CUSTOMER_COLUMNS),
+}
+#: Input tables read over JDBC.
+STREAM_TABLE, CARDS_TABLE, CUSTOMERS_TABLE = "stream_transactions", "cards", "customers"
+JDBC_BATCH_SIZE = 10_000
+
+
+# --------------------------------------------------------------------------------------------- schemas
+
+def _schema(columns: Sequence[str], types: Mapping[str, DataType], nullable: frozenset[str]) -> StructType:
+    if set(columns) != set(types):
+        raise AssertionError(f"schema types do not match the columns: {sorted(set(columns) ^ set(types))}")
+    return StructType([StructField(c, types[c], c in nullable) for c in columns])
+
+
+STREAM_SCHEMA = _schema(
+    STREAM_COLUMNS,
+    {
+        "transaction_id": LongType(),
+        "card_id": LongType(),
+        "merchant_name": StringType(),
+        "timestamp": TimestampType(),
+        "amount": MONEY,
+        "location": StringType(),
+        "transaction_type": StringType(),
+        "related_transaction_id": LongType(),
+        "status": StringType(),
+        "pending_balance": MONEY,
+        "decline_reason": StringType(),
+    },
+    # Rejected rows may lack what the rules could not judge; CSV readers see empty fields as null.
+    nullable=frozenset(STREAM_COLUMNS),
+)
+CARD_SCHEMA = _schema(
+    CARD_COLUMNS,
+    {
+        "card_id": LongType(),
+        "customer_id": LongType(),
+        "card_type_id": LongType(),
+        "card_number": StringType(),
+        "expiration_date": StringType(),  # "06/27"
+        "credit_limit": MONEY,
+        "current_balance": MONEY,
+        "issue_date": DateType(),
+    },
+    nullable=frozenset(CARD_COLUMNS) - {"card_id", "customer_id", "credit_limit", "current_balance"},
+)
+CUSTOMER_SCHEMA = _schema(
+    CUSTOMER_COLUMNS,
+    {
+        "customer_id": LongType(),
+        "name": StringType(),
+        "phone_number": StringType(),
+        "address": StringType(),
+        "email": StringType(),
+        "credit_score": IntegerType(),
+        "annual_income": MONEY,
+    },
+    nullable=frozenset(CUSTOMER_COLUMNS) - {"customer_id", "credit_score"},
+)
+#: Stream-result columns an input may lack (older producers, the seed's files): read as null.
+OPTIONAL_STREAM_COLUMNS = frozenset({"decline_reason"})
+
+
+@dataclass(frozen=True)
+class SettlementInputs:
+    """The batch job's three inputs, typed as :data:`STREAM_SCHEMA`, :data:`CARD_SCHEMA`,
+    :data:`CUSTOMER_SCHEMA`. ``secrets`` are strings (a database password) that must never show in an
+    error message about them."""
+
+    transactions: DataFrame
+    cards: DataFrame
+    customers: DataFrame
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class SettlementOutputs:
+    """The settled tables, columns in :data:`STREAM_COLUMNS` / :data:`CARD_COLUMNS` /
+    :data:`CUSTOMER_COLUMNS` order, same types as the inputs.
+
+    ``changes`` (customer_id, score change, limit factor), ``cards_detail`` (the card columns plus
+    ``_old_limit``) and ``customers_detail`` (plus ``_old_score``) are the intermediate frames the outputs
+    are projections of: :func:`run_settlement` persists those so that nothing is computed twice.
+    """
+
+    batch_transactions: DataFrame
+    cards_updated: DataFrame
+    customers_updated: DataFrame
+    changes: DataFrame | None = field(default=None, repr=False, compare=False)
+    cards_detail: DataFrame | None = field(default=None, repr=False, compare=False)
+    customers_detail: DataFrame | None = field(default=None, repr=False, compare=False)
+
+    def by_name(self) -> dict[str, DataFrame]:
+        return {
+            BATCH_TRANSACTIONS: self.batch_transactions,
+            CARDS_UPDATED: self.cards_updated,
+            CUSTOMERS_UPDATED: self.customers_updated,
+        }
+
+
+@dataclass(frozen=True)
+class SettlementSummary:
+    transactions: int
+    approved: int
+    declined: int
+    rejected: int
+    cards: int
+    customers: int
+    customers_score_down: int
+    cards_limit_lowered: int
+    seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"settled {self.transactions} transactions ({self.approved} approved, {self.declined} declined, "
+            f"{self.rejected} rejected); {self.cards} cards ({self.cards_limit_lowered} limits lowered), "
+            f"{self.customers} customers ({self.customers_score_down} scores down) in {self.seconds:.1f}s"
+        )
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+_CSV_READ_OPTIONS = {
+    "header": "true",
+    "sep": ",",
+    "quote": '"',
+    "escape": '"',
+    "encoding": "UTF-8",
+    "timestampFormat": TIMESTAMP_PATTERN,
+    "dateFormat": DATE_PATTERN,
+    "nullValue": "",
+    "ignoreLeadingWhiteSpace": "false",
+    "ignoreTrailingWhiteSpace": "false",
+}
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle), None)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputFileError(f"{path}: cannot read the header line ({exc})") from None
+    if not header:
+        raise InputFileError(f"{path}: empty file (a header line is required)")
+    return [name.strip() for name in header]
+
+
+def _read_csv(
+    spark: SparkSession, path: Path, schema: StructType, *, optional: frozenset[str] = frozenset(),
+    mode: str = "FAILFAST",
+) -> DataFrame:
+    """Read a headed CSV by column *name* (any order, extra columns ignored) into ``schema``."""
+    path = Path(path)
+    header = _csv_header(path)
+    wanted = {f.name: f for f in schema.fields}
+    missing = [name for name in wanted if name not in header and name not in optional]
+    if missing:
+        raise InputFileError(f"{path}: missing column(s) {', '.join(missing)}")
+    if len(set(header)) != len(header):
+        raise InputFileError(f"{path}: duplicate column names in the header")
+    # The file's own column order, typed where we know the column; the rest stay text and are dropped.
+    file_schema = StructType(
+        [wanted.get(name, StructField(name, StringType(), True)) for name in header]
+    )
+    df = (
+        spark.read.options(**_CSV_READ_OPTIONS)
+        .option("mode", mode)
+        .option("enforceSchema", "true")  # the header was checked above; fields are matched by position
+        .schema(file_schema)
+        .csv(str(path.resolve()))
+    )
+    return df.select(
+        *[F.col(f.name) if f.name in header else F.lit(None).cast(f.dataType).alias(f.name) for f in schema]
+    )
+
+
+def read_csv_inputs(
+    spark: SparkSession, stream_csv: Path, cards_csv: Path, customers_csv: Path
+) -> SettlementInputs:
+    """Read the stream results and the cards and customers CSV files (header lines, Python csv quoting).
+
+    Columns are matched by name. Cards and customers must parse (a malformed value fails the job); a
+    stream row may hold unparsable fields (a rejected transaction): those read as null.
+    """
+    return SettlementInputs(
+        transactions=_read_csv(spark, stream_csv, STREAM_SCHEMA, optional=OPTIONAL_STREAM_COLUMNS,
+                               mode="PERMISSIVE"),
+        cards=_read_csv(spark, cards_csv, CARD_SCHEMA),
+        customers=_read_csv(spark, customers_csv, CUSTOMER_SCHEMA),
+    )
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _table_name(name: str) -> str:
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"not a plain table name: {name!r}")
+    return name
+
+
+def _secrets(jdbc_options: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(str(v) for k, v in jdbc_options.items() if k.lower() == "password" and v)
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _java_causes(exc: BaseException) -> list[str]:
+    """Messages of the Java exception chain behind a PySpark/Py4J error, outermost first."""
+    throwable = getattr(exc, "_origin", None) or getattr(exc, "java_exception", None)
+    messages: list[str] = []
+    try:
+        for _ in range(12):
+            if throwable is None:
+                break
+            message = throwable.getMessage()
+            if message:
+                messages.append(f"{throwable.getClass().getSimpleName()}: {message}")
+            throwable = throwable.getCause()
+    except Exception:  # the gateway is gone, or not a Java error
+        pass
+    return messages
+
+
+def _summarize_error(exc: BaseException) -> str:
+    """One line: the error's first line plus the root cause of a Java exception chain (the driver's
+    SQL error: access denied, unknown database, connection refused...)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    causes = _java_causes(exc)
+    root = causes[-1].splitlines()[0].strip() if causes else ""
+    if not root:
+        match = re.search(r"(SQL\w*Exception: .+)", str(exc))
+        root = match.group(1).strip() if match else ""
+    if root and root not in first:
+        return f"{first} (cause: {root})"
+    return first
+
+
+@contextlib.contextmanager
+def _jdbc_errors(action: str, jdbc_options: Mapping[str, str], secrets: Sequence[str] = ()) -> Iterator[None]:
+    """Turn JDBC failures into :class:`DatabaseUnavailable` with one redacted line (no password ever)."""
+    all_secrets = (*_secrets(jdbc_options), *secrets)
+    try:
+        yield
+    except CardpipeError:
+        raise
+    except Exception as exc:
+        log.debug("%s", _redact(f"{action}: {exc!r}", all_secrets))
+        where = jdbc_options.get("url", "?")
+        message = _redact(f"{action} ({where}): {_summarize_error(exc)}", all_secrets)
+        # ``from None``: the Java stack trace is not chained to the error the user sees.
+        raise DatabaseUnavailable(message) from None
+
+
+@contextlib.contextmanager
+def _redacting(secrets: Sequence[str]) -> Iterator[None]:
+    """Re-raise any error whose text holds one of ``secrets`` as a one-line, redacted error."""
+    try:
+        yield
+    except Exception as exc:
+        if not any(s and s in f"{exc!s} {exc!r}" for s in secrets):
+            raise
+        raise CardpipeError(_redact(_summarize_error(exc), secrets)) from None
+
+
+def _conform(
+    df: DataFrame, schema: StructType, source: str, optional: frozenset[str] = frozenset()
+) -> DataFrame:
+    """Select ``schema``'s columns by name (case-insensitively) and cast them to its types."""
+    by_lower = {c.lower(): c for c in df.columns}
+    missing = [f.name for f in schema if f.name.lower() not in by_lower and f.name not in optional]
+    if missing:
+        raise InputFileError(f"{source}: missing column(s) {', '.join(missing)}")
+    return df.select(
+        *[
+            (F.col(by_lower[f.name.lower()]) if f.name.lower() in by_lower else F.lit(None))
+            .cast(f.dataType)
+            .alias(f.name)
+            for f in schema
+        ]
+    )
+
+
+def read_jdbc_inputs(
+    spark: SparkSession,
+    jdbc_options: dict,
+    *,
+    partitions: int,
+    stream_table: str = STREAM_TABLE,
+    cards_table: str = CARDS_TABLE,
+    customers_table: str = CUSTOMERS_TABLE,
+) -> SettlementInputs:
+    """Read the three input tables over JDBC; the stream table in up to ``partitions`` parallel ranges
+    of ``transaction_id`` (bounds from one min/max query; an empty table is read as one partition)."""
+    stream_table, cards_table, customers_table = (
+        _table_name(t) for t in (stream_table, cards_table, customers_table)
+    )
+    secrets = _secrets(jdbc_options)
+    with _jdbc_errors(f"cannot read table {stream_table}", jdbc_options):
+        bounds = (
+            spark.read.format("jdbc")
+            .options(**jdbc_options)
+            .option(
+                "dbtable",
+                f"(select min(transaction_id) lo, max(transaction_id) hi from `{stream_table}`) t",
+            )
+            .load()
+            .collect()[0]
+        )
+        # DataFrameReader.option() mutates the reader: give every table a reader of its own.
+        def reader() -> DataFrameReader:
+            return spark.read.format("jdbc").options(**jdbc_options).option("fetchsize", str(JDBC_BATCH_SIZE))
+
+        lo, hi = bounds["lo"], bounds["hi"]
+        stream = reader().option("dbtable", stream_table)
+        if lo is not None and hi is not None:
+            lo, hi = int(lo), int(hi)
+            n = max(1, min(int(partitions), hi - lo + 1))
+            if n > 1:
+                stream = (
+                    stream.option("partitionColumn", "transaction_id")
+                    .option("lowerBound", str(lo))
+                    .option("upperBound", str(hi + 1))
+                    .option("numPartitions", str(n))
+                )
+        transactions = _conform(
+            stream.load(), STREAM_SCHEMA, f"table {stream_table}", OPTIONAL_STREAM_COLUMNS
+        )
+    with _jdbc_errors(f"cannot read table {cards_table}", jdbc_options):
+        cards = _conform(reader().option("dbtable", cards_table).load(), CARD_SCHEMA, f"table {cards_table}")
+    with _jdbc_errors(f"cannot read table {customers_table}", jdbc_options):
+        customers = _conform(
+            reader().option("dbtable", customers_table).load(), CUSTOMER_SCHEMA, f"table {customers_table}"
+        )
+    return SettlementInputs(transactions, cards, customers, secrets=secrets)
+
+
+# --------------------------------------------------------------------------------------------- rules
+
+def _factor_type() -> DecimalType:
+    """One exact decimal type holding every credit-limit factor."""
+    factors = [f for _, f in LIMIT_FACTOR_STEPS] + [LIMIT_FACTOR_OTHER_NEGATIVE]
+    scale = max(max(0, -f.as_tuple().exponent) for f in factors)
+    integer_digits = max(max(1, f.adjusted() + 1) for f in factors)
+    return DecimalType(integer_digits + scale, scale)
+
+
+def settled_status_expr(status: Column) -> Column:
+    """Pending becomes approved; declined and rejected stay as they are."""
+    return F.when(status == F.lit(PENDING), F.lit(APPROVED)).otherwise(status)
+
+
+def score_change_expr(total_balance: Column, total_limit: Column) -> Column:
+    """:func:`cardpipe.domain.settlement.score_change` as a CASE chain over ``SCORE_STEPS``.
+
+    Exact, without division: ``total_balance × 100 <= bound × total_limit``; a customer whose cards
+    have no limit counts as 0 % used if it owes nothing, else as over every bound.
+    """
+    first_change = SCORE_STEPS[0][1]
+    expr = F.when(
+        total_limit <= F.lit(0),
+        F.when(total_balance <= F.lit(0), F.lit(first_change)).otherwise(F.lit(SCORE_CHANGE_ABOVE)),
+    )
+    for bound, change in SCORE_STEPS:
+        expr = expr.when(total_balance * F.lit(100) <= F.lit(bound) * total_limit, F.lit(change))
+    return expr.otherwise(F.lit(SCORE_CHANGE_ABOVE)).cast(IntegerType())
+
+
+def new_credit_score_expr(score: Column, change: Column) -> Column:
+    """Apply a change, kept within ``SCORE_MIN..SCORE_MAX``."""
+    return F.greatest(F.lit(SCORE_MIN), F.least(F.lit(SCORE_MAX), score + change)).cast(IntegerType())
+
+
+def limit_factor_expr(change: Column) -> Column:
+    """:func:`cardpipe.domain.settlement.limit_factor`: null (limit unchanged) unless the change is
+    negative."""
+    factor_type = _factor_type()
+    expr = F.when(change >= F.lit(0), F.lit(None).cast(factor_type))
+    for bound, factor in LIMIT_FACTOR_STEPS:
+        expr = expr.when(change <= F.lit(bound), F.lit(Decimal(factor)).cast(factor_type))
+    return expr.otherwise(F.lit(Decimal(LIMIT_FACTOR_OTHER_NEGATIVE)).cast(factor_type))
+
+
+def new_credit_limit_expr(limit: Column, factor: Column) -> Column:
+    """``limit × factor`` rounded half-even to the hundred (``bround(x, -2)``), as DECIMAL(12,2)."""
+    return F.when(factor.isNull(), limit).otherwise(F.bround(limit * factor, -2)).cast(MONEY)
+
+
+def settle(inputs: SettlementInputs) -> SettlementOutputs:
+    """Settle the stream results (SPEC §4); lazy: nothing runs until an output is written."""
+    batch = inputs.transactions.select(
+        *[settled_status_expr(F.col(c)).alias(c) if c == "status" else F.col(c) for c in STREAM_COLUMNS]
+    )
+    # The one aggregation over the large table: partial sums per card before the (tiny) shuffle.
+    approved = (
+        batch.where(F.col("status") == F.lit(APPROVED))
+        .groupBy("card_id")
+        .agg(F.sum("amount").alias("_approved"))
+    )
+    cards = inputs.cards.join(F.broadcast(approved), on="card_id", how="left").withColumn(
+        "current_balance", (F.col("current_balance") + F.coalesce(F.col("_approved"), F.lit(0))).cast(MONEY)
+    )
+    # One row per customer that has cards (customers without cards keep their score).
+    changes = (
+        cards.groupBy("customer_id")
+        .agg(F.sum("current_balance").alias("_balance"), F.sum("credit_limit").alias("_limit"))
+        .select("customer_id", score_change_expr(F.col("_balance"), F.col("_limit")).alias("_change"))
+        .withColumn("_factor", limit_factor_expr(F.col("_change")))
+    )
+    cards_detail = (
+        cards.join(F.broadcast(changes.select("customer_id", "_factor")), on="customer_id", how="left")
+        .withColumn("_old_limit", F.col("credit_limit"))
+        .withColumn("credit_limit", new_credit_limit_expr(F.col("credit_limit"), F.col("_factor")))
+        .select(*CARD_COLUMNS, "_old_limit")
+    )
+    customers_detail = (
+        inputs.customers.join(
+            F.broadcast(changes.select("customer_id", "_change")), on="customer_id", how="left"
+        )
+        .withColumn("_old_score", F.col("credit_score"))
+        .withColumn(
+            "credit_score",
+            F.when(F.col("_change").isNull(), F.col("credit_score")).otherwise(
+                new_credit_score_expr(F.col("credit_score"), F.col("_change"))
+            ),
+        )
+        .select(*CUSTOMER_COLUMNS, "_old_score")
+    )
+    return SettlementOutputs(
+        batch_transactions=batch,
+        cards_updated=cards_detail.select(*CARD_COLUMNS),
+        customers_updated=customers_detail.select(*CUSTOMER_COLUMNS),
+        changes=changes,
+        cards_detail=cards_detail,
+        customers_detail=customers_detail,
+    )
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+_CSV_WRITE_OPTIONS = {
+    "header": "false",
+    "sep": ",",
+    "quote": '"',
+    "escape": '"',  # a quote inside a quoted field is doubled, as Python's csv module does
+    "quoteAll": "false",
+    "escapeQuotes": "true",
+    "nullValue": "",
+    "emptyValue": "",
+    "ignoreLeadingWhiteSpace": "false",  # Spark trims text by default when writing
+    "ignoreTrailingWhiteSpace": "false",
+    "timestampFormat": TIMESTAMP_PATTERN,
+    "dateFormat": DATE_PATTERN,
+    "lineSep": "\n",
+    "encoding": "UTF-8",
+    "compression": "none",
+}
+_PART_FILE = re.compile(r"^part-(\d+)")
+
+
+def write_csv(df: DataFrame, key: str, path: Path, columns: tuple[str, ...]) -> None:
+    """Write ``df`` as ONE CSV file at ``path``: header ``columns``, rows sorted by ``key``.
+
+    Spark sorts (range partitioning) and writes header-less part files in parallel into a temporary
+    folder beside ``path``; they are concatenated in partition order after the header into
+    ``path.tmp``, which then atomically replaces ``path``. Money keeps two decimals, timestamps are
+    ``yyyy-MM-dd HH:mm:ss``, dates ``yyyy-MM-dd``, nulls empty fields, quoting as Python's csv module.
+    """
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts_dir = path.with_name(f".{path.name}.parts-{uuid.uuid4().hex}")
+    tmp_file = path.with_name(path.name + ".tmp")
+    try:
+        sorted_df = df.select(*columns).orderBy(F.col(key).asc_nulls_first())
+        sorted_df.write.options(**_CSV_WRITE_OPTIONS).mode("overwrite").csv(parts_dir.as_uri())
+        parts = sorted(
+            (p for p in parts_dir.iterdir() if _PART_FILE.match(p.name) and not p.name.endswith(".crc")),
+            key=lambda p: (int(_PART_FILE.match(p.name).group(1)), p.name),  # type: ignore[union-attr]
+        )
+        with tmp_file.open("w", newline="", encoding="utf-8") as out:
+            csv.writer(out, lineterminator="\n").writerow(columns)
+        with tmp_file.open("ab") as out:
+            for part in parts:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, out, 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_file, path)
+    finally:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            tmp_file.unlink()
+
+
+def write_jdbc(df: DataFrame, table: str, jdbc_options: dict, *, partitions: int) -> None:
+    """Append ``df`` to the existing ``table`` (batched inserts, up to ``partitions`` connections).
+
+    The table must exist and hold every column of ``df`` (Spark would otherwise create one with its own
+    column types): whoever owns the schema creates it, e.g. as a staging table swapped in afterwards.
+    """
+    table = _table_name(table)
+    with _jdbc_errors(f"cannot write table {table}", jdbc_options):
+        # Resolving the schema runs ``SELECT * FROM table WHERE 1=0``: no Spark job, fails if it is missing.
+        reader = df.sparkSession.read.format("jdbc").options(**jdbc_options)
+        existing = reader.option("dbtable", table).load().columns
+        missing = sorted({c.lower() for c in df.columns} - {c.lower() for c in existing})
+        if missing:
+            raise DatabaseUnavailable(f"table {table} lacks the column(s) {', '.join(missing)}")
+        (
+            df.write.format("jdbc")
+            .options(**jdbc_options)
+            .option("dbtable", table)
+            .option("batchsize", str(JDBC_BATCH_SIZE))
+            .option("numPartitions", str(max(1, int(partitions))))
+            .option("isolationLevel", "READ_COMMITTED")
+            # MariaDB Connector/J 2.x: one multi-row INSERT per batch instead of a round trip per row.
+            .option("rewriteBatchedStatements", "true")
+            .mode("append")
+            .save()
+        )
+
+
+# --------------------------------------------------------------------------------------------- the job
+
+def run_settlement(
+    spark: SparkSession,
+    inputs: SettlementInputs,
+    results_dir: Path,
+    jdbc_options: dict | None = None,
+    jdbc_tables: dict[str, str] | None = None,
+) -> SettlementSummary:
+    """Settle ``inputs``, write the three CSV files into ``results_dir`` and, when ``jdbc_options`` and
+    ``jdbc_tables`` (output name → existing table) are given, append the outputs to those tables.
+
+    The outputs are persisted once, so every sink and the summary read the same computed rows.
+    """
+    from pyspark import StorageLevel
+
+    started = time.perf_counter()
+    tables = dict(jdbc_tables or {})
+    unknown = set(tables) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown output(s) in jdbc_tables: {sorted(unknown)} (known: {sorted(OUTPUTS)})")
+    if tables and jdbc_options is None:
+        raise ValueError("jdbc_tables given without jdbc_options")
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+    outputs = settle(inputs)
+    frames = outputs.by_name()
+    # Persisted in dependency order; the outputs are projections of these, so every sink reads them.
+    cached = [outputs.batch_transactions, outputs.changes, outputs.cards_detail, outputs.customers_detail]
+    for df in cached:
+        if df is not None:
+            df.persist(StorageLevel.MEMORY_AND_DISK)
+    secrets = (*inputs.secrets, *(_secrets(jdbc_options) if jdbc_options else ()))
+    try:
+        with _redacting(secrets):
+            for name, (key, columns) in OUTPUTS.items():
+                write_csv(frames[name], key, results_dir / f"{name}.csv", columns)
+            summary = _summarize(outputs, started)
+            if jdbc_options is not None:
+                parallelism = max(1, spark.sparkContext.defaultParallelism)
+                for name, table in tables.items():
+                    write_jdbc(frames[name], table, jdbc_options, partitions=parallelism)
+    finally:
+        for df in cached:
+            if df is not None:
+                df.unpersist()
+    summary = SettlementSummary(**{**summary.__dict__, "seconds": round(time.perf_counter() - started, 3)})
+    log.info("%s", summary.describe())
+    return summary
+
+
+def _summarize(outputs: SettlementOutputs, started: float) -> SettlementSummary:
+    """The counts of a settlement, in one Spark job over the (persisted) outputs."""
+    if outputs.cards_detail is None or outputs.customers_detail is None:
+        raise ValueError("the outputs lack their detail frames (build them with settle())")
+    status = F.col("status")
+    transactions = outputs.batch_transactions.agg(
+        F.count(F.lit(1)).alias("transactions"),
+        *[F.count(F.when(status == F.lit(s), 1)).alias(s) for s in (APPROVED, DECLINED, REJECTED)],
+    )
+    cards = outputs.cards_detail.agg(
+        F.count(F.lit(1)).alias("cards"),
+        F.count(F.when(F.col("credit_limit") < F.col("_old_limit"), 1)).alias("cards_limit_lowered"),
+    )
+    customers = outputs.customers_detail.agg(
+        F.count(F.lit(1)).alias("customers"),
+        F.count(F.when(F.col("credit_score") < F.col("_old_score"), 1)).alias("customers_score_down"),
+    )
+    row = transactions.crossJoin(cards).crossJoin(customers).collect()[0].asDict()
+    return SettlementSummary(**row, seconds=round(time.perf_counter() - started, 3))

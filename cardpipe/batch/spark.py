@@ -1,0 +1,191 @@
+"""The Spark session and JDBC connection options of the batch layer.
+
+``build_spark_session`` tunes a session for this workload (small dimension tables, one large fact table,
+a machine with few cores): quiet logging, no UI, no console progress bars, adaptive execution, UTC
+everywhere (so DATETIME columns and CSV timestamps are never shifted), a modest driver heap and the
+Debian MariaDB JDBC driver on the class path when it is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+    from sqlalchemy.engine import URL
+
+#: Debian's ``libmariadb-java``.
+MARIADB_JAR = Path("/usr/share/java/mariadb-java-client.jar")
+MARIADB_DRIVER = "org.mariadb.jdbc.Driver"
+DEFAULT_DRIVER_MEMORY = "1g"
+
+# Spark's own log4j2 defaults print INFO start-up lines; this keeps the console to warnings and errors.
+_LOG4J2_PROPERTIES = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.hadoop_native.name = org.apache.hadoop.util.NativeCodeLoader
+logger.hadoop_native.level = error
+logger.spark_utils.name = org.apache.spark.util.Utils
+logger.spark_utils.level = error
+logger.parquet.name = org.apache.parquet
+logger.parquet.level = error
+logger.jetty.name = org.sparkproject.jetty
+logger.jetty.level = warn
+"""
+
+_LOCAL_MASTER = re.compile(r"^local(?:\[(\*|\d+)(?:\s*,\s*\d+)?\])?$")
+
+
+def local_cores(master: str) -> int | None:
+    """The number of worker threads of a ``local``/``local[N]``/``local[*]`` master, else ``None``."""
+    match = _LOCAL_MASTER.match(master.strip())
+    if not match:
+        return None
+    threads = match.group(1)
+    if threads is None:
+        return 1
+    if threads == "*":
+        return os.cpu_count() or 1
+    return max(1, int(threads))
+
+
+def default_shuffle_partitions(master: str) -> int | None:
+    """Auto shuffle partitions: two per core for a local master; ``None`` (Spark's default) otherwise.
+
+    Adaptive execution coalesces small shuffle partitions, so this only bounds the parallelism.
+    """
+    cores = local_cores(master)
+    return None if cores is None else max(2, 2 * cores)
+
+
+def _log4j2_config_file() -> Path:
+    digest = hashlib.sha1(_LOG4J2_PROPERTIES.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"cardpipe-spark-log4j2-{digest}.properties"
+    if not path.exists():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(_LOG4J2_PROPERTIES, encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def build_spark_session(
+    master: str,
+    *,
+    app_name: str = "cardpipe-batch",
+    shuffle_partitions: int = 0,
+    jars: list[str] | None = None,
+    driver_memory: str = DEFAULT_DRIVER_MEMORY,
+    extra_java_options: str = "",
+) -> SparkSession:
+    """A SparkSession tuned for the settlement job.
+
+    ``shuffle_partitions`` 0 chooses automatically (two per core for ``local`` masters). ``jars`` are
+    added to ``spark.jars``, after the MariaDB JDBC driver when that is installed. If a session already
+    runs in this process it is reused and its SQL settings are updated (static settings cannot change).
+    """
+    from pyspark.sql import SparkSession
+
+    if shuffle_partitions < 0:
+        raise ValueError("shuffle_partitions must be 0 (auto) or positive")
+    cores = local_cores(master)
+    if cores is not None:
+        # Bind to loopback: no host-name lookup, no "resolves to a loopback address" warning.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    partitions = shuffle_partitions or default_shuffle_partitions(master)
+
+    all_jars = [str(MARIADB_JAR)] if MARIADB_JAR.is_file() else []
+    all_jars += [j for j in (jars or []) if j not in all_jars]
+
+    java_options = " ".join(
+        [
+            "-Duser.timezone=UTC",  # JDBC DATETIME values are converted in the JVM's zone
+            f"-Dlog4j2.configurationFile={_log4j2_config_file().as_uri()}",
+            *extra_java_options.split(),
+        ]
+    )
+    builder = (
+        SparkSession.builder.master(master)
+        .appName(app_name)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.memory", driver_memory)
+        .config("spark.driver.extraJavaOptions", java_options)
+        .config("spark.executor.extraJavaOptions", java_options)
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.sql.adaptive.coalescePartitions.enabled", "true")
+        .config("spark.sql.adaptive.skewJoin.enabled", "true")
+        # Cards and customers are small: let the planner broadcast them (explicit hints do too).
+        .config("spark.sql.autoBroadcastJoinThreshold", str(32 * 1024 * 1024))
+        .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
+        # Cached frames are re-read once or twice and memory is not short: skip the costly encoding.
+        .config("spark.sql.inMemoryColumnarStorage.compressed", "false")
+    )
+    if cores is not None:
+        builder = builder.config("spark.driver.host", "127.0.0.1")
+        builder = builder.config("spark.driver.bindAddress", "127.0.0.1")
+    if partitions:
+        builder = builder.config("spark.sql.shuffle.partitions", str(partitions))
+    if all_jars:
+        builder = builder.config("spark.jars", ",".join(all_jars))
+
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    # getOrCreate may return a running session: make the runtime SQL settings hold anyway.
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    spark.conf.set("spark.sql.adaptive.enabled", "true")
+    if partitions:
+        spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
+    return spark
+
+
+class JdbcOptions(dict):
+    """Spark JDBC options (a plain ``dict`` for Spark) whose ``repr``/``str`` hide the password."""
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if k.lower() == "password" else v) for k, v in self.items()}
+        return f"JdbcOptions({shown!r})"
+
+    __str__ = __repr__
+
+    def describe(self) -> str:
+        """The JDBC URL and user, safe for logs and error messages."""
+        return f"{self.get('url')} as {self.get('user')!r}"
+
+
+def jdbc_options_from_url(url: URL) -> JdbcOptions:
+    """Spark JDBC options (url, driver, user, password) for a MySQL/MariaDB SQLAlchemy URL.
+
+    The URL uses the ``jdbc:mysql:`` scheme with ``permitMysqlScheme`` so that Spark picks its MySQL
+    dialect (backtick quoting) while the MariaDB driver serves it (SPEC §7). The password is only in the
+    ``password`` option, never in the URL, and the mapping's repr hides it.
+    """
+    from cardpipe.errors import ConfigError
+
+    backend = url.get_backend_name()
+    if backend not in ("mysql", "mariadb"):
+        raise ConfigError(f"Spark JDBC needs a MySQL/MariaDB database, not {backend!r}")
+    if not url.database:
+        raise ConfigError("the database URL names no database")
+    host = url.host or "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    port = url.port or 3306
+    options = JdbcOptions(
+        url=f"jdbc:mysql://{host}:{port}/{url.database}?permitMysqlScheme",
+        driver=MARIADB_DRIVER,
+        user=url.username or "root",
+    )
+    if url.password is not None:
+        options["password"] = str(url.password)
+    return options
