@@ -29,6 +29,8 @@ def parse_money(value: object) -> Decimal:
         amount = Decimal(value)
     elif isinstance(value, str):
         text = value.strip()
+        if not text.isascii() or "_" in text:  # Decimal() also takes "1_000" and non-ASCII digits
+            raise MoneyError(f"amount {value[:40]!r} is not a plain decimal number")
         try:
             amount = Decimal(text)
         except InvalidOperation:
@@ -37,7 +39,7 @@ def parse_money(value: object) -> Decimal:
         raise MoneyError(f"amount must be a decimal string or number, not {type(value).__name__}")
     if not amount.is_finite():
         raise MoneyError(f"amount {amount} is not finite")
-    if abs(amount) > MAX_MONEY:
+    if amount.adjusted() > MAX_MONEY.adjusted() or abs(amount) > MAX_MONEY:  # exponent first: 1e1000000
         raise MoneyError(f"amount {amount:.2E} is out of range")
     cents = amount.quantize(CENT)
     if cents != amount:

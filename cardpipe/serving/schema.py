@@ -140,9 +140,7 @@ card_states = Table(
     "card_states",
     metadata,
     Column("card_id", BigInteger, primary_key=True, autoincrement=False),
-    _money("pending_balance"),
-    Column("last_timestamp", DateTime, nullable=True),
-    Column("last_transaction_id", BigInteger, nullable=True),
+    _money("pending_balance", nullable=True),  # NULL: a card the serving data does not know
 )
 
 # Batch outputs.

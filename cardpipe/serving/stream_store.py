@@ -21,14 +21,14 @@ from cardpipe.errors import DatabaseUnavailable
 from cardpipe.serving import schema
 from cardpipe.serving.bulk import BulkWriter
 from cardpipe.serving.database import describe_error
-from cardpipe.stream.processing import CheckpointBatch, Watermark
+from cardpipe.stream.processing import CheckpointBatch
 
 log = logging.getLogger(__name__)
 
 _LOOKUP_CHUNK = 900  # stays under SQLite's bound-parameter limit
 REJECTION_COLUMNS = ("topic", "kafka_partition", "kafka_offset", "transaction_id", "reason", "detail",
                      "message_key", "message_value", "recorded_at")
-CARD_STATE_COLUMNS = ("card_id", "pending_balance", "last_timestamp", "last_transaction_id")
+CARD_STATE_COLUMNS = ("card_id", "pending_balance")
 
 
 def is_transient(exc: DBAPIError) -> bool:
@@ -59,24 +59,19 @@ class StreamStore:
                 for card_id, limit, address in conn.execute(query)
             }
 
-    def restore(self) -> tuple[dict[int, Decimal], dict[int, Watermark], dict[int, int]]:
-        """Pending balances (checkpointed, else the card's current balance), watermarks, next offsets."""
+    def restore(self) -> tuple[dict[int, Decimal], dict[int, int]]:
+        """Pending balances (checkpointed, else the card's current balance) and next offsets."""
         with self.engine.connect() as conn:
             balances = {cid: Decimal(b) for cid, b in conn.execute(
                 select(schema.cards.c.card_id, schema.cards.c.current_balance))}
-            watermarks: dict[int, Watermark] = {}
             st = schema.card_states
-            for cid, balance, ts, tid in conn.execute(
-                select(st.c.card_id, st.c.pending_balance, st.c.last_timestamp, st.c.last_transaction_id)
-            ):
+            for cid, balance in conn.execute(select(st.c.card_id, st.c.pending_balance)):
                 if balance is not None:
                     balances[cid] = Decimal(balance)
-                if ts is not None and tid is not None:
-                    watermarks[cid] = (ts, tid)
             so = schema.stream_offsets
             offsets = dict(conn.execute(
                 select(so.c.kafka_partition, so.c.next_offset).where(so.c.topic == self.topic)).all())
-        return balances, watermarks, offsets
+        return balances, offsets
 
     def lookup_decided(self, transaction_ids: list[int]) -> Mapping[int, Transaction]:
         """Already-decided transactions among ``transaction_ids``."""
@@ -104,8 +99,7 @@ class StreamStore:
             self._rejections.write(conn, [tuple(row[c] for c in REJECTION_COLUMNS) for row in batch.rejected])
             # Sorted keys: concurrent workers lock rows in one order (no deadlocks).
             self._card_states.write(conn, [
-                (s.card_id, s.pending_balance, s.last_timestamp, s.last_transaction_id)
-                for _, s in sorted(batch.card_states.items())
+                (s.card_id, s.pending_balance) for _, s in sorted(batch.card_states.items())
             ])
             self._offsets.write(conn, [(self.topic, p, o) for p, o in sorted(batch.next_offsets.items())])
 

@@ -20,6 +20,7 @@ from cardpipe.domain.records import TIMESTAMP_FORMAT, Transaction
 MAX_MESSAGE_BYTES = 64 * 1024
 _TEXT_LIMITS = {"merchant_name": 255, "location": 512, "transaction_type": 32}
 _MAX_ID = 2**63 - 1
+_MAX_ID_DIGITS = 19
 
 # Reason codes for messages the rules cannot judge.
 EMPTY_MESSAGE = "empty_message"
@@ -53,11 +54,20 @@ class _Invalid(Exception):
         self.detail = detail
 
 
-class _NonFinite:
-    """Stands for a JSON NaN/Infinity literal so the field that holds it gets the blame."""
+class _BadNumber:
+    """Stands for a number literal no Decimal can hold (NaN, Infinity, 1e99999999999999999999), so the
+    field that holds it gets the blame rather than the whole message."""
 
     def __init__(self, text: str):
         self.text = text
+
+
+def _decimal(text: str) -> Decimal | _BadNumber:
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        return _BadNumber(text[:40])
+    return value if value.is_finite() else _BadNumber(text[:40])
 
 
 def encode_transaction(tx: Transaction) -> tuple[bytes, bytes]:
@@ -86,11 +96,13 @@ def decode_transaction(value: bytes | None) -> Transaction | Rejection:
     except UnicodeDecodeError as exc:
         return Rejection(NOT_UTF8, f"value is not UTF-8 ({exc.reason} at byte {exc.start})")
     try:
-        obj = json.loads(text, parse_float=Decimal, parse_constant=_NonFinite)
-    except (ValueError, RecursionError) as exc:
-        return Rejection(NOT_JSON, f"value is not JSON ({str(exc)[:120]})")
+        obj = json.loads(text, parse_float=_decimal, parse_constant=_BadNumber)
+    except (ValueError, RecursionError, ArithmeticError) as exc:
+        # ArithmeticError: a number literal no Decimal can hold (e.g. 1e99999999999999999999).
+        return Rejection(NOT_JSON, f"value is not JSON ({str(exc)[:120] or type(exc).__name__})")
     if not isinstance(obj, dict):
-        return Rejection(NOT_AN_OBJECT, f"value is a JSON {type(obj).__name__}, not an object")
+        kind = "number" if isinstance(obj, _BadNumber) else type(obj).__name__
+        return Rejection(NOT_AN_OBJECT, f"value is a JSON {kind}, not an object")
     tx_id: int | None = None
     try:
         tx_id = _id(obj, "transaction_id", BAD_TRANSACTION_ID)
@@ -120,10 +132,12 @@ def _parse_id(raw: Any) -> int | None:
         return None
     if isinstance(raw, int):
         value = raw
-    elif isinstance(raw, str) and raw.strip().isdecimal() and raw.strip().isascii():
-        value = int(raw.strip())
-    elif isinstance(raw, Decimal) and raw.is_finite() and raw == raw.to_integral_value():
-        value = int(raw)
+    elif isinstance(raw, str) and 0 < len(text := raw.strip()) <= _MAX_ID_DIGITS and text.isascii() \
+            and text.isdigit():
+        value = int(text)
+    elif isinstance(raw, Decimal) and raw.is_finite() and raw.adjusted() < _MAX_ID_DIGITS \
+            and raw == raw.to_integral_value():
+        value = int(raw)  # the exponent check keeps 1e1000000 from becoming a million-digit int
     else:
         return None
     return value if 0 < value <= _MAX_ID else None
@@ -157,6 +171,10 @@ def _text(obj: dict[str, Any], name: str, *, allow_empty: bool = True) -> str:
         raise _Invalid(BAD_FIELD, f"{name} is longer than {_TEXT_LIMITS[name]} characters")
     if "\x00" in raw:
         raise _Invalid(BAD_FIELD, f"{name} contains a NUL character")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
+        raise _Invalid(BAD_FIELD, f"{name} is not valid Unicode text") from None
     return raw
 
 
@@ -164,8 +182,10 @@ def _timestamp(obj: dict[str, Any]) -> datetime:
     raw = _field(obj, "timestamp")
     if not isinstance(raw, str):
         raise _Invalid(BAD_TIMESTAMP, f"timestamp {_show(raw)} is not a string")
-    # fromisoformat is fast; the shape check keeps it to exactly YYYY-MM-DD HH:MM:SS.
-    if len(raw) == 19 and raw[10] == " " and raw[4] == "-" and raw[7] == "-" and raw.isascii():
+    # fromisoformat is fast; the shape check keeps it to exactly YYYY-MM-DD HH:MM:SS (no offset, no 'T').
+    if (len(raw) == 19 and raw.isascii() and raw[4] == "-" and raw[7] == "-" and raw[10] == " "
+            and raw[13] == ":" and raw[16] == ":"
+            and (raw[:4] + raw[5:7] + raw[8:10] + raw[11:13] + raw[14:16] + raw[17:]).isdigit()):
         try:
             return datetime.fromisoformat(raw)
         except ValueError:
@@ -175,8 +195,8 @@ def _timestamp(obj: dict[str, Any]) -> datetime:
 
 def _amount(obj: dict[str, Any]) -> Decimal:
     raw = _field(obj, "amount")
-    if isinstance(raw, _NonFinite):
-        raise _Invalid(BAD_AMOUNT, f"amount {raw.text} is not finite")
+    if isinstance(raw, _BadNumber):
+        raise _Invalid(BAD_AMOUNT, f"amount {raw.text} is not a finite number")
     try:
         return parse_money(raw)
     except MoneyError as exc:
@@ -184,7 +204,7 @@ def _amount(obj: dict[str, Any]) -> Decimal:
 
 
 def _show(raw: Any) -> str:
-    if isinstance(raw, _NonFinite):
+    if isinstance(raw, _BadNumber):
         return raw.text
     text = json.dumps(raw, default=str, ensure_ascii=True)
     return text if len(text) <= 40 else text[:37] + "..."

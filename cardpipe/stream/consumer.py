@@ -97,8 +97,8 @@ def consume(
 
     try:
         partitions = _topic_partitions(consumer, topic, options.partitions)
-        balances, watermarks, offsets = store.restore()
-        processor = StreamProcessor(topic, store.card_profiles(), balances, watermarks, store.lookup_decided)
+        balances, offsets = store.restore()
+        processor = StreamProcessor(topic, store.card_profiles(), balances, store.lookup_decided)
         consumer.assign(_start_positions(consumer, store, topic, partitions, offsets))
         at_end: set[int] = set()
         started = last_message = last_progress = time.monotonic()

@@ -18,8 +18,6 @@ from cardpipe.domain.authorization import Authorizer
 from cardpipe.domain.records import REJECTED, CardProfile, Transaction
 from cardpipe.stream.codec import DUPLICATE_CONFLICT, UNKNOWN_CARD, Rejection, decode_transaction
 
-#: A card's ordering watermark: the greatest (timestamp, transaction_id) decided for it.
-Watermark = tuple[datetime, int]
 #: Finds already-decided transactions by id (the serving store in production).
 DecidedLookup = Callable[[list[int]], Mapping[int, Transaction]]
 
@@ -41,8 +39,6 @@ class CardState:
 
     card_id: int
     pending_balance: Decimal | None  # None for a card the serving data does not know
-    last_timestamp: datetime
-    last_transaction_id: int
 
 
 @dataclass
@@ -77,8 +73,8 @@ def decision_row(tx: Transaction, status: str, pending_balance: Decimal | None, 
 class StreamProcessor:
     """Authorizes polled batches, absorbing duplicates by transaction_id (the idempotency key).
 
-    Duplicate detection keeps per-card state only: a transaction whose (timestamp, id) is past its
-    card's watermark cannot have been decided before; only the others are looked up.
+    The batch's transaction ids are looked up in one query (primary-key lookups): memory holds per-card
+    state only, never the set of decided ids.
     """
 
     def __init__(
@@ -86,13 +82,11 @@ class StreamProcessor:
         topic: str,
         cards: Mapping[int, CardProfile],
         balances: Mapping[int, Decimal],
-        watermarks: Mapping[int, Watermark],
         lookup: DecidedLookup,
         clock: Callable[[], datetime] = datetime.now,
     ):
         self.topic = topic
         self.authorizer = Authorizer(cards, balances)
-        self.watermarks: dict[int, Watermark] = dict(watermarks)
         self.lookup = lookup
         self.clock = clock
 
@@ -100,11 +94,8 @@ class StreamProcessor:
         """Decide a batch of messages in order; returns the checkpoint to persist."""
         batch = CheckpointBatch()
         decoded = [(m, decode_transaction(m.value)) for m in messages]
-        suspects = [
-            r.transaction_id for _, r in decoded
-            if isinstance(r, Transaction) and self._maybe_seen(r)
-        ]
-        known: dict[int, Transaction] = dict(self.lookup(suspects)) if suspects else {}
+        ids = [r.transaction_id for _, r in decoded if isinstance(r, Transaction)]
+        known: dict[int, Transaction] = dict(self.lookup(ids)) if ids else {}
         for message, result in decoded:
             batch.next_offsets[message.partition] = message.offset + 1
             if isinstance(result, Rejection):
@@ -125,10 +116,6 @@ class StreamProcessor:
             self._decide(batch, message, result)
         return batch
 
-    def _maybe_seen(self, tx: Transaction) -> bool:
-        mark = self.watermarks.get(tx.card_id)
-        return mark is not None and (tx.timestamp, tx.transaction_id) <= mark
-
     def _decide(self, batch: CheckpointBatch, message: RawMessage, tx: Transaction) -> None:
         if self.authorizer.knows(tx.card_id):
             decision = self.authorizer.authorize(tx)
@@ -140,12 +127,7 @@ class StreamProcessor:
             batch.decided.append(decision_row(tx, REJECTED, None, UNKNOWN_CARD))
             self._reject(batch, message, Rejection(UNKNOWN_CARD, detail, tx.transaction_id))
             balance = None
-        mark = (tx.timestamp, tx.transaction_id)
-        old = self.watermarks.get(tx.card_id)
-        if old is None or mark > old:
-            self.watermarks[tx.card_id] = mark
-        current = self.watermarks[tx.card_id]
-        batch.card_states[tx.card_id] = CardState(tx.card_id, balance, current[0], current[1])
+        batch.card_states[tx.card_id] = CardState(tx.card_id, balance)
         if message.timestamp_ms is not None:
             batch.publish_times_ms.append(message.timestamp_ms)
 

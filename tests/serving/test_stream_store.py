@@ -35,17 +35,16 @@ TX2 = Transaction(2, 26, "Ünïcode ✓", datetime(2025, 4, 1, 2, 0, 0), D("-5.0
 
 
 def processor(store):
-    balances, watermarks, _ = store.restore()
-    return StreamProcessor(store.topic, store.card_profiles(), balances, watermarks, store.lookup_decided)
+    balances, _ = store.restore()
+    return StreamProcessor(store.topic, store.card_profiles(), balances, store.lookup_decided)
 
 
 def test_commit_then_restore_resumes_exactly(store):
     proc = processor(store)
     batch = proc.process(messages([TX1, TX2, TX1]) + [RawMessage(3, 41, b"k", b"\x00garbage", None)])
     store.commit(batch)
-    balances, watermarks, offsets = store.restore()
+    balances, offsets = store.restore()
     assert balances[26] == D("22.65") + D("131.76") - D("5.01")  # card 26 starts at 22.65
-    assert watermarks[26] == (TX2.timestamp, 2)
     assert offsets == {0: 3, 3: 42}
     assert store.lookup_decided([1, 2, 99]) == {1: TX1, 2: TX2}
     with store.engine.connect() as conn:
@@ -61,17 +60,17 @@ def test_a_failing_checkpoint_leaves_nothing_behind(store):
     batch.decided.append(dict(batch.decided[0], transaction_id=1))  # collides with the committed row
     with pytest.raises(IntegrityError):
         store.commit(batch)
-    _, watermarks, offsets = store.restore()
-    assert offsets == {0: 1} and watermarks[26] == (TX1.timestamp, 1)
+    balances, offsets = store.restore()
+    assert offsets == {0: 1} and balances[26] == D("22.65") + D("131.76")
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(schema.stream_transactions)).scalar_one() == 1
 
 
 def test_start_at_and_reset_offsets(store):
     store.start_at({0: 10, 1: 20})
-    assert store.restore()[2] == {0: 10, 1: 20}
+    assert store.restore()[1] == {0: 10, 1: 20}
     store.reset_offsets([0])
-    assert store.restore()[2] == {1: 20}
+    assert store.restore()[1] == {1: 20}
 
 
 def test_commit_durably_retries_transient_failures(store):
@@ -89,7 +88,7 @@ def test_commit_durably_retries_transient_failures(store):
     store.commit = flaky
     store.commit_durably(batch, sleep=sleeps.append)
     assert sleeps == [0.2, 0.4]
-    assert store.restore()[2] == {0: 1}
+    assert store.restore()[1] == {0: 1}
 
 
 def test_commit_whose_acknowledgement_was_lost_is_not_written_twice(store):
