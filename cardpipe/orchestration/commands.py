@@ -24,7 +24,7 @@ from cardpipe.serving.database import check_connection, create_clean_schema, ens
 from cardpipe.serving.loader import LoadSummary, check_data_dir, load_inputs
 from cardpipe.serving.stream_store import StreamStore
 from cardpipe.stream.broker import BrokerHandle, broker_session, ensure_broker, ensure_topic
-from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, end_offsets
+from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, log_end_offsets
 from cardpipe.stream.consumer import consume as consume_topic
 from cardpipe.stream.producer import PublishSummary, publish, transactions_from_csv, transactions_from_database
 
@@ -193,7 +193,8 @@ def _start_stream_here(settings: Settings, broker: BrokerHandle) -> None:
     ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
     engine = _engine(settings)
     try:
-        StreamStore(engine, settings.kafka_topic).start_at(end_offsets(broker.bootstrap_servers, settings.kafka_topic))
+        ends = log_end_offsets(broker.bootstrap_servers, settings.kafka_topic)
+        StreamStore(engine, settings.kafka_topic).start_at(ends)
     finally:
         engine.dispose()
 

@@ -99,7 +99,7 @@ def consume(
         partitions = _topic_partitions(consumer, topic, options.partitions)
         balances, offsets = store.restore()
         processor = StreamProcessor(topic, store.card_profiles(), balances, store.lookup_decided)
-        consumer.assign(_start_positions(consumer, store, topic, partitions, offsets))
+        consumer.assign(_start_positions(bootstrap_servers, store, topic, partitions, offsets))
         at_end: set[int] = set()
         started = last_message = last_progress = time.monotonic()
         with _stop_on_sigterm(request_stop):
@@ -158,22 +158,21 @@ def _topic_partitions(consumer: Consumer, topic: str, wanted: tuple[int, ...] | 
     return sorted(wanted)
 
 
-def _start_positions(consumer: Consumer, store: StreamStore, topic: str, partitions: list[int],
+def _start_positions(bootstrap_servers: str, store: StreamStore, topic: str, partitions: list[int],
                      offsets: dict[int, int]) -> list[TopicPartition]:
     """Resume after the last checkpoint; start over on a partition the broker no longer has that far."""
+    ends = log_end_offsets(bootstrap_servers, topic, [p for p in partitions if p in offsets])
     positions = []
     reset = []
     for p in partitions:
         stored = offsets.get(p)
-        if stored is not None:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
-            if stored > high:
-                # The topic was recreated (e.g. an in-memory broker restarted): read it again from the
-                # start; transaction ids already decided are recognised and skipped.
-                log.warning("partition %d: checkpoint offset %d is past the end (%d); reading it again "
-                            "from the beginning", p, stored, high)
-                reset.append(p)
-                stored = None
+        if stored is not None and stored > ends[p]:
+            # The topic was recreated (e.g. an in-memory broker restarted): read it again from the
+            # start; transaction ids already decided are recognised and skipped.
+            log.warning("partition %d: checkpoint offset %d is past the end of the log (%d); reading it "
+                        "again from the beginning", p, stored, ends[p])
+            reset.append(p)
+            stored = None
         positions.append(TopicPartition(topic, p, OFFSET_BEGINNING if stored is None else stored))
     if reset:
         store.reset_offsets(reset)
@@ -207,13 +206,35 @@ def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int) -> 
             summary.latencies_ms.extend(decided_ms - t for t in batch.publish_times_ms)
 
 
-def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
-    """Each partition's current end offset (where a message published now would go)."""
+def log_end_offsets(bootstrap_servers: str, topic: str, partitions: list[int] | None = None,
+                    timeout: float = 30.0) -> dict[int, int]:
+    """Each partition's log end offset (where a message published now would go).
+
+    Measured by fetching, not by a ListOffsets query: Tansu 0.6 answers ListOffsets(latest) with the
+    base offset of the last record batch + 1, not the log end. Reading starts at that (never too high)
+    answer and goes on to the end, whose offset every fetch response reports correctly.
+    """
     consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "cardpipe-offsets",
-                         "enable.auto.commit": False})
+                         "enable.auto.commit": False, "enable.partition.eof": True,
+                         "auto.offset.reset": "earliest"})
     try:
-        partitions = _topic_partitions(consumer, topic, None)
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-                for p in partitions}
+        wanted = _topic_partitions(consumer, topic, None if partitions is None else tuple(partitions))
+        if not wanted:
+            return {}
+        starts = [TopicPartition(topic, p, consumer.get_watermark_offsets(
+            TopicPartition(topic, p), timeout=10, cached=False)[1]) for p in wanted]
+        consumer.assign(starts)
+        ends: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        while len(ends) < len(wanted):
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"could not find the end of topic {topic!r} within {timeout:.0f} s")
+            for msg in consumer.consume(10_000, timeout=0.5):
+                err = msg.error()
+                if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    ends[msg.partition()] = msg.offset()
+                elif err is None:
+                    ends.pop(msg.partition(), None)
+        return ends
     finally:
         consumer.close()
