@@ -183,8 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="cardpipe: %(message)s", stream=sys.stderr)
-    for noisy in ("py4j", "sqlalchemy", "cardpipe.stream.broker.librdkafka"):
+    for noisy in ("py4j", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("cardpipe.librdkafka").setLevel(logging.CRITICAL)  # cardpipe reports broker trouble itself
+    logging.getLogger("cardpipe.stream.broker.librdkafka").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except CardpipeError as exc:

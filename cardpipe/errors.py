@@ -21,3 +21,7 @@ class BrokerUnavailable(CardpipeError):
 
 class InputFileError(CardpipeError):
     """An input CSV is missing, lacks a column or holds a malformed row (file, line, column named)."""
+
+
+class BrokerLost(BrokerUnavailable):
+    """The broker went away while the stream was being consumed (its messages may be gone with it)."""

@@ -10,7 +10,6 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SAWarning
 
 from cardpipe.config import Settings
+from cardpipe.errors import BrokerLost
 from cardpipe.serving import results as serving_results
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
 from cardpipe.serving.loader import LoadSummary, check_data_dir, load_inputs
 from cardpipe.serving.stream_store import StreamStore
-from cardpipe.stream.broker import BrokerHandle, broker_session, ensure_broker, ensure_topic
+from cardpipe.stream.broker import BrokerHandle, ensure_broker, ensure_topic, is_alive, stop_broker
 from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, log_end_offsets
 from cardpipe.stream.consumer import consume as consume_topic
 from cardpipe.stream.producer import PublishSummary, publish, transactions_from_csv, transactions_from_database
@@ -92,34 +92,75 @@ def produce(settings: Settings, *, from_csv: Path | None = None, republish_all: 
             engine.dispose()
 
 
+#: How many times one consume replaces a dead embedded broker before giving up.
+MAX_BROKER_RECOVERIES = 3
+
+
 def consume(settings: Settings, options: ConsumeOptions | None = None, *,
             broker: BrokerHandle | None = None, progress: Progress | None = None) -> ConsumeSummary:
-    """Authorize the topic's transactions, then write ``stream_transactions.csv`` from the database."""
+    """Authorize the topic's transactions, then write ``stream_transactions.csv`` from the database.
+
+    The embedded broker keeps messages in memory only. If it dies mid-stream, or this command has to
+    start it (so its log is empty), every transaction not yet decided is (re-)published from the
+    ``transactions`` table; the idempotency key makes the result identical to an uninterrupted run.
+    """
     options = options or ConsumeOptions(idle_seconds=settings.consumer_idle_seconds,
                                         batch_size=settings.consumer_batch_size)
     engine = _engine(settings)
     try:
         ensure_schema(engine)
-        broker = broker or _broker(settings)
-        ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
-        ensure_topic(broker.bootstrap_servers, settings.dead_letter_topic, 1)
         store = StreamStore(engine, settings.kafka_topic)
+        started_now = broker is None
+        broker = broker or _broker(settings)
+        if started_now and settings.uses_embedded_broker and broker.started_here:
+            # A new in-memory broker holds nothing: whatever is still undecided must be published again.
+            _republish_undecided(settings, store, broker)
 
         def report(summary: ConsumeSummary) -> None:
             if progress:
-                progress(f"decided {summary.messages:,} messages ({summary.rate:,.0f}/s)")
+                progress(f"decided {total.messages + summary.messages:,} messages ({summary.rate:,.0f}/s)")
 
+        total = ConsumeSummary()
         try:
-            summary = consume_topic(
-                broker.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
-                dead_letter_topic=settings.dead_letter_topic, options=options, progress=report,
-            )
+            while True:
+                _ensure_topics(settings, broker)
+                alive = (lambda pid=broker.pid: is_alive(pid)) if broker.pid is not None else None
+                try:
+                    total.add(consume_topic(
+                        broker.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
+                        dead_letter_topic=settings.dead_letter_topic, options=options, progress=report,
+                        broker_alive=alive,
+                    ))
+                    break
+                except BrokerLost as lost:
+                    total.add(lost.summary)  # type: ignore[attr-defined]
+                    if not settings.uses_embedded_broker or total.counts["broker_recoveries"] >= MAX_BROKER_RECOVERIES:
+                        raise
+                    total.counts["broker_recoveries"] += 1
+                    log.warning("the embedded broker died mid-stream; starting a new one and re-publishing "
+                                "every transaction not yet decided")
+                    broker = ensure_broker(None, settings.results_dir)
+                    _republish_undecided(settings, store, broker)
         finally:
             # Also on Ctrl-C: what was committed is exported.
             serving_results.export_stream_results(engine, settings.results_dir)
-        return summary
+        return total
     finally:
         engine.dispose()
+
+
+def _ensure_topics(settings: Settings, broker: BrokerHandle) -> None:
+    ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
+    ensure_topic(broker.bootstrap_servers, settings.dead_letter_topic, 1)
+
+
+def _republish_undecided(settings: Settings, store: StreamStore, broker: BrokerHandle) -> None:
+    """After losing the broker's log: forget its offsets and publish again what is not decided yet."""
+    _ensure_topics(settings, broker)
+    store.reset_offsets(list(store.restore()[1]))
+    summary = produce(settings, broker=broker)
+    if summary.published:
+        log.info("published the %d undecided transactions to %s", summary.published, broker.bootstrap_servers)
 
 
 @dataclass
@@ -209,8 +250,8 @@ def run(settings: Settings, progress: Progress | None = None) -> RunSummary:
     setup(settings)
     say(f"serving: loading {settings.data_dir}")
     loaded = load(settings, progress)
-    with broker_session(settings.kafka_bootstrap_servers, settings.results_dir) if settings.uses_embedded_broker \
-            else nullcontext(ensure_broker(settings.kafka_bootstrap_servers, settings.results_dir)) as broker:
+    broker = ensure_broker(settings.kafka_bootstrap_servers, settings.results_dir)
+    try:
         say(f"stream: publishing to {settings.kafka_topic!r} on {broker.bootstrap_servers}")
         _start_stream_here(settings, broker)
         published = produce(settings, broker=broker, progress=progress)
@@ -218,6 +259,9 @@ def run(settings: Settings, progress: Progress | None = None) -> RunSummary:
         consumed = consume(settings, ConsumeOptions(until_caught_up=True, idle_seconds=settings.consumer_idle_seconds,
                                                     batch_size=settings.consumer_batch_size),
                            broker=broker, progress=progress)
+    finally:
+        if broker.started_here:
+            stop_broker(settings.results_dir)  # the recorded one: a replacement if the first one died
     say("batch: settling with Spark")
     settled = batch(settings, progress)
     return RunSummary(loaded, published, consumed, settled, time.perf_counter() - started)

@@ -392,6 +392,11 @@ def broker_status(work_dir: Path) -> dict[str, Any] | None:
     return record
 
 
+def is_alive(pid: int) -> bool:
+    """True while the embedded broker process ``pid`` runs (cheap: fit for a per-batch check)."""
+    return _pid_alive(pid)
+
+
 @contextmanager
 def broker_session(bootstrap_servers: str | None, work_dir: Path) -> Iterator[BrokerHandle]:
     """:func:`ensure_broker` for a block; on any exit, stop the broker if this call started it."""

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from cardpipe.errors import BrokerUnavailable
+from cardpipe.errors import BrokerLost, BrokerUnavailable
 from cardpipe.serving.stream_store import StreamStore
 from cardpipe.stream.processing import CheckpointBatch, RawMessage, StreamProcessor
 from cardpipe.stream.producer import make_producer
 
 log = logging.getLogger(__name__)
+#: librdkafka's own log lines (connection refused while a broker restarts…); cardpipe reports problems itself.
+CLIENT_LOG = logging.getLogger("cardpipe.librdkafka")
 MAX_LATENCY_SAMPLES = 1_000_000
 
 
@@ -51,6 +53,14 @@ class ConsumeSummary:
     def rate(self) -> float:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, other: ConsumeSummary) -> None:
+        """Fold in the summary of a later leg of the same consume (after a recovery)."""
+        self.counts.update(other.counts)
+        self.messages += other.messages
+        self.batches += other.batches
+        self.seconds += other.seconds
+        self.latencies_ms.extend(other.latencies_ms[: max(0, MAX_LATENCY_SAMPLES - len(self.latencies_ms))])
+
 
 @contextmanager
 def _stop_on_sigterm(stop: Callable[[], None]) -> Iterator[None]:
@@ -75,10 +85,16 @@ def consume(
     dead_letter_topic: str | None = None,
     options: ConsumeOptions = ConsumeOptions(),
     progress: Callable[[ConsumeSummary], None] | None = None,
+    broker_alive: Callable[[], bool] | None = None,
 ) -> ConsumeSummary:
-    """Authorize the topic's transactions into ``store`` until drained (or interrupted)."""
+    """Authorize the topic's transactions into ``store`` until drained (or interrupted).
+
+    ``broker_alive`` (for a broker cardpipe runs itself) is checked after every poll; when it says
+    no, :class:`BrokerLost` is raised after the last complete checkpoint.
+    """
     consumer = Consumer({
         "bootstrap.servers": bootstrap_servers,
+        "logger": CLIENT_LOG,
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -105,6 +121,11 @@ def consume(
         with _stop_on_sigterm(request_stop):
             while not stopping:
                 polled = consumer.consume(num_messages=options.batch_size, timeout=0.2)
+                if broker_alive is not None and not broker_alive():
+                    summary.seconds = time.monotonic() - started
+                    lost = BrokerLost(f"the broker at {bootstrap_servers} stopped while consuming {topic!r}")
+                    lost.summary = summary  # type: ignore[attr-defined]  # what was committed before
+                    raise lost
                 raw: list[RawMessage] = []
                 for msg in polled:
                     err = msg.error()
@@ -214,7 +235,7 @@ def log_end_offsets(bootstrap_servers: str, topic: str, partitions: list[int] | 
     base offset of the last record batch + 1, not the log end. Reading starts at that (never too high)
     answer and goes on to the end, whose offset every fetch response reports correctly.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "cardpipe-offsets",
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "cardpipe-offsets", "logger": CLIENT_LOG,
                          "enable.auto.commit": False, "enable.partition.eof": True,
                          "auto.offset.reset": "earliest"})
     try:

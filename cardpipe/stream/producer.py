@@ -49,7 +49,8 @@ class PublishSummary:
 
 
 def make_producer(bootstrap_servers: str, **overrides: object) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap_servers, **PRODUCER_DEFAULTS, **overrides})
+    return Producer({"bootstrap.servers": bootstrap_servers, "logger": logging.getLogger("cardpipe.librdkafka"),
+                     **PRODUCER_DEFAULTS, **overrides})
 
 
 def publish(

@@ -61,7 +61,9 @@ def test_seed_commands_in_order_against_mariadb(seed_dataset, tmp_path, mysql_en
         assert produced.returncode == 0, produced.stderr
         out, err = consumer.communicate(timeout=300)
         assert consumer.returncode == 0, err
-        assert "decided 400 messages" in out
+        # The consumer started the embedded broker itself, so it also published what was undecided;
+        # the producer's copies are recognised as duplicates.
+        assert "360 pending, 40 declined, 0 rejected" in out
         for args in (["batch_processor.py"], ["serving_processor.py", "updated"]):
             proc = run(*args)
             assert proc.returncode == 0, proc.stderr
