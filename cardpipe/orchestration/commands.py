@@ -19,6 +19,7 @@ from sqlalchemy.exc import SAWarning
 
 from cardpipe.config import Settings
 from cardpipe.errors import BrokerLost
+from cardpipe.faults import crash_point
 from cardpipe.serving import results as serving_results
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
 from cardpipe.serving.loader import LoadSummary, check_data_dir, load_inputs
@@ -189,12 +190,14 @@ def batch(settings: Settings, progress: Progress | None = None) -> BatchResult:
                 inputs = read_jdbc_inputs(spark, options, partitions=_jdbc_partitions(settings))
                 tables = serving_results.prepare_staging_tables(engine)
                 summary = run_settlement(spark, inputs, settings.results_dir, jdbc_options=options, jdbc_tables=tables)
+                crash_point("batch.staged")
                 serving_results.swap_in_staging_tables(engine)
                 persisted: dict[str, int] = {}
             else:
                 paths = serving_results.export_for_batch(engine, staging)
                 inputs = read_csv_inputs(spark, paths["stream_transactions"], paths["cards"], paths["customers"])
                 summary = run_settlement(spark, inputs, settings.results_dir)
+                crash_point("batch.staged")
                 persisted = serving_results.persist_batch_results(engine, settings.results_dir)
         finally:
             spark.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, Table, text
+from sqlalchemy import Connection, Engine, Table, text
 
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
 from cardpipe.errors import CardpipeError
@@ -50,11 +50,9 @@ def export_for_batch(engine: Engine, staging_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def replace_table_from_csv(engine: Engine, table: Table, path: Path, columns: tuple[str, ...]) -> int:
-    """Replace ``table``'s rows with the CSV's in one transaction (readers see old or new, never half)."""
-    with translated_errors(engine), engine.begin() as conn:
-        conn.execute(table.delete())
-        return insert_rows(conn, table, read_typed_rows(path, table, columns))
+def _replace_rows(conn: Connection, table: Table, path: Path, columns: tuple[str, ...]) -> int:
+    conn.execute(table.delete())
+    return insert_rows(conn, table, read_typed_rows(path, table, columns))
 
 
 def persist_batch_results(engine: Engine, results_dir: Path) -> dict[str, int]:
@@ -62,10 +60,12 @@ def persist_batch_results(engine: Engine, results_dir: Path) -> dict[str, int]:
     missing = [f for f, _ in BATCH_OUTPUTS.values() if not (results_dir / f).is_file()]
     if missing:
         raise CardpipeError(f"no batch results in {results_dir} ({', '.join(missing)} missing): run the batch first")
-    return {
-        name: replace_table_from_csv(engine, schema.TABLES_BY_NAME[name], results_dir / file, columns)
-        for name, (file, columns) in BATCH_OUTPUTS.items()
-    }
+    # One transaction for all three: readers (and a crash) see the old results or the new, never a mix.
+    with translated_errors(engine), engine.begin() as conn:
+        return {
+            name: _replace_rows(conn, schema.TABLES_BY_NAME[name], results_dir / file, columns)
+            for name, (file, columns) in BATCH_OUTPUTS.items()
+        }
 
 
 def staging_table_name(name: str) -> str:

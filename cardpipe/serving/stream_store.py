@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from cardpipe.domain.authorization import zip_of
 from cardpipe.domain.records import STREAM_COLUMNS, CardProfile, Transaction
 from cardpipe.errors import DatabaseUnavailable
+from cardpipe.faults import crash_point
 from cardpipe.serving import schema
 from cardpipe.serving.bulk import BulkWriter
 from cardpipe.serving.database import describe_error
@@ -102,6 +103,7 @@ class StreamStore:
                 (s.card_id, s.pending_balance) for _, s in sorted(batch.card_states.items())
             ])
             self._offsets.write(conn, [(self.topic, p, o) for p, o in sorted(batch.next_offsets.items())])
+            crash_point("checkpoint.written")
 
     def commit_durably(self, batch: CheckpointBatch, *, give_up_after: float = 300.0,
                        sleep: Callable[[float], None] = time.sleep) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from cardpipe.errors import BrokerLost, BrokerUnavailable
+from cardpipe.faults import crash_point
 from cardpipe.serving.stream_store import StreamStore
 from cardpipe.stream.processing import CheckpointBatch, RawMessage, StreamProcessor
 from cardpipe.stream.producer import make_producer
@@ -140,8 +141,11 @@ def consume(
                         log.warning("consumer: %s", err.str())
                 now = time.monotonic()
                 if raw:
+                    crash_point("consume.polled")
                     batch = processor.process(raw)
+                    crash_point("consume.decided")
                     _checkpoint(store, batch, dlq, dead_letter_topic)
+                    crash_point("consume.committed")
                     _account(summary, batch, len(raw))
                     last_message = now
                 if progress and now - last_progress >= options.progress_every:

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 
 from cardpipe.domain.records import Transaction
 from cardpipe.errors import BrokerUnavailable
+from cardpipe.faults import crash_point
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import read_typed_rows
 from cardpipe.stream.codec import encode_transaction
@@ -83,8 +84,10 @@ def publish(
             except KafkaException as exc:
                 raise BrokerUnavailable(f"cannot publish to {topic!r}: {exc.args[0].str()}") from None
         sent += 1
-        if sent % 10_000 == 0:
-            producer.poll(0)
+        if sent % 1_000 == 0:
+            crash_point("produce.sent")
+            if sent % 10_000 == 0:
+                producer.poll(0)
         if progress and sent % progress_every == 0:
             progress(sent)
     remaining = producer.flush(60)
