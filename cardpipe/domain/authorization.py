@@ -17,34 +17,51 @@ from cardpipe.domain.records import (
 )
 
 MIN_ZIP_LENGTH = 5
+#: Locations whose zip head :class:`Authorizer` remembers (merchants' locations repeat); then it starts over.
+_MAX_REMEMBERED_LOCATIONS = 50_000
+_UNSEEN = object()
 
 
 def zip_of(text: str | None) -> str | None:
     """The zip code of an address or location: its last whitespace-separated token."""
     if not text:
         return None
-    tokens = text.split()
+    tokens = text.rsplit(None, 1)
     return tokens[-1] if tokens else None
+
+
+def zip_head(zip_code: str | None) -> str | None:
+    """What the location rule compares of a zip: its first character, if it has at least 5; else None."""
+    return zip_code[0] if zip_code and len(zip_code) >= MIN_ZIP_LENGTH else None
 
 
 def location_ok(customer_zip: str | None, merchant_zip: str | None) -> bool:
     """Both zips present, at least 5 characters, and starting with the same character."""
-    if not customer_zip or not merchant_zip:
-        return False
-    if len(customer_zip) < MIN_ZIP_LENGTH or len(merchant_zip) < MIN_ZIP_LENGTH:
-        return False
-    return customer_zip[0] == merchant_zip[0]
+    head = zip_head(customer_zip)
+    return head is not None and head == zip_head(merchant_zip)
+
+
+def _decline_reason(amount: Decimal, merchant_zip_head: str | None, credit_limit: Decimal, half_limit: Decimal,
+                    customer_zip_head: str | None, pending_balance: Decimal) -> str | None:
+    """The rules, in SPEC order, on a card's terms as :class:`Authorizer` keeps them (computed once per card)
+    and the zip head of the transaction's location."""
+    if abs(amount) >= half_limit:
+        return AMOUNT_OVER_HALF_LIMIT
+    if customer_zip_head is None or customer_zip_head != merchant_zip_head:
+        return LOCATION_TOO_FAR
+    if pending_balance + amount > credit_limit:
+        return OVER_CREDIT_LIMIT
+    return None
+
+
+def _terms(card: CardProfile) -> tuple[Decimal, Decimal, str | None]:
+    """(credit limit, half of it exactly, the customer's zip head): what the rules read of a card."""
+    return card.credit_limit, card.credit_limit / 2, zip_head(card.customer_zip)
 
 
 def decline_reason(amount: Decimal, location: str, card: CardProfile, pending_balance: Decimal) -> str | None:
     """The first rule the transaction fails, in SPEC order, or ``None`` when it may go pending."""
-    if abs(amount) >= card.credit_limit / 2:
-        return AMOUNT_OVER_HALF_LIMIT
-    if not location_ok(card.customer_zip, zip_of(location)):
-        return LOCATION_TOO_FAR
-    if pending_balance + amount > card.credit_limit:
-        return OVER_CREDIT_LIMIT
-    return None
+    return _decline_reason(amount, zip_head(zip_of(location)), *_terms(card), pending_balance)
 
 
 def decide(tx: Transaction, card: CardProfile, pending_balance: Decimal) -> Decision:
@@ -58,20 +75,42 @@ def decide(tx: Transaction, card: CardProfile, pending_balance: Decimal) -> Deci
 class Authorizer:
     """Decides transactions in arrival order, keeping each card's running pending balance.
 
-    State is per card only (memory bounded by the number of cards, not of transactions).
+    State is per card only (memory bounded by the number of cards, not of transactions). Each card's
+    terms (limit, half limit, zip head) are computed once, not per transaction.
     """
 
     def __init__(self, cards: Mapping[int, CardProfile], balances: Mapping[int, Decimal]):
         self.cards = cards
         self.balances: dict[int, Decimal] = dict(balances)
+        self._terms = {card_id: _terms(card) for card_id, card in cards.items()}
+        self._zip_heads: dict[str, str | None] = {}  # location -> zip head, a memo of a pure function
 
     def knows(self, card_id: int) -> bool:
-        return card_id in self.cards
+        return card_id in self._terms
+
+    def decide(self, card_id: int, amount: Decimal, location: str) -> tuple[str, Decimal, str | None] | None:
+        """``(status, pending balance after, decline reason)`` for a transaction of ``card_id``, updating the
+        card's pending balance; None (and no change) when the card is unknown. The stream's hot path."""
+        terms = self._terms.get(card_id)
+        if terms is None:
+            return None
+        limit, half_limit, customer_zip_head = terms
+        balance = self.balances[card_id]
+        heads = self._zip_heads
+        head = heads.get(location, _UNSEEN)
+        if head is _UNSEEN:
+            if len(heads) >= _MAX_REMEMBERED_LOCATIONS:
+                heads.clear()
+            head = heads[location] = zip_head(zip_of(location))
+        reason = _decline_reason(amount, head, limit, half_limit, customer_zip_head, balance)  # type: ignore[arg-type]
+        if reason is not None:
+            return DECLINED, balance, reason
+        balance = self.balances[card_id] = balance + amount
+        return PENDING, balance, None
 
     def authorize(self, tx: Transaction) -> Decision:
         """Decide ``tx`` (its card must be known) and update the card's pending balance."""
-        card = self.cards[tx.card_id]
-        decision = decide(tx, card, self.balances[tx.card_id])
-        if decision.status == PENDING:
-            self.balances[tx.card_id] = decision.pending_balance
-        return decision
+        outcome = self.decide(tx.card_id, tx.amount, tx.location)
+        if outcome is None:
+            raise KeyError(tx.card_id)
+        return Decision(*outcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 CENT = Decimal("0.01")
@@ -9,6 +10,9 @@ HUNDRED = Decimal(100)
 _HUNDREDS_PLACE = Decimal("1E2")
 #: Largest magnitude a DECIMAL(12,2) column holds.
 MAX_MONEY = Decimal("9999999999.99")
+#: The common shape, ``-?D{1,10}.DD`` in ASCII digits: exactly cents, within MAX_MONEY, so ``Decimal(text)`` is
+#: already what the general path below returns (same value, same exponent).
+_PLAIN_CENTS = re.compile(r"-?[0-9]{1,10}\.[0-9]{2}").fullmatch
 
 
 class MoneyError(ValueError):
@@ -21,6 +25,8 @@ def parse_money(value: object) -> Decimal:
     Accepts at most two decimal places after stripping trailing zeros; rejects floats (use their
     text), NaN, infinities and magnitudes a DECIMAL(12,2) cannot hold.
     """
+    if type(value) is str and _PLAIN_CENTS(value):  # the fast path of the stream's hot loop
+        return Decimal(value)
     if isinstance(value, bool | float):
         raise MoneyError(f"amount must be a decimal string or number, not {type(value).__name__}")
     if isinstance(value, Decimal):

@@ -54,6 +54,11 @@ class Transaction:
     def timestamp_text(self) -> str:
         return self.timestamp.strftime(TIMESTAMP_FORMAT)
 
+    def values(self) -> tuple[int, int, str, datetime, Decimal, str, str, int | None]:
+        """The fields in ``TRANSACTION_COLUMNS`` order (``Transaction(*tx.values()) == tx``)."""
+        return (self.transaction_id, self.card_id, self.merchant_name, self.timestamp, self.amount, self.location,
+                self.transaction_type, self.related_transaction_id)
+
 
 @dataclass(frozen=True, slots=True)
 class CardProfile:

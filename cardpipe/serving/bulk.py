@@ -1,19 +1,192 @@
-"""Fast multi-row writes on the DBAPI cursor of a SQLAlchemy connection (the stream's hot path).
+"""Fast multi-row writes and keyed reads on the DBAPI cursor of a SQLAlchemy connection (the stream's hot path).
 
 SQLAlchemy's per-row parameter processing costs more than SQLite's own insert; here each column's
-bind processor (the dialect's own value conversion, so stored values are identical) is applied once
-per value and the rows go to ``cursor.executemany`` as tuples. PyMySQL turns an ``executemany`` of an
-``INSERT … VALUES`` into multi-row inserts. Identifiers come from the schema, values are parameters.
+bind processor (the dialect's own value conversion, so stored values are identical) is applied column by
+column, only to the columns that have one, and the rows go to ``cursor.executemany`` as plain tuples.
+Reads by key apply the columns' result processors the same way. Identifiers come from the schema.
+
+On MySQL/MariaDB (PyMySQL), ``executemany`` of an ``INSERT … VALUES`` sends multi-row statements whose
+values PyMySQL escapes one by one in Python: most of a checkpoint's CPU. :class:`_MySQLStatements`
+renders the very same statements (PyMySQL's literals, its row format, its statement size limit) a column
+at a time with C-level ``map`` for the value types the stream writes, each renderer checked against
+PyMySQL's own ``escape`` on the connection before use; other values go through ``escape`` itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from decimal import Decimal
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 from sqlalchemy import Connection, Table
+from sqlalchemy.dialects.sqlite.base import DATETIME as SQLITE_DATETIME
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.types import TypeEngine
+
+Processor = Callable[[Any], Any]
+
+
+def _none_safe(proc: Processor) -> bool:
+    """Whether ``proc`` maps None to None itself (SQLAlchemy's processors do), so it can be mapped blindly."""
+    try:
+        return proc(None) is None
+    except Exception:
+        return False
+
+
+_DATETIME_SAMPLES = (datetime(1, 1, 1), datetime(999, 2, 3, 4, 5, 6, 7), datetime(2025, 4, 1, 1, 21, 9),
+                     datetime(2024, 2, 29, 23, 59, 59, 999999), datetime(9999, 12, 31, 23, 59, 59))
+
+
+def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Processor | None:
+    """The column type's bind processor, or a faster one with the same output where there is one: SQLite's
+    DATETIME in its default storage format formats a naive ``datetime`` exactly as ``isoformat`` with a space
+    and microseconds does (checked on samples here; anything else goes to SQLAlchemy's own processor)."""
+    proc = type_._cached_bind_processor(dialect)  # noqa: SLF001
+    impl = type_.dialect_impl(dialect)
+    if proc is None or not isinstance(impl, SQLITE_DATETIME) \
+            or impl._storage_format != SQLITE_DATETIME._storage_format:  # noqa: SLF001
+        return proc
+    slow = proc
+
+    def fast(value: Any) -> Any:
+        if type(value) is datetime and value.tzinfo is None:
+            return value.isoformat(" ", "microseconds")
+        return slow(value)
+
+    return fast if all(fast(v) == slow(v) for v in _DATETIME_SAMPLES) else slow
+
+
+@contextmanager
+def _dbapi_cursor(conn: Connection, sql: str) -> Iterator[Any]:
+    """A raw cursor of ``conn``, whose DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError…)."""
+    cursor = conn.connection.cursor()
+    try:
+        yield cursor
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect) from exc
+    finally:
+        cursor.close()
+
+
+# MySQL string literal escapes, as PyMySQL's ``escape_string`` (checked against it on each connection). Applied
+# one after the other to a whole column at once, the backslash first: no replacement makes another one's target.
+_MYSQL_ESCAPES = (("\\", "\\\\"), ("\x00", "\\0"), ("\n", "\\n"), ("\r", "\\r"), ("\x1a", "\\Z"), ('"', '\\"'),
+                  ("'", "\\'"))
+_SEPARATOR = "\x01"  # joins a column's texts while they are escaped together (a text holding it: one by one)
+_SERVER_STATUS_NO_BACKSLASH_ESCAPES = 512
+_NONE = type(None)
+_tzinfo = attrgetter("tzinfo")
+_MYSQL_SAMPLES: dict[type, list[Any]] = {
+    int: [0, 1, -7, 2**63 - 1, -(2**63)],
+    str: ["", "plain", "quote ' double \" back \\ nul \x00 nl \n cr \r sub \x1a tab \t", "é ✓ 😀 中文", "%s %(x)s"],
+    Decimal: [Decimal("0.00"), Decimal("-0.00"), Decimal("12.34"), Decimal("-9999999999.99"), Decimal("1E+3"),
+              Decimal("5E-7")],
+    datetime: [datetime(1, 1, 1), datetime(2025, 4, 1, 1, 21, 9), datetime(2024, 2, 29, 23, 59, 59, 999999),
+               datetime(9999, 12, 31, 23, 59, 59, 1)],
+    _NONE: [None],
+}
+
+
+def _mysql_renderers(db: Any) -> dict[type, Callable[[list[Any]], list[str] | None]]:
+    """Column renderers (values of one exact type -> PyMySQL's literals; None: not for these values), each kept
+    only if it agrees with ``db.escape`` (the PyMySQL connection's own) on samples."""
+    escapes = (("'", "''"),) if db.server_status & _SERVER_STATUS_NO_BACKSLASH_ESCAPES else _MYSQL_ESCAPES
+
+    def strings(values: list[Any]) -> list[str] | None:
+        text = _SEPARATOR.join(values)
+        if text.count(_SEPARATOR) != len(values) - 1:
+            return None
+        for char, escaped in escapes:
+            if char in text:
+                text = text.replace(char, escaped)
+        return ("'" + text.replace(_SEPARATOR, "'" + _SEPARATOR + "'") + "'").split(_SEPARATOR)
+
+    def integers(values: list[Any]) -> list[str] | None:
+        return list(map(str, values))
+
+    def decimals(values: list[Any]) -> list[str] | None:
+        return list(map(format, values, repeat("f"))) if all(map(Decimal.is_finite, values)) else None
+
+    def datetimes(values: list[Any]) -> list[str] | None:  # naive ones: PyMySQL ignores a time zone
+        if not all(map(is_, map(_tzinfo, values), repeat(None))):
+            return None
+        return list(map("'{}'".format, map(datetime.isoformat, values, repeat(" "))))
+
+    def nones(values: list[Any]) -> list[str] | None:
+        return ["NULL"] * len(values)
+
+    candidates = {int: integers, str: strings, Decimal: decimals, datetime: datetimes, _NONE: nones}
+    return {kind: render for kind, render in candidates.items()
+            if render(_MYSQL_SAMPLES[kind]) == [db.escape(v) for v in _MYSQL_SAMPLES[kind]]}
+
+
+class _MySQLStatements:
+    """The statements PyMySQL's ``executemany`` sends for an ``INSERT … VALUES (%s, …)``, rendered faster."""
+
+    def __init__(self, sql: str, width: int):
+        from pymysql.cursors import RE_INSERT_VALUES
+
+        match = RE_INSERT_VALUES.match(sql)
+        if match is None or match.group(2).rstrip() != "(" + ", ".join(["%s"] * width) + ")":
+            raise ValueError(f"not a plain multi-row insert: {sql}")
+        self.prefix = match.group(1) % ()
+        self.postfix = (match.group(3) or "") % ()
+        self._renderers: dict[tuple[int, int], dict[type, Callable[[list[Any]], list[str] | None]]] = {}
+
+    def renderers(self, db: Any) -> dict[type, Callable[[list[Any]], list[str] | None]]:
+        # Per connection and escaping mode (the server's sql_mode may turn backslash escapes off).
+        key = (id(db), db.server_status & _SERVER_STATUS_NO_BACKSLASH_ESCAPES)
+        renderers = self._renderers.get(key)
+        if renderers is None:
+            renderers = _mysql_renderers(db)
+            self._renderers = {key: renderers}
+        return renderers
+
+    def literals(self, db: Any, column: Sequence[Any]) -> list[str]:
+        """PyMySQL's literal of every value of ``column``."""
+        renderers = self.renderers(db)
+        kinds = set(map(type, column))
+        values = column if isinstance(column, list) else list(column)
+        if len(kinds) == 1:
+            render = renderers.get(kinds.pop())
+            rendered = render(values) if render is not None else None
+            if rendered is not None:
+                return rendered
+        elif len(kinds) == 2 and _NONE in kinds:  # a nullable column
+            kinds.discard(_NONE)
+            render = renderers.get(kinds.pop())
+            present = [v for v in values if v is not None]
+            rendered = render(present) if render is not None else None
+            if rendered is not None:
+                it = iter(rendered)
+                return ["NULL" if v is None else next(it) for v in values]
+        return list(map(db.escape, values))
+
+    def execute(self, cursor: Any, rows: Sequence[Sequence[Any]]) -> None:
+        db = cursor.connection
+        columns = [self.literals(db, column) for column in zip(*rows, strict=True)]
+        encoding = db.encoding
+        prefix, postfix = self.prefix.encode(encoding), self.postfix.encode(encoding)
+        limit = cursor.max_stmt_length - len(postfix) - 1
+        sql = bytearray(prefix)
+        first = True
+        for values in map("({})".format, map(", ".join, zip(*columns, strict=True))):
+            row = values.encode(encoding)
+            if first:
+                first = False
+            elif len(sql) + len(row) > limit:  # PyMySQL's split: len(sql) + len(v) + len(postfix) + 1 > max
+                cursor.execute(sql + postfix)
+                sql = bytearray(prefix)
+            else:
+                sql += b","
+            sql += row
+        cursor.execute(sql + postfix)
 
 
 class BulkWriter:
@@ -34,12 +207,16 @@ class BulkWriter:
                 sql += (f" ON CONFLICT ({', '.join(quote(k) for k in upsert_keys)}) DO UPDATE SET "
                         + ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in updates))
         self.sql = sql
-        self.processors: list[tuple[int, Callable[[Any], Any]]] = [
+        self.processors: list[tuple[int, Processor]] = [
             (i, proc) for i, name in enumerate(self.columns)
-            if (proc := table.c[name].type._cached_bind_processor(dialect)) is not None  # noqa: SLF001
+            if (proc := _bind_processor(table.c[name].type, dialect)) is not None
         ]
+        self._none_safe = [_none_safe(proc) for _, proc in self.processors]
+        self._mysql = (_MySQLStatements(sql, len(self.columns))
+                       if dialect.name == "mysql" and dialect.driver == "pymysql" and not self.processors else None)
 
     def prepare(self, row: Sequence[Any]) -> tuple[Any, ...]:
+        """One row's parameters (see :meth:`params` for many)."""
         if not self.processors:
             return tuple(row)
         values = list(row)
@@ -48,18 +225,71 @@ class BulkWriter:
                 values[index] = proc(values[index])
         return tuple(values)
 
+    def params(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+        """The parameters of ``rows``: plain tuples, each processed value converted, column by column."""
+        if not self.processors:
+            return [r if type(r) is tuple else tuple(r) for r in rows]
+        try:
+            columns: list[Any] = list(zip(*rows, strict=True))
+        except ValueError:  # rows of unequal length: the database says what is wrong
+            return [self.prepare(r) for r in rows]
+        if len(columns) != len(self.columns):
+            return [self.prepare(r) for r in rows]
+        for (index, proc), none_safe in zip(self.processors, self._none_safe, strict=True):
+            column = columns[index]
+            columns[index] = (list(map(proc, column)) if none_safe
+                              else [None if v is None else proc(v) for v in column])
+        return list(zip(*columns, strict=True))
+
     def write(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
         """Write ``rows`` (tuples in ``columns`` order) on ``conn``'s current transaction."""
         if not rows:
             return
-        prepare = self.prepare
-        params = [prepare(r) for r in rows]
-        cursor = conn.connection.cursor()
-        try:
+        if self._mysql is not None and len(set(map(len, rows))) == 1 and len(rows[0]) == len(self.columns):
+            with _dbapi_cursor(conn, self.sql) as cursor:
+                self._mysql.execute(cursor, rows)
+            return
+        params = self.params(rows)
+        with _dbapi_cursor(conn, self.sql) as cursor:
             cursor.executemany(self.sql, params)
-        except conn.dialect.loaded_dbapi.Error as exc:
-            # The same exception types as the rest of the code sees (IntegrityError, OperationalError…).
-            raise DBAPIError.instance(self.sql, None, exc, conn.dialect.loaded_dbapi.Error,
-                                      dialect=conn.dialect) from exc
-        finally:
-            cursor.close()
+
+
+class KeyReader:
+    """Read ``table``'s ``columns`` for many values of its integer ``key`` column, a chunk of keys per query."""
+
+    def __init__(self, dialect: Dialect, table: Table, columns: Sequence[str], key: str, *, chunk: int = 900):
+        self.columns = tuple(columns)
+        self.chunk = chunk  # SQLite: stays under its bound-parameter limit
+        quote = dialect.identifier_preparer.quote
+        self._select = (f"SELECT {', '.join(quote(c) for c in self.columns)} FROM {quote(table.name)} "
+                        f"WHERE {quote(key)} IN ")
+        self._mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        self._dialect = dialect
+        self._types = [table.c[c].type for c in self.columns]
+        # PyMySQL inlines parameters as literals anyway; integers it writes as str(n): so do we, faster.
+        self._inline_ints = dialect.name == "mysql" and dialect.driver == "pymysql"
+
+    def read(self, conn: Connection, keys: Sequence[int]) -> Iterator[tuple[Any, ...]]:
+        """The rows (result-processed, as SQLAlchemy would return them) whose key is in ``keys``."""
+        inline = self._inline_ints and set(map(type, keys)) <= {int}
+        for start in range(0, len(keys), self.chunk):
+            chunk = tuple(keys[start:start + self.chunk])
+            if inline:
+                sql, params = f"{self._select}({', '.join(map(str, chunk))})", None
+            else:
+                sql, params = f"{self._select}({', '.join([self._mark] * len(chunk))})", chunk
+            with _dbapi_cursor(conn, sql) as cursor:
+                cursor.execute(sql, params)
+                rows = cursor.fetchall()
+                if not rows:
+                    continue
+                procs = [
+                    (i, proc) for i, (type_, desc) in enumerate(zip(self._types, cursor.description, strict=True))
+                    if (proc := type_._cached_result_processor(self._dialect, desc[1])) is not None  # noqa: SLF001
+                ]
+            for row in rows:
+                if procs:
+                    row = list(row)
+                    for index, proc in procs:
+                        row[index] = proc(row[index])
+                yield tuple(row)

@@ -11,16 +11,17 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
+from operator import itemgetter
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from cardpipe.domain.authorization import zip_of
-from cardpipe.domain.records import STREAM_COLUMNS, CardProfile, Transaction
+from cardpipe.domain.records import STREAM_COLUMNS, TRANSACTION_COLUMNS, CardProfile, Transaction
 from cardpipe.errors import DatabaseUnavailable
 from cardpipe.faults import crash_point
 from cardpipe.serving import schema
-from cardpipe.serving.bulk import BulkWriter
+from cardpipe.serving.bulk import BulkWriter, KeyReader
 from cardpipe.serving.database import describe_error
 from cardpipe.stream.processing import CheckpointBatch
 
@@ -30,6 +31,8 @@ _LOOKUP_CHUNK = 900  # stays under SQLite's bound-parameter limit
 REJECTION_COLUMNS = ("topic", "kafka_partition", "kafka_offset", "transaction_id", "reason", "detail",
                      "message_key", "message_value", "recorded_at")
 CARD_STATE_COLUMNS = ("card_id", "pending_balance")
+_decision_values = itemgetter(*STREAM_COLUMNS)
+_rejection_values = itemgetter(*REJECTION_COLUMNS)
 
 
 def is_transient(exc: DBAPIError) -> bool:
@@ -49,6 +52,8 @@ class StreamStore:
         self._card_states = BulkWriter(dialect, schema.card_states, CARD_STATE_COLUMNS, upsert_keys=["card_id"])
         self._offsets = BulkWriter(dialect, schema.stream_offsets, ("topic", "kafka_partition", "next_offset"),
                                    upsert_keys=["topic", "kafka_partition"])
+        self._decided = KeyReader(dialect, schema.stream_transactions, TRANSACTION_COLUMNS, "transaction_id",
+                                  chunk=_LOOKUP_CHUNK)
 
     def card_profiles(self) -> dict[int, CardProfile]:
         """Every card's limit and its owner's zip."""
@@ -74,35 +79,47 @@ class StreamStore:
                 select(so.c.kafka_partition, so.c.next_offset).where(so.c.topic == self.topic)).all())
         return balances, offsets
 
-    def lookup_decided(self, transaction_ids: list[int]) -> Mapping[int, Transaction]:
-        """Already-decided transactions among ``transaction_ids``."""
-        t = schema.stream_transactions
+    def lookup_decided(self, transaction_ids: list[int], *, give_up_after: float = 300.0,
+                       sleep: Callable[[float], None] = time.sleep) -> Mapping[int, Transaction]:
+        """Already-decided transactions among ``transaction_ids`` (primary-key lookups, one query per chunk).
+
+        Like :meth:`commit_durably`, retries with backoff while the database is unreachable: every polled
+        batch starts with this lookup, and a restarting server must not stop the consumer here either.
+        """
+        delay, started = 0.2, time.monotonic()
+        while True:
+            try:
+                return self._lookup_decided(transaction_ids)
+            except DBAPIError as exc:
+                if not is_transient(exc):
+                    raise
+                if time.monotonic() - started > give_up_after:
+                    raise DatabaseUnavailable(describe_error(self.engine.url, exc)) from None
+                log.warning("database unavailable (%s); retrying the lookup in %.1f s",
+                            describe_error(self.engine.url, exc), delay)
+                sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _lookup_decided(self, transaction_ids: list[int]) -> Mapping[int, Transaction]:
         found: dict[int, Transaction] = {}
-        unique = sorted(set(transaction_ids))
         with self.engine.connect() as conn:
-            for start in range(0, len(unique), _LOOKUP_CHUNK):
-                chunk = unique[start:start + _LOOKUP_CHUNK]
-                query = select(
-                    t.c.transaction_id, t.c.card_id, t.c.merchant_name, t.c.timestamp, t.c.amount,
-                    t.c.location, t.c.transaction_type, t.c.related_transaction_id,
-                ).where(t.c.transaction_id.in_(chunk))
-                for row in conn.execute(query):
-                    found[row.transaction_id] = Transaction(
-                        row.transaction_id, row.card_id, row.merchant_name, row.timestamp,
-                        Decimal(row.amount), row.location, row.transaction_type, row.related_transaction_id,
-                    )
+            for row in self._decided.read(conn, sorted(set(transaction_ids))):
+                tx = Transaction(*row)
+                found[tx.transaction_id] = tx
         return found
 
     def commit(self, batch: CheckpointBatch) -> None:
         """Write one checkpoint batch atomically."""
+        decided = [row if isinstance(row, tuple) else _decision_values(row) for row in batch.decided]
+        rejected = [_rejection_values(row) for row in batch.rejected]
+        # Sorted keys: concurrent workers lock rows in one order (no deadlocks).
+        card_states = [(s.card_id, s.pending_balance) for _, s in sorted(batch.card_states.items())]
+        offsets = [(self.topic, p, o) for p, o in sorted(batch.next_offsets.items())]
         with self.engine.begin() as conn:
-            self._decisions.write(conn, [tuple(row[c] for c in STREAM_COLUMNS) for row in batch.decided])
-            self._rejections.write(conn, [tuple(row[c] for c in REJECTION_COLUMNS) for row in batch.rejected])
-            # Sorted keys: concurrent workers lock rows in one order (no deadlocks).
-            self._card_states.write(conn, [
-                (s.card_id, s.pending_balance) for _, s in sorted(batch.card_states.items())
-            ])
-            self._offsets.write(conn, [(self.topic, p, o) for p, o in sorted(batch.next_offsets.items())])
+            self._decisions.write(conn, decided)
+            self._rejections.write(conn, rejected)
+            self._card_states.write(conn, card_states)
+            self._offsets.write(conn, offsets)
             crash_point("checkpoint.written")
 
     def commit_durably(self, batch: CheckpointBatch, *, give_up_after: float = 300.0,

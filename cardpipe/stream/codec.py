@@ -3,11 +3,18 @@
 key   = card_id as UTF-8 text
 value = UTF-8 JSON object with the CSV's column names; ``amount`` a decimal string (a JSON number is
         accepted too), ``timestamp`` ``YYYY-MM-DD HH:MM:SS``, an empty related id as null.
+
+Decoding has two paths with one meaning. The strict path (the standard library's ``json``, amounts and
+other non-integer numbers read as exact ``Decimal``) defines what is accepted and, for everything else,
+the rejection reason and detail. The fast path (orjson, when installed) takes only the common shape of
+a well-formed message, every field of the exact JSON type a producer writes, and returns what the
+strict path would; anything it does not take, valid or not, goes to the strict path.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -16,11 +23,25 @@ from typing import Any
 from cardpipe.domain.money import MoneyError, parse_money
 from cardpipe.domain.records import TIMESTAMP_FORMAT, Transaction
 
+try:
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - orjson is a dependency; without it every message takes the strict path
+    _fast_loads = None
+
 #: Messages larger than this are rejected unread (a transaction is a few hundred bytes).
 MAX_MESSAGE_BYTES = 64 * 1024
 _TEXT_LIMITS = {"merchant_name": 255, "location": 512, "transaction_type": 32}
 _MAX_ID = 2**63 - 1
 _MAX_ID_DIGITS = 19
+_MAX_MERCHANT, _MAX_LOCATION, _MAX_TYPE = (_TEXT_LIMITS[f] for f in ("merchant_name", "location", "transaction_type"))
+#: ``YYYY-MM-DD HH:MM:SS`` in ASCII digits, the only shape accepted (fromisoformat alone takes more).
+_TIMESTAMP_SHAPE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}").fullmatch
+_fromisoformat = datetime.fromisoformat
+#: Messages up to this size nest at most half as deep, well within the standard decoder's recursion limit.
+_MAX_UNCHECKED_NESTING = 1024
+
+#: A transaction's fields in ``TRANSACTION_COLUMNS`` order (the stream's hot path uses these, not objects).
+TransactionFields = tuple[int, int, str, datetime, Decimal, str, str, int | None]
 
 # Reason codes for messages the rules cannot judge.
 EMPTY_MESSAGE = "empty_message"
@@ -87,6 +108,72 @@ def encode_transaction(tx: Transaction) -> tuple[bytes, bytes]:
 
 def decode_transaction(value: bytes | None) -> Transaction | Rejection:
     """Parse and validate a message value; never raises."""
+    fields = _fast_fields(value)
+    return Transaction(*fields) if fields is not None else _decode_strict(value)
+
+
+def decode_fields(value: bytes | None) -> TransactionFields | Rejection:
+    """:func:`decode_transaction` with a valid transaction as the tuple of its fields; never raises."""
+    fields = _fast_fields(value)
+    if fields is not None:
+        return fields
+    result = _decode_strict(value)
+    return result.values() if isinstance(result, Transaction) else result
+
+
+def _fast_fields(value: bytes | None) -> TransactionFields | None:
+    """The fields of a message in the common well-formed shape, exactly as the strict path reads them; None
+    for anything else (malformed, or valid in a less common form: the strict path decides those).
+
+    Taken here: a JSON object (orjson) whose ids are JSON integers in range, texts are strings within their
+    limits without NUL, the timestamp has the one accepted shape, the amount is a string or integer that
+    :func:`parse_money` accepts, and the related id is an integer or null. Everything orjson reads, the
+    standard decoder reads to the same values (both keep the last of duplicate keys); orjson is stricter
+    (no NaN, lone surrogates or invalid UTF-8; integers beyond 64 bits and fractions come back as floats,
+    which no field here takes). Nesting deep enough to exhaust the standard decoder's recursion limit (orjson's
+    is 1024) takes twice as many bytes as ``_MAX_UNCHECKED_NESTING``: a longer message with more than one ``{``
+    or any ``[`` (in a text, an extra field or a duplicate key) is left to the strict path.
+    """
+    if (_fast_loads is None or type(value) is not bytes or not value or len(value) > MAX_MESSAGE_BYTES
+            or len(value) > _MAX_UNCHECKED_NESTING and (value.find(b"{", value.find(b"{") + 1) >= 0
+                                                         or value.find(b"[") >= 0)):  # nesting: see above
+        return None
+    if not value.isascii():
+        try:
+            value.decode("utf-8")  # the strict path's own check (orjson validates too)
+        except UnicodeDecodeError:
+            return None
+    try:  # any exception (not JSON, not an object, a missing field, a bad value): the strict path says what
+        obj = _fast_loads(value)
+        tx_id, card_id, related = obj["transaction_id"], obj["card_id"], obj.get("related_transaction_id")
+        merchant, location, kind = obj["merchant_name"], obj["location"], obj["transaction_type"]
+        stamp, amount = obj["timestamp"], obj["amount"]
+        if (type(tx_id) is not int or not 0 < tx_id <= _MAX_ID or type(card_id) is not int
+                or not 0 < card_id <= _MAX_ID
+                or related is not None and (type(related) is not int or not 0 < related <= _MAX_ID)
+                or type(merchant) is not str or type(location) is not str or type(kind) is not str
+                or len(merchant) > _MAX_MERCHANT or len(location) > _MAX_LOCATION or len(kind) > _MAX_TYPE
+                or not kind.strip() or "\x00" in merchant or "\x00" in location or "\x00" in kind
+                or not (merchant.isascii() and location.isascii() and kind.isascii())
+                and not all(map(_encodable, (merchant, location, kind)))
+                or type(stamp) is not str or not _TIMESTAMP_SHAPE(stamp)
+                or type(amount) is not str and type(amount) is not int):
+            return None
+        return tx_id, card_id, merchant, _fromisoformat(stamp), parse_money(amount), location, kind, related
+    except Exception:
+        return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def _decode_strict(value: bytes | None) -> Transaction | Rejection:
+    """The reference decoder: every rejection reason and detail comes from here."""
     if not value:
         return Rejection(EMPTY_MESSAGE, "message has no value")
     if len(value) > MAX_MESSAGE_BYTES:
@@ -182,15 +269,20 @@ def _timestamp(obj: dict[str, Any]) -> datetime:
     raw = _field(obj, "timestamp")
     if not isinstance(raw, str):
         raise _Invalid(BAD_TIMESTAMP, f"timestamp {_show(raw)} is not a string")
+    timestamp = _parse_timestamp(raw)
+    if timestamp is None:
+        raise _Invalid(BAD_TIMESTAMP, f"timestamp {_show(raw)} is not YYYY-MM-DD HH:MM:SS")
+    return timestamp
+
+
+def _parse_timestamp(raw: str) -> datetime | None:
     # fromisoformat is fast; the shape check keeps it to exactly YYYY-MM-DD HH:MM:SS (no offset, no 'T').
-    if (len(raw) == 19 and raw.isascii() and raw[4] == "-" and raw[7] == "-" and raw[10] == " "
-            and raw[13] == ":" and raw[16] == ":"
-            and (raw[:4] + raw[5:7] + raw[8:10] + raw[11:13] + raw[14:16] + raw[17:]).isdigit()):
+    if _TIMESTAMP_SHAPE(raw):
         try:
             return datetime.fromisoformat(raw)
-        except ValueError:
+        except ValueError:  # 2025-02-30 00:00:00
             pass
-    raise _Invalid(BAD_TIMESTAMP, f"timestamp {_show(raw)} is not YYYY-MM-DD HH:MM:SS")
+    return None
 
 
 def _amount(obj: dict[str, Any]) -> Decimal:

@@ -12,19 +12,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from cardpipe.domain.authorization import Authorizer
-from cardpipe.domain.records import REJECTED, CardProfile, Transaction
-from cardpipe.stream.codec import DUPLICATE_CONFLICT, UNKNOWN_CARD, Rejection, decode_transaction
+from cardpipe.domain.records import REJECTED, STREAM_COLUMNS, CardProfile, Transaction
+from cardpipe.stream.codec import DUPLICATE_CONFLICT, UNKNOWN_CARD, Rejection, TransactionFields, decode_fields
 
 #: Finds already-decided transactions by id (the serving store in production).
 DecidedLookup = Callable[[list[int]], Mapping[int, Transaction]]
 
 
-@dataclass(frozen=True, slots=True)
-class RawMessage:
-    """One polled message, as the broker gave it."""
+class RawMessage(NamedTuple):
+    """One polled message, as the broker gave it (a named tuple: one is made per message)."""
 
     partition: int
     offset: int
@@ -33,41 +32,47 @@ class RawMessage:
     timestamp_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CardState:
-    """Per-card stream state, persisted with each checkpoint."""
+class CardState(NamedTuple):
+    """Per-card stream state, persisted with each checkpoint (a named tuple: one is made per card and batch)."""
 
     card_id: int
     pending_balance: Decimal | None  # None for a card the serving data does not know
+
+
+_STREAM_INDEX = {name: index for index, name in enumerate(STREAM_COLUMNS)}
+
+
+class DecisionRow(tuple):  # type: ignore[type-arg]
+    """A ``stream_transactions`` row: a tuple in ``STREAM_COLUMNS`` order (what the database writer takes
+    as is) that also reads by column name, ``row["status"]``, and converts with ``dict(row)``."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def,override]
+        return tuple.__getitem__(self, _STREAM_INDEX[key] if type(key) is str else key)
+
+    def keys(self) -> tuple[str, ...]:
+        return STREAM_COLUMNS
+
+    def __repr__(self) -> str:
+        return f"DecisionRow({dict(self)!r})"
+
+
+def decision_row(tx: Transaction, status: str, pending_balance: Decimal | None, reason: str | None) -> DecisionRow:
+    """A ``stream_transactions`` row."""
+    return DecisionRow((*tx.values(), status, pending_balance, reason))
 
 
 @dataclass
 class CheckpointBatch:
     """Everything one polled batch changes; written atomically, then acknowledged."""
 
-    decided: list[dict[str, Any]] = field(default_factory=list)  # stream_transactions rows
+    decided: list[DecisionRow] = field(default_factory=list)  # stream_transactions rows
     rejected: list[dict[str, Any]] = field(default_factory=list)  # rejected_transactions rows
     card_states: dict[int, CardState] = field(default_factory=dict)
     next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
     counts: Counter[str] = field(default_factory=Counter)
     publish_times_ms: list[int] = field(default_factory=list)  # of decided messages, for latency
-
-
-def decision_row(tx: Transaction, status: str, pending_balance: Decimal | None, reason: str | None) -> dict[str, Any]:
-    """A ``stream_transactions`` row."""
-    return {
-        "transaction_id": tx.transaction_id,
-        "card_id": tx.card_id,
-        "merchant_name": tx.merchant_name,
-        "timestamp": tx.timestamp,
-        "amount": tx.amount,
-        "location": tx.location,
-        "transaction_type": tx.transaction_type,
-        "related_transaction_id": tx.related_transaction_id,
-        "status": status,
-        "pending_balance": pending_balance,
-        "decline_reason": reason,
-    }
 
 
 class StreamProcessor:
@@ -91,45 +96,57 @@ class StreamProcessor:
         self.clock = clock
 
     def process(self, messages: Iterable[RawMessage]) -> CheckpointBatch:
-        """Decide a batch of messages in order; returns the checkpoint to persist."""
+        """Decide a batch of messages in order; returns the checkpoint to persist.
+
+        The per-message path works on tuples (:func:`decode_fields`, :meth:`Authorizer.decide`,
+        :class:`DecisionRow`): no object per message beyond the row itself.
+        """
         batch = CheckpointBatch()
-        decoded = [(m, decode_transaction(m.value)) for m in messages]
-        ids = [r.transaction_id for _, r in decoded if isinstance(r, Transaction)]
-        known: dict[int, Transaction] = dict(self.lookup(ids)) if ids else {}
-        for message, result in decoded:
-            batch.next_offsets[message.partition] = message.offset + 1
-            if isinstance(result, Rejection):
+        messages = messages if isinstance(messages, list) else list(messages)
+        decoded = [decode_fields(m.value) for m in messages]
+        ids = [r[0] for r in decoded if type(r) is tuple]
+        known: dict[int, TransactionFields] = {}
+        if ids:
+            known = {tid: tx.values() for tid, tx in self.lookup(ids).items()}
+        decide = self.authorizer.decide
+        decided, publish_times, next_offsets = batch.decided, batch.publish_times_ms, batch.next_offsets
+        counts: dict[str, int] = {}
+        touched: dict[int, bool] = {}  # card id -> known to the serving data
+        for message, result in zip(messages, decoded, strict=True):
+            next_offsets[message.partition] = message.offset + 1
+            if type(result) is not tuple:
                 self._reject(batch, message, result)
                 continue
-            previous = known.get(result.transaction_id)
+            tx_id = result[0]
+            previous = known.get(tx_id)
             if previous is not None:
                 if previous == result:
-                    batch.counts["duplicate_ignored"] += 1
+                    counts["duplicate_ignored"] = counts.get("duplicate_ignored", 0) + 1
                 else:
                     self._reject(batch, message, Rejection(
-                        DUPLICATE_CONFLICT,
-                        f"transaction {result.transaction_id} was already decided with different content",
-                        result.transaction_id,
+                        DUPLICATE_CONFLICT, f"transaction {tx_id} was already decided with different content", tx_id,
                     ))
                 continue
-            known[result.transaction_id] = result
-            self._decide(batch, message, result)
+            known[tx_id] = result
+            card_id = result[1]
+            outcome = decide(card_id, result[4], result[5])
+            if outcome is not None:
+                decided.append(DecisionRow(result + outcome))
+                status = outcome[0]
+                counts[status] = counts.get(status, 0) + 1
+                touched[card_id] = True
+            else:
+                decided.append(DecisionRow(result + (REJECTED, None, UNKNOWN_CARD)))
+                self._reject(batch, message, Rejection(
+                    UNKNOWN_CARD, f"card {card_id} is not in the serving database", tx_id))
+                touched[card_id] = False
+            if message.timestamp_ms is not None:
+                publish_times.append(message.timestamp_ms)
+        balances = self.authorizer.balances
+        batch.card_states = {cid: CardState(cid, balances[cid] if is_known else None)
+                             for cid, is_known in touched.items()}
+        batch.counts.update(counts)
         return batch
-
-    def _decide(self, batch: CheckpointBatch, message: RawMessage, tx: Transaction) -> None:
-        if self.authorizer.knows(tx.card_id):
-            decision = self.authorizer.authorize(tx)
-            batch.decided.append(decision_row(tx, decision.status, decision.pending_balance, decision.reason))
-            batch.counts[decision.status] += 1
-            balance: Decimal | None = self.authorizer.balances[tx.card_id]
-        else:
-            detail = f"card {tx.card_id} is not in the serving database"
-            batch.decided.append(decision_row(tx, REJECTED, None, UNKNOWN_CARD))
-            self._reject(batch, message, Rejection(UNKNOWN_CARD, detail, tx.transaction_id))
-            balance = None
-        batch.card_states[tx.card_id] = CardState(tx.card_id, balance)
-        if message.timestamp_ms is not None:
-            batch.publish_times_ms.append(message.timestamp_ms)
 
     def _reject(self, batch: CheckpointBatch, message: RawMessage, rejection: Rejection) -> None:
         batch.counts[REJECTED] += 1
@@ -147,4 +164,4 @@ class StreamProcessor:
         })
 
 
-__all__ = ["CardState", "CheckpointBatch", "RawMessage", "StreamProcessor", "decision_row"]
+__all__ = ["CardState", "CheckpointBatch", "DecisionRow", "RawMessage", "StreamProcessor", "decision_row"]

@@ -4,6 +4,8 @@ from datetime import datetime
 from decimal import Decimal as D
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cardpipe.domain.authorization import Authorizer, decide, decline_reason, location_ok, zip_of
 from cardpipe.domain.records import (
@@ -13,6 +15,7 @@ from cardpipe.domain.records import (
     OVER_CREDIT_LIMIT,
     PENDING,
     CardProfile,
+    Decision,
     Transaction,
 )
 
@@ -98,3 +101,53 @@ def test_decline_leaves_the_balance_unchanged():
     decision = auth.authorize(tx("10.00", "1 Road, CO 80202"))
     assert decision.status == DECLINED and decision.pending_balance == D("100.00")
     assert auth.balances[7] == D("100.00")
+
+
+# --- the Authorizer's hot path (card terms computed once, zip heads remembered) decides as SPEC §3 -------------
+
+
+ZIPS = st.one_of(st.none(), st.sampled_from(["", "1151", "11513", "21513", "1abcd", "11513-1234", "٣1513"]),
+                 st.text(max_size=7))
+LOCATIONS = st.one_of(
+    st.sampled_from(["", " ", NEAR, "1 Road, CO 80202", "a  b\t 1234 ", "x NY\u00a010001", "x 1abcd\n", "Online"]),
+    st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["10001", "20002", " ", "\t", "\u2003"])),
+             max_size=4).map(" ".join),
+)
+
+
+def spec_reason(amount, location, card, pending):
+    """SPEC §3 written out plainly (as the rules were first implemented): the reference for the hot path."""
+    if abs(amount) >= card.credit_limit / 2:
+        return AMOUNT_OVER_HALF_LIMIT
+    tokens = location.split() if location else []
+    merchant_zip, customer_zip = tokens[-1] if tokens else None, card.customer_zip
+    if not (customer_zip and merchant_zip and len(customer_zip) >= 5 and len(merchant_zip) >= 5
+            and customer_zip[0] == merchant_zip[0]):
+        return LOCATION_TOO_FAR
+    if pending + amount > card.credit_limit:
+        return OVER_CREDIT_LIMIT
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(cards=st.lists(st.tuples(st.integers(0, 10**8).map(lambda c: D(c).scaleb(-2)), ZIPS), min_size=1, max_size=3),
+       txs=st.lists(st.tuples(st.integers(0, 3), st.integers(-10**8, 10**8).map(lambda c: D(c).scaleb(-2)), LOCATIONS),
+                    max_size=30))
+def test_authorizer_decides_as_the_spec_with_a_running_balance(cards, txs):
+    profiles = {i: CardProfile(i, limit, zip_code) for i, (limit, zip_code) in enumerate(cards)}
+    balances = {i: D("0.00") for i in profiles}
+    auth = Authorizer(profiles, balances)
+    for n, (card_id, amount, location) in enumerate(txs):
+        t = Transaction(n + 1, card_id, "Shop", datetime(2025, 4, 1), amount, location, "purchase")
+        if card_id not in profiles:
+            assert not auth.knows(card_id) and auth.decide(card_id, amount, location) is None
+            continue
+        card, pending = profiles[card_id], balances[card_id]
+        reason = spec_reason(amount, location, card, pending)
+        expected = Decision(DECLINED, pending, reason) if reason else Decision(PENDING, pending + amount)
+        assert decline_reason(amount, location, card, pending) == reason
+        assert decide(t, card, pending) == expected
+        assert auth.authorize(t) == expected
+        if expected.status == PENDING:
+            balances[card_id] = expected.pending_balance
+        assert auth.balances == balances

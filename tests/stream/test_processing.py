@@ -1,11 +1,16 @@
 """The stream's processing step without a broker or a database (pure pipeline)."""
 
 import json
+from collections import Counter
 from datetime import datetime
 from decimal import Decimal as D
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cardpipe.domain.authorization import Authorizer
 from cardpipe.domain.records import DECLINED, PENDING, REJECTED, CardProfile, Transaction
-from cardpipe.stream.codec import encode_transaction
+from cardpipe.stream.codec import Rejection, decode_transaction, encode_transaction
 from cardpipe.stream.processing import RawMessage, StreamProcessor
 
 CARDS = {1: CardProfile(1, D("1000.00"), "11513"), 2: CardProfile(2, D("500.00"), "20001")}
@@ -114,3 +119,93 @@ def test_amount_as_json_number_is_accepted():
     value = encode_transaction(tx(1, 1, "12.34"))[1].replace(b'"12.34"', b"12.34")
     batch = processor(Store()).process(messages([value]))
     assert batch.decided[0]["amount"] == D("12.34")
+
+
+# --- the tuple-based hot path decides as the plain per-message algorithm ------------------------------------
+
+class ReferenceProcessor:
+    """process() as first written: a Transaction and a Decision per message, a dict per row."""
+
+    def __init__(self, balances, lookup):
+        self.authorizer, self.lookup = Authorizer(CARDS, balances), lookup
+
+    def process(self, messages):
+        decided, rejected, states, offsets, counts = [], [], {}, {}, Counter()
+        decoded = [(m, decode_transaction(m.value)) for m in messages]
+        known = dict(self.lookup([r.transaction_id for _, r in decoded if isinstance(r, Transaction)]))
+
+        def reject(m, reason, tid):
+            counts["rejected"] += 1
+            counts[f"rejected:{reason}"] += 1
+            rejected.append((m.partition, m.offset, reason, tid))
+
+        for m, r in decoded:
+            offsets[m.partition] = m.offset + 1
+            if isinstance(r, Rejection):
+                reject(m, r.reason, r.transaction_id)
+                continue
+            previous = known.get(r.transaction_id)
+            if previous is not None:
+                if previous == r:
+                    counts["duplicate_ignored"] += 1
+                else:
+                    reject(m, "duplicate_conflict", r.transaction_id)
+                continue
+            known[r.transaction_id] = r
+            if self.authorizer.knows(r.card_id):
+                d = self.authorizer.authorize(r)
+                decided.append({**{k: getattr(r, k) for k in FIELDS}, "status": d.status,
+                                "pending_balance": d.pending_balance, "decline_reason": d.reason})
+                counts[d.status] += 1
+                states[r.card_id] = self.authorizer.balances[r.card_id]
+            else:
+                decided.append({**{k: getattr(r, k) for k in FIELDS}, "status": REJECTED, "pending_balance": None,
+                                "decline_reason": "unknown_card"})
+                reject(m, "unknown_card", r.transaction_id)
+                states[r.card_id] = None
+        return decided, rejected, states, offsets, counts
+
+
+FIELDS = ("transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location", "transaction_type",
+          "related_transaction_id")
+
+
+@st.composite
+def message_stream(draw):
+    out = []
+    for i in range(draw(st.integers(0, 40))):
+        kind = draw(st.sampled_from(["new", "new", "new", "again", "conflict", "unknown", "bad"]))
+        tid = draw(st.integers(1, 12))
+        card = draw(st.sampled_from([1, 2]))
+        amount = draw(st.sampled_from(["10.00", "-5.25", "250.00", "499.99", "500.00", "0.01"]))
+        if kind == "unknown":
+            card = 77
+        if kind == "bad":
+            out.append(draw(st.sampled_from([b"", b"{}", b"nope", b'{"transaction_id": 3}'])))
+            continue
+        if kind == "conflict":
+            amount = "1.23"
+        location = draw(st.sampled_from([None, "far away, CO 80202", "x NY 1000"]))
+        out.append(tx(tid, card, amount, second=i % 60, location=location))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=message_stream(), cuts=st.lists(st.integers(0, 40), max_size=4))
+def test_processor_decides_as_the_plain_algorithm(items, cuts):
+    new_store, ref_store = Store(), Store()
+    new = processor(new_store)
+    ref = ReferenceProcessor({1: D("0.00"), 2: D("100.00")}, ref_store.lookup)
+    msgs = messages(items)
+    bounds = [0, *sorted(c for c in cuts if c < len(msgs)), len(msgs)]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        batch = new.process(msgs[a:b])
+        decided, rejected, states, offsets, counts = ref.process(msgs[a:b])
+        assert [dict(r) for r in batch.decided] == decided
+        assert [(r["kafka_partition"], r["kafka_offset"], r["reason"], r["transaction_id"]) for r in batch.rejected] \
+            == rejected
+        assert {c: s.pending_balance for c, s in batch.card_states.items()} == states
+        assert batch.next_offsets == offsets and batch.counts == counts
+        new_store.commit(batch)
+        ref_store.commit(batch)
+    assert new.authorizer.balances == ref.authorizer.balances

@@ -1,0 +1,175 @@
+"""The stream's bulk writer and key reader store and read exactly what SQLAlchemy's own statements do."""
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal as D
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.mysql import pymysql as mysql_pymysql
+
+from cardpipe.domain.records import STREAM_COLUMNS, TRANSACTION_COLUMNS
+from cardpipe.serving import schema
+from cardpipe.serving.bulk import BulkWriter, KeyReader
+from cardpipe.serving.database import create_clean_schema, make_engine
+from cardpipe.stream.processing import DecisionRow
+
+DIALECTS = {"sqlite": sqlite.dialect(), "mysql": mysql_pymysql.dialect()}
+
+
+def sqlalchemy_params(dialect, table, columns, row):
+    """What SQLAlchemy binds for ``row``: each column type's own bind processor."""
+    out = []
+    for name, value in zip(columns, row, strict=True):
+        proc = table.c[name].type._cached_bind_processor(dialect)
+        out.append(proc(value) if proc is not None and value is not None else value)
+    return tuple(out)
+
+
+datetimes = st.one_of(
+    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)),
+    st.datetimes(timezones=st.just(timezone(timedelta(hours=5)))),
+)
+money = st.integers(-10**12 + 1, 10**12 - 1).map(lambda c: D(c).scaleb(-2))
+rows = st.tuples(
+    st.integers(1, 2**63 - 1), st.integers(1, 2**63 - 1), st.text(max_size=5), datetimes, money, st.text(max_size=5),
+    st.sampled_from(["purchase", "refund"]), st.one_of(st.none(), st.integers(1, 2**63 - 1)),
+    st.sampled_from(["pending", "declined", "rejected"]), st.one_of(st.none(), money),
+    st.one_of(st.none(), st.just("over_credit_limit")),
+).map(DecisionRow)
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+@settings(max_examples=100, deadline=None)
+@given(batch=st.lists(rows, max_size=12))
+def test_params_are_what_sqlalchemy_binds(dialect, batch):
+    d = DIALECTS[dialect]
+    writer = BulkWriter(d, schema.stream_transactions, STREAM_COLUMNS)
+    params = writer.params(batch)
+    assert params == [sqlalchemy_params(d, schema.stream_transactions, STREAM_COLUMNS, r) for r in batch]
+    assert all(type(p) is tuple for p in params)  # plain tuples: the DBAPI binds them without Python callbacks
+    assert [writer.prepare(r) for r in batch] == params
+
+
+def test_rows_of_the_wrong_length_are_prepared_one_by_one_as_before():
+    writer = BulkWriter(DIALECTS["sqlite"], schema.stream_transactions, STREAM_COLUMNS)
+    too_long = (1, 2, "m", datetime(2025, 4, 1), D("1.00"), "l", "t", None, "pending", None, None, "extra")
+    assert writer.params([too_long]) == [writer.prepare(too_long)]  # the database then says what is wrong
+    assert len(writer.params([too_long, too_long[:11]])[0]) == 12
+
+
+def test_decision_rows_read_by_name_and_convert_to_dicts():
+    row = DecisionRow((1, 2, "m", datetime(2025, 4, 1), D("1.00"), "l", "t", None, "pending", D("1.00"), None))
+    assert row["status"] == "pending" and row[8] == "pending" and row[:2] == (1, 2)
+    assert dict(row) == dict(zip(STREAM_COLUMNS, row, strict=True))
+    assert dict(row, transaction_id=5)["transaction_id"] == 5
+    assert row == tuple(row) and "pending" in repr(row)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(row)) == row and type(pickle.loads(pickle.dumps(row))) is DecisionRow
+
+
+def test_written_rows_read_back_as_sqlalchemy_reads_them(database_url):
+    engine = make_engine(database_url)
+    try:
+        create_clean_schema(engine)
+        t = schema.stream_transactions
+        writer = BulkWriter(engine.dialect, t, STREAM_COLUMNS)
+        reader = KeyReader(engine.dialect, t, TRANSACTION_COLUMNS, "transaction_id", chunk=700)
+        base = datetime(2025, 4, 1, 1, 2, 3)
+        batch = [DecisionRow((i, i % 7 + 1, f"Shop {i} ✓", base + timedelta(seconds=i),
+                              D(i).scaleb(-2) - 5, f"x, NY {10000 + i}", "purchase", i - 1 if i % 2 else None,
+                              "pending" if i % 3 else "declined", D(i % 50) if i % 5 else None,
+                              None if i % 3 else "over_credit_limit"))
+                 for i in range(1, 2001)]
+        with engine.begin() as conn:
+            writer.write(conn, batch)
+        with engine.connect() as conn:
+            stored = {r.transaction_id: tuple(r) for r in conn.execute(select(*(t.c[c] for c in STREAM_COLUMNS)))}
+            wanted = list(range(0, 2500, 3))  # more ids than one chunk, some not stored
+            read = {r[0]: r for r in reader.read(conn, wanted)}
+        assert stored == {r[0]: tuple(r) for r in batch}
+        assert read == {i: stored[i][:len(TRANSACTION_COLUMNS)] for i in wanted if i in stored}
+    finally:
+        engine.dispose()
+
+
+# --- MariaDB: the fast statements are the very bytes PyMySQL's executemany sends --------------------------------
+
+TEXTS = st.text(st.one_of(st.sampled_from(list("'\"\\\x00\x01\n\r\x1a\t%é✓😀")), st.characters(codec="utf-8")),
+                max_size=12)
+ANY_VALUE = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), TEXTS, money, datetimes, st.booleans(),
+                      st.binary(max_size=6), st.sampled_from([D("1E+3"), D("5E-7"), D("-0.00"), D("12.345")]))
+
+
+class Recorder:
+    """A cursor that records the statements it is given instead of running them."""
+
+    def __init__(self, db, max_stmt_length):
+        self.connection, self.max_stmt_length, self.statements = db, max_stmt_length, []
+
+    def execute(self, sql, args=None):
+        assert args is None
+        self.statements.append(bytes(sql))
+
+
+def pymysql_statements(db, sql, rows, max_stmt_length):
+    import pymysql
+
+    statements = []
+
+    class Cursor(pymysql.cursors.Cursor):
+        def execute(self, query, args=None):
+            if args is not None:
+                return super().execute(query, args)
+            statements.append(bytes(query))
+            return 0
+
+    cursor = Cursor(db)
+    cursor.max_stmt_length = max_stmt_length
+    cursor.executemany(sql, rows)
+    return statements
+
+
+@pytest.fixture
+def pymysql_connection(mysql_database):
+    engine = make_engine(mysql_database)
+    conn = engine.connect()
+    try:
+        yield conn.connection.dbapi_connection
+    finally:
+        conn.invalidate()
+        conn.close()
+        engine.dispose()
+
+
+COLUMN_KINDS = [TEXTS, money, st.integers(-(2**63), 2**63 - 1), datetimes, ANY_VALUE]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(range(len(COLUMN_KINDS))), min_size=1, max_size=4), data=st.data(),
+       max_stmt_length=st.sampled_from([60, 300, 1024000]), no_backslash_escapes=st.booleans(), upsert=st.booleans())
+def test_mysql_statements_are_pymysqls(pymysql_connection, kinds, data, max_stmt_length, no_backslash_escapes,
+                                       upsert):
+    db = pymysql_connection
+    names = list(STREAM_COLUMNS[:len(kinds)])
+    values = [st.one_of(st.none(), COLUMN_KINDS[k]) if data.draw(st.booleans()) else COLUMN_KINDS[k] for k in kinds]
+    rows = data.draw(st.lists(st.tuples(*values), min_size=1, max_size=8))
+    writer = BulkWriter(DIALECTS["mysql"], schema.stream_transactions, names,
+                        upsert_keys=names[:1] if upsert and len(names) > 1 else None)
+    saved = db.server_status
+    try:
+        if no_backslash_escapes:
+            db.server_status |= 512  # SERVER_STATUS_NO_BACKSLASH_ESCAPES, as the server reports it
+        recorder = Recorder(db, max_stmt_length)
+        try:
+            writer._mysql.execute(recorder, rows)
+        except Exception as exc:  # noqa: BLE001  PyMySQL must fail the same way (a NaN, a lone surrogate)
+            with pytest.raises(type(exc)):
+                pymysql_statements(db, writer.sql, rows, max_stmt_length)
+            return
+        assert recorder.statements == pymysql_statements(db, writer.sql, rows, max_stmt_length)
+    finally:
+        db.server_status = saved
