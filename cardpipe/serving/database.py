@@ -65,7 +65,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 
 def _ensure_mysql_database(url: URL) -> None:
-    server = create_engine(url.set(database=None), connect_args={"connect_timeout": 10})
+    server = create_engine(url._replace(database=None), connect_args={"connect_timeout": 10})
     try:
         with server.connect() as conn:
             # The name is from configuration, never from data; quote it as an identifier.

@@ -1,4 +1,9 @@
-"""Loading the four input CSVs into the serving database: typed, validated, all or nothing."""
+"""Loading the four input CSVs into the serving database: typed, validated, all or nothing.
+
+On MySQL/MariaDB the rows go in with ``LOAD DATA LOCAL INFILE`` (:mod:`cardpipe.serving.mysql_bulk`),
+or multi-row INSERTs when the server refuses it; on SQLite with ``executemany`` in chunks. Either
+way every row is validated first, and the whole load is one transaction.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, Table, literal, select
 from sqlalchemy.exc import IntegrityError
 
-from cardpipe.errors import ConfigError, InputFileError
+from cardpipe.errors import CardpipeError, ConfigError, InputFileError
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import insert_rows, read_typed_rows
 from cardpipe.serving.database import translated_errors
+from cardpipe.serving.mysql_bulk import MISSING_PARENT, LoadRejected, LocalInfileRefused, MySqlBulkLoader
 
 log = logging.getLogger(__name__)
 
 INPUT_FILES = {table.name: f"{table.name}.csv" for table in schema.INPUT_TABLES}
+#: How rows reach the database. ``auto``: LOAD DATA LOCAL INFILE on MySQL (INSERTs if refused),
+#: executemany on SQLite. ``load_data`` / ``insert``: MySQL only, that way (no fallback).
+#: ``rows``: typed rows through SQLAlchemy's executemany (SQLite's way; the reference on MySQL).
+LoadMethod = Literal["auto", "load_data", "insert", "rows"]
+_PARENTS = {"cards": "customers.csv or credit_card_types.csv", "transactions": "cards.csv"}
 
 
 @dataclass
 class LoadSummary:
     rows: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    method: str = ""
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -36,36 +49,77 @@ def check_data_dir(data_dir: Path) -> None:
         raise ConfigError(f"data folder {data_dir} lacks {', '.join(missing)}")
 
 
-def load_inputs(engine: Engine, data_dir: Path, progress: Callable[[str, int], None] | None = None) -> LoadSummary:
+def load_inputs(engine: Engine, data_dir: Path, progress: Callable[[str, int], None] | None = None, *,
+                method: LoadMethod = "auto") -> LoadSummary:
     """Replace the input tables' contents with the CSVs of ``data_dir``, in one transaction.
 
     A malformed row stops the load with an error naming file, line and column, and nothing of it
-    stays in the database.
+    stays in the database. ``method``: see :data:`LoadMethod`; ``summary.method`` tells what was used.
     """
     check_data_dir(data_dir)
+    mysql = engine.dialect.name == "mysql"
+    if method in ("load_data", "insert") and not mysql:
+        raise ValueError(f"load method {method!r} needs MySQL/MariaDB, not {engine.dialect.name}")
     summary = LoadSummary()
     started = time.perf_counter()
-    with translated_errors(engine), engine.begin() as conn:
-        for table in reversed(schema.INPUT_TABLES):
-            conn.execute(table.delete())
-        for table in schema.INPUT_TABLES:
-            path = data_dir / INPUT_FILES[table.name]
-            report = (lambda n, name=table.name: progress(name, n)) if progress else None
-            try:
-                count = insert_rows(conn, table, read_typed_rows(path, table), progress=report)
-            except IntegrityError as exc:
-                raise InputFileError(f"{path}: {_integrity_message(table.name, exc)}") from None
-            summary.rows[table.name] = count
-            log.info("loaded %d rows into %s", count, table.name)
+    try:
+        _load_all(engine, data_dir, progress, method, summary)
+    except IntegrityError as exc:  # at COMMIT: a server that checks keys only then
+        raise InputFileError(f"{data_dir}: {_integrity_message('', str(exc.orig))}") from None
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _integrity_message(table: str, exc: IntegrityError) -> str:
-    text = str(exc.orig).lower()
-    if "foreign key" in text:
-        parent = {"cards": "customers.csv or credit_card_types.csv", "transactions": "cards.csv"}.get(table, "")
-        return f"a row references an id that is not in {parent}".rstrip()
-    if "unique" in text or "duplicate" in text:
-        return "duplicate id"
-    return str(exc.orig).splitlines()[0]
+def _load_all(engine: Engine, data_dir: Path, progress: Callable[[str, int], None] | None, method: LoadMethod,
+              summary: LoadSummary) -> None:
+    mysql = engine.dialect.name == "mysql"
+    with translated_errors(engine), engine.begin() as conn:
+        # Empty the tables (children first); an empty table is left untouched, so that MariaDB can
+        # bulk-insert into it.
+        for table in reversed(schema.INPUT_TABLES):
+            if conn.execute(select(literal(1)).select_from(table).limit(1)).first() is not None:
+                conn.execute(table.delete())
+        bulk = MySqlBulkLoader(conn, schema.INPUT_TABLES, method) if mysql and method != "rows" else None
+        for table in schema.INPUT_TABLES:
+            summary.rows[table.name] = _load_table(conn, bulk, table, data_dir, progress)
+        summary.method = bulk.used if bulk is not None else "rows"
+
+
+def _load_table(conn: Connection, bulk: MySqlBulkLoader | None, table: Table, data_dir: Path,
+                progress: Callable[[str, int], None] | None) -> int:
+    path = data_dir / INPUT_FILES[table.name]
+    report = (lambda n: progress(table.name, n)) if progress else None
+    started = time.perf_counter()
+    try:
+        if bulk is not None:
+            count = bulk.load(table, path, progress=report)
+        else:
+            count = insert_rows(conn, table, read_typed_rows(path, table), progress=report)
+    except IntegrityError as exc:
+        raise InputFileError(f"{path}: {_integrity_message(table.name, str(exc.orig))}") from None
+    except LoadRejected as exc:
+        raise InputFileError(_rejection_message(table.name, path, exc)) from None
+    except LocalInfileRefused as exc:
+        raise CardpipeError(f"the database refused LOAD DATA LOCAL INFILE ({exc})") from None
+    log.info("loaded %d rows into %s in %.1f s", count, table.name, time.perf_counter() - started)
+    return count
+
+
+def _integrity_message(table: str, text: str) -> str:
+    lowered = text.lower()
+    if "foreign key" in lowered:
+        return f"a row references an id that is not in {_PARENTS.get(table, '')}".rstrip()
+    if "unique" in lowered or "duplicate" in lowered:
+        return f"duplicate id ({text.splitlines()[0]})"
+    return text.splitlines()[0]
+
+
+def _rejection_message(table: str, path: Path, exc: LoadRejected) -> str:
+    where = str(path)
+    if exc.line is not None:
+        where += f", line {exc.line}" + (f", column {exc.column}" if exc.column else "")
+    if exc.code == MISSING_PARENT and exc.parent:
+        return f"{where}: a row references an id that is not in {INPUT_FILES.get(exc.parent, exc.parent)} ({exc})"
+    if exc.code in (1062, 1452, 1216):  # duplicate key, missing parent row
+        return f"{where}: {_integrity_message(table, exc.message)}"
+    return f"{where}: rejected by the database ({exc.message})"

@@ -115,3 +115,22 @@ def test_unreachable_database_is_a_one_line_error():
     with pytest.raises(DatabaseUnavailable) as info:
         make_engine(url)
     assert "cannot connect" in str(info.value) and "secret-pw" not in str(info.value)
+
+
+def test_missing_mysql_database_is_created(mysql_url):
+    """`cardpipe setup` against a server without the configured database creates it."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"cardpipe_autocreate_{uuid.uuid4().hex[:12]}"
+    engine = make_engine(mysql_url.set(database=name))
+    try:
+        create_clean_schema(engine)
+        assert "stream_transactions" in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+        admin = create_engine(mysql_url)
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()
