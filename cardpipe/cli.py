@@ -58,9 +58,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
     options = ConsumeOptions(
         follow=args.follow,
         idle_seconds=settings.consumer_idle_seconds if args.idle_seconds is None else args.idle_seconds,
+        until_caught_up=args.until_caught_up,
         batch_size=args.batch_size or settings.consumer_batch_size,
     )
-    summary = commands.consume(settings, options, progress=_say)
+    summary = commands.consume(settings, options, progress=_say, workers=args.workers)
     print(_consume_line(summary))
     return 0
 
@@ -94,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cardpipe.orchestration import commands
 
     settings = _settings(args)
-    summary = commands.run(settings, _say)
+    summary = commands.run(settings, _say, workers=args.workers)
     print(f"loaded: {', '.join(f'{t} {n:,}' for t, n in summary.load.rows.items())}")
     print(f"published {summary.publish.published:,} transactions ({summary.publish.rate:,.0f}/s)")
     print(_consume_line(summary.consume))
@@ -130,6 +131,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cardpipe",
@@ -161,10 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep running until interrupted (Ctrl-C)")
     p.add_argument("--idle-seconds", type=float, default=None,
                    help="stop after this long without a message (default 5, CONSUMER_IDLE_SECONDS)")
+    p.add_argument("--until-caught-up", action="store_true",
+                   help="stop as soon as every partition is read to its end (no idle wait)")
     p.add_argument("--batch-size", type=int, default=None, help="messages per poll and checkpoint")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="consumer processes, each owning every N-th partition (default 1: in this process)")
     add("batch", cmd_batch, "settle the stream results with Spark; write the batch CSVs and tables")
     add("persist", cmd_persist, "load the batch result CSVs into the serving database")
-    add("run", cmd_run, "all layers end to end on a clean schema", data)
+    p = add("run", cmd_run, "all layers end to end on a clean schema", data)
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="consumer processes for the stream layer (default 1)")
     p = add("broker", cmd_broker, "manage the embedded broker of a results folder")
     p.add_argument("action", choices=["start", "stop", "status"])
     p = sub.add_parser("generate", help="write a synthetic dataset in the four-CSV shape",

@@ -6,6 +6,7 @@ Every command takes a :class:`~cardpipe.config.Settings` and returns a summary; 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -18,7 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SAWarning
 
 from cardpipe.config import Settings
-from cardpipe.errors import BrokerLost
+from cardpipe.errors import BrokerLost, ConfigError
 from cardpipe.faults import crash_point
 from cardpipe.serving import results as serving_results
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
@@ -98,13 +99,21 @@ MAX_BROKER_RECOVERIES = 3
 
 
 def consume(settings: Settings, options: ConsumeOptions | None = None, *,
-            broker: BrokerHandle | None = None, progress: Progress | None = None) -> ConsumeSummary:
+            broker: BrokerHandle | None = None, progress: Progress | None = None,
+            workers: int = 1) -> ConsumeSummary:
     """Authorize the topic's transactions, then write ``stream_transactions.csv`` from the database.
 
     The embedded broker keeps messages in memory only. If it dies mid-stream, or this command has to
     start it (so its log is empty), every transaction not yet decided is (re-)published from the
     ``transactions`` table; the idempotency key makes the result identical to an uninterrupted run.
+
+    ``workers`` > 1 runs that many consumer processes, worker ``i`` owning the partitions ``p`` with
+    ``p % workers == i`` (see :mod:`cardpipe.stream.workers`); the results are those of one consumer.
+    A broker lost mid-stream is then an error (:class:`~cardpipe.stream.workers.WorkerFailed`), not
+    recovered; running ``consume`` again re-publishes what is undecided.
     """
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     options = options or ConsumeOptions(idle_seconds=settings.consumer_idle_seconds,
                                         batch_size=settings.consumer_batch_size)
     engine = _engine(settings)
@@ -123,6 +132,8 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
 
         total = ConsumeSummary()
         try:
+            if workers > 1:
+                return _consume_with_workers(settings, options, broker, workers, progress)
             while True:
                 _ensure_topics(settings, broker)
                 alive = (lambda pid=broker.pid: is_alive(pid)) if broker.pid is not None else None
@@ -143,11 +154,22 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
                     broker = ensure_broker(None, settings.results_dir)
                     _republish_undecided(settings, store, broker)
         finally:
-            # Also on Ctrl-C: what was committed is exported.
+            # Also on Ctrl-C, and when a worker failed: what was committed is exported.
             serving_results.export_stream_results(engine, settings.results_dir)
         return total
     finally:
         engine.dispose()
+
+
+def _consume_with_workers(settings: Settings, options: ConsumeOptions, broker: BrokerHandle, workers: int,
+                          progress: Progress | None) -> ConsumeSummary:
+    from cardpipe.stream.workers import consume_with_workers
+
+    count = ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
+    ensure_topic(broker.bootstrap_servers, settings.dead_letter_topic, 1)
+    partitions = options.partitions if options.partitions is not None else tuple(range(count))
+    return consume_with_workers(settings, broker.bootstrap_servers, partitions, workers, options,
+                                broker_pid=broker.pid, progress=progress)
 
 
 def _ensure_topics(settings: Settings, broker: BrokerHandle) -> None:
@@ -171,16 +193,26 @@ class BatchResult:
     persisted: dict[str, int] = field(default_factory=dict)
 
 
+#: Where ``batch`` writes its three result files; they replace the previous ones together with the tables.
+BATCH_STAGING_DIR = ".batch-staging"
+
+
 def batch(settings: Settings, progress: Progress | None = None) -> BatchResult:
-    """Settle the stream results with Spark; write the three CSVs and tables."""
+    """Settle the stream results with Spark; write the three CSVs and tables.
+
+    The results are computed aside (staging tables on MySQL, ``BATCH_STAGING_DIR`` for the files) and
+    only then swapped in: a batch killed before that leaves the previous tables and files as they were.
+    """
     from cardpipe.batch.settlement_job import read_csv_inputs, read_jdbc_inputs, run_settlement
     from cardpipe.batch.spark import build_spark_session, jdbc_options_from_url
 
     started = time.perf_counter()
     engine = _engine(settings)
     staging = settings.results_dir / ".staging"
+    staged = settings.results_dir / BATCH_STAGING_DIR
     try:
         ensure_schema(engine)
+        shutil.rmtree(staged, ignore_errors=True)  # what a killed batch left
         if progress:
             progress(f"starting Spark ({settings.spark_master})")
         spark = build_spark_session(settings.spark_master, shuffle_partitions=settings.spark_shuffle_partitions)
@@ -189,21 +221,25 @@ def batch(settings: Settings, progress: Progress | None = None) -> BatchResult:
                 options = jdbc_options_from_url(settings.database_url)
                 inputs = read_jdbc_inputs(spark, options, partitions=_jdbc_partitions(settings))
                 tables = serving_results.prepare_staging_tables(engine)
-                summary = run_settlement(spark, inputs, settings.results_dir, jdbc_options=options, jdbc_tables=tables)
+                summary = run_settlement(spark, inputs, staged, jdbc_options=options, jdbc_tables=tables)
                 crash_point("batch.staged")
                 serving_results.swap_in_staging_tables(engine)
                 persisted: dict[str, int] = {}
             else:
                 paths = serving_results.export_for_batch(engine, staging)
                 inputs = read_csv_inputs(spark, paths["stream_transactions"], paths["cards"], paths["customers"])
-                summary = run_settlement(spark, inputs, settings.results_dir)
+                summary = run_settlement(spark, inputs, staged)
                 crash_point("batch.staged")
-                persisted = serving_results.persist_batch_results(engine, settings.results_dir)
+                persisted = serving_results.persist_batch_results(engine, staged)
+            # Right after the tables: three renames, no window worth the name between them and the tables.
+            for file_name, _columns in serving_results.BATCH_OUTPUTS.values():
+                os.replace(staged / file_name, settings.results_dir / file_name)
         finally:
             spark.stop()
         return BatchResult(summary, time.perf_counter() - started, persisted)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
         engine.dispose()
 
 
@@ -243,8 +279,8 @@ def _start_stream_here(settings: Settings, broker: BrokerHandle) -> None:
         engine.dispose()
 
 
-def run(settings: Settings, progress: Progress | None = None) -> RunSummary:
-    """All layers end to end: clean schema, load, publish, authorize, settle, persist."""
+def run(settings: Settings, progress: Progress | None = None, *, workers: int = 1) -> RunSummary:
+    """All layers end to end: clean schema, load, publish, authorize (``workers`` consumers), settle, persist."""
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
     settings.results_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +297,7 @@ def run(settings: Settings, progress: Progress | None = None) -> RunSummary:
         say("stream: authorizing")
         consumed = consume(settings, ConsumeOptions(until_caught_up=True, idle_seconds=settings.consumer_idle_seconds,
                                                     batch_size=settings.consumer_batch_size),
-                           broker=broker, progress=progress)
+                           broker=broker, progress=progress, workers=workers)
     finally:
         if broker.started_here:
             stop_broker(settings.results_dir)  # the recorded one: a replacement if the first one died

@@ -8,16 +8,19 @@ resumes exactly after the last committed batch. Rejected messages also go to the
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from sqlalchemy.exc import IntegrityError
 
+from cardpipe.domain.records import CardProfile
 from cardpipe.errors import BrokerLost, BrokerUnavailable
 from cardpipe.faults import crash_point
 from cardpipe.serving.stream_store import StreamStore
@@ -28,6 +31,9 @@ log = logging.getLogger(__name__)
 #: librdkafka's own log lines (connection refused while a broker restarts…); cardpipe reports problems itself.
 CLIENT_LOG = logging.getLogger("cardpipe.librdkafka")
 MAX_LATENCY_SAMPLES = 1_000_000
+#: Checkpoints in a row that may hit a transaction id another consumer committed meanwhile (each one
+#: restarts from the last checkpoint); more means the conflict is not a race, and it is raised.
+MAX_CHECKPOINT_CONFLICTS = 5
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,19 @@ def consume(
     options: ConsumeOptions = ConsumeOptions(),
     progress: Callable[[ConsumeSummary], None] | None = None,
     broker_alive: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ConsumeSummary:
     """Authorize the topic's transactions into ``store`` until drained (or interrupted).
 
     ``broker_alive`` (for a broker cardpipe runs itself) is checked after every poll; when it says
-    no, :class:`BrokerLost` is raised after the last complete checkpoint.
+    no, :class:`BrokerLost` is raised after the last complete checkpoint. ``should_stop`` is checked
+    before every poll: when it says yes, the consumer stops as on SIGTERM (after a complete checkpoint);
+    with it, signals are the caller's business (no SIGTERM handler is installed).
+
+    Several consumers may share a database, each with its own partitions (``cardpipe consume --workers``).
+    A transaction id that comes twice with different card ids can then reach two of them at once; the
+    second commit fails on the primary key, and that consumer resumes from its last checkpoint, where
+    the other's row is seen and its own copy rejected as ``duplicate_conflict``.
     """
     consumer = Consumer({
         "bootstrap.servers": bootstrap_servers,
@@ -114,13 +128,15 @@ def consume(
 
     try:
         partitions = _topic_partitions(consumer, topic, options.partitions)
-        balances, offsets = store.restore()
-        processor = StreamProcessor(topic, store.card_profiles(), balances, store.lookup_decided)
-        consumer.assign(_start_positions(bootstrap_servers, store, topic, partitions, offsets))
+        profiles = store.card_profiles()
+        processor = _resume(consumer, bootstrap_servers, store, topic, partitions, profiles)
         at_end: set[int] = set()
+        conflicts = 0
         started = last_message = last_progress = time.monotonic()
-        with _stop_on_sigterm(request_stop):
+        with _stop_on_sigterm(request_stop) if should_stop is None else nullcontext():
             while not stopping:
+                if should_stop is not None and should_stop():
+                    break
                 polled = consumer.consume(num_messages=options.batch_size, timeout=0.2)
                 if broker_alive is not None and not broker_alive():
                     summary.seconds = time.monotonic() - started
@@ -144,7 +160,23 @@ def consume(
                     crash_point("consume.polled")
                     batch = processor.process(raw)
                     crash_point("consume.decided")
-                    _checkpoint(store, batch, dlq, dead_letter_topic)
+                    try:
+                        _checkpoint(store, batch, dlq, dead_letter_topic)
+                    except IntegrityError:
+                        # Not this batch committed before (commit_durably checks): another consumer
+                        # committed one of its transaction ids after our lookup. Start over from the
+                        # last checkpoint; this time the lookup finds that row.
+                        conflicts += 1
+                        if conflicts > MAX_CHECKPOINT_CONFLICTS:
+                            raise
+                        log.warning("partition(s) %s: a transaction id of this batch was decided meanwhile by "
+                                    "another consumer; resuming from the last checkpoint",
+                                    ", ".join(map(str, sorted(batch.next_offsets))))
+                        summary.counts["checkpoint_conflicts"] += 1
+                        processor = _resume(consumer, bootstrap_servers, store, topic, partitions, profiles)
+                        at_end.clear()
+                        continue
+                    conflicts = 0
                     crash_point("consume.committed")
                     _account(summary, batch, len(raw))
                     last_message = now
@@ -181,6 +213,21 @@ def _topic_partitions(consumer: Consumer, topic: str, wanted: tuple[int, ...] | 
     if missing:
         raise BrokerUnavailable(f"topic {topic!r} has no partition(s) {missing}")
     return sorted(wanted)
+
+
+def _resume(consumer: Consumer, bootstrap_servers: str, store: StreamStore, topic: str, partitions: list[int],
+            profiles: dict[int, CardProfile]) -> StreamProcessor:
+    """A processor with the balances of the last checkpoint, and ``consumer`` positioned right after it."""
+    balances, offsets = store.restore()
+    processor = StreamProcessor(topic, profiles, balances, store.lookup_decided)
+    # The per-card state lives as long as the consumer: keep the cyclic collector from re-scanning it
+    # on every collection (about a tenth of the loop's CPU).
+    gc.collect()
+    gc.freeze()
+    positions = _start_positions(bootstrap_servers, store, topic, partitions, offsets)
+    consumer.unassign()  # drops whatever was fetched past the checkpoint
+    consumer.assign(positions)
+    return processor
 
 
 def _start_positions(bootstrap_servers: str, store: StreamStore, topic: str, partitions: list[int],

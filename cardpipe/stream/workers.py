@@ -1,0 +1,346 @@
+"""``cardpipe consume --workers N``: N consumer processes, each owning a share of the topic's partitions.
+
+Worker ``i`` of ``N`` consumes the partitions ``p`` with ``p % N == i``, with its own database engine and
+its own rows of ``stream_offsets`` (keyed by topic and partition). The producer keys messages by card, so
+a card lives in one partition, hence in one worker, in order: the decisions are those of one consumer.
+(A transaction id that comes back with another card id may reach two workers at once: see
+:func:`cardpipe.stream.consumer.consume` for how the loser of that race recovers.)
+
+The parent process starts the workers (``multiprocessing``, spawn context), relays their progress lines,
+adds up their summaries, and stops them all when one fails, or on Ctrl-C / SIGTERM. A worker stops by
+finishing its current batch (its checkpoint is committed), as a single consumer does on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from cardpipe.config import Settings
+from cardpipe.errors import CardpipeError
+from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary
+
+log = logging.getLogger(__name__)
+
+#: After the stop request, how long the workers get to finish their current batch before being killed
+#: (a checkpoint is one database transaction: killing a worker loses nothing that was committed).
+STOP_GRACE_SECONDS = 30.0
+#: Name of worker i's process (``multiprocessing.active_children()``).
+PROCESS_NAME = "cardpipe-consume-{}"
+
+
+class WorkerFailed(CardpipeError):
+    """A consumer worker raised an error or died; the other workers were stopped."""
+
+
+def assign_partitions(partitions: Sequence[int], workers: int) -> list[tuple[int, ...]]:
+    """Round robin: worker ``i`` gets the partitions ``p`` with ``p % workers == i``."""
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    return [tuple(sorted(p for p in partitions if p % workers == i)) for i in range(workers)]
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What one worker process needs. Sent pickled through a pipe: the settings' password is never in argv."""
+
+    index: int
+    settings: Settings
+    bootstrap_servers: str
+    options: ConsumeOptions  # with this worker's partitions
+    broker_pid: int | None  # the embedded broker, checked after every poll
+    log_level: int
+
+
+@dataclass
+class _Worker:
+    job: WorkerJob
+    process: Any  # multiprocessing's SpawnProcess
+    conn: Connection
+    open: bool = True  # the pipe has not reached EOF
+    summary: ConsumeSummary | None = None
+    interrupted: bool = False  # the worker itself got SIGTERM (not from this parent)
+    error: str | None = None
+    failed_at: float = 0.0  # when the parent learnt of the error (the first failure is the one reported)
+
+    @property
+    def name(self) -> str:
+        partitions = self.job.options.partitions or ()
+        return f"worker {self.job.index} (partition{'' if len(partitions) == 1 else 's'} " \
+               f"{', '.join(map(str, partitions))})"
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None or self.error is not None
+
+
+class _Stop:
+    """The stop request shared with the workers. A signal handler only sets a plain flag (setting the
+    multiprocessing Event from a handler could deadlock on its lock); the supervising loop passes it on."""
+
+    def __init__(self, event: Any):
+        self.event = event
+        self.signalled = False
+
+    def is_set(self) -> bool:
+        if self.signalled and not self.event.is_set():
+            self.event.set()
+        return self.event.is_set()
+
+    def set(self) -> None:
+        self.event.set()
+
+
+def consume_with_workers(
+    settings: Settings,
+    bootstrap_servers: str,
+    partitions: Sequence[int],
+    workers: int,
+    options: ConsumeOptions,
+    *,
+    broker_pid: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ConsumeSummary:
+    """Consume ``partitions`` with ``workers`` processes; their summaries added up (``seconds``: wall time).
+
+    Raises :class:`WorkerFailed` (after stopping the other workers) when a worker raises or dies. On
+    SIGTERM every worker finishes its batch and the summary so far is returned; on Ctrl-C the same, then
+    ``KeyboardInterrupt`` goes on.
+    """
+    shares = [share for share in assign_partitions(partitions, workers) if share]
+    if len(shares) < workers:
+        log.warning("%d workers for %d partitions: starting %d", workers, len(partitions), len(shares))
+    context = multiprocessing.get_context("spawn")
+    stop = _Stop(context.Event())
+    level = logging.getLogger("cardpipe").getEffectiveLevel()
+    running: list[_Worker] = []
+    started = time.monotonic()
+    try:
+        with _stop_on_sigterm(stop):
+            for index, share in enumerate(shares):
+                job = WorkerJob(index, settings, bootstrap_servers, replace(options, partitions=share), broker_pid,
+                                level)
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_worker_main, args=(job, sender, stop.event),
+                                          name=PROCESS_NAME.format(index), daemon=True)
+                with _sigint_ignored():  # inherited through exec: Ctrl-C in a terminal is the parent's alone
+                    process.start()
+                sender.close()  # the child holds the writing end: EOF here once it is gone
+                running.append(_Worker(job, process, receiver))
+            _supervise(running, stop, progress)
+    finally:
+        _stop_all(running, stop, progress)
+    failed = sorted((w for w in running if w.error is not None), key=lambda w: w.failed_at)
+    if failed:
+        raise WorkerFailed(f"consume {failed[0].name} {failed[0].error}{_others(running, failed)}")
+    total = ConsumeSummary()
+    for worker in running:
+        total.add(worker.summary)  # type: ignore[arg-type]
+    total.seconds = time.monotonic() - started
+    return total
+
+
+def _others(running: list[_Worker], failed: list[_Worker]) -> str:
+    others = len(running) - 1
+    if not others:
+        return ""
+    also = len(failed) - 1
+    if also == others:
+        return f"; the other worker{'s' if others > 1 else ''} failed too"
+    stopped = f"the other worker{'s were' if others > 1 else ' was'} stopped" if not also else \
+        f"{also} other{'s' if also > 1 else ''} failed too, the rest were stopped"
+    return f"; {stopped}"
+
+
+def _supervise(running: list[_Worker], stop: _Stop, progress: Callable[[str], None] | None,
+               until: float | None = None) -> None:
+    """Relay messages until every worker has finished, or the stop request (with ``until``: that time).
+
+    A worker that fails, dies or gets SIGTERM itself makes every worker stop.
+    """
+    while not all(w.finished for w in running):
+        if until is None and stop.is_set() or until is not None and time.monotonic() >= until:
+            return
+        handles: list[Any] = [w.conn for w in running if w.open and not w.finished]
+        handles += [w.process.sentinel for w in running if not w.finished]
+        wait(handles, timeout=0.5)
+        for worker in running:
+            if worker.finished:
+                continue
+            _drain(worker, progress)
+            if not worker.finished and not worker.process.is_alive():
+                _drain(worker, progress)  # what it sent just before exiting
+                if not worker.finished:
+                    worker.error = _death(worker.process.exitcode)
+            if worker.error is not None or worker.interrupted:
+                worker.failed_at = worker.failed_at or time.monotonic()
+                stop.set()
+
+
+def _drain(worker: _Worker, progress: Callable[[str], None] | None) -> None:
+    """Handle what the worker has sent so far (a worker blocked on a full pipe waits for this)."""
+    while worker.open and not worker.finished:
+        try:
+            if not worker.conn.poll():
+                return
+            kind, payload = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.open = False
+            return
+        if kind == "progress":
+            if progress is not None:
+                progress(f"worker {worker.job.index}: {payload}")
+        elif kind == "done":
+            worker.summary, worker.interrupted = payload
+        else:
+            worker.error = payload
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = signal.Signals(-exitcode).name
+        except ValueError:
+            how = f"signal {-exitcode}"
+        return f"was killed ({how}) before finishing"
+    return f"exited (status {exitcode}) without a result"
+
+
+def _stop_all(running: list[_Worker], stop: _Stop, progress: Callable[[str], None] | None) -> None:
+    """Ask every worker to finish its current batch and stop; kill the ones that do not in time."""
+    stop.set()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    _supervise(running, stop, progress, until=deadline)
+    for worker in running:
+        if worker.finished:
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if worker.process.is_alive():
+            if not worker.finished:
+                log.warning("%s did not stop within %.0f s; killing it", worker.name, STOP_GRACE_SECONDS)
+                worker.error = f"did not stop within {STOP_GRACE_SECONDS:.0f} s and was killed"
+                worker.failed_at = time.monotonic()
+            worker.process.kill()
+            worker.process.join(timeout=10)
+        worker.conn.close()
+
+
+@contextmanager
+def _stop_on_sigterm(stop: _Stop) -> Iterator[None]:
+    """SIGTERM to the parent: every worker finishes its current batch and stops."""
+    def handler(*_: object) -> None:
+        stop.signalled = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- inside a worker process ---------------------------------------------------------------------------
+
+
+def _worker_main(job: WorkerJob, conn: Connection, stop: Any) -> None:
+    """A worker process: consume the job's partitions; send progress lines, then the summary or the error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it asks through ``stop``
+    terminated: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
+    parent = os.getppid()
+    logging.basicConfig(level=job.log_level, format=f"cardpipe: worker {job.index}: %(message)s", stream=sys.stderr)
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    for quiet in ("cardpipe.librdkafka", "cardpipe.stream.broker.librdkafka"):
+        logging.getLogger(quiet).setLevel(logging.CRITICAL)  # cardpipe reports broker trouble itself
+    warnings.filterwarnings("ignore", message=r".*does \*not\* support Decimal objects natively")
+
+    def should_stop() -> bool:  # asked to, SIGTERM, or orphaned (the parent was killed)
+        return bool(terminated) or stop.is_set() or os.getppid() != parent
+
+    try:
+        summary = _run_job(job, conn, should_stop)
+    except CardpipeError as exc:
+        _send_error(conn, f"failed: {_one_line(exc)}{_hint(exc, job.broker_pid)}")
+        sys.exit(1)
+    except BaseException as exc:  # noqa: B036  # reported to the parent, then this process ends
+        traceback.print_exc(file=sys.stderr)
+        _send_error(conn, f"failed: {type(exc).__name__}: {_one_line(exc)}")
+        sys.exit(1)
+    else:
+        with suppress(OSError):  # the parent is gone: nobody to tell
+            conn.send(("done", (summary, bool(terminated) and not stop.is_set())))
+    finally:
+        conn.close()
+
+
+def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool]) -> ConsumeSummary:
+    from cardpipe.serving.database import check_connection, make_engine
+    from cardpipe.serving.stream_store import StreamStore
+    from cardpipe.stream.broker import is_alive
+    from cardpipe.stream.consumer import consume
+
+    settings = job.settings
+    if should_stop():  # stopped while this process was starting
+        return ConsumeSummary()
+    engine = make_engine(settings.database_url, create_database=False)
+    try:
+        check_connection(engine)
+        store = StreamStore(engine, settings.kafka_topic)
+        alive = (lambda pid=job.broker_pid: is_alive(pid)) if job.broker_pid is not None else None
+        return consume(
+            job.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
+            dead_letter_topic=settings.dead_letter_topic, options=job.options, broker_alive=alive,
+            should_stop=should_stop,
+            progress=lambda s: conn.send(("progress", f"decided {s.messages:,} messages ({s.rate:,.0f}/s)")),
+        )
+    finally:
+        engine.dispose()
+
+
+def _send_error(conn: Connection, message: str) -> None:
+    with suppress(OSError):  # the parent is gone: nobody to tell
+        conn.send(("error", message))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _hint(exc: BaseException, broker_pid: int | None) -> str:
+    from cardpipe.errors import BrokerLost, BrokerUnavailable
+    from cardpipe.stream.broker import is_alive
+
+    advice = ("with --workers above 1 a lost embedded broker is not replaced: run consume again, which "
+              "re-publishes what is not decided yet, or use --workers 1")
+    if isinstance(exc, BrokerLost):
+        return f" ({advice})"
+    if isinstance(exc, BrokerUnavailable) and broker_pid is not None and not is_alive(broker_pid):
+        return f" (the embedded broker stopped; {advice})"
+    return ""
