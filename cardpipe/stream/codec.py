@@ -21,11 +21,13 @@ from decimal import Decimal
 from typing import Any
 
 from cardpipe.domain.money import MoneyError, parse_money
-from cardpipe.domain.records import TIMESTAMP_FORMAT, Transaction
+from cardpipe.domain.records import Transaction
 
 try:
+    from orjson import dumps as _fast_dumps
     from orjson import loads as _fast_loads
 except ImportError:  # pragma: no cover - orjson is a dependency; without it every message takes the strict path
+    _fast_dumps = None
     _fast_loads = None
 
 #: Messages larger than this are rejected unread (a transaction is a few hundred bytes).
@@ -92,18 +94,25 @@ def _decimal(text: str) -> Decimal | _BadNumber:
 
 
 def encode_transaction(tx: Transaction) -> tuple[bytes, bytes]:
-    """The (key, value) of ``tx`` on the topic."""
+    """The (key, value) of ``tx`` on the topic: compact UTF-8 JSON, money as a string, ``TIMESTAMP_FORMAT``."""
     value = {
         "transaction_id": tx.transaction_id,
         "card_id": tx.card_id,
         "merchant_name": tx.merchant_name,
-        "timestamp": tx.timestamp.strftime(TIMESTAMP_FORMAT),
+        # Same text as strftime(TIMESTAMP_FORMAT) (seconds, no fraction), several times faster.
+        "timestamp": tx.timestamp.isoformat(" ", "seconds"),
         "amount": str(tx.amount),
         "location": tx.location,
         "transaction_type": tx.transaction_type,
         "related_transaction_id": tx.related_transaction_id,
     }
-    return str(tx.card_id).encode(), json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    key = str(tx.card_id).encode()
+    if _fast_dumps is not None:
+        try:
+            return key, _fast_dumps(value)
+        except TypeError:  # e.g. a lone surrogate, which only the standard encoder's error explains
+            pass
+    return key, json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def decode_transaction(value: bytes | None) -> Transaction | Rejection:

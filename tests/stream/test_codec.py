@@ -48,3 +48,19 @@ def test_invalid_fields_are_rejected_with_a_reason(change, reason):
 def test_oversized_message_is_rejected_unread():
     result = decode_transaction(b"{" + b" " * MAX_MESSAGE_BYTES + b"}")
     assert isinstance(result, Rejection) and result.reason == "oversized_message"
+
+
+@pytest.mark.parametrize("merchant", ['Café "Zoë", l\'Étoile', "tab\tnew\nline \\ back \u2028", "\U0001F600",
+                                      "x" * 255])
+@pytest.mark.parametrize("timestamp", [datetime(2024, 2, 29, 23, 59, 59), datetime(1999, 1, 1),
+                                       datetime(2024, 1, 2, 3, 4, 5, 999)])
+def test_encoding_is_the_compact_standard_json_and_round_trips(merchant, timestamp):
+    tx = Transaction(10, 20, merchant, timestamp, D("-1234.50"), "Springfield, IL 62701", "refund", 9)
+    key, value = encode_transaction(tx)
+    expected = {"transaction_id": 10, "card_id": 20, "merchant_name": merchant,
+                "timestamp": timestamp.strftime("%Y-%m-%d %H:%M:%S"), "amount": "-1234.50",
+                "location": "Springfield, IL 62701", "transaction_type": "refund", "related_transaction_id": 9}
+    assert key == b"20"
+    assert value == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode()
+    assert decode_transaction(value) == Transaction(10, 20, merchant, timestamp.replace(microsecond=0), D("-1234.50"),
+                                                    "Springfield, IL 62701", "refund", 9)
