@@ -468,15 +468,53 @@ def insert_rows(conn: Connection, table: Table, rows: Iterable[dict[str, Any]],
     return total
 
 
+def _format_decimal(value: Decimal) -> str:
+    return f"{value:.2f}" if value.as_tuple().exponent >= -2 else str(value)  # type: ignore[operator]
+
+
+def _format_datetime(value: datetime) -> str:
+    # isoformat is several times faster than strftime and gives the same text from year 1000 on.
+    return value.isoformat(" ", "seconds") if value.year >= 1000 else value.strftime(TIMESTAMP_FORMAT)
+
+
+def _format_none(_value: None) -> str:
+    return ""
+
+
+#: Exact type -> formatter: one dict lookup per cell instead of a chain of isinstance checks.
+_FORMATTERS: dict[type, Callable[[Any], str]] = {
+    type(None): _format_none, Decimal: _format_decimal, datetime: _format_datetime, int: str, str: str,
+}
+
+
 def format_cell(value: Any) -> str:
     """A value as the output files write it: money with two decimals, timestamps without 'T'."""
-    if value is None:
-        return ""
+    formatter = _FORMATTERS.get(type(value))
+    if formatter is not None:
+        return formatter(value)
     if isinstance(value, Decimal):
-        return f"{value:.2f}" if value.as_tuple().exponent >= -2 else str(value)
+        return _format_decimal(value)
     if isinstance(value, datetime):
         return value.strftime(TIMESTAMP_FORMAT)
     return str(value)
+
+
+_WRITE_CHUNK = 10_000
+_WRITTEN_AS_IS = frozenset({int, str, type(None)})  # the csv module writes these as format_cell would
+
+
+def _write_chunk(writer: Any, rows: list[Sequence[Any]]) -> int:
+    """Format ``rows`` a column at a time (only columns that need it) and write them."""
+    if not rows:
+        return 0
+    columns = []
+    for column in zip(*rows, strict=True):
+        if set(map(type, column)) <= _WRITTEN_AS_IS:
+            columns.append(column)
+        else:
+            columns.append(map(format_cell, column))
+    writer.writerows(zip(*columns, strict=True))
+    return len(rows)
 
 
 def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
@@ -488,9 +526,13 @@ def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(header)
+            chunk: list[Sequence[Any]] = []
             for row in rows:
-                writer.writerow([format_cell(v) for v in row])
-                count += 1
+                chunk.append(row)
+                if len(chunk) == _WRITE_CHUNK:
+                    count += _write_chunk(writer, chunk)
+                    chunk = []
+            count += _write_chunk(writer, chunk)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
