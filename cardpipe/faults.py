@@ -9,6 +9,7 @@ crash point costs one global lookup. Points:
 - ``checkpoint.written``  the batch's rows are written inside the open database transaction, before COMMIT
 - ``consume.committed``   the checkpoint is committed, the next poll has not happened
 - ``produce.sent``        every 1,000 messages handed to the producer
+- ``produce.acked``       every 1,000 messages the broker acknowledged (the run has really published)
 - ``batch.staged``        the batch results are computed and written aside, not yet swapped in
 """
 

@@ -44,6 +44,9 @@ class ConsumeOptions:
     idle_seconds: float = 5.0  # otherwise stop after this long without a message...
     until_caught_up: bool = False  # ...or as soon as every partition is read to its end
     batch_size: int = 5000
+    # How long one poll waits to fill a batch: bounds what batching adds to a decision's latency. A backlog
+    # fills batches at once whatever this is, so it costs no throughput.
+    max_wait_seconds: float = 0.02
     partitions: tuple[int, ...] | None = None  # default: every partition of the topic
     progress_every: float = 5.0  # seconds between progress lines
 
@@ -115,7 +118,7 @@ def consume(
         "enable.auto.offset.store": False,
         "enable.partition.eof": True,
         "auto.offset.reset": "earliest",
-        "fetch.wait.max.ms": 100,
+        "fetch.wait.max.ms": 10,
         "queued.max.messages.kbytes": 262_144,
     })
     dlq = make_producer(bootstrap_servers) if dead_letter_topic else None
@@ -137,7 +140,7 @@ def consume(
             while not stopping:
                 if should_stop is not None and should_stop():
                     break
-                polled = consumer.consume(num_messages=options.batch_size, timeout=0.2)
+                polled = consumer.consume(num_messages=options.batch_size, timeout=options.max_wait_seconds)
                 if broker_alive is not None and not broker_alive():
                     summary.seconds = time.monotonic() - started
                     lost = BrokerLost(f"the broker at {bootstrap_servers} stopped while consuming {topic!r}")
