@@ -1,8 +1,11 @@
 """Acceptance: the whole pipeline on real components (Tansu, Spark, SQLite and MariaDB)."""
 
+import contextlib
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import URL
@@ -31,11 +34,37 @@ def test_run_on_seed_dataset_with_embedded_defaults(seed_dataset, tmp_path):
     assert "decided 400 messages" in proc.stdout
 
 
+def _command_lines() -> list[bytes]:
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            lines.append(cmdline.read_bytes())
+    return lines
+
+
 @pytest.mark.mysql
 def test_run_on_seed_dataset_against_mariadb(seed_dataset, tmp_path, mysql_env, mysql_database):
     results = tmp_path / "results"
-    cardpipe(["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
-             env_without_services(**mysql_env))
+    password = mysql_env["DB_PASSWORD"].encode()
+    assert password
+    seen: list[bytes] = []
+    done = threading.Event()
+
+    def watch_process_list() -> None:  # every process's command line, Spark's JVM included, while the run goes
+        while not done.wait(0.2):
+            seen.extend(line for line in _command_lines() if b"cardpipe" in line or b"spark" in line.lower())
+
+    watcher = threading.Thread(target=watch_process_list, daemon=True)
+    watcher.start()
+    try:
+        proc = cardpipe(["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
+                        env_without_services(**mysql_env))
+    finally:
+        done.set()
+        watcher.join()
+    assert any(b"org.apache.spark" in line for line in seen), "the watcher never saw the Spark JVM"
+    assert not [line for line in seen if password in line], "the database password is in a process's command line"
+    assert password.decode() not in proc.stdout + proc.stderr
     compare_results(seed_dataset / "expected", results)
     assert not (results / "cardpipe.db").exists(), "with DB_HOST set nothing goes to SQLite"
     for table in RESULT_TABLES:
