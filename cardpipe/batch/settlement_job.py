@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import os
 import re
@@ -29,8 +30,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import BinaryIO
 
-from pyspark.sql import Column, DataFrame, DataFrameReader, SparkSession
+from pyspark.sql import Column, DataFrame, DataFrameReader, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     DataType,
@@ -82,6 +84,8 @@ OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
 #: Input tables read over JDBC.
 STREAM_TABLE, CARDS_TABLE, CUSTOMERS_TABLE = "stream_transactions", "cards", "customers"
 JDBC_BATCH_SIZE = 10_000
+#: About the size of one stream result as a CSV line (to size a job read over JDBC from its id range).
+STREAM_ROW_BYTES = 120
 
 
 # --------------------------------------------------------------------------------------------- schemas
@@ -151,6 +155,11 @@ class SettlementInputs:
     cards: DataFrame
     customers: DataFrame
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: About how many bytes the transactions are (the file's size, or an estimate), to size the job.
+    transactions_bytes: int | None = None
+    #: Keep the transactions in memory between the passes over them (a database read), or read them again
+    #: (a local file: parsing it twice costs less than building and collecting the cache).
+    cache_transactions: bool = True
 
 
 @dataclass(frozen=True)
@@ -158,14 +167,19 @@ class SettlementOutputs:
     """The settled tables, columns in :data:`STREAM_COLUMNS` / :data:`CARD_COLUMNS` /
     :data:`CUSTOMER_COLUMNS` order, same types as the inputs.
 
-    ``changes`` (customer_id, score change, limit factor), ``cards_detail`` (the card columns plus
-    ``_old_limit``) and ``customers_detail`` (plus ``_old_score``) are the intermediate frames the outputs
-    are projections of: :func:`run_settlement` persists those so that nothing is computed twice.
+    ``transaction_stats`` (per partition of ``batch_transactions`` and card_id: approved sum, transactions
+    per status, transaction_id range), ``cards_balanced`` (the cards with their new balances, old limits),
+    ``changes`` (customer_id, score change, limit factor),
+    ``cards_detail`` (the card columns plus ``_old_limit``) and ``customers_detail`` (plus ``_old_score``)
+    are the intermediate frames the outputs are projections of: :func:`run_settlement` persists those so
+    that nothing is computed twice.
     """
 
     batch_transactions: DataFrame
     cards_updated: DataFrame
     customers_updated: DataFrame
+    transaction_stats: DataFrame | None = field(default=None, repr=False, compare=False)
+    cards_balanced: DataFrame | None = field(default=None, repr=False, compare=False)
     changes: DataFrame | None = field(default=None, repr=False, compare=False)
     cards_detail: DataFrame | None = field(default=None, repr=False, compare=False)
     customers_detail: DataFrame | None = field(default=None, repr=False, compare=False)
@@ -189,6 +203,8 @@ class SettlementSummary:
     customers_score_down: int
     cards_limit_lowered: int
     seconds: float
+    #: Seconds per step of :func:`run_settlement` (``csv:<output>``, ``summary``, ``jdbc:<output>``), in order.
+    steps: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> str:
         return (
@@ -264,11 +280,13 @@ def read_csv_inputs(
     Columns are matched by name. Cards and customers must parse (a malformed value fails the job); a
     stream row may hold unparsable fields (a rejected transaction): those read as null.
     """
+    transactions = _read_csv(spark, stream_csv, STREAM_SCHEMA, optional=OPTIONAL_STREAM_COLUMNS, mode="PERMISSIVE")
     return SettlementInputs(
-        transactions=_read_csv(spark, stream_csv, STREAM_SCHEMA, optional=OPTIONAL_STREAM_COLUMNS,
-                               mode="PERMISSIVE"),
+        transactions=transactions,
         cards=_read_csv(spark, cards_csv, CARD_SCHEMA),
         customers=_read_csv(spark, customers_csv, CUSTOMER_SCHEMA),
+        transactions_bytes=Path(stream_csv).stat().st_size,
+        cache_transactions=False,
     )
 
 
@@ -401,8 +419,10 @@ def read_jdbc_inputs(
 
         lo, hi = bounds["lo"], bounds["hi"]
         stream = reader().option("dbtable", stream_table)
+        size_estimate = None
         if lo is not None and hi is not None:
             lo, hi = int(lo), int(hi)
+            size_estimate = (hi - lo + 1) * STREAM_ROW_BYTES
             n = max(1, min(int(partitions), hi - lo + 1))
             if n > 1:
                 stream = (
@@ -420,7 +440,7 @@ def read_jdbc_inputs(
         customers = _conform(
             reader().option("dbtable", customers_table).load(), CUSTOMER_SCHEMA, f"table {customers_table}"
         )
-    return SettlementInputs(transactions, cards, customers, secrets=secrets)
+    return SettlementInputs(transactions, cards, customers, secrets=secrets, transactions_bytes=size_estimate)
 
 
 # --------------------------------------------------------------------------------------------- rules
@@ -474,16 +494,42 @@ def new_credit_limit_expr(limit: Column, factor: Column) -> Column:
     return F.when(factor.isNull(), limit).otherwise(F.bround(limit * factor, -2)).cast(MONEY)
 
 
+_COUNTED_STATUSES = (APPROVED, DECLINED, REJECTED)
+
+
+def _cents(money: Column) -> Column:
+    """A DECIMAL(12,2) amount as whole cents (LONG), exactly (the product stays a long-backed decimal)."""
+    return (money * F.lit(100).cast(DecimalType(3, 0))).cast(LongType())
+
+
+def _from_cents(cents: Column) -> Column:
+    """Whole cents (LONG) back to an exact decimal with two places."""
+    return cents.cast(DecimalType(20, 0)) * F.lit(Decimal("0.01"))
+
+
 def settle(inputs: SettlementInputs) -> SettlementOutputs:
     """Settle the stream results (SPEC §4); lazy: nothing runs until an output is written."""
     batch = inputs.transactions.select(
         *[settled_status_expr(F.col(c)).alias(c) if c == "status" else F.col(c) for c in STREAM_COLUMNS]
     )
-    # The one aggregation over the large table: partial sums per card before the (tiny) shuffle.
+    # The one aggregation over the large table, per (partition, card): approved sums and counts per status
+    # (the cards' balances, the summary) and each partition's id range (see write_csv), all from the pass
+    # that reads the transactions. Partial sums before the shuffle: a few rows per card and partition.
+    # Sums are of whole cents in a LONG (exact; the job fails beyond ±9.2e16 dollars per card): with only
+    # LONG buffers Spark aggregates in its fast hash map, a DECIMAL(22,2) sum would not.
+    status, tid = F.col("status"), F.col("transaction_id")
+    transaction_stats = batch.groupBy(F.spark_partition_id().alias("_partition"), "card_id").agg(
+        F.sum(F.when(status == F.lit(APPROVED), _cents(F.col("amount")))).alias("_approved_cents"),
+        *[F.count(F.when(status == F.lit(s), 1)).alias(f"_n_{s}") for s in _COUNTED_STATUSES],
+        F.count(F.lit(1)).alias("_n_transactions"),
+        F.min(tid).alias("_lo"),
+        F.max(tid).alias("_hi"),
+        F.count(F.when(tid.isNull(), 1)).alias("_null_ids"),
+    )
     approved = (
-        batch.where(F.col("status") == F.lit(APPROVED))
+        transaction_stats.where(F.col("_approved_cents").isNotNull())
         .groupBy("card_id")
-        .agg(F.sum("amount").alias("_approved"))
+        .agg(_from_cents(F.sum("_approved_cents")).alias("_approved"))
     )
     cards = inputs.cards.join(F.broadcast(approved), on="card_id", how="left").withColumn(
         "current_balance", (F.col("current_balance") + F.coalesce(F.col("_approved"), F.lit(0))).cast(MONEY)
@@ -518,6 +564,8 @@ def settle(inputs: SettlementInputs) -> SettlementOutputs:
         batch_transactions=batch,
         cards_updated=cards_detail.select(*CARD_COLUMNS),
         customers_updated=customers_detail.select(*CUSTOMER_COLUMNS),
+        transaction_stats=transaction_stats,
+        cards_balanced=cards,
         changes=changes,
         cards_detail=cards_detail,
         customers_detail=customers_detail,
@@ -546,38 +594,107 @@ _CSV_WRITE_OPTIONS = {
 _PART_FILE = re.compile(r"^part-(\d+)")
 
 
-def write_csv(df: DataFrame, key: str, path: Path, columns: tuple[str, ...]) -> None:
+def _ranges_in_order(ranges: Sequence[Row]) -> bool:
+    """Rows (p, lo, hi, nulls) of a frame's partitions, empty ones left out: is every partition's key range
+    after the ranges of the partitions before it (null keys, which sort first, answer no)?"""
+    previous_hi = None
+    for row in sorted(ranges, key=lambda r: r["p"]):
+        if row["nulls"]:
+            return False
+        if previous_hi is not None and row["lo"] < previous_hi:
+            return False
+        previous_hi = row["hi"]
+    return True
+
+
+def partitions_in_key_order(df: DataFrame, key: str) -> bool:
+    """True when every row of each partition of ``df`` sorts after every row of the partitions before it,
+    ``key`` ascending (one job: min and max of ``key`` per partition). Sorting each partition then sorts
+    the whole frame, without a shuffle.
+
+    ``df`` must have a fixed partitioning (a scan, or a projection of a persisted frame), so that the
+    frame written afterwards is split exactly as the one checked here.
+    """
+    k = F.col(key)
+    ranges = (
+        df.select(F.spark_partition_id().alias("p"), k.alias("k"))
+        .groupBy("p")
+        .agg(F.min("k").alias("lo"), F.max("k").alias("hi"), F.count(F.when(F.col("k").isNull(), 1)).alias("nulls"))
+        .collect()
+    )
+    return _ranges_in_order(ranges)
+
+
+def _transactions_in_id_order(transaction_stats: DataFrame) -> bool:
+    """:func:`partitions_in_key_order` for ``batch_transactions`` by transaction_id, from the per-partition
+    ranges :func:`settle` gathered while reading them (no other pass over the transactions)."""
+    ranges = (
+        transaction_stats.groupBy(F.col("_partition").alias("p"))
+        .agg(F.min("_lo").alias("lo"), F.max("_hi").alias("hi"), F.sum("_null_ids").alias("nulls"))
+        .collect()
+    )
+    return _ranges_in_order(ranges)
+
+
+def write_csv(
+    df: DataFrame, key: str, path: Path, columns: tuple[str, ...], *, partitions_in_order: bool | None = False
+) -> bool:
     """Write ``df`` as ONE CSV file at ``path``: header ``columns``, rows sorted by ``key``.
 
-    Spark sorts (range partitioning) and writes header-less part files in parallel into a temporary
-    folder beside ``path``; they are concatenated in partition order after the header into
-    ``path.tmp``, which then atomically replaces ``path``. Money keeps two decimals, timestamps are
-    ``yyyy-MM-dd HH:mm:ss``, dates ``yyyy-MM-dd``, nulls empty fields, quoting as Python's csv module.
+    Spark writes header-less part files in parallel into a temporary folder beside ``path``; they are
+    concatenated in partition order after the header into ``path.tmp``, which then atomically replaces
+    ``path``. Money keeps two decimals, timestamps are ``yyyy-MM-dd HH:mm:ss``, dates ``yyyy-MM-dd``,
+    nulls empty fields, quoting as Python's csv module.
+
+    ``partitions_in_order``: False sorts globally (range partitioning: a sampling pass and a shuffle of
+    every row); True says the partitions of ``df`` are already in key order (see
+    :func:`partitions_in_key_order`), so each partition is sorted on its own, without a shuffle; None
+    checks that first (``df`` must then have a fixed partitioning). Returns True when it sorted globally.
     """
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = path.with_name(f".{path.name}.parts-{uuid.uuid4().hex}")
     tmp_file = path.with_name(path.name + ".tmp")
     try:
-        sorted_df = df.select(*columns).orderBy(F.col(key).asc_nulls_first())
-        sorted_df.write.options(**_CSV_WRITE_OPTIONS).mode("overwrite").csv(parts_dir.as_uri())
+        frame = df.select(*columns)
+        order = F.col(key).asc_nulls_first()
+        if partitions_in_order is None:
+            partitions_in_order = partitions_in_key_order(frame, key)
+        ordered = frame.sortWithinPartitions(order) if partitions_in_order else frame.orderBy(order)
+        ordered.write.options(**_CSV_WRITE_OPTIONS).mode("overwrite").csv(parts_dir.as_uri())
         parts = sorted(
             (p for p in parts_dir.iterdir() if _PART_FILE.match(p.name) and not p.name.endswith(".crc")),
             key=lambda p: (int(_PART_FILE.match(p.name).group(1)), p.name),  # type: ignore[union-attr]
         )
-        with tmp_file.open("w", newline="", encoding="utf-8") as out:
-            csv.writer(out, lineterminator="\n").writerow(columns)
-        with tmp_file.open("ab") as out:
+        header = io.StringIO()
+        csv.writer(header, lineterminator="\n").writerow(columns)
+        with tmp_file.open("wb") as out:  # not "ab": copy_file_range refuses a file opened for appending
+            out.write(header.getvalue().encode("utf-8"))
             for part in parts:
-                with part.open("rb") as src:
-                    shutil.copyfileobj(src, out, 1024 * 1024)
-            out.flush()
+                _append_file(out, part)
             os.fsync(out.fileno())
         os.replace(tmp_file, path)
+        return not partitions_in_order
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             tmp_file.unlink()
+
+
+def _append_file(out: BinaryIO, part: Path) -> None:
+    """Append the file ``part`` to ``out`` (copied in the kernel where the system allows it)."""
+    out.flush()
+    with part.open("rb") as src:
+        size, done = os.fstat(src.fileno()).st_size, 0
+        with contextlib.suppress(OSError, AttributeError):  # no copy_file_range: copy below
+            while done < size:
+                sent = os.copy_file_range(src.fileno(), out.fileno(), size - done)
+                if sent == 0:
+                    break
+                done += sent
+        if done < size:
+            src.seek(done)
+            shutil.copyfileobj(src, out, 1024 * 1024)
 
 
 def write_jdbc(df: DataFrame, table: str, jdbc_options: dict, *, partitions: int) -> None:
@@ -620,9 +737,17 @@ def run_settlement(
     """Settle ``inputs``, write the three CSV files into ``results_dir`` and, when ``jdbc_options`` and
     ``jdbc_tables`` (output name → existing table) are given, append the outputs to those tables.
 
-    The outputs are persisted once, so every sink and the summary read the same computed rows.
+    The transactions are read by two passes: one job aggregates them per card (and finds whether they
+    are in id order), then each sink writes them; everything else reads small persisted frames derived
+    from that aggregation. With ``inputs.cache_transactions`` (a database) the settled transactions are
+    persisted (memory, spilling to disk) so the database is read once; a file is parsed again instead.
+    The large output is written without a shuffle when its partitions are already in id order (see
+    :func:`write_csv`). With automatic shuffle partitions (see :func:`cardpipe.batch.spark.build_spark_session`)
+    the job sizes them from ``inputs.transactions_bytes``.
     """
     from pyspark import StorageLevel
+
+    from cardpipe.batch.spark import job_shuffle_partitions
 
     started = time.perf_counter()
     tables = dict(jdbc_tables or {})
@@ -634,40 +759,72 @@ def run_settlement(
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
 
+    steps: dict[str, float] = {}
+    shuffle_conf = "spark.sql.shuffle.partitions"
+    session_partitions = spark.conf.get(shuffle_conf)
+    partitions = job_shuffle_partitions(spark, inputs.transactions_bytes)
+    if partitions:
+        spark.conf.set(shuffle_conf, str(partitions))
     outputs = settle(inputs)
     frames = outputs.by_name()
     # Persisted in dependency order; the outputs are projections of these, so every sink reads them.
-    cached = [outputs.batch_transactions, outputs.changes, outputs.cards_detail, outputs.customers_detail]
+    cached = [outputs.batch_transactions if inputs.cache_transactions else None, outputs.transaction_stats,
+              outputs.cards_balanced, outputs.changes, outputs.cards_detail, outputs.customers_detail]
     for df in cached:
         if df is not None:
             df.persist(StorageLevel.MEMORY_AND_DISK)
     secrets = (*inputs.secrets, *(_secrets(jdbc_options) if jdbc_options else ()))
     try:
         with _redacting(secrets):
+            # The first job reads the transactions (filling their cache, if any) and aggregates them per card.
+            assert outputs.transaction_stats is not None
+            with _timed(steps, "read+aggregate"):
+                transactions_in_order = _transactions_in_id_order(outputs.transaction_stats)
             for name, (key, columns) in OUTPUTS.items():
-                write_csv(frames[name], key, results_dir / f"{name}.csv", columns)
-            summary = _summarize(outputs, started)
+                # Cards and customers (projections of persisted frames) are checked by write_csv.
+                in_order = transactions_in_order if name == BATCH_TRANSACTIONS else None
+                with _timed(steps, f"csv:{name}"):
+                    sorted_globally = write_csv(frames[name], key, results_dir / f"{name}.csv", columns,
+                                                partitions_in_order=in_order)
+                if sorted_globally:
+                    log.debug("%s: partitions not in %s order, sorted globally", name, key)
+            with _timed(steps, "summary"):
+                summary = _summarize(outputs, started)
             if jdbc_options is not None:
                 parallelism = max(1, spark.sparkContext.defaultParallelism)
                 for name, table in tables.items():
-                    write_jdbc(frames[name], table, jdbc_options, partitions=parallelism)
+                    with _timed(steps, f"jdbc:{name}"):
+                        write_jdbc(frames[name], table, jdbc_options, partitions=parallelism)
     finally:
         for df in cached:
             if df is not None:
                 df.unpersist()
-    summary = SettlementSummary(**{**summary.__dict__, "seconds": round(time.perf_counter() - started, 3)})
+        if partitions:
+            spark.conf.set(shuffle_conf, session_partitions)
+    summary = SettlementSummary(
+        **{**summary.__dict__, "seconds": round(time.perf_counter() - started, 3), "steps": steps}
+    )
     log.info("%s", summary.describe())
+    log.debug("settlement steps (s): %s", steps)
     return summary
 
 
+@contextlib.contextmanager
+def _timed(steps: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        steps[name] = round(time.perf_counter() - started, 3)
+
+
 def _summarize(outputs: SettlementOutputs, started: float) -> SettlementSummary:
-    """The counts of a settlement, in one Spark job over the (persisted) outputs."""
-    if outputs.cards_detail is None or outputs.customers_detail is None:
+    """The counts of a settlement, in one Spark job over the (persisted) small frames."""
+    if outputs.transaction_stats is None or outputs.cards_detail is None or outputs.customers_detail is None:
         raise ValueError("the outputs lack their detail frames (build them with settle())")
-    status = F.col("status")
-    transactions = outputs.batch_transactions.agg(
-        F.count(F.lit(1)).alias("transactions"),
-        *[F.count(F.when(status == F.lit(s), 1)).alias(s) for s in (APPROVED, DECLINED, REJECTED)],
+    transactions = outputs.transaction_stats.agg(
+        F.coalesce(F.sum("_n_transactions"), F.lit(0)).alias("transactions"),
+        *[F.coalesce(F.sum(f"_n_{s}"), F.lit(0)).alias(s) for s in _COUNTED_STATUSES],
     )
     cards = outputs.cards_detail.agg(
         F.count(F.lit(1)).alias("cards"),
