@@ -68,8 +68,10 @@ if ! java -version >/dev/null 2>&1; then
 fi
 
 # --- Python virtualenv ------------------------------------------------------------------
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
+    # Also when an interrupted earlier run left a venv without pip.
     log "creating .venv"
+    rm -rf .venv
     python3 -m venv .venv
 fi
 
