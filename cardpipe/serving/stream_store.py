@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from operator import itemgetter
+from typing import TypeVar
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -26,6 +27,7 @@ from cardpipe.serving.database import describe_error
 from cardpipe.stream.processing import CheckpointBatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _LOOKUP_CHUNK = 900  # stays under SQLite's bound-parameter limit
 REJECTION_COLUMNS = ("topic", "kafka_partition", "kafka_offset", "transaction_id", "reason", "detail",
@@ -86,19 +88,8 @@ class StreamStore:
         Like :meth:`commit_durably`, retries with backoff while the database is unreachable: every polled
         batch starts with this lookup, and a restarting server must not stop the consumer here either.
         """
-        delay, started = 0.2, time.monotonic()
-        while True:
-            try:
-                return self._lookup_decided(transaction_ids)
-            except DBAPIError as exc:
-                if not is_transient(exc):
-                    raise
-                if time.monotonic() - started > give_up_after:
-                    raise DatabaseUnavailable(describe_error(self.engine.url, exc)) from None
-                log.warning("database unavailable (%s); retrying the lookup in %.1f s",
-                            describe_error(self.engine.url, exc), delay)
-                sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return self._retry_while_unavailable(lambda: self._lookup_decided(transaction_ids), "the lookup",
+                                             give_up_after=give_up_after, sleep=sleep)
 
     def _lookup_decided(self, transaction_ids: list[int]) -> Mapping[int, Transaction]:
         found: dict[int, Transaction] = {}
@@ -129,24 +120,37 @@ class StreamStore:
         A commit whose acknowledgement was lost (the connection died after COMMIT) is recognised by the
         stored offsets and not written twice. Raises :class:`DatabaseUnavailable` after ``give_up_after``.
         """
+        def attempt() -> None:
+            try:
+                self.commit(batch)
+            except IntegrityError:
+                if not self._is_committed(batch):
+                    raise
+
+        self._retry_while_unavailable(attempt, "the checkpoint", give_up_after=give_up_after, sleep=sleep,
+                                      done_anyway=lambda: self._is_committed(batch))
+
+    def _retry_while_unavailable(self, attempt: Callable[[], T], what: str, *, give_up_after: float,
+                                 sleep: Callable[[float], None],
+                                 done_anyway: Callable[[], bool] | None = None) -> T | None:
+        """``attempt()``, retried with backoff (0.2 s doubling to 5 s) while the database is unreachable.
+
+        After a transient error, ``done_anyway()`` may say the attempt took effect after all (then None is
+        returned). Raises :class:`DatabaseUnavailable` after ``give_up_after`` seconds.
+        """
         delay, started = 0.2, time.monotonic()
         while True:
             try:
-                self.commit(batch)
-                return
-            except IntegrityError:
-                if self._is_committed(batch):
-                    return
-                raise
+                return attempt()
             except DBAPIError as exc:
                 if not is_transient(exc):
                     raise
-                if self._is_committed(batch):
-                    return
+                if done_anyway is not None and done_anyway():
+                    return None
                 if time.monotonic() - started > give_up_after:
                     raise DatabaseUnavailable(describe_error(self.engine.url, exc)) from None
-                log.warning("database unavailable (%s); retrying the checkpoint in %.1f s",
-                            describe_error(self.engine.url, exc), delay)
+                log.warning("database unavailable (%s); retrying %s in %.1f s",
+                            describe_error(self.engine.url, exc), what, delay)
                 sleep(delay)
                 delay = min(delay * 2, 5.0)
 
