@@ -73,7 +73,7 @@ class ConsumeSummary:
 
 
 @contextmanager
-def _stop_on_sigterm(stop: Callable[[], None]) -> Iterator[None]:
+def stop_on_sigterm(stop: Callable[[], None]) -> Iterator[None]:
     """SIGTERM finishes the current batch and stops, like Ctrl-C."""
     try:
         previous = signal.signal(signal.SIGTERM, lambda *_: stop())
@@ -136,7 +136,7 @@ def consume(
         at_end: set[int] = set()
         conflicts = 0
         started = last_message = last_progress = time.monotonic()
-        with _stop_on_sigterm(request_stop) if should_stop is None else nullcontext():
+        with stop_on_sigterm(request_stop) if should_stop is None else nullcontext():
             while not stopping:
                 if should_stop is not None and should_stop():
                     break

@@ -29,7 +29,7 @@ from typing import Any
 
 from cardpipe.config import Settings
 from cardpipe.errors import CardpipeError
-from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary
+from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, stop_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class _Stop:
         self.event = event
         self.signalled = False
 
+    def signal(self) -> None:
+        """From a signal handler: only set the flag."""
+        self.signalled = True
+
     def is_set(self) -> bool:
         if self.signalled and not self.event.is_set():
             self.event.set()
@@ -127,7 +131,7 @@ def consume_with_workers(
     running: list[_Worker] = []
     started = time.monotonic()
     try:
-        with _stop_on_sigterm(stop):
+        with stop_on_sigterm(stop.signal):
             for index, share in enumerate(shares):
                 job = WorkerJob(index, settings, bootstrap_servers, replace(options, partitions=share), broker_pid,
                                 level)
@@ -233,23 +237,6 @@ def _stop_all(running: list[_Worker], stop: _Stop, progress: Callable[[str], Non
             worker.process.kill()
             worker.process.join(timeout=10)
         worker.conn.close()
-
-
-@contextmanager
-def _stop_on_sigterm(stop: _Stop) -> Iterator[None]:
-    """SIGTERM to the parent: every worker finishes its current batch and stops."""
-    def handler(*_: object) -> None:
-        stop.signalled = True
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
