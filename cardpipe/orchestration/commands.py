@@ -180,7 +180,7 @@ def _ensure_topics(settings: Settings, broker: BrokerHandle) -> None:
 def _republish_undecided(settings: Settings, store: StreamStore, broker: BrokerHandle) -> None:
     """After losing the broker's log: forget its offsets and publish again what is not decided yet."""
     _ensure_topics(settings, broker)
-    store.reset_offsets(list(store.restore()[1]))
+    store.reset_offsets()
     summary = produce(settings, broker=broker)
     if summary.published:
         log.info("published the %d undecided transactions to %s", summary.published, broker.bootstrap_servers)

@@ -167,11 +167,14 @@ class StreamStore:
             return False
         return all(stored.get(p, -1) >= o for p, o in batch.next_offsets.items())
 
-    def reset_offsets(self, partitions: Iterable[int]) -> None:
-        """Forget the stored offsets of ``partitions`` (the topic was recreated)."""
+    def reset_offsets(self, partitions: Iterable[int] | None = None) -> None:
+        """Forget the stored offsets of ``partitions``, or of every partition (the topic was recreated)."""
         so = schema.stream_offsets
+        condition = so.c.topic == self.topic
+        if partitions is not None:
+            condition = condition & so.c.kafka_partition.in_(list(partitions))
         with self.engine.begin() as conn:
-            conn.execute(so.delete().where(so.c.topic == self.topic, so.c.kafka_partition.in_(list(partitions))))
+            conn.execute(so.delete().where(condition))
 
     def start_at(self, offsets: Mapping[int, int]) -> None:
         """Make the next consume start at ``offsets`` (a fresh run ignores what the topic held before)."""

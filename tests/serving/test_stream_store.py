@@ -71,6 +71,9 @@ def test_start_at_and_reset_offsets(store):
     assert store.restore()[1] == {0: 10, 1: 20}
     store.reset_offsets([0])
     assert store.restore()[1] == {1: 20}
+    store.start_at({0: 5, 2: 7})
+    store.reset_offsets()
+    assert store.restore()[1] == {}
 
 
 def test_commit_durably_retries_transient_failures(store):
