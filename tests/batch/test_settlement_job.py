@@ -297,7 +297,7 @@ def test_conformance_with_the_seed_reference(spark, tmp_path):
     from cardpipe.batch.settlement_job import read_csv_inputs, run_settlement
 
     if not SEED_DATASET.is_dir() or not COMPARE_TOOL.is_file():
-        pytest.skip(f"reference data not found at {REFERENCE_DIR} (set CARDPIPE_REFERENCE_DIR)")
+        pytest.fail(f"reference data not found at {REFERENCE_DIR} (set CARDPIPE_REFERENCE_DIR)")
     results = tmp_path / "results"
     results.mkdir()
     # The seed's stream results, as our stream layer writes them (exact cents, a decline_reason column).
