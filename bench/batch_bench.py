@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import filecmp
 import json
 import multiprocessing
 import os
@@ -270,6 +271,81 @@ def ours(stream_csv: str, data_dir: str, out_dir: str, master: str, shuffle_part
             "cpu_seconds": cpu, "job_seconds": summary.seconds, "summary": summary.__dict__, "conf": conf}
 
 
+# --- ours over JDBC (MariaDB) ---------------------------------------------------------------------
+
+LOADS = {  # table -> (file in the data or stream folder, columns, SET clause)
+    "stream_transactions": (
+        STREAM_FILE,
+        "transaction_id, card_id, merchant_name, `timestamp`, amount, location, transaction_type, @related, status, "
+        "@pending, decline_reason",
+        "SET related_transaction_id = NULLIF(@related, ''), pending_balance = NULLIF(@pending, '')",
+    ),
+    "customers": ("customers.csv", "customer_id, name, phone_number, address, email, credit_score, annual_income", ""),
+    "cards": ("cards.csv", "card_id, customer_id, card_type_id, card_number, expiration_date, credit_limit, "
+              "current_balance, issue_date", ""),
+}
+
+
+def load_jdbc_inputs(env: dict[str, str], stream_csv: Path, data_dir: Path) -> dict[str, Any]:
+    """The benchmark's own database, emptied, with the product's schema; the three batch inputs loaded with
+    LOAD DATA LOCAL INFILE (not timed as part of the job)."""
+    from cardpipe.serving import schema
+
+    common.drop_mysql_database(env, recreate=True)
+    engine = _engine(env)
+    try:
+        schema.metadata.create_all(engine)
+    finally:
+        engine.dispose()
+    started = time.perf_counter()
+    conn = common.pymysql_connect(env, local_infile=True, autocommit=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET foreign_key_checks = 0, unique_checks = 0")
+            for table, (file, columns, extra) in LOADS.items():
+                path = stream_csv if file == STREAM_FILE else data_dir / file
+                cur.execute(
+                    f"LOAD DATA LOCAL INFILE %s INTO TABLE `{table}` CHARACTER SET utf8mb4 FIELDS TERMINATED BY ',' "
+                    f"OPTIONALLY ENCLOSED BY '\"' ESCAPED BY '' LINES TERMINATED BY '\\n' IGNORE 1 LINES ({columns}) "
+                    f"{extra}", (str(path),))
+        conn.commit()
+    finally:
+        conn.close()
+    return {"load_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _engine(env: dict[str, str]) -> Any:
+    from cardpipe.serving.database import make_engine
+
+    return make_engine(common.settings(env, WORK_DIR, WORK_DIR).database_url)
+
+
+def ours_jdbc(env: dict[str, str], out_dir: str, master: str, read_partitions: int) -> dict[str, Any]:
+    """As ``cardpipe batch`` on MySQL: read the three inputs over JDBC (the stream table in parallel id
+    ranges), settle, write the CSV files and fill the staging tables over JDBC (the swap is left out)."""
+    started = time.perf_counter()
+    from cardpipe.batch.settlement_job import read_jdbc_inputs, run_settlement
+    from cardpipe.batch.spark import build_spark_session, jdbc_options_from_url
+    from cardpipe.serving.results import prepare_staging_tables
+
+    spark = build_spark_session(master)
+    session_seconds = time.perf_counter() - started
+    engine = _engine(env)
+    try:
+        options = jdbc_options_from_url(common.settings(env, WORK_DIR, WORK_DIR).database_url)
+        inputs = read_jdbc_inputs(spark, options, partitions=read_partitions)
+        partitions = inputs.transactions.rdd.getNumPartitions()
+        tables = prepare_staging_tables(engine)
+        summary = run_settlement(spark, inputs, Path(out_dir), jdbc_options=options, jdbc_tables=tables)
+        cpu = tree_cpu_seconds()
+    finally:
+        spark.stop()
+        engine.dispose()
+    return {"wall_seconds": round(time.perf_counter() - started, 3), "session_seconds": round(session_seconds, 3),
+            "cpu_seconds": cpu, "job_seconds": summary.seconds, "read_partitions": partitions,
+            "summary": summary.__dict__}
+
+
 # --- the seed's approach --------------------------------------------------------------------------
 
 
@@ -404,6 +480,10 @@ def main() -> None:
                         help="run the seed's approach on the first K stream rows and extrapolate (0 = all)")
     parser.add_argument("--skip", choices=("ours", "seed"), action="append", default=[])
     parser.add_argument("--no-compare", action="store_true")
+    parser.add_argument("--jdbc", action="store_true",
+                        help="also ours over JDBC on the private MariaDB (database --bench-db, dropped after)")
+    parser.add_argument("--jdbc-partitions", type=int, default=4, help="parallel reads of the stream table")
+    parser.add_argument("--bench-db", default="cardpipe_batchbench")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "batch.json")
     args = parser.parse_args()
 
@@ -447,6 +527,26 @@ def main() -> None:
                 report["comparison"] = compare_outputs(work / "ours", work / "seed")
             else:
                 report["comparison"] = "skipped: the seed ran on a sample"
+    if args.jdbc:
+        env = common.mysql_env(args.bench_db)
+        try:
+            say(f"loading the inputs into MariaDB database {args.bench_db}")
+            loaded = load_jdbc_inputs(env, stream_csv, data)
+            out = fresh_dir(work / "jdbc")
+            say(f"ours over JDBC: {n:,} transactions on {args.master}")
+            result = run_measured(ours_jdbc, env, str(out), args.master, args.jdbc_partitions)
+            result.update(loaded)
+            if "ours" in report:
+                result["csv_identical_to_ours"] = all(
+                    filecmp.cmp(out / f"{name}.csv", work / "ours" / f"{name}.csv", shallow=False)
+                    for name in OUTPUT_KEYS)
+        finally:
+            common.drop_mysql_database(env)
+        report["ours_jdbc"] = result
+        rows.append(["ours JDBC", n, result["wall_seconds"], result["session_seconds"],
+                     rate(n, result["wall_seconds"]), result["cpu_seconds"], result["peak_rss_mb"]["jvm"],
+                     result["peak_rss_mb"]["python_driver"], result["peak_rss_mb"]["tree"],
+                     f"read in {result['read_partitions']} ranges; writes 3 tables"])
     print_table(f"Batch settlement, {n:,} transactions, {args.master} (wall time includes the session start)",
                 ["job", "transactions", "wall s", "session s", "tx/s", "CPU s", "JVM MB", "python MB", "tree MB",
                  "note"],
@@ -463,10 +563,11 @@ def main() -> None:
                         ["output", "rows", "agree", "seed extra"],
                         [[k, v["rows"], v["agree"], v["seed_extra_rows"]] for k, v in comparison.items()
                          if isinstance(v, dict)])
-    if "ours" in report:
-        steps = report["ours"]["summary"].get("steps", {})
-        print_table("ours: where the time goes (s)", ["session start", "read + settle + write (job)", *steps],
-                    [[report["ours"]["session_seconds"], report["ours"]["job_seconds"], *steps.values()]])
+    for job in ("ours", "ours_jdbc"):
+        if job in report:
+            steps = report[job]["summary"].get("steps", {})
+            print_table(f"{job}: where the time goes (s)", ["session start", "read + settle + write (job)", *steps],
+                        [[report[job]["session_seconds"], report[job]["job_seconds"], *steps.values()]])
     report["load_average_at_end"] = load_average()
     write_json(args.out, report)
     shutil.rmtree(work, ignore_errors=True)

@@ -4,22 +4,24 @@ Every rule is built as a native Spark expression from the constants of :mod:`car
 (one source of truth; no Python UDFs) and computes with exact decimals, exactly as the pure-Python
 reference :func:`cardpipe.domain.settlement.settle` does:
 
-* the only pass over the large transactions table is one projection (status ``pending`` → ``approved``)
-  and one partial aggregation (approved amounts per card, a few rows per card);
+* the large transactions table is read by two passes: one aggregation (approved cents and counts per
+  card, partial sums before a shuffle of a few rows per card; each input partition's id range), then the
+  projection (status ``pending`` → ``approved``) each sink writes; read from a file it is parsed twice
+  (cheaper than caching it), read from a database it is cached;
 * cards and customers are small: the per-card sums and per-customer changes are broadcast into them, so
   no large side is ever shuffled for a join;
 * utilization bounds are compared without division (``balance × 100 <= bound × limit``), new limits are
   ``bround(limit × factor, -2)`` (half to even) cast to DECIMAL(12,2).
 
 Outputs go to one CSV file each (written in parallel as sorted part files, then concatenated after a
-header and renamed atomically) and optionally to database tables over JDBC.
+header and renamed atomically; sorted without a shuffle when the input partitions are already in id
+order, the usual case) and optionally to database tables over JDBC.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import logging
 import os
 import re
@@ -30,7 +32,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import BinaryIO
 
 from pyspark.sql import Column, DataFrame, DataFrameReader, Row, SparkSession
 from pyspark.sql import functions as F
@@ -203,8 +204,11 @@ class SettlementSummary:
     customers_score_down: int
     cards_limit_lowered: int
     seconds: float
-    #: Seconds per step of :func:`run_settlement` (``csv:<output>``, ``summary``, ``jdbc:<output>``), in order.
+    #: Seconds per step of :func:`run_settlement` (``read+aggregate``, ``csv:<output>``, ``summary``,
+    #: ``jdbc:<output>``), in order.
     steps: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+    #: Outputs whose partitions were not in key order, so that writing them needed a global sort.
+    sorted_globally: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def describe(self) -> str:
         return (
@@ -278,7 +282,9 @@ def read_csv_inputs(
     """Read the stream results and the cards and customers CSV files (header lines, Python csv quoting).
 
     Columns are matched by name. Cards and customers must parse (a malformed value fails the job); a
-    stream row may hold unparsable fields (a rejected transaction): those read as null.
+    stream row may hold unparsable fields (a rejected transaction): those read as null. The stream file is
+    parsed by each pass over it rather than cached (``cache_transactions=False``), and its size sizes the
+    job.
     """
     transactions = _read_csv(spark, stream_csv, STREAM_SCHEMA, optional=OPTIONAL_STREAM_COLUMNS, mode="PERMISSIVE")
     return SettlementInputs(
@@ -666,12 +672,13 @@ def write_csv(
             (p for p in parts_dir.iterdir() if _PART_FILE.match(p.name) and not p.name.endswith(".crc")),
             key=lambda p: (int(_PART_FILE.match(p.name).group(1)), p.name),  # type: ignore[union-attr]
         )
-        header = io.StringIO()
-        csv.writer(header, lineterminator="\n").writerow(columns)
-        with tmp_file.open("wb") as out:  # not "ab": copy_file_range refuses a file opened for appending
-            out.write(header.getvalue().encode("utf-8"))
+        with tmp_file.open("w", newline="", encoding="utf-8") as out:
+            csv.writer(out, lineterminator="\n").writerow(columns)
+        with tmp_file.open("ab") as out:
             for part in parts:
-                _append_file(out, part)
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, out, 1024 * 1024)
+            out.flush()
             os.fsync(out.fileno())
         os.replace(tmp_file, path)
         return not partitions_in_order
@@ -679,22 +686,6 @@ def write_csv(
         shutil.rmtree(parts_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             tmp_file.unlink()
-
-
-def _append_file(out: BinaryIO, part: Path) -> None:
-    """Append the file ``part`` to ``out`` (copied in the kernel where the system allows it)."""
-    out.flush()
-    with part.open("rb") as src:
-        size, done = os.fstat(src.fileno()).st_size, 0
-        with contextlib.suppress(OSError, AttributeError):  # no copy_file_range: copy below
-            while done < size:
-                sent = os.copy_file_range(src.fileno(), out.fileno(), size - done)
-                if sent == 0:
-                    break
-                done += sent
-        if done < size:
-            src.seek(done)
-            shutil.copyfileobj(src, out, 1024 * 1024)
 
 
 def write_jdbc(df: DataFrame, table: str, jdbc_options: dict, *, partitions: int) -> None:
@@ -742,12 +733,12 @@ def run_settlement(
     from that aggregation. With ``inputs.cache_transactions`` (a database) the settled transactions are
     persisted (memory, spilling to disk) so the database is read once; a file is parsed again instead.
     The large output is written without a shuffle when its partitions are already in id order (see
-    :func:`write_csv`). With automatic shuffle partitions (see :func:`cardpipe.batch.spark.build_spark_session`)
-    the job sizes them from ``inputs.transactions_bytes``.
+    :func:`write_csv`). File splits and (when automatic) shuffle partitions are sized from
+    ``inputs.transactions_bytes`` (:func:`cardpipe.batch.spark.job_conf`).
     """
     from pyspark import StorageLevel
 
-    from cardpipe.batch.spark import job_shuffle_partitions
+    from cardpipe.batch.spark import job_conf
 
     started = time.perf_counter()
     tables = dict(jdbc_tables or {})
@@ -760,11 +751,11 @@ def run_settlement(
     results_dir.mkdir(parents=True, exist_ok=True)
 
     steps: dict[str, float] = {}
-    shuffle_conf = "spark.sql.shuffle.partitions"
-    session_partitions = spark.conf.get(shuffle_conf)
-    partitions = job_shuffle_partitions(spark, inputs.transactions_bytes)
-    if partitions:
-        spark.conf.set(shuffle_conf, str(partitions))
+    globally: list[str] = []
+    conf = job_conf(spark, inputs.transactions_bytes)
+    session_conf = {key: spark.conf.get(key, None) for key in conf}
+    for key, value in conf.items():
+        spark.conf.set(key, value)
     outputs = settle(inputs)
     frames = outputs.by_name()
     # Persisted in dependency order; the outputs are projections of these, so every sink reads them.
@@ -787,6 +778,7 @@ def run_settlement(
                     sorted_globally = write_csv(frames[name], key, results_dir / f"{name}.csv", columns,
                                                 partitions_in_order=in_order)
                 if sorted_globally:
+                    globally.append(name)
                     log.debug("%s: partitions not in %s order, sorted globally", name, key)
             with _timed(steps, "summary"):
                 summary = _summarize(outputs, started)
@@ -799,10 +791,14 @@ def run_settlement(
         for df in cached:
             if df is not None:
                 df.unpersist()
-        if partitions:
-            spark.conf.set(shuffle_conf, session_partitions)
+        for key, value in session_conf.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
     summary = SettlementSummary(
-        **{**summary.__dict__, "seconds": round(time.perf_counter() - started, 3), "steps": steps}
+        **{**summary.__dict__, "seconds": round(time.perf_counter() - started, 3), "steps": steps,
+           "sorted_globally": tuple(globally)}
     )
     log.info("%s", summary.describe())
     log.debug("settlement steps (s): %s", steps)

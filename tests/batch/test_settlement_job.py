@@ -292,6 +292,46 @@ def test_jdbc_options_from_url_hide_the_password():
     assert "s3cr3t-pw" not in options.describe()
 
 
+def test_class_data_sharing_archive_is_dumped_once_then_used(tmp_path, monkeypatch):
+    import time
+
+    from cardpipe.batch import spark as spark_module
+
+    monkeypatch.setattr(spark_module.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.delenv("CARDPIPE_SPARK_CDS", raising=False)
+    folder = tmp_path / f"cardpipe-spark-cds-{os.getuid()}"
+
+    first = spark_module.class_data_sharing_options("-Da=1")
+    dump = Path(next(o for o in first if o.startswith("-XX:ArchiveClassesAtExit=")).split("=", 1)[1])
+    assert dump.parent == folder and dump.name.endswith(f".{os.getpid()}.dump")
+    key = dump.name.split(".")[0]
+    archive = folder / f"{key}.jsa"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+
+    # A JVM still writing its dump (header not written yet): nobody else dumps meanwhile, nothing is used.
+    writing = folder / f"{key}.{dead_pid}.dump"
+    writing.write_bytes(b"\0" * 64)
+    assert spark_module.class_data_sharing_options("-Da=1") == []
+    # Abandoned long ago: dropped, and this JVM dumps instead.
+    old = time.time() - 3600
+    os.utime(writing, (old, old))
+    assert any(o.startswith("-XX:ArchiveClassesAtExit=") for o in spark_module.class_data_sharing_options("-Da=1"))
+    assert not writing.exists()
+    # A finished dump of a process that has exited becomes the archive, which the next JVMs map.
+    writing.write_bytes(spark_module._CDS_MAGIC + b"rest of the archive")
+    options = spark_module.class_data_sharing_options("-Da=1")
+    assert f"-XX:SharedArchiveFile={archive}" in options and "-Xlog:cds=off" in options
+    assert archive.read_bytes().startswith(spark_module._CDS_MAGIC) and not writing.exists()
+    # Another finished dump once the archive exists: dropped. Other JVM options: another archive.
+    writing.write_bytes(spark_module._CDS_MAGIC)
+    assert f"-XX:SharedArchiveFile={archive}" in spark_module.class_data_sharing_options("-Da=1")
+    assert not writing.exists()
+    assert any(o.startswith("-XX:ArchiveClassesAtExit=") for o in spark_module.class_data_sharing_options("-Da=2"))
+    monkeypatch.setenv("CARDPIPE_SPARK_CDS", "0")
+    assert spark_module.class_data_sharing_options("-Da=1") == []
+
+
 @pytest.mark.spark
 def test_conformance_with_the_seed_reference(spark, tmp_path):
     from cardpipe.batch.settlement_job import read_csv_inputs, run_settlement
@@ -423,6 +463,77 @@ def test_write_csv_round_trips_through_pythons_csv(spark, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
 
 
+@pytest.mark.spark
+@pytest.mark.parametrize("in_id_order", [True, False], ids=["in-id-order", "shuffled"])
+def test_many_input_partitions_sorted_with_or_without_a_shuffle(spark, tmp_path, in_id_order):
+    """Stream results read as many partitions: in id order, each partition is sorted on its own (no
+    shuffle of the transactions); shuffled, they are sorted globally. The files equal the reference."""
+    from cardpipe.batch.settlement_job import read_csv_inputs, run_settlement
+
+    data = generate_dataset(seed=5, n_transactions=6_000)  # shuffled
+    if in_id_order:
+        data.transactions.sort(key=lambda t: t["transaction_id"])
+    stream_csv, cards_csv, customers_csv = data.write_inputs(tmp_path / "in")
+    key = "spark.sql.files.maxPartitionBytes"
+    previous = spark.conf.get(key)
+    spark.conf.set(key, str(64 * 1024))  # the ~1 MB stream file in many splits
+    try:
+        inputs = read_csv_inputs(spark, stream_csv, cards_csv, customers_csv)
+        assert inputs.transactions.rdd.getNumPartitions() >= 8
+        summary = run_settlement(spark, inputs, tmp_path / "results")
+    finally:
+        spark.conf.set(key, previous)
+    assert summary.sorted_globally == (() if in_id_order else ("batch_transactions",))
+    assert_outputs_match_reference(tmp_path / "results", data)
+
+
+@pytest.mark.spark
+def test_write_csv_sorts_globally_only_when_partitions_overlap(spark, tmp_path):
+    from pyspark import StorageLevel
+
+    from cardpipe.batch.settlement_job import partitions_in_key_order, write_csv
+
+    def frame(chunks: list[list[int | None]]):
+        rows = [(k, f"row {k}") for chunk in chunks for k in chunk]
+        rdd = spark.sparkContext.parallelize(rows, len(chunks))  # one chunk per partition, in this order
+        return spark.createDataFrame(rdd, "id long, v string").persist(StorageLevel.MEMORY_ONLY)
+
+    def written(name: str) -> list[int]:
+        with (tmp_path / name).open(newline="", encoding="utf-8") as handle:
+            return [int(r["id"]) for r in csv.DictReader(handle)]
+
+    # Partitions in key order, rows inside them not: each partition is sorted on its own.
+    in_order = frame([list(range(49, -1, -1)), list(range(99, 49, -1)), list(range(150, 100, -1))])
+    assert partitions_in_key_order(in_order, "id")
+    assert write_csv(in_order, "id", tmp_path / "a.csv", ("id", "v"), partitions_in_order=None) is False
+    assert written("a.csv") == sorted([*range(100), *range(101, 151)])
+    # Overlapping partitions: sorted globally.
+    overlapping = frame([list(range(50, 100)), list(range(0, 60, 2))])
+    assert not partitions_in_key_order(overlapping, "id")
+    assert write_csv(overlapping, "id", tmp_path / "b.csv", ("id", "v"), partitions_in_order=None) is True
+    assert written("b.csv") == sorted([*range(50, 100), *range(0, 60, 2)])
+    # A null key sorts first: not in order unless sorted globally.
+    assert not partitions_in_key_order(frame([[1, 2], [None, 3]]), "id")
+    for df in (in_order, overlapping):
+        df.unpersist()
+
+
+@pytest.mark.spark
+def test_job_conf_sizes_splits_and_shuffle_partitions_from_the_input(spark):
+    from cardpipe.batch.spark import FILE_PARTITION_BYTES, SHUFFLE_PARTITION_BYTES, job_conf
+
+    cores = spark.sparkContext.defaultParallelism  # the fixture's local[2]: 2
+    size = 1_300_000_000  # ~10M stream results
+    conf = job_conf(spark, size)
+    splits = -(-size // int(conf["spark.sql.files.maxPartitionBytes"]))
+    assert splits % cores == 0 and int(conf["spark.sql.files.maxPartitionBytes"]) <= FILE_PARTITION_BYTES
+    assert splits - cores < size / FILE_PARTITION_BYTES  # no more splits than needed
+    assert int(conf["spark.sql.shuffle.partitions"]) == -(-size // SHUFFLE_PARTITION_BYTES)
+    # Small inputs keep Spark's splits and the session's (automatic) shuffle partitions.
+    assert job_conf(spark, 50_000) == {"spark.sql.shuffle.partitions": spark.conf.get("spark.sql.shuffle.partitions")}
+    assert job_conf(spark, None) == {}
+
+
 INPUT_DDL = {
     "stream_transactions": """
         CREATE TABLE {name} (
@@ -477,9 +588,11 @@ def test_jdbc_round_trip(spark, tmp_path, mysql_database):
         options = jdbc_options_from_url(url)
         inputs = read_jdbc_inputs(spark, options, partitions=3)
         assert inputs.transactions.rdd.getNumPartitions() == 3
+        assert inputs.cache_transactions  # a database is read once
         summary = run_settlement(spark, inputs, tmp_path / "results", options,
                                  {name: name for name in OUTPUT_TABLES})
         assert summary.transactions == len(data.transactions)
+        assert summary.sorted_globally == ()  # read in ranges of transaction_id
         assert_outputs_match_reference(tmp_path / "results", data)
 
         ref = data.reference()
