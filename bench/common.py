@@ -70,8 +70,15 @@ def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS so far (Linux reports ru_maxrss in KB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak RSS so far: VmHWM of /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across ``execve``, so a process that multiprocessing
+    spawns (fork, then exec of a fresh interpreter) reports the RSS of the parent it was forked from
+    when that was larger (the latency benchmark's parent holding 200k messages: 964 MB reported for a
+    consumer that never used 80 MB). VmHWM belongs to the address space exec creates.
+    """
+    peak = rss_mb("self", "VmHWM")
+    return peak if peak is not None else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # --- statistics and output ------------------------------------------------------------------------

@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 PRODUCER_DEFAULTS = {
     "enable.idempotence": True,
     "acks": "all",
-    "linger.ms": 5,  # a batch waits at most 5 ms for company: latency stays low, batches stay big under load
+    # A batch waits at most 10 ms for company. Measured at 10,000 msg/s on the embedded broker (no processing,
+    # fetch.wait.max.ms 10): linger 10 ms gives p99 20 ms publish -> fetched; 5 ms 48 ms, 3 ms 132 ms, 1 ms
+    # 156 ms (more, smaller requests queue up in the broker); 20 ms 30 ms.
+    "linger.ms": 10,
     "batch.num.messages": 10_000,
     "batch.size": 1_000_000,
     "queue.buffering.max.messages": 1_000_000,
