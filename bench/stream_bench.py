@@ -74,7 +74,10 @@ def ours_produce(env: dict[str, str], work: Path, data: Path) -> dict[str, Any]:
             "publish_loop_seconds": round(summary.seconds, 3)}
 
 
-def ours_consume(env: dict[str, str], work: Path, data: Path, profile: Path | None = None) -> dict[str, Any]:
+def ours_consume(env: dict[str, str], work: Path, data: Path, profile: Path | None = None,
+                 workers: int = 1) -> dict[str, Any]:
+    import hashlib
+
     from sqlalchemy import func, select
 
     from cardpipe.orchestration import commands
@@ -92,7 +95,7 @@ def ours_consume(env: dict[str, str], work: Path, data: Path, profile: Path | No
         profiler = cProfile.Profile()
         profiler.enable()
     started = time.perf_counter()
-    summary = commands.consume(s, options)
+    summary = commands.consume(s, options, workers=workers)
     seconds = time.perf_counter() - started
     if profiler is not None:
         profiler.disable()
@@ -111,21 +114,25 @@ def ours_consume(env: dict[str, str], work: Path, data: Path, profile: Path | No
         "seconds": round(seconds, 3),
         "loop_seconds": round(summary.seconds, 3),
         "latency": latency_stats(summary.latencies_ms),
+        # The exported results, to show that N workers decide exactly what one does.
+        "results_sha256": hashlib.sha256((work / "stream_transactions.csv").read_bytes()).hexdigest(),
     }
 
 
-def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int) -> dict[str, Any]:
+def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int, workers: int = 1) -> dict[str, Any]:
+    run = sink if workers == 1 else f"{sink}/{workers}w"
     work = fresh_dir(WORK_DIR / f"stream-ours-{sink}")
     try:
         with embedded_broker(work) as broker:
             env = {**env, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
-            say(f"ours/{sink}: setup + load {transactions:,} transactions (not timed)")
+            say(f"ours/{run}: setup + load {transactions:,} transactions (not timed)")
             loaded, _ = run_worker(ours_prepare, env, work, data)
-            say(f"ours/{sink}: loaded in {loaded['seconds']} s; producing")
-            result: dict[str, Any] = {"sink": sink, "load": loaded, "load_average_before": load_average()}
+            say(f"ours/{run}: loaded in {loaded['seconds']} s; producing")
+            result: dict[str, Any] = {"sink": sink, "workers": workers, "load": loaded,
+                                      "load_average_before": load_average()}
             produced, produce_rss = run_worker(ours_produce, env, work, data)
-            say(f"ours/{sink}: published {produced['published']:,} in {produced['seconds']} s; consuming")
-            consumed, consume_rss = run_worker(ours_consume, env, work, data)
+            say(f"ours/{run}: published {produced['published']:,} in {produced['seconds']} s; consuming")
+            consumed, consume_rss = run_worker(ours_consume, env, work, data, None, workers)
             result["load_average_after"] = load_average()
         total = produced["seconds"] + consumed["seconds"]
         result.update({
@@ -139,7 +146,7 @@ def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int) 
             "e2e_rate": rate(consumed["messages"], total),
             "complete": consumed["stored_rows"] == transactions and consumed["messages"] == transactions,
         })
-        say(f"ours/{sink}: {result['e2e_rate']:,.0f} tx/s end to end, consume loop "
+        say(f"ours/{run}: {result['e2e_rate']:,.0f} tx/s end to end, consume loop "
             f"{result['consume']['loop_rate']:,.0f} tx/s")
         return result
     finally:
@@ -391,6 +398,8 @@ def report(results: dict[str, Any]) -> None:
                  "cons RSS MB", "load avg"], rows)
     ratio_rows = []
     for sink, r in ours.items():
+        if r.get("workers", 1) != 1:
+            continue
         target = 100_000 if sink == "sqlite" else 50_000
         ours_seed = ratio(r["e2e_rate"], seed[sink]["e2e_rate"]) if seed and sink in seed else None
         ours_raw = ratio(r["e2e_rate"], raw["e2e_rate"]) if raw else None
@@ -402,6 +411,23 @@ def report(results: dict[str, Any]) -> None:
         }
     print_table("ratios (targets: >= target tx/s, ours/seed >= 100, ours/raw >= 0.25)",
                 ["sink", "ours e2e tx/s", "target", "ours/seed", "ours/raw"], ratio_rows)
+    scale_rows = []
+    for run, r in ours.items():
+        one = ours.get(r["sink"])
+        if r.get("workers", 1) == 1 or one is None:
+            continue
+        loop_ratio = ratio(r["consume"]["loop_rate"], one["consume"]["loop_rate"])
+        consume_ratio = ratio(r["consume"]["rate"], one["consume"]["rate"])
+        identical = r["consume"]["results_sha256"] == one["consume"]["results_sha256"]
+        scale_rows.append([run, one["consume"]["loop_rate"], r["consume"]["loop_rate"], loop_ratio, consume_ratio,
+                           identical])
+        results["scale_out"][run] = {"workers": r["workers"], "loop_ratio": loop_ratio, "consume_ratio": consume_ratio,
+                                     "identical_results": identical,
+                                     "meets_1_5x": loop_ratio is not None and loop_ratio >= 1.5 and identical}
+    if scale_rows:
+        print_table("scale-out (target: >= 1.5x one worker's throughput, identical results)",
+                    ["run", "1 worker loop/s", "N workers loop/s", "loop ratio", "consume ratio", "identical"],
+                    scale_rows)
 
 
 def main() -> None:
@@ -410,6 +436,8 @@ def main() -> None:
     parser.add_argument("--sinks", default="sqlite,mysql")
     parser.add_argument("--seed-sample", type=int, default=20_000, help="messages for the seed approach (0: skip)")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw broker measurement")
+    parser.add_argument("--workers", default="1",
+                        help="consumer process counts to measure per sink, e.g. 1,2 (scale-out: N vs 1)")
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--bench-db", default=common.DEFAULT_BENCH_DB, help="MariaDB database to create and drop")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "stream.json")
@@ -419,18 +447,19 @@ def main() -> None:
     results: dict[str, Any] = {"benchmark": "stream", "machine": machine(),
                                "config": {"transactions": args.transactions, "sinks": sinks,
                                           "seed_sample": args.seed_sample, "generator_seed": args.seed},
-                               "ours": {}, "ratios": {},
+                               "ours": {}, "ratios": {}, "scale_out": {},
                                "seed_system_reference": {"consumer_rate": 17_600, "note": "SPEC section 8"}}
     data = dataset(args.transactions, args.seed)
     results["config"]["dataset"] = {"path": str(data), "counts": dataset_counts(data)}
     envs = {sink: sink_env(sink, args.bench_db) for sink in sinks}
     try:
         for sink in sinks:
-            if sink == "mysql":
-                drop_mysql_database(envs[sink], recreate=True)
-            r = measure_ours(sink, envs[sink], data, args.transactions)
-            r["config_transactions"] = args.transactions
-            results["ours"][sink] = r
+            for workers in sorted({int(w) for w in args.workers.split(",")}):
+                if sink == "mysql":
+                    drop_mysql_database(envs[sink], recreate=True)
+                r = measure_ours(sink, envs[sink], data, args.transactions, workers)
+                r["config_transactions"] = args.transactions
+                results["ours"][sink if workers == 1 else f"{sink}/{workers}w"] = r
         if not args.no_raw:
             results["raw"] = measure_raw(data, args.transactions)
         if args.seed_sample > 0:
