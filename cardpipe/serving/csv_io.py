@@ -541,8 +541,48 @@ def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[
 
 
 def export_table(conn: Connection, table: Table, path: Path, columns: Sequence[str] | None = None) -> int:
-    """Write ``table`` to ``path`` sorted by its primary key (streamed, atomic)."""
+    """Write ``table`` to ``path`` sorted by its primary key (streamed, atomic).
+
+    Money and timestamps are formatted by the database (:func:`_exported`) as :func:`format_cell` would:
+    no Decimal or datetime is built per cell only to be turned back into text (about half the time of
+    exporting a million stream results).
+    """
     names = list(columns or table.columns.keys())
-    query = table.select().with_only_columns(*[table.c[n] for n in names]).order_by(*table.primary_key.columns)
+    selected = [_exported(table.c[n], conn.dialect.name) for n in names]
+    query = table.select().with_only_columns(*selected).order_by(*table.primary_key.columns)
     result = conn.execution_options(stream_results=True, yield_per=20_000).execute(query)
     return write_csv_atomic(path, names, result)
+
+
+def _exported(column: Any, dialect: str) -> Any:
+    """``column`` as text in the output files' format, computed in SQL, where the dialect allows it:
+
+    * money, DECIMAL(p,2): two decimals. MySQL's CAST of a DECIMAL(p,2) to CHAR is that text. SQLite keeps
+      such a value as an INTEGER or a REAL (NUMERIC affinity); ``printf('%.2f')`` of the nearest double
+      gives the exact cents for every amount DECIMAL(12,2) holds (at most 15 significant digits);
+    * DATETIME: ``YYYY-MM-DD HH:MM:SS``. MySQL's CAST of a DATETIME(0) to CHAR is that text; SQLite keeps
+      SQLAlchemy's ``YYYY-MM-DD HH:MM:SS.ffffff``, whose first 19 characters it is.
+
+    NULL stays NULL (an empty cell). Other columns and dialects are read as they are and formatted by
+    :func:`format_cell`.
+    """
+    from sqlalchemy import CHAR, case, cast, func, type_coerce
+
+    kind = column.type
+    if isinstance(kind, Numeric) and not isinstance(kind, (Integer, BigInteger)) and kind.scale == 2:
+        if dialect == "sqlite":
+            text = case((column.is_(None), None), else_=func.printf("%.2f", column))
+        elif dialect in ("mysql", "mariadb"):
+            text = cast(column, CHAR)
+        else:
+            return column
+    elif isinstance(kind, DateTime):
+        if dialect == "sqlite":
+            text = func.substr(column, 1, 19)
+        elif dialect in ("mysql", "mariadb") and not getattr(kind, "fsp", None):
+            text = cast(column, CHAR)
+        else:
+            return column
+    else:
+        return column
+    return type_coerce(text, String).label(column.name)
