@@ -100,6 +100,43 @@ def test_export_writes_sorted_csv_with_two_decimals(engine, seed_dataset, tmp_pa
     assert rows[0]["credit_limit"] == "2500.00" and rows[0]["issue_date"] == "2022-11-18"
 
 
+EDGE_AMOUNTS = [D("0.00"), D("-0.01"), D("0.10"), D("-95.11"), D("12.30"), D("1000000.00"), D("9999999999.99"),
+                D("-9999999999.99"), D("123456789.05"), D("7")]
+
+
+def test_export_formats_money_and_timestamps_in_sql_as_format_cell_does(engine, tmp_path):
+    """Exports format money and timestamps in the database; the text equals format_cell's for every edge."""
+    from cardpipe.serving.csv_io import format_cell
+    from cardpipe.serving.results import STREAM_COLUMNS
+
+    rows = []
+    for i, amount in enumerate(EDGE_AMOUNTS, start=1):
+        rows.append({
+            "transaction_id": i, "card_id": i, "merchant_name": f"Shop, \"{i}\"", "location": "Town 00501",
+            "timestamp": datetime(2024, 2, 29, 23, 59, 59, 999999) if i % 2 else datetime(1999, 1, 1, 0, 0, i),
+            "amount": amount, "transaction_type": "refund" if amount < 0 else "purchase",
+            "related_transaction_id": i - 1 if i % 3 == 0 else None,
+            "status": "declined" if i % 4 == 0 else "pending",
+            "pending_balance": None if i % 4 == 0 else abs(amount),
+            "decline_reason": "over_limit" if i % 4 == 0 else None,
+        })
+    with engine.begin() as conn:
+        conn.execute(schema.stream_transactions.insert(), rows)
+    with engine.connect() as conn:
+        export_table(conn, schema.stream_transactions, tmp_path / "s.csv", STREAM_COLUMNS)
+    with (tmp_path / "s.csv").open(newline="", encoding="utf-8") as handle:
+        written = list(csv.reader(handle))
+    assert written[0] == list(STREAM_COLUMNS)
+    expected = []
+    for row in rows:
+        stored = {**row, "timestamp": row["timestamp"].replace(microsecond=0)}  # DATETIME keeps whole seconds
+        expected.append([format_cell(stored[c]) for c in STREAM_COLUMNS])
+    assert written[1:] == expected
+    amounts = [r[STREAM_COLUMNS.index("amount")] for r in written[1:]]
+    assert amounts[6:8] == ["9999999999.99", "-9999999999.99"] and amounts[-1] == "7.00"
+    assert written[1][STREAM_COLUMNS.index("timestamp")] == "2024-02-29 23:59:59"
+
+
 @pytest.mark.mysql
 def test_wrong_password_is_a_one_line_error_without_the_password(mysql_database):
     bad = mysql_database.set(password="definitely-wrong-pw")
