@@ -48,8 +48,19 @@ def _to_int(text: str) -> int:
         return int(value)
 
 
+#: The canonical ``TIMESTAMP_FORMAT`` text: ``YYYY-MM-DD HH:MM:SS``, ASCII digits only.
+_CANONICAL_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
+
+
 def _to_timestamp(text: str) -> datetime:
-    return datetime.strptime(text.strip(), TIMESTAMP_FORMAT)
+    """Parse ``TIMESTAMP_FORMAT``. The canonical text (every file cardpipe and the seed write) is parsed
+    by ``datetime.fromisoformat``, ~10x faster than ``strptime``, which parses everything else it accepts
+    (single-digit fields, say); the two agree on every canonical text, invalid dates included (both raise).
+    """
+    text = text.strip()
+    if _CANONICAL_TIMESTAMP.fullmatch(text):
+        return datetime.fromisoformat(text)
+    return datetime.strptime(text, TIMESTAMP_FORMAT)
 
 
 def _to_date(text: str) -> date:
@@ -205,6 +216,12 @@ _SMALL_INT_TEXT = re.compile(r"-?[0-9]{1,9}")  # always within INT
 _MONEY_TEXT = re.compile(r"-?[0-9]{1,10}(?:\.[0-9]{1,2})?")  # DECIMAL(12,2) exactly, no rounding
 _TIMESTAMP_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")  # TIMESTAMP_FORMAT
 _DATE_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _values_of(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """A dict row's values for ``names``, in that order, as a tuple."""
+    getter = itemgetter(*names)
+    return (lambda row: (getter(row),)) if len(names) == 1 else getter
 
 
 def _format_decimal(value: Decimal) -> str:
@@ -451,19 +468,32 @@ def _diagnose(path: Path, line: int, plan: Sequence[_Column], steps: Sequence[tu
 
 def insert_rows(conn: Connection, table: Table, rows: Iterable[dict[str, Any]],
                 progress: Callable[[int], None] | None = None) -> int:
-    """Insert ``rows`` in chunks on ``conn`` (the caller owns the transaction). Returns the count."""
+    """Insert ``rows`` in chunks on ``conn`` (the caller owns the transaction). Returns the count.
+
+    Every row has the keys of the first (as :func:`read_typed_rows` yields them); the chunks go to
+    :class:`~cardpipe.serving.bulk.BulkWriter` as tuples (the dialect's own value conversion, a column at
+    a time), about 3x less CPU than SQLAlchemy's per-row parameter processing.
+    """
+    from cardpipe.serving.bulk import BulkWriter
+
     total = 0
-    chunk: list[dict[str, Any]] = []
+    writer: BulkWriter | None = None
+    values: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
+    chunk: list[tuple[Any, ...]] = []
     for row in rows:
-        chunk.append(row)
+        if values is None:
+            names = tuple(row)
+            writer = BulkWriter(conn.dialect, table, names)
+            values = _values_of(names)
+        chunk.append(values(row))
         if len(chunk) >= CHUNK_ROWS:
-            conn.execute(table.insert(), chunk)
+            writer.write(conn, chunk)  # type: ignore[union-attr]
             total += len(chunk)
             chunk = []
             if progress:
                 progress(total)
     if chunk:
-        conn.execute(table.insert(), chunk)
+        writer.write(conn, chunk)  # type: ignore[union-attr]
         total += len(chunk)
     return total
 
