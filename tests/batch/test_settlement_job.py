@@ -416,6 +416,39 @@ def test_settle_keeps_types_and_column_order(spark, tmp_path):
 
 
 @pytest.mark.spark
+def test_batch_transactions_csv_keeps_canonical_text_and_formats_the_rest(spark, tmp_path):
+    """The CSV file of batch_transactions written from the input's text (where canonical) is byte for byte
+    the file written from the parsed values; non-canonical texts are formatted from their values."""
+    from cardpipe.batch.settlement_job import read_csv_inputs, settle, write_csv
+
+    data = generate_dataset(seed=13, n_transactions=3_000)
+    stream_csv, cards_csv, customers_csv = data.write_inputs(tmp_path / "in")
+    with stream_csv.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    odd = {"amount": ["12.3", "007.50", "-0.00", "1e2", "+5.00", " 4.00", "abc"],
+           "pending_balance": ["0", "-0.00", "00.10", "3.456", ""],
+           "timestamp": ["2024-01-05T01:02:03", "2024-1-5 01:02:03", "2024-13-01 00:00:00", "2024-01-05 01:02:03.5",
+                         "not a time"]}
+    for i, row in enumerate(rows[::50]):
+        for column, values in odd.items():
+            row[column] = values[i % len(values)]
+    with stream_csv.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    out = settle(read_csv_inputs(spark, stream_csv, cards_csv, customers_csv))
+    assert out.batch_transactions_csv is not None
+    write_csv(out.batch_transactions_csv, "transaction_id", tmp_path / "text.csv", STREAM_COLUMNS)
+    write_csv(out.batch_transactions, "transaction_id", tmp_path / "typed.csv", STREAM_COLUMNS)
+    assert (tmp_path / "text.csv").read_bytes() == (tmp_path / "typed.csv").read_bytes()
+    with (tmp_path / "text.csv").open(newline="", encoding="utf-8") as handle:
+        written = {int(r["transaction_id"]): r for r in csv.DictReader(handle)}
+    first = written[int(rows[0]["transaction_id"])]
+    assert first["amount"] == "12.30" and first["timestamp"] == ""  # formatted from the parsed value; unparsable
+    assert written[int(rows[50]["transaction_id"])]["amount"] == "7.50"
+
+
+@pytest.mark.spark
 def test_write_csv_empty_frame_gives_a_header_only_file(spark, tmp_path):
     from cardpipe.batch.settlement_job import STREAM_SCHEMA, write_csv
 
