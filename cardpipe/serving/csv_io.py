@@ -21,11 +21,26 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Date, DateTime, Integer, Numeric, String, Table
+from sqlalchemy import (
+    CHAR,
+    BigInteger,
+    Connection,
+    Date,
+    DateTime,
+    Integer,
+    Numeric,
+    String,
+    Table,
+    case,
+    cast,
+    func,
+    type_coerce,
+)
 
 from cardpipe.domain.money import MAX_MONEY, MoneyError, parse_money_lenient
-from cardpipe.domain.records import TIMESTAMP_FORMAT
+from cardpipe.domain.records import CANONICAL_TIMESTAMP, TIMESTAMP_FORMAT
 from cardpipe.errors import InputFileError
+from cardpipe.serving.bulk import BulkWriter
 
 Converter = Callable[[str], Any]
 Normaliser = Callable[[str], str]
@@ -48,17 +63,13 @@ def _to_int(text: str) -> int:
         return int(value)
 
 
-#: The canonical ``TIMESTAMP_FORMAT`` text: ``YYYY-MM-DD HH:MM:SS``, ASCII digits only.
-_CANONICAL_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
-
-
 def _to_timestamp(text: str) -> datetime:
     """Parse ``TIMESTAMP_FORMAT``. The canonical text (every file cardpipe and the seed write) is parsed
     by ``datetime.fromisoformat``, ~10x faster than ``strptime``, which parses everything else it accepts
     (single-digit fields, say); the two agree on every canonical text, invalid dates included (both raise).
     """
     text = text.strip()
-    if _CANONICAL_TIMESTAMP.fullmatch(text):
+    if CANONICAL_TIMESTAMP.fullmatch(text):
         return datetime.fromisoformat(text)
     return datetime.strptime(text, TIMESTAMP_FORMAT)
 
@@ -474,8 +485,6 @@ def insert_rows(conn: Connection, table: Table, rows: Iterable[dict[str, Any]],
     :class:`~cardpipe.serving.bulk.BulkWriter` as tuples (the dialect's own value conversion, a column at
     a time), about 3x less CPU than SQLAlchemy's per-row parameter processing.
     """
-    from cardpipe.serving.bulk import BulkWriter
-
     total = 0
     writer: BulkWriter | None = None
     values: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
@@ -596,8 +605,6 @@ def _exported(column: Any, dialect: str) -> Any:
     NULL stays NULL (an empty cell). Other columns and dialects are read as they are and formatted by
     :func:`format_cell`.
     """
-    from sqlalchemy import CHAR, case, cast, func, type_coerce
-
     kind = column.type
     if isinstance(kind, Numeric) and not isinstance(kind, (Integer, BigInteger)) and kind.scale == 2:
         if dialect == "sqlite":

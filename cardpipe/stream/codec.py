@@ -14,14 +14,13 @@ strict path would; anything it does not take, valid or not, goes to the strict p
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from cardpipe.domain.money import MoneyError, parse_money
-from cardpipe.domain.records import Transaction
+from cardpipe.domain.records import CANONICAL_TIMESTAMP, Transaction
 
 try:
     from orjson import dumps as _fast_dumps
@@ -37,7 +36,7 @@ _MAX_ID = 2**63 - 1
 _MAX_ID_DIGITS = 19
 _MAX_MERCHANT, _MAX_LOCATION, _MAX_TYPE = (_TEXT_LIMITS[f] for f in ("merchant_name", "location", "transaction_type"))
 #: ``YYYY-MM-DD HH:MM:SS`` in ASCII digits, the only shape accepted (fromisoformat alone takes more).
-_TIMESTAMP_SHAPE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}").fullmatch
+_TIMESTAMP_SHAPE = CANONICAL_TIMESTAMP.fullmatch
 _fromisoformat = datetime.fromisoformat
 #: Messages up to this size nest at most half as deep, well within the standard decoder's recursion limit.
 _MAX_UNCHECKED_NESTING = 1024
