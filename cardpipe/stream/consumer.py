@@ -14,8 +14,9 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from sqlalchemy.exc import IntegrityError
@@ -73,17 +74,22 @@ class ConsumeSummary:
 
 
 @contextmanager
-def stop_on_sigterm(stop: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM finishes the current batch and stops, like Ctrl-C."""
+def signal_handled(signum: int, handler: Any) -> Iterator[None]:
+    """``handler`` for ``signum`` while inside, the previous one restored after (nothing off the main thread)."""
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop())
+        previous = signal.signal(signum, handler)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
+
+
+def stop_on_sigterm(stop: Callable[[], None]) -> AbstractContextManager[None]:
+    """SIGTERM finishes the current batch and stops, like Ctrl-C."""
+    return signal_handled(signal.SIGTERM, lambda *_: stop())
 
 
 def consume(

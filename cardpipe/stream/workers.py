@@ -21,15 +21,15 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from cardpipe.config import Settings
 from cardpipe.errors import CardpipeError
-from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, stop_on_sigterm
+from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, signal_handled, stop_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -239,17 +239,8 @@ def _stop_all(running: list[_Worker], stop: _Stop, progress: Callable[[str], Non
         worker.conn.close()
 
 
-@contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _sigint_ignored() -> AbstractContextManager[None]:
+    return signal_handled(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- inside a worker process ---------------------------------------------------------------------------
