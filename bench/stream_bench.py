@@ -7,6 +7,9 @@
    consumer's own samples (message CreateTime -> decision committed); here the whole topic is published
    before the consumer starts, so it is a backlog figure, not the decision latency at a given offered load
    (that is ``latency_bench.py``).
+   Pipelined (``--modes``, both by default): ``commands.stream``, as ``cardpipe run`` does it: the producer in
+   its own process publishes while the consumer decides; e2e tx/s = transactions / (wall time from the
+   start of publishing to the last decision committed and exported).
 2. the seed's approach on a sample (``--seed-sample``): kafka-python producer with ``flush()`` after every
    message (no sleep), then a kafka-python consumer deciding each message with cardpipe's domain rules and
    inserting ONE row with a commit per message (sqlite3 / PyMySQL directly).
@@ -14,6 +17,7 @@
    same encoded messages, then an ``assign()`` consumer reading them all, no processing.
 
     python3 bench/stream_bench.py [--transactions 1000000] [--sinks sqlite,mysql] [--seed-sample 20000]
+                                  [--workers 1,2] [--modes sequential,pipelined]
 """
 
 from __future__ import annotations
@@ -76,13 +80,7 @@ def ours_produce(env: dict[str, str], work: Path, data: Path) -> dict[str, Any]:
 
 def ours_consume(env: dict[str, str], work: Path, data: Path, profile: Path | None = None,
                  workers: int = 1) -> dict[str, Any]:
-    import hashlib
-
-    from sqlalchemy import func, select
-
     from cardpipe.orchestration import commands
-    from cardpipe.serving import schema
-    from cardpipe.serving.database import make_engine
     from cardpipe.stream.consumer import ConsumeOptions
 
     s = settings(env, work, data)
@@ -100,6 +98,31 @@ def ours_consume(env: dict[str, str], work: Path, data: Path, profile: Path | No
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(str(profile))
+    return _consume_result(s, work, summary, seconds)
+
+
+def ours_stream(env: dict[str, str], work: Path, data: Path, workers: int = 1) -> dict[str, Any]:
+    """``commands.stream``: the producer (its own process) and the consumer(s) at once, as ``cardpipe run``."""
+    from cardpipe.orchestration import commands
+    from cardpipe.stream.broker import BrokerHandle
+
+    s = settings(env, work, data)
+    started = time.perf_counter()
+    published, summary = commands.stream(s, BrokerHandle(s.kafka_bootstrap_servers, None, False), workers=workers)
+    seconds = time.perf_counter() - started
+    return {"produce": {"published": published.published, "seconds": round(published.seconds, 3),
+                        "publish_loop_seconds": round(published.seconds, 3)},
+            "consume": _consume_result(s, work, summary, seconds)}
+
+
+def _consume_result(s: Any, work: Path, summary: Any, seconds: float) -> dict[str, Any]:
+    import hashlib
+
+    from sqlalchemy import func, select
+
+    from cardpipe.serving import schema
+    from cardpipe.serving.database import make_engine
+
     engine = make_engine(s.database_url)
     try:
         with engine.connect() as conn:
@@ -119,8 +142,13 @@ def ours_consume(env: dict[str, str], work: Path, data: Path, profile: Path | No
     }
 
 
-def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int, workers: int = 1) -> dict[str, Any]:
-    run = sink if workers == 1 else f"{sink}/{workers}w"
+def run_name(sink: str, workers: int, pipelined: bool) -> str:
+    return sink + (f"/{workers}w" if workers > 1 else "") + ("/pipelined" if pipelined else "")
+
+
+def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int, workers: int = 1,
+                 pipelined: bool = False) -> dict[str, Any]:
+    run = run_name(sink, workers, pipelined)
     work = fresh_dir(WORK_DIR / f"stream-ours-{sink}")
     try:
         with embedded_broker(work) as broker:
@@ -128,13 +156,19 @@ def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int, 
             say(f"ours/{run}: setup + load {transactions:,} transactions (not timed)")
             loaded, _ = run_worker(ours_prepare, env, work, data)
             say(f"ours/{run}: loaded in {loaded['seconds']} s; producing")
-            result: dict[str, Any] = {"sink": sink, "workers": workers, "load": loaded,
+            result: dict[str, Any] = {"sink": sink, "workers": workers, "pipelined": pipelined, "load": loaded,
                                       "load_average_before": load_average()}
-            produced, produce_rss = run_worker(ours_produce, env, work, data)
-            say(f"ours/{run}: published {produced['published']:,} in {produced['seconds']} s; consuming")
-            consumed, consume_rss = run_worker(ours_consume, env, work, data, None, workers)
+            if pipelined:
+                # Wall time from the start of publishing to the last decision exported: publish and decide overlap.
+                streamed, consume_rss = run_worker(ours_stream, env, work, data, workers)
+                produced, consumed, produce_rss = streamed["produce"], streamed["consume"], None
+                total = consumed["seconds"]
+            else:
+                produced, produce_rss = run_worker(ours_produce, env, work, data)
+                say(f"ours/{run}: published {produced['published']:,} in {produced['seconds']} s; consuming")
+                consumed, consume_rss = run_worker(ours_consume, env, work, data, None, workers)
+                total = produced["seconds"] + consumed["seconds"]
             result["load_average_after"] = load_average()
-        total = produced["seconds"] + consumed["seconds"]
         result.update({
             "produce": {**produced, "rate": rate(produced["published"], produced["seconds"]),
                         "peak_rss_mb": produce_rss},
@@ -378,9 +412,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def report(results: dict[str, Any]) -> None:
     ours, seed, raw = results["ours"], results.get("seed"), results.get("raw")
     rows = []
-    for sink, r in ours.items():
+    for name, r in ours.items():
         lat = r["consume"]["latency"]
-        rows.append([f"ours / {sink}", r["config_transactions"], r["e2e_rate"], r["produce"]["rate"],
+        rows.append([f"ours / {name}", r["config_transactions"], r["e2e_rate"], r["produce"]["rate"],
                      r["consume"]["rate"], r["consume"]["loop_rate"], lat["p50_ms"], lat["p99_ms"],
                      r["consume"]["peak_rss_mb"], "/".join(str(x) for x in r["load_average_after"])])
     if seed:
@@ -393,27 +427,29 @@ def report(results: dict[str, Any]) -> None:
     if raw:
         rows.append(["raw confluent-kafka", raw["messages"], raw["e2e_rate"], raw["produce_rate"], raw["consume_rate"],
                      None, None, None, raw["peak_rss_mb"], "/".join(str(x) for x in raw["load_average_after"])])
-    print_table("stream end to end (tx/s; latency = publish CreateTime -> decision committed, topic pre-filled)",
+    print_table("stream end to end (tx/s; latency = publish CreateTime -> decision committed; sequential runs: "
+                "topic pre-filled, produce/s alone; pipelined: produce/s while consuming)",
                 ["run", "messages", "e2e tx/s", "produce/s", "consume/s", "loop/s", "p50 ms", "p99 ms",
                  "cons RSS MB", "load avg"], rows)
     ratio_rows = []
-    for sink, r in ours.items():
+    for name, r in ours.items():
         if r.get("workers", 1) != 1:
             continue
+        sink = r["sink"]
         target = 100_000 if sink == "sqlite" else 50_000
         ours_seed = ratio(r["e2e_rate"], seed[sink]["e2e_rate"]) if seed and sink in seed else None
         ours_raw = ratio(r["e2e_rate"], raw["e2e_rate"]) if raw else None
-        ratio_rows.append([sink, r["e2e_rate"], target, ours_seed, ours_raw])
-        results["ratios"][sink] = {
+        ratio_rows.append([name, r["e2e_rate"], target, ours_seed, ours_raw])
+        results["ratios"][name] = {
             "e2e_rate": r["e2e_rate"], "target_rate": target, "meets_rate": r["e2e_rate"] >= target,
             "ours_over_seed": ours_seed, "meets_100x_seed": ours_seed is not None and ours_seed >= 100,
             "ours_over_raw": ours_raw, "meets_within_4x_raw": ours_raw is not None and ours_raw >= 0.25,
         }
     print_table("ratios (targets: >= target tx/s, ours/seed >= 100, ours/raw >= 0.25)",
-                ["sink", "ours e2e tx/s", "target", "ours/seed", "ours/raw"], ratio_rows)
+                ["run", "ours e2e tx/s", "target", "ours/seed", "ours/raw"], ratio_rows)
     scale_rows = []
     for run, r in ours.items():
-        one = ours.get(r["sink"])
+        one = ours.get(run_name(r["sink"], 1, r.get("pipelined", False)))
         if r.get("workers", 1) == 1 or one is None:
             continue
         loop_ratio = ratio(r["consume"]["loop_rate"], one["consume"]["loop_rate"])
@@ -438,11 +474,14 @@ def main() -> None:
     parser.add_argument("--no-raw", action="store_true", help="skip the raw broker measurement")
     parser.add_argument("--workers", default="1",
                         help="consumer process counts to measure per sink, e.g. 1,2 (scale-out: N vs 1)")
+    parser.add_argument("--modes", default="sequential,pipelined",
+                        help="sequential (produce, then consume) and/or pipelined (commands.stream: both at once)")
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--bench-db", default=common.DEFAULT_BENCH_DB, help="MariaDB database to create and drop")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "stream.json")
     args = parser.parse_args()
     sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
+    modes = [{"sequential": False, "pipelined": True}[m.strip()] for m in args.modes.split(",") if m.strip()]
 
     results: dict[str, Any] = {"benchmark": "stream", "machine": machine(),
                                "config": {"transactions": args.transactions, "sinks": sinks,
@@ -454,12 +493,13 @@ def main() -> None:
     envs = {sink: sink_env(sink, args.bench_db) for sink in sinks}
     try:
         for sink in sinks:
-            for workers in sorted({int(w) for w in args.workers.split(",")}):
-                if sink == "mysql":
-                    drop_mysql_database(envs[sink], recreate=True)
-                r = measure_ours(sink, envs[sink], data, args.transactions, workers)
-                r["config_transactions"] = args.transactions
-                results["ours"][sink if workers == 1 else f"{sink}/{workers}w"] = r
+            for pipelined in modes:
+                for workers in sorted({int(w) for w in args.workers.split(",")}):
+                    if sink == "mysql":
+                        drop_mysql_database(envs[sink], recreate=True)
+                    r = measure_ours(sink, envs[sink], data, args.transactions, workers, pipelined)
+                    r["config_transactions"] = args.transactions
+                    results["ours"][run_name(sink, workers, pipelined)] = r
         if not args.no_raw:
             results["raw"] = measure_raw(data, args.transactions)
         if args.seed_sample > 0:

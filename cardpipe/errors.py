@@ -25,3 +25,9 @@ class InputFileError(CardpipeError):
 
 class BrokerLost(BrokerUnavailable):
     """The broker went away while the stream was being consumed (its messages may be gone with it)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): one line for a report."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SAWarning
 from cardpipe.config import Settings
 from cardpipe.errors import BrokerLost, ConfigError
 from cardpipe.faults import crash_point
+from cardpipe.orchestration.publisher import PublisherProcess, StreamStopped
 from cardpipe.serving import results as serving_results
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
 from cardpipe.serving.loader import LoadSummary, check_data_dir, load_inputs
@@ -100,7 +101,7 @@ MAX_BROKER_RECOVERIES = 3
 
 def consume(settings: Settings, options: ConsumeOptions | None = None, *,
             broker: BrokerHandle | None = None, progress: Progress | None = None,
-            workers: int = 1) -> ConsumeSummary:
+            workers: int = 1, publishing: Callable[[], bool] | None = None) -> ConsumeSummary:
     """Authorize the topic's transactions, then write ``stream_transactions.csv`` from the database.
 
     The embedded broker keeps messages in memory only. If it dies mid-stream, or this command has to
@@ -111,6 +112,8 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
     ``p % workers == i`` (see :mod:`cardpipe.stream.workers`); the results are those of one consumer.
     A broker lost mid-stream is then an error (:class:`~cardpipe.stream.workers.WorkerFailed`), not
     recovered; running ``consume`` again re-publishes what is undecided.
+
+    ``publishing``: a producer publishes the stream meanwhile (see :func:`stream`).
     """
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
@@ -133,7 +136,7 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
         total = ConsumeSummary()
         try:
             if workers > 1:
-                return _consume_with_workers(settings, options, broker, workers, progress)
+                return _consume_with_workers(settings, options, broker, workers, progress, publishing)
             while True:
                 _ensure_topics(settings, broker)
                 alive = (lambda pid=broker.pid: is_alive(pid)) if broker.pid is not None else None
@@ -141,7 +144,7 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
                     total.add(consume_topic(
                         broker.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
                         dead_letter_topic=settings.dead_letter_topic, options=options, progress=report,
-                        broker_alive=alive,
+                        broker_alive=alive, publishing=publishing,
                     ))
                     break
                 except BrokerLost as lost:
@@ -162,14 +165,14 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
 
 
 def _consume_with_workers(settings: Settings, options: ConsumeOptions, broker: BrokerHandle, workers: int,
-                          progress: Progress | None) -> ConsumeSummary:
+                          progress: Progress | None, publishing: Callable[[], bool] | None) -> ConsumeSummary:
     from cardpipe.stream.workers import consume_with_workers
 
     count = ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
     ensure_topic(broker.bootstrap_servers, settings.dead_letter_topic, 1)
     partitions = options.partitions if options.partitions is not None else tuple(range(count))
     return consume_with_workers(settings, broker.bootstrap_servers, partitions, workers, options,
-                                broker_pid=broker.pid, progress=progress)
+                                broker_pid=broker.pid, progress=progress, publishing=publishing)
 
 
 def _ensure_topics(settings: Settings, broker: BrokerHandle) -> None:
@@ -279,6 +282,30 @@ def _start_stream_here(settings: Settings, broker: BrokerHandle) -> None:
         engine.dispose()
 
 
+def stream(settings: Settings, broker: BrokerHandle, progress: Progress | None = None, *,
+           workers: int = 1) -> tuple[PublishSummary, ConsumeSummary]:
+    """Publish the undecided transactions and authorize them at the same time, until every one published
+    is decided: the producer runs in its own process (:class:`~cardpipe.orchestration.publisher.PublisherProcess`)
+    while ``workers`` consumers decide what has arrived. Then ``stream_transactions.csv`` is written.
+
+    A producer that fails stops the consumers after their current batch (what they committed stays) and
+    raises :class:`~cardpipe.orchestration.publisher.PublisherFailed`; SIGTERM stops the consumers after
+    their current batch and the producer at once (:class:`~cardpipe.orchestration.publisher.StreamStopped`).
+    """
+    _ensure_topics(settings, broker)
+    publisher = PublisherProcess(settings, broker.bootstrap_servers)
+    try:
+        consumed = consume(settings, ConsumeOptions(until_caught_up=True, idle_seconds=settings.consumer_idle_seconds,
+                                                    batch_size=settings.consumer_batch_size),
+                           broker=broker, progress=progress, workers=workers, publishing=publisher.publishing)
+        if publisher.publishing():  # the consumers stopped first: SIGTERM
+            raise StreamStopped(f"stopped after deciding {consumed.messages:,} transactions, before every one was "
+                                "published; `cardpipe produce` then `cardpipe consume` finish the stream")
+        return publisher.result(), consumed
+    finally:
+        publisher.stop()
+
+
 def run(settings: Settings, progress: Progress | None = None, *, workers: int = 1) -> RunSummary:
     """All layers end to end: clean schema, load, publish, authorize (``workers`` consumers), settle, persist."""
     started = time.perf_counter()
@@ -291,13 +318,9 @@ def run(settings: Settings, progress: Progress | None = None, *, workers: int = 
     loaded = load(settings, progress)
     broker = ensure_broker(settings.kafka_bootstrap_servers, settings.results_dir)
     try:
-        say(f"stream: publishing to {settings.kafka_topic!r} on {broker.bootstrap_servers}")
+        say(f"stream: publishing to {settings.kafka_topic!r} on {broker.bootstrap_servers} and authorizing at once")
         _start_stream_here(settings, broker)
-        published = produce(settings, broker=broker, progress=progress)
-        say("stream: authorizing")
-        consumed = consume(settings, ConsumeOptions(until_caught_up=True, idle_seconds=settings.consumer_idle_seconds,
-                                                    batch_size=settings.consumer_batch_size),
-                           broker=broker, progress=progress, workers=workers)
+        published, consumed = stream(settings, broker, progress, workers=workers)
     finally:
         if broker.started_here:
             stop_broker(settings.results_dir)  # the recorded one: a replacement if the first one died

@@ -103,6 +103,7 @@ def consume(
     progress: Callable[[ConsumeSummary], None] | None = None,
     broker_alive: Callable[[], bool] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    publishing: Callable[[], bool] | None = None,
 ) -> ConsumeSummary:
     """Authorize the topic's transactions into ``store`` until drained (or interrupted).
 
@@ -110,6 +111,11 @@ def consume(
     no, :class:`BrokerLost` is raised after the last complete checkpoint. ``should_stop`` is checked
     before every poll: when it says yes, the consumer stops as on SIGTERM (after a complete checkpoint);
     with it, signals are the caller's business (no SIGTERM handler is installed).
+
+    ``publishing`` says whether a producer is still publishing the stream (it raises when the producer
+    failed): while it does, ``until_caught_up`` and ``idle_seconds`` wait for more; once it is done, the
+    consumer reads the partitions' end offsets and stops when it has read up to them (proof by the offset
+    of a partition-EOF event, never by an event that may predate the last messages).
 
     Several consumers may share a database, each with its own partitions (``cardpipe consume --workers``).
     A transaction id that comes twice with different card ids can then reach two of them at once; the
@@ -139,7 +145,9 @@ def consume(
         partitions = _topic_partitions(consumer, topic, options.partitions)
         profiles = store.card_profiles()
         processor = _resume(consumer, bootstrap_servers, store, topic, partitions, profiles)
-        at_end: set[int] = set()
+        wanted = set(partitions)
+        at_end: dict[int, int] = {}  # partition -> offset of its last EOF event, while no message came after it
+        stream_end: dict[int, int] | None = None  # the end offsets, once ``publishing`` says it is done
         conflicts = 0
         started = last_message = last_progress = time.monotonic()
         with stop_on_sigterm(request_stop) if should_stop is None else nullcontext():
@@ -157,9 +165,9 @@ def consume(
                     err = msg.error()
                     if err is None:
                         raw.append(_raw(msg))
-                        at_end.discard(msg.partition())
+                        at_end.pop(msg.partition(), None)
                     elif err.code() == KafkaError._PARTITION_EOF:
-                        at_end.add(msg.partition())
+                        at_end[msg.partition()] = msg.offset()
                     elif err.fatal():
                         raise BrokerUnavailable(f"consumer failed: {err.str()}")
                     else:
@@ -195,10 +203,15 @@ def consume(
                     last_progress = now
                 if options.follow:
                     continue
-                if options.until_caught_up and at_end >= set(partitions):
-                    break
-                if not raw and now - last_message >= options.idle_seconds:
-                    break
+                caught_up = at_end.keys() >= wanted
+                if publishing is not None and stream_end is None and (caught_up or not raw) and not publishing():
+                    stream_end = log_end_offsets(bootstrap_servers, topic, partitions)
+                if publishing is None or stream_end is not None:  # no more is coming than what is on the topic
+                    if options.until_caught_up and caught_up and (
+                            stream_end is None or all(at_end[p] >= stream_end[p] for p in partitions)):
+                        break
+                    if not raw and now - last_message >= options.idle_seconds:
+                        break
         summary.seconds = time.monotonic() - started
         return summary
     finally:

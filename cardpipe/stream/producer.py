@@ -64,8 +64,13 @@ def publish(
     *,
     progress: Callable[[int], None] | None = None,
     progress_every: int = 100_000,
+    should_stop: Callable[[], bool] | None = None,
 ) -> PublishSummary:
-    """Publish ``transactions`` in the given order; returns when every message is acknowledged."""
+    """Publish ``transactions`` in the given order; returns when every message is acknowledged.
+
+    ``should_stop`` is asked every 10,000 messages: when it says yes, no more are published (what was
+    sent is still flushed and counted).
+    """
     summary = PublishSummary()
     errors: list[KafkaError] = []
 
@@ -98,6 +103,9 @@ def publish(
             crash_point("produce.sent")
             if sent % 10_000 == 0:
                 producer.poll(0)
+                if should_stop is not None and should_stop():
+                    log.warning("publishing stopped after %d messages", sent)
+                    break
         if progress and sent % progress_every == 0:
             progress(sent)
     remaining = producer.flush(60)

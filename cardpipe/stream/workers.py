@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from cardpipe.config import Settings
-from cardpipe.errors import CardpipeError
+from cardpipe.errors import CardpipeError, first_line
 from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, signal_handled, stop_on_sigterm
 
 log = logging.getLogger(__name__)
@@ -115,18 +115,24 @@ def consume_with_workers(
     *,
     broker_pid: int | None = None,
     progress: Callable[[str], None] | None = None,
+    publishing: Callable[[], bool] | None = None,
 ) -> ConsumeSummary:
     """Consume ``partitions`` with ``workers`` processes; their summaries added up (``seconds``: wall time).
 
     Raises :class:`WorkerFailed` (after stopping the other workers) when a worker raises or dies. On
     SIGTERM every worker finishes its batch and the summary so far is returned; on Ctrl-C the same, then
     ``KeyboardInterrupt`` goes on.
+
+    ``publishing`` (see :func:`cardpipe.stream.consumer.consume`) is asked here, in the parent; the workers
+    learn that the producer is done through an event. When it raises (the producer failed), every worker
+    is stopped and its error goes on.
     """
     shares = [share for share in assign_partitions(partitions, workers) if share]
     if len(shares) < workers:
         log.warning("%d workers for %d partitions: starting %d", workers, len(partitions), len(shares))
     context = multiprocessing.get_context("spawn")
     stop = _Stop(context.Event())
+    published = context.Event()  # set once ``publishing`` says the producer is done
     level = logging.getLogger("cardpipe").getEffectiveLevel()
     running: list[_Worker] = []
     started = time.monotonic()
@@ -136,13 +142,14 @@ def consume_with_workers(
                 job = WorkerJob(index, settings, bootstrap_servers, replace(options, partitions=share), broker_pid,
                                 level)
                 receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_worker_main, args=(job, sender, stop.event),
+                process = context.Process(target=_worker_main,
+                                          args=(job, sender, stop.event, None if publishing is None else published),
                                           name=PROCESS_NAME.format(index), daemon=True)
                 with _sigint_ignored():  # inherited through exec: Ctrl-C in a terminal is the parent's alone
                     process.start()
                 sender.close()  # the child holds the writing end: EOF here once it is gone
                 running.append(_Worker(job, process, receiver))
-            _supervise(running, stop, progress)
+            _supervise(running, stop, progress, publishing=_PublishingWatch(publishing, published))
     finally:
         _stop_all(running, stop, progress)
     failed = sorted((w for w in running if w.error is not None), key=lambda w: w.failed_at)
@@ -167,8 +174,21 @@ def _others(running: list[_Worker], failed: list[_Worker]) -> str:
     return f"; {stopped}"
 
 
+class _PublishingWatch:
+    """Passes ``publishing()`` on to the workers' event once it says the producer is done."""
+
+    def __init__(self, publishing: Callable[[], bool] | None, published: Any):
+        self.publishing = publishing
+        self.published = published
+
+    def check(self) -> None:
+        """Raises what ``publishing()`` raises (the producer failed)."""
+        if self.publishing is not None and not self.published.is_set() and not self.publishing():
+            self.published.set()
+
+
 def _supervise(running: list[_Worker], stop: _Stop, progress: Callable[[str], None] | None,
-               until: float | None = None) -> None:
+               until: float | None = None, publishing: _PublishingWatch | None = None) -> None:
     """Relay messages until every worker has finished, or the stop request (with ``until``: that time).
 
     A worker that fails, dies or gets SIGTERM itself makes every worker stop.
@@ -176,9 +196,12 @@ def _supervise(running: list[_Worker], stop: _Stop, progress: Callable[[str], No
     while not all(w.finished for w in running):
         if until is None and stop.is_set() or until is not None and time.monotonic() >= until:
             return
+        if publishing is not None:
+            publishing.check()
         handles: list[Any] = [w.conn for w in running if w.open and not w.finished]
         handles += [w.process.sentinel for w in running if not w.finished]
-        wait(handles, timeout=0.5)
+        # While the producer publishes, look at it 10 times a second: its end is the workers' signal to finish.
+        wait(handles, timeout=0.1 if publishing is not None and not publishing.published.is_set() else 0.5)
         for worker in running:
             if worker.finished:
                 continue
@@ -186,7 +209,7 @@ def _supervise(running: list[_Worker], stop: _Stop, progress: Callable[[str], No
             if not worker.finished and not worker.process.is_alive():
                 _drain(worker, progress)  # what it sent just before exiting
                 if not worker.finished:
-                    worker.error = _death(worker.process.exitcode)
+                    worker.error = describe_exit(worker.process.exitcode)
             if worker.error is not None or worker.interrupted:
                 worker.failed_at = worker.failed_at or time.monotonic()
                 stop.set()
@@ -211,7 +234,8 @@ def _drain(worker: _Worker, progress: Callable[[str], None] | None) -> None:
             worker.error = payload
 
 
-def _death(exitcode: int | None) -> str:
+def describe_exit(exitcode: int | None) -> str:
+    """How a child process ended without a result: killed by which signal, or its exit status."""
     if exitcode is not None and exitcode < 0:
         try:
             how = signal.Signals(-exitcode).name
@@ -246,8 +270,11 @@ def _sigint_ignored() -> AbstractContextManager[None]:
 # --- inside a worker process ---------------------------------------------------------------------------
 
 
-def _worker_main(job: WorkerJob, conn: Connection, stop: Any) -> None:
-    """A worker process: consume the job's partitions; send progress lines, then the summary or the error."""
+def _worker_main(job: WorkerJob, conn: Connection, stop: Any, published: Any = None) -> None:
+    """A worker process: consume the job's partitions; send progress lines, then the summary or the error.
+
+    ``published``: an event the parent sets once the stream's producer is done (None: no producer runs).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it asks through ``stop``
     terminated: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
@@ -262,13 +289,14 @@ def _worker_main(job: WorkerJob, conn: Connection, stop: Any) -> None:
         return bool(terminated) or stop.is_set() or os.getppid() != parent
 
     try:
-        summary = _run_job(job, conn, should_stop)
+        publishing = None if published is None else (lambda: not published.is_set())
+        summary = _run_job(job, conn, should_stop, publishing)
     except CardpipeError as exc:
-        _send_error(conn, f"failed: {_one_line(exc)}{_hint(exc, job.broker_pid)}")
+        _send_error(conn, f"failed: {first_line(exc)}{_hint(exc, job.broker_pid)}")
         sys.exit(1)
     except BaseException as exc:  # noqa: B036  # reported to the parent, then this process ends
         traceback.print_exc(file=sys.stderr)
-        _send_error(conn, f"failed: {type(exc).__name__}: {_one_line(exc)}")
+        _send_error(conn, f"failed: {type(exc).__name__}: {first_line(exc)}")
         sys.exit(1)
     else:
         with suppress(OSError):  # the parent is gone: nobody to tell
@@ -277,7 +305,8 @@ def _worker_main(job: WorkerJob, conn: Connection, stop: Any) -> None:
         conn.close()
 
 
-def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool]) -> ConsumeSummary:
+def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool],
+             publishing: Callable[[], bool] | None = None) -> ConsumeSummary:
     from cardpipe.serving.database import check_connection, make_engine
     from cardpipe.serving.stream_store import StreamStore
     from cardpipe.stream.broker import is_alive
@@ -294,7 +323,7 @@ def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool]) 
         return consume(
             job.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
             dead_letter_topic=settings.dead_letter_topic, options=job.options, broker_alive=alive,
-            should_stop=should_stop,
+            should_stop=should_stop, publishing=publishing,
             progress=lambda s: conn.send(("progress", f"decided {s.messages:,} messages ({s.rate:,.0f}/s)")),
         )
     finally:
@@ -305,10 +334,6 @@ def _send_error(conn: Connection, message: str) -> None:
     with suppress(OSError):  # the parent is gone: nobody to tell
         conn.send(("error", message))
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _hint(exc: BaseException, broker_pid: int | None) -> str:

@@ -1,0 +1,190 @@
+"""``commands.stream`` (what ``cardpipe run`` does): the producer publishes in its own process while the
+consumer (or consumer workers) decides, on the real embedded broker.
+
+The consumer must not stop while the producer publishes, even when it has caught up and waited longer than
+its idle time; it stops once it has read every partition up to the end offsets measured after the producer
+finished; the results are those of the sequential produce-then-consume; a producer that fails is a clear
+error, and the consumers stop.
+"""
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+import pytest
+from sqlalchemy import create_engine
+
+from cardpipe.config import Settings
+from cardpipe.generate import GeneratorConfig, generate_dataset
+from cardpipe.orchestration import commands
+from cardpipe.orchestration.publisher import PublisherFailed, StreamStopped
+from cardpipe.serving import schema
+from cardpipe.serving.stream_store import StreamStore
+from cardpipe.stream.broker import BrokerHandle, ensure_broker, ensure_topic, stop_broker
+from cardpipe.stream.consumer import ConsumeOptions, consume, log_end_offsets
+from cardpipe.stream.producer import publish, transactions_from_database
+from tests.orchestration.test_workers import count_rows, stream_rows
+
+pytestmark = pytest.mark.kafka
+N_TRANSACTIONS = 20_000
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    generate_dataset(data, GeneratorConfig(transactions=N_TRANSACTIONS, seed=505))
+    return data
+
+
+@pytest.fixture(scope="module")
+def expected(dataset, tmp_path_factory):
+    """stream_transactions of the sequential path: produce everything, then consume until caught up."""
+    results = tmp_path_factory.mktemp("sequential")
+    settings = Settings.from_env(env={}, results_dir=results, data_dir=dataset)
+    try:
+        commands.setup(settings)
+        commands.load(settings)
+        broker = ensure_broker(None, results)
+        commands.produce(settings, broker=broker)
+        commands.consume(settings, ConsumeOptions(until_caught_up=True), broker=broker)
+    finally:
+        stop_broker(results)
+    rows = stream_rows(settings.database_url)
+    assert len(rows) == N_TRANSACTIONS
+    return rows
+
+
+def _stream(settings: Settings, workers: int):
+    commands.setup(settings)
+    commands.load(settings)
+    broker = ensure_broker(None, settings.results_dir)
+    return commands.stream(settings, BrokerHandle(broker.bootstrap_servers, broker.pid, False), workers=workers)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stream_on_sqlite_decides_like_produce_then_consume(dataset, expected, tmp_path, workers):
+    results = tmp_path / "results"
+    settings = Settings.from_env(env={}, results_dir=results, data_dir=dataset)
+    try:
+        published, consumed = _stream(settings, workers)
+        ends = log_end_offsets(ensure_broker(None, results).bootstrap_servers, settings.kafka_topic)
+    finally:
+        stop_broker(results)
+    assert published.published == N_TRANSACTIONS and published.failed == 0
+    assert consumed.messages == N_TRANSACTIONS
+    assert stream_rows(settings.database_url) == expected
+    assert sum(ends.values()) == N_TRANSACTIONS
+    engine = create_engine(settings.database_url)
+    try:
+        _, offsets = StreamStore(engine, settings.kafka_topic).restore()
+    finally:
+        engine.dispose()
+    assert offsets == ends  # every partition read to its end, and not a message more
+    assert (results / "stream_transactions.csv").read_text().count("\n") == N_TRANSACTIONS + 1
+
+
+@pytest.mark.mysql
+def test_stream_on_mariadb_decides_like_produce_then_consume(dataset, expected, tmp_path, mysql_env, mysql_database):
+    results = tmp_path / "results"
+    settings = Settings.from_env(env=mysql_env, results_dir=results, data_dir=dataset)
+    try:
+        published, consumed = _stream(settings, 1)
+    finally:
+        stop_broker(results)
+    assert (published.published, consumed.messages) == (N_TRANSACTIONS, N_TRANSACTIONS)
+    assert stream_rows(mysql_database) == expected
+
+
+def test_consumer_waits_for_a_slow_producer_then_stops_at_the_end(dataset, expected, tmp_path):
+    """Caught up and idle for longer than idle_seconds while the producer has not published yet: the
+    consumer keeps waiting; once the producer is done it stops after the last message, not before."""
+    results = tmp_path / "results"
+    settings = Settings.from_env(env={}, results_dir=results, data_dir=dataset)
+    engine = create_engine(settings.database_url)
+    done = threading.Event()
+    outcome: dict = {}
+    try:
+        commands.setup(settings)
+        commands.load(settings)
+        broker = ensure_broker(None, results)
+        ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
+        store = StreamStore(engine, settings.kafka_topic)
+
+        def consumer() -> None:
+            outcome["summary"] = consume(
+                broker.bootstrap_servers, settings.kafka_topic, store,
+                options=ConsumeOptions(until_caught_up=True, idle_seconds=0.3, batch_size=500),
+                publishing=lambda: not done.is_set(), should_stop=lambda: False)
+
+        thread = threading.Thread(target=consumer, daemon=True)
+        thread.start()
+        time.sleep(2.0)  # far past idle_seconds, every partition at its (empty) end
+        assert thread.is_alive(), "the consumer stopped while the producer was still publishing"
+        first = publish(transactions_from_database(engine), broker.bootstrap_servers, settings.kafka_topic)
+        time.sleep(1.0)
+        assert thread.is_alive()
+        done.set()
+        thread.join(60)
+        assert not thread.is_alive(), "the consumer did not stop after the producer finished"
+    finally:
+        done.set()
+        engine.dispose()
+        stop_broker(results)
+    assert first.published == N_TRANSACTIONS
+    assert outcome["summary"].messages == N_TRANSACTIONS
+    assert stream_rows(settings.database_url) == expected
+
+
+def test_a_failing_producer_stops_the_stream_with_a_clear_error(dataset, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    settings = Settings.from_env(env={}, results_dir=results, data_dir=dataset)
+    # Only the producer process reads it: this process imported cardpipe.faults without a crash point.
+    monkeypatch.setenv("CARDPIPE_CRASH_AT", "produce.sent:5")
+    try:
+        with pytest.raises(PublisherFailed, match=r"^publishing failed: was killed \(SIGKILL\) before finishing$"):
+            _stream(settings, 2)
+    finally:
+        stop_broker(results)
+    decided = count_rows(settings.database_url, schema.stream_transactions)
+    assert decided < N_TRANSACTIONS  # the producer died after handing over 5,000 messages
+    # What was committed is exported, as when a consumer stops for any other reason.
+    assert (results / "stream_transactions.csv").read_text().count("\n") == decided + 1
+
+
+def test_sigterm_while_publishing_stops_the_producer_and_the_consumer(tmp_path):
+    data = tmp_path / "data"
+    generate_dataset(data, GeneratorConfig(transactions=300_000, customers=2_000, seed=606))
+    results = tmp_path / "results"
+    settings = Settings.from_env(env={}, results_dir=results, data_dir=data)
+    commands.setup(settings)
+    commands.load(settings)
+    broker = ensure_broker(None, results)
+    stop = threading.Event()
+
+    def terminate_once_deciding() -> None:
+        # After the first commit (the consumer's SIGTERM handler is installed by then) the producer, still
+        # reading and publishing 300,000 rows, is at work.
+        while not stop.is_set():
+            if count_rows(settings.database_url, schema.stream_transactions) > 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    timer = threading.Thread(target=terminate_once_deciding, daemon=True)
+    started = time.monotonic()
+    try:
+        timer.start()
+        with pytest.raises(StreamStopped, match=r"^stopped after deciding [\d,]+ transactions, before every one"):
+            commands.stream(settings, BrokerHandle(broker.bootstrap_servers, broker.pid, False))
+        topic_size = sum(log_end_offsets(broker.bootstrap_servers, settings.kafka_topic).values())
+    finally:
+        stop.set()
+        timer.join()
+        stop_broker(results)
+    assert time.monotonic() - started < 30
+    assert not multiprocessing.active_children(), "the producer process is gone"
+    assert topic_size < 300_000, "the producer was stopped, not waited for"
+    decided = count_rows(settings.database_url, schema.stream_transactions)
+    assert (results / "stream_transactions.csv").read_text().count("\n") == decided + 1
