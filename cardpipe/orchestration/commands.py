@@ -200,11 +200,14 @@ class BatchResult:
 BATCH_STAGING_DIR = ".batch-staging"
 
 
-def batch(settings: Settings, progress: Progress | None = None) -> BatchResult:
+def batch(settings: Settings, progress: Progress | None = None, *, stream_results_current: bool = False) -> BatchResult:
     """Settle the stream results with Spark; write the three CSVs and tables.
 
     The results are computed aside (staging tables on MySQL, ``BATCH_STAGING_DIR`` for the files) and
     only then swapped in: a batch killed before that leaves the previous tables and files as they were.
+
+    ``stream_results_current``: the results folder's ``stream_transactions.csv`` holds the table as it is
+    now (``run`` has just exported it), so on SQLite Spark reads that file rather than a new export.
     """
     from cardpipe.batch.settlement_job import read_csv_inputs, read_jdbc_inputs, run_settlement
     from cardpipe.batch.spark import build_spark_session, jdbc_options_from_url
@@ -229,7 +232,8 @@ def batch(settings: Settings, progress: Progress | None = None) -> BatchResult:
                 serving_results.swap_in_staging_tables(engine)
                 persisted: dict[str, int] = {}
             else:
-                paths = serving_results.export_for_batch(engine, staging)
+                current = settings.results_dir / serving_results.STREAM_RESULTS_FILE if stream_results_current else None
+                paths = serving_results.export_for_batch(engine, staging, stream_results=current)
                 inputs = read_csv_inputs(spark, paths["stream_transactions"], paths["cards"], paths["customers"])
                 summary = run_settlement(spark, inputs, staged)
                 crash_point("batch.staged")
@@ -325,5 +329,5 @@ def run(settings: Settings, progress: Progress | None = None, *, workers: int = 
         if broker.started_here:
             stop_broker(settings.results_dir)  # the recorded one: a replacement if the first one died
     say("batch: settling with Spark")
-    settled = batch(settings, progress)
+    settled = batch(settings, progress, stream_results_current=True)  # the stream layer has just exported them
     return RunSummary(loaded, published, consumed, settled, time.perf_counter() - started)

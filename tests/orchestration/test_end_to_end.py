@@ -34,6 +34,29 @@ def test_run_on_seed_dataset_with_embedded_defaults(seed_dataset, tmp_path):
     assert "decided 400 messages" in proc.stdout
 
 
+def test_run_exports_the_stream_results_once_and_settles_from_that_file(seed_dataset, tmp_path, monkeypatch):
+    """On SQLite `run` hands Spark the stream_transactions.csv its stream layer has just written (the same
+    export `batch` alone makes): the large table is exported once, and the results are the seed's."""
+    from cardpipe.config import Settings
+    from cardpipe.orchestration import commands
+    from cardpipe.serving import results as serving_results
+
+    exported: list[str] = []
+    export_table = serving_results.export_table
+
+    def counting(conn, table, path, columns=None):
+        exported.append(table.name)
+        return export_table(conn, table, path, columns)
+
+    monkeypatch.setattr(serving_results, "export_table", counting)
+    results = tmp_path / "results"
+    summary = commands.run(Settings.from_env(env={}, results_dir=results, data_dir=seed_dataset / "input"))
+    assert exported.count("stream_transactions") == 1
+    assert {"cards", "customers"} <= set(exported)  # the batch's other inputs are still exported for it
+    assert summary.batch.summary.transactions == 400
+    compare_results(seed_dataset / "expected", results)
+
+
 def _command_lines() -> list[bytes]:
     lines = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
