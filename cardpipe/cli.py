@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,8 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the consumer loop (which finishes its batch instead): unwinds like Ctrl-C, so that
+    ``finally`` blocks stop what the command started (the embedded broker, the producer, Spark)."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="cardpipe: %(message)s", stream=sys.stderr)
     for noisy in ("py4j", "sqlalchemy"):
@@ -212,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cardpipe: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("cardpipe: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

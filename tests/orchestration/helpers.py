@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import subprocess
@@ -124,3 +125,12 @@ def assert_results_match_reference(results: Path, data_dir: Path) -> None:
     assert cards == {c.card_id: (c.credit_limit, c.current_balance) for c in settlement.cards}
     scores = {int(r["customer_id"]): int(r["credit_score"]) for r in read_csv_rows(results / "customers_updated.csv")}
     assert scores == {c.customer_id: c.credit_score for c in settlement.customers}
+
+
+def command_lines() -> list[bytes]:
+    """Every running process's command line (NUL-separated arguments)."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            lines.append(cmdline.read_bytes())
+    return lines

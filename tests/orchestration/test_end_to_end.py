@@ -1,11 +1,9 @@
 """Acceptance: the whole pipeline on real components (Tansu, Spark, SQLite and MariaDB)."""
 
-import contextlib
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import URL
@@ -14,6 +12,7 @@ from tests.orchestration.helpers import (
     REPO_ROOT,
     RESULT_TABLES,
     cardpipe,
+    command_lines,
     compare_results,
     env_without_services,
     table_matches_csv,
@@ -57,14 +56,6 @@ def test_run_exports_the_stream_results_once_and_settles_from_that_file(seed_dat
     compare_results(seed_dataset / "expected", results)
 
 
-def _command_lines() -> list[bytes]:
-    lines = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            lines.append(cmdline.read_bytes())
-    return lines
-
-
 @pytest.mark.mysql
 def test_run_on_seed_dataset_against_mariadb(seed_dataset, tmp_path, mysql_env, mysql_database):
     results = tmp_path / "results"
@@ -75,7 +66,7 @@ def test_run_on_seed_dataset_against_mariadb(seed_dataset, tmp_path, mysql_env, 
 
     def watch_process_list() -> None:  # every process's command line, Spark's JVM included, while the run goes
         while not done.wait(0.2):
-            seen.extend(line for line in _command_lines() if b"cardpipe" in line or b"spark" in line.lower())
+            seen.extend(line for line in command_lines() if b"cardpipe" in line or b"spark" in line.lower())
 
     watcher = threading.Thread(target=watch_process_list, daemon=True)
     watcher.start()

@@ -10,11 +10,14 @@ error, and the consumers stop.
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.engine import URL
 
 from cardpipe.config import Settings
 from cardpipe.generate import GeneratorConfig, generate_dataset
@@ -22,9 +25,10 @@ from cardpipe.orchestration import commands
 from cardpipe.orchestration.publisher import PublisherFailed, StreamStopped
 from cardpipe.serving import schema
 from cardpipe.serving.stream_store import StreamStore
-from cardpipe.stream.broker import BrokerHandle, ensure_broker, ensure_topic, stop_broker
+from cardpipe.stream.broker import BrokerHandle, broker_status, ensure_broker, ensure_topic, is_alive, stop_broker
 from cardpipe.stream.consumer import ConsumeOptions, consume, log_end_offsets
 from cardpipe.stream.producer import publish, transactions_from_database
+from tests.orchestration.helpers import REPO_ROOT, command_lines, env_without_services
 from tests.orchestration.test_workers import count_rows, stream_rows
 
 pytestmark = pytest.mark.kafka
@@ -188,3 +192,45 @@ def test_sigterm_while_publishing_stops_the_producer_and_the_consumer(tmp_path):
     assert topic_size < 300_000, "the producer was stopped, not waited for"
     decided = count_rows(settings.database_url, schema.stream_transactions)
     assert (results / "stream_transactions.csv").read_text().count("\n") == decided + 1
+
+
+@pytest.mark.parametrize("delay", [0.0, 2.0])
+def test_sigterm_to_the_run_command_stops_everything_it_started(tmp_path, delay):
+    """SIGTERM to `cardpipe run` while it streams: before the consumer loop it unwinds like Ctrl-C (exit 143),
+    inside it the consumers finish their batch (exit 2, the stream stopped); either way the embedded broker
+    and the producer process are stopped and what was decided is exported."""
+    data = tmp_path / "data"
+    generate_dataset(data, GeneratorConfig(transactions=300_000, customers=2_000, seed=707))
+    results = tmp_path / "results"
+    env = {**env_without_services(), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "cardpipe", "run", "--data-dir", str(data), "--results-dir",
+                             str(results)], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("authorizing at once" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.02)
+        broker_pid = broker_status(results)["pid"]
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(lines)
+    last = stderr.strip().splitlines()[-1]
+    assert (proc.returncode, last) == (143, "cardpipe: terminated") or (
+        proc.returncode == 2 and last.startswith("cardpipe: error: stopped after deciding ")), stderr
+    assert "Traceback" not in stderr
+    assert broker_status(results) is None and not is_alive(broker_pid), "the embedded broker was stopped"
+    assert not any(b"cardpipe-publish" in line or b"cardpipe" in line and b"spawn_main" in line
+                   for line in command_lines()), "no producer or worker process is left"
+    decided = count_rows(URL.create("sqlite", database=str(results / "cardpipe.db")), schema.stream_transactions)
+    assert decided < 300_000
+    if (results / "stream_transactions.csv").exists():
+        assert (results / "stream_transactions.csv").read_text().count("\n") == decided + 1
