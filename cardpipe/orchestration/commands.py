@@ -155,7 +155,9 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
                     log.warning("the embedded broker died mid-stream; starting a new one and re-publishing "
                                 "every transaction not yet decided")
                     broker = ensure_broker(None, settings.results_dir)
-                    _republish_undecided(settings, store, broker)
+                    total.counts["republished"] += _republish_undecided(settings, store, broker)
+                    # That is the whole rest of the stream: a producer still publishing lost its broker too.
+                    publishing = None
         finally:
             # Also on Ctrl-C, and when a worker failed: what was committed is exported.
             serving_results.export_stream_results(engine, settings.results_dir)
@@ -180,13 +182,14 @@ def _ensure_topics(settings: Settings, broker: BrokerHandle) -> None:
     ensure_topic(broker.bootstrap_servers, settings.dead_letter_topic, 1)
 
 
-def _republish_undecided(settings: Settings, store: StreamStore, broker: BrokerHandle) -> None:
-    """After losing the broker's log: forget its offsets and publish again what is not decided yet."""
+def _republish_undecided(settings: Settings, store: StreamStore, broker: BrokerHandle) -> int:
+    """After losing the broker's log: forget its offsets and publish again what is not decided yet (how many)."""
     _ensure_topics(settings, broker)
     store.reset_offsets()
     summary = produce(settings, broker=broker)
     if summary.published:
         log.info("published the %d undecided transactions to %s", summary.published, broker.bootstrap_servers)
+    return summary.published
 
 
 @dataclass
@@ -295,13 +298,20 @@ def stream(settings: Settings, broker: BrokerHandle, progress: Progress | None =
     A producer that fails stops the consumers after their current batch (what they committed stays) and
     raises :class:`~cardpipe.orchestration.publisher.PublisherFailed`; SIGTERM stops the consumers after
     their current batch and the producer at once (:class:`~cardpipe.orchestration.publisher.StreamStopped`).
+    An embedded broker that dies is replaced by :func:`consume` (one worker), which re-publishes every
+    undecided transaction to the new one: the producer, whose broker is gone, is then stopped, and the
+    summary counts what was re-published.
     """
+    started = time.perf_counter()
     _ensure_topics(settings, broker)
     publisher = PublisherProcess(settings, broker.bootstrap_servers)
     try:
         consumed = consume(settings, ConsumeOptions(until_caught_up=True, idle_seconds=settings.consumer_idle_seconds,
                                                     batch_size=settings.consumer_batch_size),
                            broker=broker, progress=progress, workers=workers, publishing=publisher.publishing)
+        if consumed.counts["broker_recoveries"]:
+            publisher.stop()
+            return PublishSummary(consumed.counts["republished"], 0, time.perf_counter() - started), consumed
         if publisher.publishing():  # the consumers stopped first: SIGTERM
             raise StreamStopped(f"stopped after deciding {consumed.messages:,} transactions, before every one was "
                                 "published; `cardpipe produce` then `cardpipe consume` finish the stream")

@@ -28,8 +28,8 @@ from cardpipe.serving.stream_store import StreamStore
 from cardpipe.stream.broker import BrokerHandle, broker_status, ensure_broker, ensure_topic, is_alive, stop_broker
 from cardpipe.stream.consumer import ConsumeOptions, consume, log_end_offsets
 from cardpipe.stream.producer import publish, transactions_from_database
-from tests.orchestration.helpers import REPO_ROOT, command_lines, env_without_services
-from tests.orchestration.test_workers import count_rows, stream_rows
+from tests.orchestration.helpers import REPO_ROOT, command_lines, env_without_services, reference_results
+from tests.orchestration.test_workers import _row, count_rows, stream_rows
 
 pytestmark = pytest.mark.kafka
 N_TRANSACTIONS = 20_000
@@ -234,3 +234,46 @@ def test_sigterm_to_the_run_command_stops_everything_it_started(tmp_path, delay)
     assert decided < 300_000
     if (results / "stream_transactions.csv").exists():
         assert (results / "stream_transactions.csv").read_text().count("\n") == decided + 1
+
+
+def test_embedded_broker_killed_while_publishing_is_replaced_with_identical_results(tmp_path):
+    """The broker dies once decisions are being committed, while the producer still publishes 300,000
+    transactions: consume replaces it and re-publishes what is undecided, the producer (its broker gone,
+    its messages stranded) is stopped rather than waited for, and the decisions are the reference's."""
+    data = tmp_path / "data"
+    generate_dataset(data, GeneratorConfig(transactions=300_000, customers=2_000, seed=808))
+    decisions, _ = reference_results(data)
+    expected = {k: _row(tx, status, balance, reason) for k, (tx, status, balance, reason) in decisions.items()}
+    results = tmp_path / "results"
+    settings = Settings.from_env(env={}, results_dir=results, data_dir=data)
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def kill_broker_once_deciding() -> None:
+        while not stop.is_set():
+            if count_rows(settings.database_url, schema.stream_transactions) > 0:
+                record = broker_status(results)
+                os.kill(record["pid"], signal.SIGKILL)
+                killed.append(record["pid"])
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_broker_once_deciding, daemon=True)
+    try:
+        commands.setup(settings)
+        commands.load(settings)
+        broker = ensure_broker(None, results)
+        killer.start()
+        started = time.monotonic()
+        published, consumed = commands.stream(settings, BrokerHandle(broker.bootstrap_servers, broker.pid, False))
+        seconds = time.monotonic() - started
+    finally:
+        stop.set()
+        killer.join()
+        stop_broker(results)
+    assert killed, "the broker was never killed"
+    assert consumed.counts["broker_recoveries"] == 1
+    assert 0 < published.published == consumed.counts["republished"] < 300_000
+    assert stream_rows(settings.database_url) == expected
+    assert seconds < 60, "the stranded producer was waited for"
+    assert not multiprocessing.active_children()
