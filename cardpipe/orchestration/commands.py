@@ -309,8 +309,7 @@ def stream(settings: Settings, broker: BrokerHandle, progress: Progress | None =
         consumed = consume(settings, ConsumeOptions(until_caught_up=True, idle_seconds=settings.consumer_idle_seconds,
                                                     batch_size=settings.consumer_batch_size),
                            broker=broker, progress=progress, workers=workers, publishing=publisher.publishing)
-        if consumed.counts["broker_recoveries"]:
-            publisher.stop()
+        if consumed.counts["broker_recoveries"]:  # the producer lost its broker: stopped below, not waited for
             return PublishSummary(consumed.counts["republished"], 0, time.perf_counter() - started), consumed
         if publisher.publishing():  # the consumers stopped first: SIGTERM
             raise StreamStopped(f"stopped after deciding {consumed.messages:,} transactions, before every one was "

@@ -69,11 +69,10 @@ class PublisherProcess:
             raise PublisherFailed(f"publishing failed: {self._error}")
         return False
 
-    def result(self, timeout: float | None = None) -> PublishSummary:
+    def result(self) -> PublishSummary:
         """Wait for the child to finish; its summary (or :class:`PublisherFailed`)."""
-        self._process.join(timeout)
-        while self.publishing():
-            self._process.join(0.1)
+        self._process.join()
+        self.publishing()  # reads what it sent; raises if it failed
         assert self._summary is not None
         return self._summary
 
@@ -106,8 +105,8 @@ def _publisher_main(settings: Settings, bootstrap_servers: str, conn: Connection
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops this process itself
     logging.basicConfig(level=log_level, format="cardpipe: %(message)s", stream=sys.stderr)
-    for quiet in ("sqlalchemy", "cardpipe.librdkafka"):
-        logging.getLogger(quiet).setLevel(logging.CRITICAL if quiet.endswith("librdkafka") else logging.WARNING)
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    logging.getLogger("cardpipe.librdkafka").setLevel(logging.CRITICAL)  # the parent reports broker trouble
     parent = os.getppid()
     status, engine = 0, None
     try:

@@ -149,7 +149,8 @@ def consume_with_workers(
                     process.start()
                 sender.close()  # the child holds the writing end: EOF here once it is gone
                 running.append(_Worker(job, process, receiver))
-            _supervise(running, stop, progress, publishing=_PublishingWatch(publishing, published))
+            _supervise(running, stop, progress,
+                       publishing=None if publishing is None else _PublishingWatch(publishing, published))
     finally:
         _stop_all(running, stop, progress)
     failed = sorted((w for w in running if w.error is not None), key=lambda w: w.failed_at)
@@ -177,13 +178,13 @@ def _others(running: list[_Worker], failed: list[_Worker]) -> str:
 class _PublishingWatch:
     """Passes ``publishing()`` on to the workers' event once it says the producer is done."""
 
-    def __init__(self, publishing: Callable[[], bool] | None, published: Any):
+    def __init__(self, publishing: Callable[[], bool], published: Any):
         self.publishing = publishing
         self.published = published
 
     def check(self) -> None:
         """Raises what ``publishing()`` raises (the producer failed)."""
-        if self.publishing is not None and not self.published.is_set() and not self.publishing():
+        if not self.published.is_set() and not self.publishing():
             self.published.set()
 
 
@@ -333,7 +334,6 @@ def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool],
 def _send_error(conn: Connection, message: str) -> None:
     with suppress(OSError):  # the parent is gone: nobody to tell
         conn.send(("error", message))
-
 
 
 def _hint(exc: BaseException, broker_pid: int | None) -> str:
