@@ -55,12 +55,13 @@ from common import (
 )
 
 STREAM_FILE = "stream_transactions.csv"
-OUTPUT_KEYS = {"batch_transactions": "transaction_id", "cards_updated": "card_id",
-               "customers_updated": "customer_id"}
+OUTPUT_KEYS = {"batch_transactions": "transaction_id", "cards_updated": "card_id", "customers_updated": "customer_id"}
 #: Columns compared (those of ../shared/tools/compare_results.py).
-COMPARED = {"batch_transactions": ("card_id", "amount", "status"),
-            "cards_updated": ("customer_id", "credit_limit", "current_balance"),
-            "customers_updated": ("credit_score",)}
+COMPARED = {
+    "batch_transactions": ("card_id", "amount", "status"),
+    "cards_updated": ("customer_id", "credit_limit", "current_balance"),
+    "customers_updated": ("credit_score",),
+}
 SAMPLE_SECONDS = 0.5
 
 
@@ -93,14 +94,17 @@ def stream_results(data_dir: Path) -> Path:
     balances: dict[str, Decimal] = {}
     with (data_dir / "cards.csv").open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
-            profiles[row["card_id"]] = CardProfile(int(row["card_id"]), parse_money_lenient(row["credit_limit"]),
-                                                   zips.get(row["customer_id"]))
+            profiles[row["card_id"]] = CardProfile(
+                int(row["card_id"]), parse_money_lenient(row["credit_limit"]), zips.get(row["customer_id"])
+            )
             balances[row["card_id"]] = parse_money_lenient(row["current_balance"])
     counts = {PENDING: 0, DECLINED: 0, REJECTED: 0}
     previous = ("", 0)
     tmp = path.with_name(path.name + ".tmp")
-    with (data_dir / "transactions.csv").open(newline="", encoding="utf-8") as src, \
-            tmp.open("w", newline="", encoding="utf-8") as dst:
+    with (
+        (data_dir / "transactions.csv").open(newline="", encoding="utf-8") as src,
+        tmp.open("w", newline="", encoding="utf-8") as dst,
+    ):
         reader = csv.reader(src)
         header = next(reader)
         if tuple(header) != TRANSACTION_COLUMNS:
@@ -241,8 +245,7 @@ def run_measured(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
     return {
         **payload,
         "process_seconds": round(wall, 3),
-        "peak_rss_mb": {"jvm": round(peaks["jvm"], 1), "python_driver": python_peak,
-                        "tree": round(peaks["tree"], 1)},
+        "peak_rss_mb": {"jvm": round(peaks["jvm"], 1), "python_driver": python_peak, "tree": round(peaks["tree"], 1)},
         "load_average_before": before,
         "load_average_after": load_average(),
     }
@@ -267,8 +270,14 @@ def ours(stream_csv: str, data_dir: str, out_dir: str, master: str, shuffle_part
         cpu = tree_cpu_seconds()
     finally:
         spark.stop()
-    return {"wall_seconds": round(time.perf_counter() - started, 3), "session_seconds": round(session_seconds, 3),
-            "cpu_seconds": cpu, "job_seconds": summary.seconds, "summary": summary.__dict__, "conf": conf}
+    return {
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "session_seconds": round(session_seconds, 3),
+        "cpu_seconds": cpu,
+        "job_seconds": summary.seconds,
+        "summary": summary.__dict__,
+        "conf": conf,
+    }
 
 
 # --- ours over JDBC (MariaDB) ---------------------------------------------------------------------
@@ -278,11 +287,16 @@ LOADS = {  # table -> (file in the data or stream folder, columns, SET clause)
         STREAM_FILE,
         "transaction_id, card_id, merchant_name, `timestamp`, amount, location, transaction_type, @related, status, "
         "@pending, decline_reason",
-        "SET related_transaction_id = NULLIF(@related, ''), pending_balance = NULLIF(@pending, '')",
+        # One partition, one checkpoint: the bench settles every decision (watermark {0: 1}).
+        "SET related_transaction_id = NULLIF(@related, ''), pending_balance = NULLIF(@pending, ''), "
+        "kafka_partition = 0, checkpoint_seq = 1",
     ),
     "customers": ("customers.csv", "customer_id, name, phone_number, address, email, credit_score, annual_income", ""),
-    "cards": ("cards.csv", "card_id, customer_id, card_type_id, card_number, expiration_date, credit_limit, "
-              "current_balance, issue_date", ""),
+    "cards": (
+        "cards.csv",
+        "card_id, customer_id, card_type_id, card_number, expiration_date, credit_limit, current_balance, issue_date",
+        "",
+    ),
 }
 
 
@@ -307,7 +321,9 @@ def load_jdbc_inputs(env: dict[str, str], stream_csv: Path, data_dir: Path) -> d
                 cur.execute(
                     f"LOAD DATA LOCAL INFILE %s INTO TABLE `{table}` CHARACTER SET utf8mb4 FIELDS TERMINATED BY ',' "
                     f"OPTIONALLY ENCLOSED BY '\"' ESCAPED BY '' LINES TERMINATED BY '\\n' IGNORE 1 LINES ({columns}) "
-                    f"{extra}", (str(path),))
+                    f"{extra}",
+                    (str(path),),
+                )
         conn.commit()
     finally:
         conn.close()
@@ -321,29 +337,30 @@ def _engine(env: dict[str, str]) -> Any:
 
 
 def ours_jdbc(env: dict[str, str], out_dir: str, master: str, read_partitions: int) -> dict[str, Any]:
-    """As ``cardpipe batch`` on MySQL: read the three inputs over JDBC (the stream table in parallel id
-    ranges), settle, write the CSV files and fill the staging tables over JDBC (the swap is left out)."""
+    """The Spark engine on MySQL: read the three inputs over JDBC (the decisions at or below the watermark, in
+    parallel id ranges), settle, write the CSV files (the job writes no table; publishing is left out)."""
     started = time.perf_counter()
     from cardpipe.batch.settlement_job import read_jdbc_inputs, run_settlement
     from cardpipe.batch.spark import build_spark_session, jdbc_options_from_url
-    from cardpipe.serving.results import prepare_staging_tables
 
     spark = build_spark_session(master)
     session_seconds = time.perf_counter() - started
-    engine = _engine(env)
     try:
         options = jdbc_options_from_url(common.settings(env, WORK_DIR, WORK_DIR).database_url)
-        inputs = read_jdbc_inputs(spark, options, partitions=read_partitions)
+        inputs = read_jdbc_inputs(spark, options, partitions=read_partitions, watermark={0: 1})
         partitions = inputs.transactions.rdd.getNumPartitions()
-        tables = prepare_staging_tables(engine)
-        summary = run_settlement(spark, inputs, Path(out_dir), jdbc_options=options, jdbc_tables=tables)
+        summary = run_settlement(spark, inputs, Path(out_dir))
         cpu = tree_cpu_seconds()
     finally:
         spark.stop()
-        engine.dispose()
-    return {"wall_seconds": round(time.perf_counter() - started, 3), "session_seconds": round(session_seconds, 3),
-            "cpu_seconds": cpu, "job_seconds": summary.seconds, "read_partitions": partitions,
-            "summary": summary.__dict__}
+    return {
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "session_seconds": round(session_seconds, 3),
+        "cpu_seconds": cpu,
+        "job_seconds": summary.seconds,
+        "read_partitions": partitions,
+        "summary": summary.__dict__,
+    }
 
 
 # --- the seed's approach --------------------------------------------------------------------------
@@ -357,11 +374,15 @@ def seed(stream_csv: str, data_dir: str, out_dir: str, master: str) -> dict[str,
     from pyspark.sql.types import DoubleType, IntegerType, StringType
 
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    spark = (SparkSession.builder.master(master).appName("seed-batch")
-             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
-             .config("spark.sql.session.timeZone", "UTC")
-             .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
-             .getOrCreate())
+    spark = (
+        SparkSession.builder.master(master)
+        .appName("seed-batch")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     session_seconds = time.perf_counter() - started
     try:
@@ -398,39 +419,62 @@ def seed(stream_csv: str, data_dir: str, out_dir: str, master: str) -> dict[str,
             return float(round(limit * factor, -2))
 
         batch = transactions.withColumn("status", settle_status(F.col("status")))
-        approved = (batch.filter(F.col("status") == "approved").groupBy("card_id")
-                    .agg(F.sum("amount").alias("approved_total")))
-        balances = (cards.join(approved, "card_id", "left")
-                    .withColumn("current_balance",
-                                F.col("current_balance") + F.coalesce(F.col("approved_total"), F.lit(0.0)))
-                    .drop("approved_total"))
-        changes = (balances.groupBy("customer_id")
-                   .agg(F.sum("current_balance").alias("total_balance"), F.sum("credit_limit").alias("total_limit"))
-                   .withColumn("score_change", score_change(F.col("total_balance"), F.col("total_limit")))
-                   .select("customer_id", "score_change"))
-        cards_updated = (balances.join(changes, "customer_id", "left")
-                         .withColumn("credit_limit", new_limit(F.col("credit_limit"), F.col("score_change")))
-                         .select(*cards.columns))
-        customers_updated = (customers.join(changes, "customer_id", "left")
-                             .withColumn("credit_score", F.when(F.col("score_change").isNull(), F.col("credit_score"))
-                                         .otherwise(F.greatest(F.lit(300), F.least(F.lit(850), F.col("credit_score")
-                                                                                   + F.col("score_change")))))
-                             .select(*customers.columns))
+        approved = (
+            batch.filter(F.col("status") == "approved").groupBy("card_id").agg(F.sum("amount").alias("approved_total"))
+        )
+        balances = (
+            cards.join(approved, "card_id", "left")
+            .withColumn("current_balance", F.col("current_balance") + F.coalesce(F.col("approved_total"), F.lit(0.0)))
+            .drop("approved_total")
+        )
+        changes = (
+            balances.groupBy("customer_id")
+            .agg(F.sum("current_balance").alias("total_balance"), F.sum("credit_limit").alias("total_limit"))
+            .withColumn("score_change", score_change(F.col("total_balance"), F.col("total_limit")))
+            .select("customer_id", "score_change")
+        )
+        cards_updated = (
+            balances.join(changes, "customer_id", "left")
+            .withColumn("credit_limit", new_limit(F.col("credit_limit"), F.col("score_change")))
+            .select(*cards.columns)
+        )
+        customers_updated = (
+            customers.join(changes, "customer_id", "left")
+            .withColumn(
+                "credit_score",
+                F.when(F.col("score_change").isNull(), F.col("credit_score")).otherwise(
+                    F.greatest(F.lit(300), F.least(F.lit(850), F.col("credit_score") + F.col("score_change")))
+                ),
+            )
+            .select(*customers.columns)
+        )
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for name, df in (("batch_transactions", batch), ("cards_updated", cards_updated),
-                         ("customers_updated", customers_updated)):
+        for name, df in (
+            ("batch_transactions", batch),
+            ("cards_updated", cards_updated),
+            ("customers_updated", customers_updated),
+        ):
             folder = out / f"{name}_spark"
-            (df.orderBy(OUTPUT_KEYS[name]).coalesce(1).write.mode("overwrite").option("header", "true")
-             .option("timestampFormat", "yyyy-MM-dd HH:mm:ss").csv(str(folder)))
+            (
+                df.orderBy(OUTPUT_KEYS[name])
+                .coalesce(1)
+                .write.mode("overwrite")
+                .option("header", "true")
+                .option("timestampFormat", "yyyy-MM-dd HH:mm:ss")
+                .csv(str(folder))
+            )
             part = next(folder.glob("part-*.csv"))
             shutil.move(str(part), str(out / f"{name}.csv"))
             shutil.rmtree(folder)
         cpu = tree_cpu_seconds()
     finally:
         spark.stop()
-    return {"wall_seconds": round(time.perf_counter() - started, 3), "session_seconds": round(session_seconds, 3),
-            "cpu_seconds": cpu}
+    return {
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "session_seconds": round(session_seconds, 3),
+        "cpu_seconds": cpu,
+    }
 
 
 # --- comparing the outputs ------------------------------------------------------------------------
@@ -447,8 +491,10 @@ def compare_outputs(ours_dir: Path, seed_dir: Path) -> dict[str, Any]:
     """Row by row, both files sorted by key: rows, rows that agree (numbers within 0.005), examples."""
     report: dict[str, Any] = {}
     for name, key in OUTPUT_KEYS.items():
-        with (ours_dir / f"{name}.csv").open(newline="", encoding="utf-8") as a_file, \
-                (seed_dir / f"{name}.csv").open(newline="", encoding="utf-8") as b_file:
+        with (
+            (ours_dir / f"{name}.csv").open(newline="", encoding="utf-8") as a_file,
+            (seed_dir / f"{name}.csv").open(newline="", encoding="utf-8") as b_file,
+        ):
             a_rows, b_rows = csv.DictReader(a_file), csv.DictReader(b_file)
             rows = agree = extra = 0
             examples: list[Any] = []
@@ -458,12 +504,17 @@ def compare_outputs(ours_dir: Path, seed_dir: Path) -> dict[str, Any]:
                 if b is not None and a[key] == b[key] and all(_same(a[c], b[c]) for c in COMPARED[name]):
                     agree += 1
                 elif len(examples) < 3:
-                    examples.append({"ours": {c: a[c] for c in (key, *COMPARED[name])},
-                                     "seed": b and {c: b.get(c) for c in (key, *COMPARED[name])}})
+                    examples.append(
+                        {
+                            "ours": {c: a[c] for c in (key, *COMPARED[name])},
+                            "seed": b and {c: b.get(c) for c in (key, *COMPARED[name])},
+                        }
+                    )
             extra = sum(1 for _ in b_rows)
         report[name] = {"rows": rows, "agree": agree, "seed_extra_rows": extra, "examples": examples}
-    report["identical"] = all(r["rows"] == r["agree"] and not r["seed_extra_rows"] for r in report.values()
-                              if isinstance(r, dict))
+    report["identical"] = all(
+        r["rows"] == r["agree"] and not r["seed_extra_rows"] for r in report.values() if isinstance(r, dict)
+    )
     return report
 
 
@@ -476,12 +527,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--shuffle-partitions", type=int, default=0, help="ours: 0 = the job's automatic choice")
-    parser.add_argument("--seed-sample", type=int, default=0,
-                        help="run the seed's approach on the first K stream rows and extrapolate (0 = all)")
+    parser.add_argument(
+        "--seed-sample",
+        type=int,
+        default=0,
+        help="run the seed's approach on the first K stream rows and extrapolate (0 = all)",
+    )
     parser.add_argument("--skip", choices=("ours", "seed"), action="append", default=[])
     parser.add_argument("--no-compare", action="store_true")
-    parser.add_argument("--jdbc", action="store_true",
-                        help="also ours over JDBC on the private MariaDB (database --bench-db, dropped after)")
+    parser.add_argument(
+        "--jdbc",
+        action="store_true",
+        help="also ours over JDBC on the private MariaDB (database --bench-db, dropped after)",
+    )
     parser.add_argument("--jdbc-partitions", type=int, default=4, help="parallel reads of the stream table")
     parser.add_argument("--bench-db", default="cardpipe_batchbench")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "batch.json")
@@ -490,9 +548,12 @@ def main() -> None:
     report: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     data = dataset(args.transactions, args.seed)
     stream_csv = stream_results(data)
-    report["dataset"] = {"path": str(data), "counts": dataset_counts(data),
-                         "stream": json.loads((stream_csv.parent / ".complete.json").read_text()),
-                         "stream_csv_mb": round(stream_csv.stat().st_size / 2**20, 1)}
+    report["dataset"] = {
+        "path": str(data),
+        "counts": dataset_counts(data),
+        "stream": json.loads((stream_csv.parent / ".complete.json").read_text()),
+        "stream_csv_mb": round(stream_csv.stat().st_size / 2**20, 1),
+    }
     n = args.transactions
     work = WORK_DIR / "batch"
     rows: list[list[Any]] = []
@@ -501,9 +562,20 @@ def main() -> None:
         say(f"ours: {n:,} transactions on {args.master}")
         result = run_measured(ours, str(stream_csv), str(data), str(out), args.master, args.shuffle_partitions)
         report["ours"] = result
-        rows.append(["ours", n, result["wall_seconds"], result["session_seconds"], rate(n, result["wall_seconds"]),
-                     result["cpu_seconds"], result["peak_rss_mb"]["jvm"], result["peak_rss_mb"]["python_driver"],
-                     result["peak_rss_mb"]["tree"], ""])
+        rows.append(
+            [
+                "ours",
+                n,
+                result["wall_seconds"],
+                result["session_seconds"],
+                rate(n, result["wall_seconds"]),
+                result["cpu_seconds"],
+                result["peak_rss_mb"]["jvm"],
+                result["peak_rss_mb"]["python_driver"],
+                result["peak_rss_mb"]["tree"],
+                "",
+            ]
+        )
     if "seed" not in args.skip:
         sample = args.seed_sample if 0 < args.seed_sample < n else n
         seed_csv = stream_csv if sample == n else stream_sample(stream_csv, sample)
@@ -518,9 +590,20 @@ def main() -> None:
             label = f"EXTRAPOLATED from {sample:,} rows ({result['wall_seconds']:.1f}s)"
         report["seed"] = result
         seconds = result.get("extrapolated_wall_seconds", result["wall_seconds"])
-        rows.append(["seed", n, seconds, result["session_seconds"], rate(n, seconds),
-                     result["cpu_seconds"] if sample == n else None, result["peak_rss_mb"]["jvm"],
-                     result["peak_rss_mb"]["python_driver"], result["peak_rss_mb"]["tree"], label])
+        rows.append(
+            [
+                "seed",
+                n,
+                seconds,
+                result["session_seconds"],
+                rate(n, seconds),
+                result["cpu_seconds"] if sample == n else None,
+                result["peak_rss_mb"]["jvm"],
+                result["peak_rss_mb"]["python_driver"],
+                result["peak_rss_mb"]["tree"],
+                label,
+            ]
+        )
         if "ours" in report and not args.no_compare:
             if sample == n:
                 say("comparing the outputs")
@@ -539,35 +622,58 @@ def main() -> None:
             if "ours" in report:
                 result["csv_identical_to_ours"] = all(
                     filecmp.cmp(out / f"{name}.csv", work / "ours" / f"{name}.csv", shallow=False)
-                    for name in OUTPUT_KEYS)
+                    for name in OUTPUT_KEYS
+                )
         finally:
             common.drop_mysql_database(env)
         report["ours_jdbc"] = result
-        rows.append(["ours JDBC", n, result["wall_seconds"], result["session_seconds"],
-                     rate(n, result["wall_seconds"]), result["cpu_seconds"], result["peak_rss_mb"]["jvm"],
-                     result["peak_rss_mb"]["python_driver"], result["peak_rss_mb"]["tree"],
-                     f"read in {result['read_partitions']} ranges; writes 3 tables"])
-    print_table(f"Batch settlement, {n:,} transactions, {args.master} (wall time includes the session start)",
-                ["job", "transactions", "wall s", "session s", "tx/s", "CPU s", "JVM MB", "python MB", "tree MB",
-                 "note"],
-                rows)
+        rows.append(
+            [
+                "ours JDBC",
+                n,
+                result["wall_seconds"],
+                result["session_seconds"],
+                rate(n, result["wall_seconds"]),
+                result["cpu_seconds"],
+                result["peak_rss_mb"]["jvm"],
+                result["peak_rss_mb"]["python_driver"],
+                result["peak_rss_mb"]["tree"],
+                f"read in {result['read_partitions']} ranges",
+            ]
+        )
+    print_table(
+        f"Batch settlement, {n:,} transactions, {args.master} (wall time includes the session start)",
+        ["job", "transactions", "wall s", "session s", "tx/s", "CPU s", "JVM MB", "python MB", "tree MB", "note"],
+        rows,
+    )
     if "ours" in report and "seed" in report:
         seed_seconds = report["seed"].get("extrapolated_wall_seconds", report["seed"]["wall_seconds"])
         report["speedup_seed_over_ours"] = round(seed_seconds / report["ours"]["wall_seconds"], 2)
         comparison = report.get("comparison")
         identical = ("yes" if comparison["identical"] else "NO") if isinstance(comparison, dict) else comparison
-        print_table("Ratio", ["", "seed s / ours s", "target", "outputs agree"],
-                    [["ours vs seed", report["speedup_seed_over_ours"], ">= 3", identical]])
+        print_table(
+            "Ratio",
+            ["", "seed s / ours s", "target", "outputs agree"],
+            [["ours vs seed", report["speedup_seed_over_ours"], ">= 3", identical]],
+        )
         if isinstance(comparison, dict):
-            print_table("Output comparison (ours vs seed, numbers within 0.005)",
-                        ["output", "rows", "agree", "seed extra"],
-                        [[k, v["rows"], v["agree"], v["seed_extra_rows"]] for k, v in comparison.items()
-                         if isinstance(v, dict)])
+            print_table(
+                "Output comparison (ours vs seed, numbers within 0.005)",
+                ["output", "rows", "agree", "seed extra"],
+                [
+                    [k, v["rows"], v["agree"], v["seed_extra_rows"]]
+                    for k, v in comparison.items()
+                    if isinstance(v, dict)
+                ],
+            )
     for job in ("ours", "ours_jdbc"):
         if job in report:
             steps = report[job]["summary"].get("steps", {})
-            print_table(f"{job}: where the time goes (s)", ["session start", "read + settle + write (job)", *steps],
-                        [[report[job]["session_seconds"], report[job]["job_seconds"], *steps.values()]])
+            print_table(
+                f"{job}: where the time goes (s)",
+                ["session start", "read + settle + write (job)", *steps],
+                [[report[job]["session_seconds"], report[job]["job_seconds"], *steps.values()]],
+            )
     report["load_average_at_end"] = load_average()
     write_json(args.out, report)
     shutil.rmtree(work, ignore_errors=True)

@@ -76,11 +76,19 @@ def _consume_line(summary: object) -> str:
             f"{counts['rejected']:,} rejected{rejected}, {counts['duplicate_ignored']:,} duplicates ignored")
 
 
+def _batch_line(result: object) -> str:
+    if result.nothing_new:  # type: ignore[attr-defined]
+        return (f"nothing to settle: no decision was committed after settlement "  # type: ignore[attr-defined]
+                f"{result.settlement_id}'s watermark; it stays in force")
+    return (f"settlement {result.settlement_id} published ({result.engine} engine, "  # type: ignore[attr-defined]
+            f"{result.seconds:.1f} s): {result.summary.describe()}")  # type: ignore[attr-defined]
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from cardpipe.orchestration import commands
 
-    result = commands.batch(_settings(args), _say)
-    print(f"settled in {result.seconds:.1f} s: {result.summary}")
+    result = commands.batch(_settings(args), _say, engine_name=args.engine)
+    print(_batch_line(result))
     return 0
 
 
@@ -88,8 +96,26 @@ def cmd_persist(args: argparse.Namespace) -> int:
     from cardpipe.orchestration import commands
 
     counts = commands.persist(_settings(args))
-    print("persisted " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
+    print("in the database (batch writes its tables when it publishes a settlement): "
+          + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from cardpipe.orchestration.service import serve
+
+    stopped_by = serve(_settings(args), host=args.host, port=args.port, settle_every=args.settle_every,
+                       workers=args.workers, token=os.environ.get("CARDPIPE_API_TOKEN"))
+    print("cardpipe: service stopped", file=sys.stderr)
+    return 130 if stopped_by == signal.SIGINT else 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration.views import show
+
+    return show(_settings(args), args.command, args.id, as_json=args.json)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -100,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"loaded: {', '.join(f'{t} {n:,}' for t, n in summary.load.rows.items())}")
     print(f"published {summary.publish.published:,} transactions ({summary.publish.rate:,.0f}/s)")
     print(_consume_line(summary.consume))
-    print(f"settled in {summary.batch.seconds:.1f} s: {summary.batch.summary}")
+    print(_batch_line(summary.batch))
     print(f"results in {settings.results_dir}; total {summary.seconds:.1f} s")
     return 0
 
@@ -142,6 +168,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cardpipe",
@@ -178,8 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="messages per poll and checkpoint")
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="consumer processes, each owning every N-th partition (default 1: in this process)")
-    add("batch", cmd_batch, "settle the stream results with Spark; write the batch CSVs and tables")
-    add("persist", cmd_persist, "load the batch result CSVs into the serving database")
+    p = add("batch", cmd_batch, "settle every decision committed so far and publish the settlement (tables and CSVs)")
+    p.add_argument("--engine", choices=["auto", "embedded", "spark"], default=None,
+                   help="batch engine (default: CARDPIPE_BATCH_ENGINE or auto: Spark only when SPARK_MASTER names "
+                        "a cluster or SPARK_REMOTE is set, else the embedded DuckDB engine)")
+    add("persist", cmd_persist, "check that the latest settlement is in the serving database (the seed's 'updated')")
+    p = add("serve", cmd_serve, "run the stream consumer and the HTTP API (merged views) until Ctrl-C")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs "
+                                                        "CARDPIPE_API_TOKEN)")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--settle-every", type=_positive_float, default=None, metavar="SECONDS",
+                   help="run a settlement this often (default: only when `cardpipe batch` is run)")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="consumer processes (default 1)")
+    for kind in ("card", "customer", "transaction"):
+        p = add(kind, cmd_view, f"show a {kind}'s current view (latest settlement merged with the live stream)")
+        p.add_argument("id", type=_positive_int, help=f"the {kind} id")
+        p.add_argument("--json", action="store_true", help="one JSON object, as the HTTP API answers")
     p = add("run", cmd_run, "all layers end to end on a clean schema", data)
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="consumer processes for the stream layer (default 1)")

@@ -61,6 +61,8 @@ class Settings:
     consumer_idle_seconds: float = 5.0
     consumer_batch_size: int = 5000
     spark_shuffle_partitions: int = 0  # 0: chosen from the data size
+    batch_engine: str = "auto"  # auto | embedded | spark (cardpipe.batch.engines.choose_engine)
+    spark_remote: str | None = None  # a Spark Connect URL, sc://host:port
 
     @property
     def dead_letter_topic(self) -> str:
@@ -114,6 +116,8 @@ class Settings:
             consumer_idle_seconds=_float(env, "CONSUMER_IDLE_SECONDS", 5.0),
             consumer_batch_size=_int(env, "CONSUMER_BATCH_SIZE", 5000),
             spark_shuffle_partitions=_int(env, "SPARK_SHUFFLE_PARTITIONS", 0, minimum=0),
+            batch_engine=(env.get("CARDPIPE_BATCH_ENGINE") or "auto").strip().lower(),
+            spark_remote=(env.get("SPARK_REMOTE") or "").strip() or None,
         )
 
 

@@ -27,6 +27,18 @@ class BrokerLost(BrokerUnavailable):
     """The broker went away while the stream was being consumed (its messages may be gone with it)."""
 
 
+class PartitionsHeld(CardpipeError):
+    """Every partition this consumer would decide is owned by another live consumer."""
+
+
+class LeaseLost(CardpipeError):
+    """Another consumer took over a partition this one was deciding (its lease had expired)."""
+
+
+class SettlementChanged(Exception):
+    """A settlement was published while a batch was decided with the previous limits: decide it again."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none): one line for a report."""
     text = str(exc).strip()

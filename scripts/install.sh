@@ -76,7 +76,7 @@ if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
 fi
 
 if [ "$WITH_TEST" = 1 ]; then
-    target='.[test]'
+    target='.[test,spark,mysql]'
 else
     target='.'
 fi

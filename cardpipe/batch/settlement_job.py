@@ -15,7 +15,7 @@ reference :func:`cardpipe.domain.settlement.settle` does:
 
 Outputs go to one CSV file each (written in parallel as sorted part files, then concatenated after a
 header and renamed atomically; sorted without a shuffle when the input partitions are already in id
-order, the usual case) and optionally to database tables over JDBC.
+order, the usual case). The job writes no database table: publishing a settlement is the caller's.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from cardpipe.batch.outputs import (  # re-exported: the job's users import them from here
+    BATCH_TRANSACTIONS,
+    CARDS_UPDATED,
+    CUSTOMERS_UPDATED,
+    OUTPUTS,
+    SettlementSummary,
+)
 from cardpipe.domain.records import (
     APPROVED,
     CARD_COLUMNS,
@@ -65,6 +72,7 @@ from cardpipe.domain.settlement import (
     SCORE_STEPS,
 )
 from cardpipe.errors import CardpipeError, DatabaseUnavailable, InputFileError
+from cardpipe.serving.settlement_source import watermark_sql
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +81,8 @@ MONEY = DecimalType(12, 2)
 TIMESTAMP_PATTERN = "yyyy-MM-dd HH:mm:ss"
 DATE_PATTERN = "yyyy-MM-dd"
 
-BATCH_TRANSACTIONS = "batch_transactions"
-CARDS_UPDATED = "cards_updated"
-CUSTOMERS_UPDATED = "customers_updated"
-#: Output name → (sort key, columns). The CSV file is ``<name>.csv``.
-OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    BATCH_TRANSACTIONS: ("transaction_id", STREAM_COLUMNS),
-    CARDS_UPDATED: ("card_id", CARD_COLUMNS),
-    CUSTOMERS_UPDATED: ("customer_id", CUSTOMER_COLUMNS),
-}
+__all__ = ["BATCH_TRANSACTIONS", "CARDS_UPDATED", "CUSTOMERS_UPDATED", "OUTPUTS", "SettlementSummary"]
+
 #: Input tables read over JDBC.
 STREAM_TABLE, CARDS_TABLE, CUSTOMERS_TABLE = "stream_transactions", "cards", "customers"
 JDBC_BATCH_SIZE = 10_000
@@ -90,6 +91,7 @@ STREAM_ROW_BYTES = 120
 
 
 # --------------------------------------------------------------------------------------------- schemas
+
 
 def _schema(columns: Sequence[str], types: Mapping[str, DataType], nullable: frozenset[str]) -> StructType:
     if set(columns) != set(types):
@@ -151,8 +153,10 @@ OPTIONAL_STREAM_COLUMNS = frozenset({"decline_reason"})
 # Two decimals, no leading zero, no "-0.00" (a parsed -0.00 is written 0.00), at most DECIMAL(12,2).
 _CANONICAL_MONEY = r"^(-?[1-9][0-9]{0,9}|0|-0(?=\.(0[1-9]|[1-9][0-9])))\.[0-9]{2}$"
 PASS_THROUGH_TEXT = {
-    "timestamp": ("_text_timestamp",
-                  r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01]) ([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]$"),
+    "timestamp": (
+        "_text_timestamp",
+        r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01]) ([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]$",
+    ),
     "amount": ("_text_amount", _CANONICAL_MONEY),
     "pending_balance": ("_text_pending_balance", _CANONICAL_MONEY),
 }
@@ -207,31 +211,6 @@ class SettlementOutputs:
         }
 
 
-@dataclass(frozen=True)
-class SettlementSummary:
-    transactions: int
-    approved: int
-    declined: int
-    rejected: int
-    cards: int
-    customers: int
-    customers_score_down: int
-    cards_limit_lowered: int
-    seconds: float
-    #: Seconds per step of :func:`run_settlement` (``read+aggregate``, ``csv:<output>``, ``summary``,
-    #: ``jdbc:<output>``), in order.
-    steps: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
-    #: Outputs whose partitions were not in key order, so that writing them needed a global sort.
-    sorted_globally: tuple[str, ...] = field(default=(), repr=False, compare=False)
-
-    def describe(self) -> str:
-        return (
-            f"settled {self.transactions} transactions ({self.approved} approved, {self.declined} declined, "
-            f"{self.rejected} rejected); {self.cards} cards ({self.cards_limit_lowered} limits lowered), "
-            f"{self.customers} customers ({self.customers_score_down} scores down) in {self.seconds:.1f}s"
-        )
-
-
 # --------------------------------------------------------------------------------------------- reading
 
 _CSV_READ_OPTIONS = {
@@ -262,7 +241,11 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def _read_csv(
-    spark: SparkSession, path: Path, schema: StructType, *, optional: frozenset[str] = frozenset(),
+    spark: SparkSession,
+    path: Path,
+    schema: StructType,
+    *,
+    optional: frozenset[str] = frozenset(),
     mode: str = "FAILFAST",
 ) -> DataFrame:
     """Read a headed CSV by column *name* (any order, extra columns ignored) into ``schema``."""
@@ -275,9 +258,7 @@ def _read_csv(
     if len(set(header)) != len(header):
         raise InputFileError(f"{path}: duplicate column names in the header")
     # The file's own column order, typed where we know the column; the rest stay text and are dropped.
-    file_schema = StructType(
-        [wanted.get(name, StructField(name, StringType(), True)) for name in header]
-    )
+    file_schema = StructType([wanted.get(name, StructField(name, StringType(), True)) for name in header])
     df = (
         spark.read.options(**_CSV_READ_OPTIONS)
         .option("mode", mode)
@@ -290,9 +271,7 @@ def _read_csv(
     )
 
 
-def read_csv_inputs(
-    spark: SparkSession, stream_csv: Path, cards_csv: Path, customers_csv: Path
-) -> SettlementInputs:
+def read_csv_inputs(spark: SparkSession, stream_csv: Path, cards_csv: Path, customers_csv: Path) -> SettlementInputs:
     """Read the stream results and the cards and customers CSV files (header lines, Python csv quoting).
 
     Columns are matched by name. Cards and customers must parse (a malformed value fails the job); a
@@ -300,8 +279,9 @@ def read_csv_inputs(
     parsed by each pass over it rather than cached (``cache_transactions=False``), and its size sizes the
     job.
     """
-    text_schema = StructType([StructField(f.name, StringType(), True) if f.name in PASS_THROUGH_TEXT else f
-                              for f in STREAM_SCHEMA.fields])
+    text_schema = StructType(
+        [StructField(f.name, StringType(), True) if f.name in PASS_THROUGH_TEXT else f for f in STREAM_SCHEMA.fields]
+    )
     raw = _read_csv(spark, stream_csv, text_schema, optional=OPTIONAL_STREAM_COLUMNS, mode="PERMISSIVE")
     # Typed as the CSV reader would type them (null when unparsable), the text kept beside them.
     typed = {
@@ -401,9 +381,7 @@ def _redacting(secrets: Sequence[str]) -> Iterator[None]:
         raise CardpipeError(_redact(_summarize_error(exc), secrets)) from None
 
 
-def _conform(
-    df: DataFrame, schema: StructType, source: str, optional: frozenset[str] = frozenset()
-) -> DataFrame:
+def _conform(df: DataFrame, schema: StructType, source: str, optional: frozenset[str] = frozenset()) -> DataFrame:
     """Select ``schema``'s columns by name (case-insensitively) and cast them to its types."""
     by_lower = {c.lower(): c for c in df.columns}
     missing = [f.name for f in schema if f.name.lower() not in by_lower and f.name not in optional]
@@ -424,33 +402,37 @@ def read_jdbc_inputs(
     jdbc_options: dict,
     *,
     partitions: int,
+    watermark: Mapping[int, int] | None = None,
     stream_table: str = STREAM_TABLE,
     cards_table: str = CARDS_TABLE,
     customers_table: str = CUSTOMERS_TABLE,
 ) -> SettlementInputs:
-    """Read the three input tables over JDBC; the stream table in up to ``partitions`` parallel ranges
-    of ``transaction_id`` (bounds from one min/max query; an empty table is read as one partition)."""
-    stream_table, cards_table, customers_table = (
-        _table_name(t) for t in (stream_table, cards_table, customers_table)
-    )
+    """Read the three inputs over JDBC; the stream results in up to ``partitions`` parallel ranges of
+    ``transaction_id`` (bounds from one min/max query; none read as one partition).
+
+    ``watermark`` (partition → last checkpoint_seq): read only the decisions at or below it (SPEC §9), a
+    subquery filtered in the database; ``None`` reads the whole stream table.
+    """
+    stream_table, cards_table, customers_table = (_table_name(t) for t in (stream_table, cards_table, customers_table))
     secrets = _secrets(jdbc_options)
+    columns = ", ".join(f"`{c}`" for c in STREAM_COLUMNS)
+    where = "" if watermark is None else f" WHERE {watermark_sql(watermark, '`kafka_partition`', '`checkpoint_seq`')}"
+    source = f"SELECT {columns} FROM `{stream_table}`{where}"
     with _jdbc_errors(f"cannot read table {stream_table}", jdbc_options):
         bounds = (
             spark.read.format("jdbc")
             .options(**jdbc_options)
-            .option(
-                "dbtable",
-                f"(select min(transaction_id) lo, max(transaction_id) hi from `{stream_table}`) t",
-            )
+            .option("dbtable", f"(select min(transaction_id) lo, max(transaction_id) hi from ({source}) s) t")
             .load()
             .collect()[0]
         )
+
         # DataFrameReader.option() mutates the reader: give every table a reader of its own.
         def reader() -> DataFrameReader:
             return spark.read.format("jdbc").options(**jdbc_options).option("fetchsize", str(JDBC_BATCH_SIZE))
 
         lo, hi = bounds["lo"], bounds["hi"]
-        stream = reader().option("dbtable", stream_table)
+        stream = reader().option("dbtable", f"({source}) settling")
         size_estimate = None
         if lo is not None and hi is not None:
             lo, hi = int(lo), int(hi)
@@ -463,9 +445,7 @@ def read_jdbc_inputs(
                     .option("upperBound", str(hi + 1))
                     .option("numPartitions", str(n))
                 )
-        transactions = _conform(
-            stream.load(), STREAM_SCHEMA, f"table {stream_table}", OPTIONAL_STREAM_COLUMNS
-        )
+        transactions = _conform(stream.load(), STREAM_SCHEMA, f"table {stream_table}", OPTIONAL_STREAM_COLUMNS)
     with _jdbc_errors(f"cannot read table {cards_table}", jdbc_options):
         cards = _conform(reader().option("dbtable", cards_table).load(), CARD_SCHEMA, f"table {cards_table}")
     with _jdbc_errors(f"cannot read table {customers_table}", jdbc_options):
@@ -477,10 +457,11 @@ def read_jdbc_inputs(
 
 # --------------------------------------------------------------------------------------------- rules
 
+
 def _factor_type() -> DecimalType:
     """One exact decimal type holding every credit-limit factor."""
     factors = [f for _, f in LIMIT_FACTOR_STEPS] + [LIMIT_FACTOR_OTHER_NEGATIVE]
-    scale = max(max(0, -f.as_tuple().exponent) for f in factors)
+    scale = max(max(0, -int(f.as_tuple().exponent)) for f in factors)
     integer_digits = max(max(1, f.adjusted() + 1) for f in factors)
     return DecimalType(integer_digits + scale, scale)
 
@@ -550,10 +531,11 @@ def settle(inputs: SettlementInputs) -> SettlementOutputs:
 
     def output_column(name: str) -> Column:
         text, canonical = PASS_THROUGH_TEXT.get(name, (None, None))
-        if text is None or text not in available:
+        if text is None or canonical is None or text not in available:
             return F.col(name)
-        formatted = (F.date_format(F.col(name), TIMESTAMP_PATTERN) if name == "timestamp"
-                     else F.col(name).cast(StringType()))
+        formatted = (
+            F.date_format(F.col(name), TIMESTAMP_PATTERN) if name == "timestamp" else F.col(name).cast(StringType())
+        )
         return F.when(F.col(text).rlike(canonical), F.col(text)).otherwise(formatted).alias(name)
 
     batch = settled.select(*STREAM_COLUMNS)
@@ -595,9 +577,7 @@ def settle(inputs: SettlementInputs) -> SettlementOutputs:
         .select(*CARD_COLUMNS, "_old_limit")
     )
     customers_detail = (
-        inputs.customers.join(
-            F.broadcast(changes.select("customer_id", "_change")), on="customer_id", how="left"
-        )
+        inputs.customers.join(F.broadcast(changes.select("customer_id", "_change")), on="customer_id", how="left")
         .withColumn("_old_score", F.col("credit_score"))
         .withColumn(
             "credit_score",
@@ -730,45 +710,12 @@ def write_csv(
             tmp_file.unlink()
 
 
-def write_jdbc(df: DataFrame, table: str, jdbc_options: dict, *, partitions: int) -> None:
-    """Append ``df`` to the existing ``table`` (batched inserts, up to ``partitions`` connections).
-
-    The table must exist and hold every column of ``df`` (Spark would otherwise create one with its own
-    column types): whoever owns the schema creates it, e.g. as a staging table swapped in afterwards.
-    """
-    table = _table_name(table)
-    with _jdbc_errors(f"cannot write table {table}", jdbc_options):
-        # Resolving the schema runs ``SELECT * FROM table WHERE 1=0``: no Spark job, fails if it is missing.
-        reader = df.sparkSession.read.format("jdbc").options(**jdbc_options)
-        existing = reader.option("dbtable", table).load().columns
-        missing = sorted({c.lower() for c in df.columns} - {c.lower() for c in existing})
-        if missing:
-            raise DatabaseUnavailable(f"table {table} lacks the column(s) {', '.join(missing)}")
-        (
-            df.write.format("jdbc")
-            .options(**jdbc_options)
-            .option("dbtable", table)
-            .option("batchsize", str(JDBC_BATCH_SIZE))
-            .option("numPartitions", str(max(1, int(partitions))))
-            .option("isolationLevel", "READ_COMMITTED")
-            # MariaDB Connector/J 2.x: one multi-row INSERT per batch instead of a round trip per row.
-            .option("rewriteBatchedStatements", "true")
-            .mode("append")
-            .save()
-        )
-
-
 # --------------------------------------------------------------------------------------------- the job
 
-def run_settlement(
-    spark: SparkSession,
-    inputs: SettlementInputs,
-    results_dir: Path,
-    jdbc_options: dict | None = None,
-    jdbc_tables: dict[str, str] | None = None,
-) -> SettlementSummary:
-    """Settle ``inputs``, write the three CSV files into ``results_dir`` and, when ``jdbc_options`` and
-    ``jdbc_tables`` (output name → existing table) are given, append the outputs to those tables.
+
+def run_settlement(spark: SparkSession, inputs: SettlementInputs, results_dir: Path) -> SettlementSummary:
+    """Settle ``inputs`` and write the three CSV files (:data:`OUTPUTS`) into ``results_dir``; no database
+    table is written.
 
     The transactions are read by two passes: one job aggregates them per card (and finds whether they
     are in id order), then each sink writes them; everything else reads small persisted frames derived
@@ -783,12 +730,6 @@ def run_settlement(
     from cardpipe.batch.spark import job_conf
 
     started = time.perf_counter()
-    tables = dict(jdbc_tables or {})
-    unknown = set(tables) - set(OUTPUTS)
-    if unknown:
-        raise ValueError(f"unknown output(s) in jdbc_tables: {sorted(unknown)} (known: {sorted(OUTPUTS)})")
-    if tables and jdbc_options is None:
-        raise ValueError("jdbc_tables given without jdbc_options")
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
 
@@ -805,14 +746,19 @@ def run_settlement(
     else:
         csv_frames = frames
     # Persisted in dependency order; the outputs are projections of these, so every sink reads them.
-    cached = [outputs.batch_transactions if inputs.cache_transactions else None, outputs.transaction_stats,
-              outputs.cards_balanced, outputs.changes, outputs.cards_detail, outputs.customers_detail]
+    cached = [
+        outputs.batch_transactions if inputs.cache_transactions else None,
+        outputs.transaction_stats,
+        outputs.cards_balanced,
+        outputs.changes,
+        outputs.cards_detail,
+        outputs.customers_detail,
+    ]
     for df in cached:
         if df is not None:
             df.persist(StorageLevel.MEMORY_AND_DISK)
-    secrets = (*inputs.secrets, *(_secrets(jdbc_options) if jdbc_options else ()))
     try:
-        with _redacting(secrets):
+        with _redacting(inputs.secrets):
             # The first job reads the transactions (filling their cache, if any) and aggregates them per card.
             assert outputs.transaction_stats is not None
             with _timed(steps, "read+aggregate"):
@@ -821,30 +767,30 @@ def run_settlement(
                 # Cards and customers (projections of persisted frames) are checked by write_csv.
                 in_order = transactions_in_order if name == BATCH_TRANSACTIONS else None
                 with _timed(steps, f"csv:{name}"):
-                    sorted_globally = write_csv(csv_frames[name], key, results_dir / f"{name}.csv", columns,
-                                                partitions_in_order=in_order)
+                    sorted_globally = write_csv(
+                        csv_frames[name], key, results_dir / f"{name}.csv", columns, partitions_in_order=in_order
+                    )
                 if sorted_globally:
                     globally.append(name)
                     log.debug("%s: partitions not in %s order, sorted globally", name, key)
             with _timed(steps, "summary"):
                 summary = _summarize(outputs, started)
-            if jdbc_options is not None:
-                parallelism = max(1, spark.sparkContext.defaultParallelism)
-                for name, table in tables.items():
-                    with _timed(steps, f"jdbc:{name}"):
-                        write_jdbc(frames[name], table, jdbc_options, partitions=parallelism)
     finally:
         for df in cached:
             if df is not None:
                 df.unpersist()
-        for key, value in session_conf.items():
-            if value is None:
+        for key, previous in session_conf.items():
+            if previous is None:
                 spark.conf.unset(key)
             else:
-                spark.conf.set(key, value)
+                spark.conf.set(key, previous)
     summary = SettlementSummary(
-        **{**summary.__dict__, "seconds": round(time.perf_counter() - started, 3), "steps": steps,
-           "sorted_globally": tuple(globally)}
+        **{
+            **summary.__dict__,
+            "seconds": round(time.perf_counter() - started, 3),
+            "steps": steps,
+            "sorted_globally": tuple(globally),
+        }
     )
     log.info("%s", summary.describe())
     log.debug("settlement steps (s): %s", steps)

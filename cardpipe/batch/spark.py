@@ -1,15 +1,17 @@
-"""The Spark session and JDBC connection options of the batch layer.
+"""The Spark session (local, a cluster master, or Spark Connect) and JDBC connection options of the batch layer.
 
 ``build_spark_session`` tunes a session for this workload (small dimension tables, one large fact table,
 a machine with few cores): quiet logging, no UI, no console progress bars, adaptive execution, UTC
 everywhere (so DATETIME columns and CSV timestamps are never shifted), the throughput (parallel) garbage
 collector and a driver heap sized for 10M transactions, and the Debian MariaDB JDBC driver on the class
-path when it is installed. :func:`job_conf` sizes file splits and shuffle partitions per job.
+path when it is installed. :func:`build_connect_session` opens a Spark Connect session instead (a remote
+``sc://host:port``). :func:`job_conf` sizes file splits and shuffle partitions per job.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -96,14 +98,23 @@ def job_conf(spark: SparkSession, input_bytes: int | None) -> dict[str, str]:
         return {}
     conf = {}
     if input_bytes > FILE_PARTITION_BYTES:  # smaller inputs: Spark already splits them in one per core
-        cores = max(1, spark.sparkContext.defaultParallelism)
+        cores = default_parallelism(spark)
         splits = _ceil_div(_ceil_div(input_bytes, FILE_PARTITION_BYTES), cores) * cores
         conf["spark.sql.files.maxPartitionBytes"] = str(_ceil_div(input_bytes, splits))
     if spark.conf.get(AUTO_SHUFFLE_PARTITIONS, "false") == "true":
-        floor = int(spark.conf.get("spark.sql.shuffle.partitions"))
+        floor = int(spark.conf.get("spark.sql.shuffle.partitions") or 200)
         wanted = min(MAX_SHUFFLE_PARTITIONS, _ceil_div(input_bytes, SHUFFLE_PARTITION_BYTES))
         conf["spark.sql.shuffle.partitions"] = str(max(floor, wanted))
     return conf
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """The session's default parallelism (Spark Connect has no SparkContext: its configured value, else 2)."""
+    try:
+        return max(1, int(spark.sparkContext.defaultParallelism))
+    except Exception:  # Spark Connect: PySparkNotImplementedError (pyspark's own class, no common base)
+        value = spark.conf.get("spark.default.parallelism", None)
+        return max(1, int(value)) if value else 2
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -146,8 +157,14 @@ def class_data_sharing_options(java_options: str) -> list[str]:
         java = (Path(java_home) / "bin" / "java") if java_home else Path(shutil.which("java") or "java")
         java = java.resolve()
         stat = java.stat()
-        identity = [pyspark.__version__, str(Path(pyspark.__file__).resolve().parent), str(java),
-                    str(stat.st_mtime_ns), str(stat.st_size), java_options]
+        identity = [
+            pyspark.__version__,
+            str(Path(pyspark.__file__).resolve().parent),
+            str(java),
+            str(stat.st_mtime_ns),
+            str(stat.st_size),
+            java_options,
+        ]
         key = hashlib.sha1("\0".join(identity).encode()).hexdigest()[:16]
         folder = Path(tempfile.gettempdir()) / f"cardpipe-spark-cds-{os.getuid()}"
         folder.mkdir(mode=0o700, exist_ok=True)
@@ -312,3 +329,71 @@ def jdbc_options_from_url(url: URL) -> JdbcOptions:
     if url.password is not None:
         options["password"] = str(url.password)
     return options
+
+
+#: Modules the Spark Connect client needs beyond pyspark (``pip install 'pyspark[connect]'``) → their package.
+CONNECT_PACKAGES = {
+    "pandas": "pandas",
+    "pyarrow": "pyarrow",
+    "grpc": "grpcio",
+    "grpc_status": "grpcio-status",
+    "google.rpc": "googleapis-common-protos",
+    "zstandard": "zstandard",
+}
+
+
+def missing_connect_packages() -> list[str]:
+    """The packages of :data:`CONNECT_PACKAGES` that are not installed."""
+    missing = []
+    for module, package in CONNECT_PACKAGES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package is missing
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def describe_remote(remote: str) -> str:
+    """A Spark Connect URL without its parameters (``;token=…``), safe for logs and errors."""
+    return remote.split(";", 1)[0]
+
+
+def build_connect_session(remote: str, *, app_name: str = "cardpipe-batch") -> SparkSession:
+    """A Spark Connect session on ``remote`` (``sc://host:port``, parameters such as ``;token=…`` allowed),
+    with the SQL settings of :func:`build_spark_session` that a client may set.
+
+    :class:`~cardpipe.errors.ConfigError` when ``remote`` is no ``sc://`` URL or the client's packages are
+    missing (naming them and ``pip install 'pyspark[connect]'``).
+    """
+    from cardpipe.errors import ConfigError
+
+    if not remote.startswith("sc://"):
+        raise ConfigError(f"SPARK_REMOTE must be a Spark Connect URL sc://host:port, got {describe_remote(remote)!r}")
+    missing = missing_connect_packages()
+    if missing:
+        raise ConfigError(
+            f"Spark Connect ({describe_remote(remote)}) needs the package(s) {', '.join(missing)}: "
+            "pip install 'pyspark[connect]'"
+        )
+    from pyspark.sql import SparkSession
+
+    from cardpipe.errors import CardpipeError, first_line
+
+    where = describe_remote(remote)
+    try:
+        spark = SparkSession.builder.remote(remote).appName(app_name).getOrCreate()
+        spark.conf.set("spark.sql.session.timeZone", "UTC")
+        spark.conf.set("spark.sql.adaptive.enabled", "true")
+        spark.conf.set(AUTO_SHUFFLE_PARTITIONS, "true")
+    except ImportError as exc:  # a client package too old (pyspark checks versions on its own)
+        raise ConfigError(f"Spark Connect ({where}): {first_line(exc)}; pip install 'pyspark[connect]'") from None
+    except Exception as exc:  # unreachable server, refused token...
+        message = first_line(exc).replace(remote, where)
+        for parameter in remote.split(";")[1:]:
+            value = parameter.partition("=")[2]
+            if value:
+                message = message.replace(value, "***")
+        raise CardpipeError(f"cannot use Spark Connect at {where}: {message}") from None
+    return spark

@@ -88,6 +88,15 @@ class Authorizer:
     def knows(self, card_id: int) -> bool:
         return card_id in self._terms
 
+    def limit_of(self, card_id: int) -> Decimal:
+        """The credit limit ``card_id`` is judged against now."""
+        return self._terms[card_id][0]
+
+    def adopt(self, cards: Mapping[int, CardProfile]) -> None:
+        """Judge by ``cards`` (new limits after a settlement) from now on; pending balances carry on."""
+        self.cards = cards
+        self._terms = {card_id: _terms(card) for card_id, card in cards.items()}
+
     def decide(self, card_id: int, amount: Decimal, location: str) -> tuple[str, Decimal, str | None] | None:
         """``(status, pending balance after, decline reason)`` for a transaction of ``card_id``, updating the
         card's pending balance; None (and no change) when the card is unknown. The stream's hot path."""

@@ -19,17 +19,22 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SAWarning
 
 from cardpipe.config import Settings
-from cardpipe.errors import BrokerLost, ConfigError
+from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS
+from cardpipe.errors import BrokerLost, ConfigError, first_line
 from cardpipe.faults import crash_point
 from cardpipe.orchestration.publisher import PublisherProcess, StreamStopped
 from cardpipe.serving import results as serving_results
+from cardpipe.serving import schema
+from cardpipe.serving.csv_io import read_typed_rows
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
 from cardpipe.serving.loader import LoadSummary, check_data_dir, load_inputs
+from cardpipe.serving.settlements import COUNT_COLUMNS
 from cardpipe.serving.stream_store import StreamStore
+from cardpipe.serving.transaction_source import transactions_from_csv, transactions_from_database
 from cardpipe.stream.broker import BrokerHandle, ensure_broker, ensure_topic, is_alive, stop_broker
 from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, log_end_offsets
 from cardpipe.stream.consumer import consume as consume_topic
-from cardpipe.stream.producer import PublishSummary, publish, transactions_from_csv, transactions_from_database
+from cardpipe.stream.producer import PublishSummary, publish
 
 log = logging.getLogger("cardpipe")
 
@@ -101,8 +106,12 @@ MAX_BROKER_RECOVERIES = 3
 
 def consume(settings: Settings, options: ConsumeOptions | None = None, *,
             broker: BrokerHandle | None = None, progress: Progress | None = None,
-            workers: int = 1, publishing: Callable[[], bool] | None = None) -> ConsumeSummary:
+            workers: int = 1, publishing: Callable[[], bool] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> ConsumeSummary:
     """Authorize the topic's transactions, then write ``stream_transactions.csv`` from the database.
+
+    ``should_stop``: asked before every poll; once it says yes, the consumers stop after their batch (signals
+    are then the caller's business: ``cardpipe serve`` runs this on a thread).
 
     The embedded broker keeps messages in memory only. If it dies mid-stream, or this command has to
     start it (so its log is empty), every transaction not yet decided is (re-)published from the
@@ -127,7 +136,7 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
         broker = broker or _broker(settings)
         if started_now and settings.uses_embedded_broker and broker.started_here:
             # A new in-memory broker holds nothing: whatever is still undecided must be published again.
-            _republish_undecided(settings, store, broker)
+            republish_undecided(settings, store, broker)
 
         def report(summary: ConsumeSummary) -> None:
             if progress:
@@ -136,7 +145,7 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
         total = ConsumeSummary()
         try:
             if workers > 1:
-                return _consume_with_workers(settings, options, broker, workers, progress, publishing)
+                return _consume_with_workers(settings, options, broker, workers, progress, publishing, should_stop)
             while True:
                 _ensure_topics(settings, broker)
                 alive = (lambda pid=broker.pid: is_alive(pid)) if broker.pid is not None else None
@@ -144,7 +153,7 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
                     total.add(consume_topic(
                         broker.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
                         dead_letter_topic=settings.dead_letter_topic, options=options, progress=report,
-                        broker_alive=alive, publishing=publishing,
+                        broker_alive=alive, publishing=publishing, should_stop=should_stop,
                     ))
                     break
                 except BrokerLost as lost:
@@ -155,7 +164,7 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
                     log.warning("the embedded broker died mid-stream; starting a new one and re-publishing "
                                 "every transaction not yet decided")
                     broker = ensure_broker(None, settings.results_dir)
-                    total.counts["republished"] += _republish_undecided(settings, store, broker)
+                    total.counts["republished"] += republish_undecided(settings, store, broker)
                     # That is the whole rest of the stream: a producer still publishing lost its broker too.
                     publishing = None
         finally:
@@ -167,14 +176,17 @@ def consume(settings: Settings, options: ConsumeOptions | None = None, *,
 
 
 def _consume_with_workers(settings: Settings, options: ConsumeOptions, broker: BrokerHandle, workers: int,
-                          progress: Progress | None, publishing: Callable[[], bool] | None) -> ConsumeSummary:
+                          progress: Progress | None, publishing: Callable[[], bool] | None,
+                          should_stop: Callable[[], bool] | None = None) -> ConsumeSummary:
+    from cardpipe.orchestration.runtime import open_stream_store
     from cardpipe.stream.workers import consume_with_workers
 
     count = ensure_topic(broker.bootstrap_servers, settings.kafka_topic, settings.kafka_partitions)
     ensure_topic(broker.bootstrap_servers, settings.dead_letter_topic, 1)
     partitions = options.partitions if options.partitions is not None else tuple(range(count))
     return consume_with_workers(settings, broker.bootstrap_servers, partitions, workers, options,
-                                broker_pid=broker.pid, progress=progress, publishing=publishing)
+                                broker_pid=broker.pid, progress=progress, publishing=publishing,
+                                should_stop=should_stop, open_store=open_stream_store)
 
 
 def _ensure_topics(settings: Settings, broker: BrokerHandle) -> None:
@@ -182,7 +194,7 @@ def _ensure_topics(settings: Settings, broker: BrokerHandle) -> None:
     ensure_topic(broker.bootstrap_servers, settings.dead_letter_topic, 1)
 
 
-def _republish_undecided(settings: Settings, store: StreamStore, broker: BrokerHandle) -> int:
+def republish_undecided(settings: Settings, store: StreamStore, broker: BrokerHandle) -> int:
     """After losing the broker's log: forget its offsets and publish again what is not decided yet (how many)."""
     _ensure_topics(settings, broker)
     store.reset_offsets()
@@ -194,77 +206,83 @@ def _republish_undecided(settings: Settings, store: StreamStore, broker: BrokerH
 
 @dataclass
 class BatchResult:
+    """What one ``cardpipe batch`` did: the settlement it published (``summary`` None and ``nothing_new``
+    True when no decision was committed after the watermark of the one in force)."""
+
     summary: Any
     seconds: float
-    persisted: dict[str, int] = field(default_factory=dict)
+    settlement_id: int | None = None
+    engine: str | None = None
+    watermark: dict[int, int] = field(default_factory=dict)
+    nothing_new: bool = False
 
 
-#: Where ``batch`` writes its three result files; they replace the previous ones together with the tables.
+#: Where ``batch`` writes its three result files (``<this>-<settlement id>``) until the settlement is published.
 BATCH_STAGING_DIR = ".batch-staging"
 
 
-def batch(settings: Settings, progress: Progress | None = None, *, stream_results_current: bool = False) -> BatchResult:
-    """Settle the stream results with Spark; write the three CSVs and tables.
+def batch(settings: Settings, progress: Progress | None = None, *, engine_name: str | None = None) -> BatchResult:
+    """Settle every decision committed so far (SPEC §4 and §9) and publish the settlement.
 
-    The results are computed aside (staging tables on MySQL, ``BATCH_STAGING_DIR`` for the files) and
-    only then swapped in: a batch killed before that leaves the previous tables and files as they were.
-
-    ``stream_results_current``: the results folder's ``stream_transactions.csv`` holds the table as it is
-    now (``run`` has just exported it), so on SQLite Spark reads that file rather than a new export.
+    Safe beside a running consumer: the watermark is fixed at the start, the engine settles exactly the
+    decisions at or below it from the original cards and customers, the settled rows are written aside
+    (keyed by the new settlement's id, the CSVs in a staging folder) and the settlement is published by one
+    UPDATE, after which the CSVs are moved into the results folder. Killed before that, the settlement in
+    force stays; the next one cleans up what was left.
     """
-    from cardpipe.batch.settlement_job import read_csv_inputs, read_jdbc_inputs, run_settlement
-    from cardpipe.batch.spark import build_spark_session, jdbc_options_from_url
+    from cardpipe.batch.engines import choose_engine, run_engine
+    from cardpipe.serving.owners import process_owner
+    from cardpipe.serving.settlements import NothingNew, SettlementStore
 
     started = time.perf_counter()
-    engine = _engine(settings)
-    staging = settings.results_dir / ".staging"
-    staged = settings.results_dir / BATCH_STAGING_DIR
+    name = choose_engine(engine_name or settings.batch_engine, settings.spark_master, settings.spark_remote)
+    db = _engine(settings)
     try:
-        ensure_schema(engine)
-        shutil.rmtree(staged, ignore_errors=True)  # what a killed batch left
-        if progress:
-            progress(f"starting Spark ({settings.spark_master})")
-        spark = build_spark_session(settings.spark_master, shuffle_partitions=settings.spark_shuffle_partitions)
+        ensure_schema(db)
+        store = SettlementStore(db, settings.kafka_topic)
+        claim = store.claim(process_owner(), name)
+        if isinstance(claim, NothingNew):
+            return BatchResult(None, time.perf_counter() - started, claim.settlement_id, name, nothing_new=True)
+        settlement_id = claim.settlement_id
+        staged = settings.results_dir / f"{BATCH_STAGING_DIR}-{settlement_id}"
+        for left in settings.results_dir.glob(f"{BATCH_STAGING_DIR}-*"):
+            shutil.rmtree(left, ignore_errors=True)  # of settlements killed before (none other runs now)
         try:
-            if settings.is_mysql:
-                options = jdbc_options_from_url(settings.database_url)
-                inputs = read_jdbc_inputs(spark, options, partitions=_jdbc_partitions(settings))
-                tables = serving_results.prepare_staging_tables(engine)
-                summary = run_settlement(spark, inputs, staged, jdbc_options=options, jdbc_tables=tables)
+            with store.beating(settlement_id):
+                shutil.rmtree(staged, ignore_errors=True)
+                if progress:
+                    progress(f"settlement {settlement_id}: settling with the {name} engine")
+                summary = run_engine(name, settings, claim.watermark, staged, progress=progress)
+                crash_point("batch.computed")
+                store.store_rows(
+                    settlement_id,
+                    read_typed_rows(staged / "cards_updated.csv", schema.settled_cards, CARD_COLUMNS),
+                    read_typed_rows(staged / "customers_updated.csv", schema.settled_customers, CUSTOMER_COLUMNS),
+                )
                 crash_point("batch.staged")
-                serving_results.swap_in_staging_tables(engine)
-                persisted: dict[str, int] = {}
-            else:
-                current = settings.results_dir / serving_results.STREAM_RESULTS_FILE if stream_results_current else None
-                paths = serving_results.export_for_batch(engine, staging, stream_results=current)
-                inputs = read_csv_inputs(spark, paths["stream_transactions"], paths["cards"], paths["customers"])
-                summary = run_settlement(spark, inputs, staged)
-                crash_point("batch.staged")
-                persisted = serving_results.persist_batch_results(engine, staged)
-            # Right after the tables: three renames, no window worth the name between them and the tables.
+                store.publish(settlement_id, {k: getattr(summary, k) for k in COUNT_COLUMNS})
+        except BaseException as exc:
+            store.fail(settlement_id, first_line(exc))
+            raise
+        try:
+            # The settlement is in force: its files replace the previous ones.
             for file_name, _columns in serving_results.BATCH_OUTPUTS.values():
                 os.replace(staged / file_name, settings.results_dir / file_name)
+            store.prune()
         finally:
-            spark.stop()
-        return BatchResult(summary, time.perf_counter() - started, persisted)
+            shutil.rmtree(staged, ignore_errors=True)
+        return BatchResult(summary, time.perf_counter() - started, settlement_id, name, claim.watermark)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(staged, ignore_errors=True)
-        engine.dispose()
-
-
-def _jdbc_partitions(settings: Settings) -> int:
-    from cardpipe.batch.spark import local_cores
-
-    return max(2, 2 * (local_cores(settings.spark_master) or 2))
+        db.dispose()
 
 
 def persist(settings: Settings) -> dict[str, int]:
-    """Load the batch result CSVs into their tables (the seed's ``serving_processor.py updated``)."""
+    """The seed's ``serving_processor.py updated``: the batch already wrote its tables when it published its
+    settlement; this checks they are there and returns their row counts."""
     engine = _engine(settings)
     try:
         ensure_schema(engine)
-        return serving_results.persist_batch_results(engine, settings.results_dir)
+        return serving_results.batch_table_counts(engine)
     finally:
         engine.dispose()
 
@@ -337,6 +355,6 @@ def run(settings: Settings, progress: Progress | None = None, *, workers: int = 
     finally:
         if broker.started_here:
             stop_broker(settings.results_dir)  # the recorded one: a replacement if the first one died
-    say("batch: settling with Spark")
-    settled = batch(settings, progress, stream_results_current=True)  # the stream layer has just exported them
+    say("batch: settling")
+    settled = batch(settings, progress)
     return RunSummary(loaded, published, consumed, settled, time.perf_counter() - started)

@@ -101,7 +101,8 @@ def _publisher_main(settings: Settings, bootstrap_servers: str, conn: Connection
     import signal
 
     from cardpipe.serving.database import make_engine
-    from cardpipe.stream.producer import publish, transactions_from_database
+    from cardpipe.serving.transaction_source import transactions_from_database
+    from cardpipe.stream.producer import publish
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops this process itself
     logging.basicConfig(level=log_level, format="cardpipe: %(message)s", stream=sys.stderr)

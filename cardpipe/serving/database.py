@@ -6,11 +6,11 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from cardpipe.errors import DatabaseUnavailable
+from cardpipe.errors import ConfigError, DatabaseUnavailable
 from cardpipe.serving import schema
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ def make_engine(url: URL, *, create_database: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    try:
+        import pymysql  # noqa: F401
+    except ImportError:
+        raise ConfigError("a MySQL/MariaDB serving database needs the mysql extra: pip install 'cardpipe[mysql]'") \
+            from None
     if create_database and url.database:
         _ensure_mysql_database(url)
     return create_engine(url, pool_pre_ping=True, pool_recycle=3600,
@@ -108,8 +113,10 @@ def create_clean_schema(engine: Engine) -> None:
     with translated_errors(engine), engine.begin() as conn:
         if engine.dialect.name == "mysql":
             conn.execute(text("SET FOREIGN_KEY_CHECKS=0"))
+        schema.drop_views(conn)
         schema.metadata.drop_all(conn)
         schema.metadata.create_all(conn)
+        schema.create_views(conn)
         if engine.dialect.name == "mysql":
             conn.execute(text("SET FOREIGN_KEY_CHECKS=1"))
     log.info("created a clean schema in %s", engine.url.render_as_string(hide_password=True))
@@ -119,6 +126,11 @@ def ensure_schema(engine: Engine) -> None:
     """Create any missing cardpipe table, keeping existing data."""
     with translated_errors(engine), engine.begin() as conn:
         schema.metadata.create_all(conn, checkfirst=True)
+        if not set(schema.BATCH_VIEWS) <= set(inspect(conn).get_view_names()):
+            schema.drop_views(conn)  # tables of that name from an older schema
+            schema.create_views(conn)
+        elif conn.execute(select(schema.serving_state.c.id)).first() is None:
+            schema.create_views(conn)
 
 
 def existing_tables(engine: Engine) -> set[str]:

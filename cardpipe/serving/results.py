@@ -1,15 +1,15 @@
-"""Results in and out of the serving database: CSV exports and atomic table replacement."""
+"""Results out of the serving database: CSV exports, and the batch tables' counts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, Table, text
+from sqlalchemy import Engine, func, select, text
 
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
 from cardpipe.errors import CardpipeError
 from cardpipe.serving import schema
-from cardpipe.serving.csv_io import export_table, insert_rows, read_typed_rows
+from cardpipe.serving.csv_io import export_table
 from cardpipe.serving.database import translated_errors
 
 STREAM_RESULTS_FILE = "stream_transactions.csv"
@@ -57,46 +57,11 @@ def export_for_batch(engine: Engine, staging_dir: Path, *, stream_results: Path 
     return paths
 
 
-def _replace_rows(conn: Connection, table: Table, path: Path, columns: tuple[str, ...]) -> int:
-    conn.execute(table.delete())
-    return insert_rows(conn, table, read_typed_rows(path, table, columns))
-
-
-def persist_batch_results(engine: Engine, results_dir: Path) -> dict[str, int]:
-    """Load the batch's three result CSVs into their tables (the seed's ``serving_processor updated``)."""
-    missing = [f for f, _ in BATCH_OUTPUTS.values() if not (results_dir / f).is_file()]
-    if missing:
-        raise CardpipeError(f"no batch results in {results_dir} ({', '.join(missing)} missing): run the batch first")
-    # One transaction for all three: readers (and a crash) see the old results or the new, never a mix.
-    with translated_errors(engine), engine.begin() as conn:
-        return {
-            name: _replace_rows(conn, schema.TABLES_BY_NAME[name], results_dir / file, columns)
-            for name, (file, columns) in BATCH_OUTPUTS.items()
-        }
-
-
-def staging_table_name(name: str) -> str:
-    return f"{name}__staging"
-
-
-def prepare_staging_tables(engine: Engine) -> dict[str, str]:
-    """MySQL: fresh empty copies of the batch tables for the Spark job to fill over JDBC."""
-    names = {}
-    with translated_errors(engine), engine.begin() as conn:
-        for name in BATCH_OUTPUTS:
-            staging = staging_table_name(name)
-            conn.execute(text(f"DROP TABLE IF EXISTS `{staging}`"))
-            conn.execute(text(f"CREATE TABLE `{staging}` LIKE `{name}`"))
-            names[name] = staging
-    return names
-
-
-def swap_in_staging_tables(engine: Engine) -> None:
-    """MySQL: replace the batch tables by their filled staging copies in one atomic RENAME."""
-    renames = []
-    for name in BATCH_OUTPUTS:
-        renames += [f"`{name}` TO `{name}__old`", f"`{staging_table_name(name)}` TO `{name}`"]
-    with translated_errors(engine), engine.begin() as conn:
-        conn.execute(text("RENAME TABLE " + ", ".join(renames)))
-        for name in BATCH_OUTPUTS:
-            conn.execute(text(f"DROP TABLE `{name}__old`"))
+def batch_table_counts(engine: Engine) -> dict[str, int]:
+    """Rows of each batch table (the views of the settlement in force); an error if none is published yet."""
+    with translated_errors(engine), engine.connect() as conn:
+        in_force = conn.execute(select(schema.serving_state.c.settlement_id)).scalar()
+        if in_force is None:
+            raise CardpipeError("no settlement has been published yet: run `cardpipe batch` first")
+        return {name: int(conn.execute(select(func.count()).select_from(text(name))).scalar() or 0)
+                for name in BATCH_OUTPUTS}

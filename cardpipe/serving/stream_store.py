@@ -14,17 +14,18 @@ from decimal import Decimal
 from operator import itemgetter
 from typing import TypeVar
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from cardpipe.domain.authorization import zip_of
 from cardpipe.domain.records import STREAM_COLUMNS, TRANSACTION_COLUMNS, CardProfile, Transaction
-from cardpipe.errors import DatabaseUnavailable
+from cardpipe.errors import DatabaseUnavailable, LeaseLost, PartitionsHeld, SettlementChanged
 from cardpipe.faults import crash_point
 from cardpipe.serving import schema
 from cardpipe.serving.bulk import BulkWriter, KeyReader
 from cardpipe.serving.database import describe_error
-from cardpipe.stream.processing import CheckpointBatch
+from cardpipe.serving.owners import holder_is_dead, unique_owner
+from cardpipe.stream.checkpoints import CheckpointBatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,6 +34,10 @@ _LOOKUP_CHUNK = 900  # stays under SQLite's bound-parameter limit
 REJECTION_COLUMNS = ("topic", "kafka_partition", "kafka_offset", "transaction_id", "reason", "detail",
                      "message_key", "message_value", "recorded_at")
 CARD_STATE_COLUMNS = ("card_id", "pending_balance")
+DECISION_COLUMNS = (*STREAM_COLUMNS, "credit_limit", "kafka_partition", "checkpoint_seq")
+#: How long a consumer's claim on a partition lasts without a renewal (each checkpoint renews it, and an
+#: idle consumer every third of it): a consumer killed with SIGKILL frees its partitions after this long.
+LEASE_SECONDS = 5.0
 _decision_values = itemgetter(*STREAM_COLUMNS)
 _rejection_values = itemgetter(*REJECTION_COLUMNS)
 
@@ -43,29 +48,152 @@ def is_transient(exc: DBAPIError) -> bool:
 
 
 class StreamStore:
-    """All the stream consumer's database I/O, for one topic."""
+    """All the stream consumer's database I/O, for one topic: the serving database's implementation of the
+    stream layer's :class:`~cardpipe.stream.checkpoints.CheckpointStore`.
 
-    def __init__(self, engine: Engine, topic: str):
+    Besides decisions and offsets, each checkpoint (one database transaction) also advances its
+    partitions' checkpoint sequence (what a settlement's watermark counts), renews this consumer's
+    partition leases, and checks that the settlement it decided with is still the one in force.
+    """
+
+    def __init__(self, engine: Engine, topic: str, *, owner: str | None = None,
+                 lease_seconds: float = LEASE_SECONDS):
         self.engine = engine
         self.topic = topic
+        self.owner = owner or unique_owner()
+        self.lease_seconds = lease_seconds
+        self._owned: tuple[int, ...] = ()
+        self._renewed_at = 0.0
+        self._seq: dict[int, int] = {}
         dialect = engine.dialect
-        self._decisions = BulkWriter(dialect, schema.stream_transactions, STREAM_COLUMNS)
+        self._decisions = BulkWriter(dialect, schema.stream_transactions, DECISION_COLUMNS)
         self._rejections = BulkWriter(dialect, schema.rejected_transactions, REJECTION_COLUMNS)
         self._card_states = BulkWriter(dialect, schema.card_states, CARD_STATE_COLUMNS, upsert_keys=["card_id"])
-        self._offsets = BulkWriter(dialect, schema.stream_offsets, ("topic", "kafka_partition", "next_offset"),
+        self._offsets = BulkWriter(dialect, schema.stream_offsets,
+                                   ("topic", "kafka_partition", "next_offset", "checkpoint_seq"),
                                    upsert_keys=["topic", "kafka_partition"])
         self._decided = KeyReader(dialect, schema.stream_transactions, TRANSACTION_COLUMNS, "transaction_id",
                                   chunk=_LOOKUP_CHUNK)
 
-    def card_profiles(self) -> dict[int, CardProfile]:
-        """Every card's limit and its owner's zip."""
-        c, cu = schema.cards, schema.customers
+    def settlement_in_force(self, *, give_up_after: float = 300.0,
+                            sleep: Callable[[float], None] = time.sleep) -> int | None:
+        """The id of the settlement in force (None before any); retried while the database is unreachable."""
+        def read() -> int | None:
+            with self.engine.connect() as conn:
+                return _settlement_in_force(conn)
+
+        return self._retry_while_unavailable(read, "reading the settlement in force", give_up_after=give_up_after,
+                                             sleep=sleep)
+
+    def card_profiles(self, settlement_id: int | None = None) -> dict[int, CardProfile]:
+        """Every card's limit (settlement ``settlement_id``'s, else the original) and its owner's zip."""
+        c, cu, sc = schema.cards, schema.customers, schema.settled_cards
         query = select(c.c.card_id, c.c.credit_limit, cu.c.address).join(cu, c.c.customer_id == cu.c.customer_id)
         with self.engine.connect() as conn:
-            return {
+            profiles = {
                 card_id: CardProfile(card_id, Decimal(limit), zip_of(address))
                 for card_id, limit, address in conn.execute(query)
             }
+            if settlement_id is not None:
+                for card_id, limit in conn.execute(
+                        select(sc.c.card_id, sc.c.credit_limit).where(sc.c.settlement_id == settlement_id)):
+                    old = profiles.get(card_id)
+                    if old is not None:
+                        profiles[card_id] = CardProfile(card_id, Decimal(limit), old.customer_zip)
+            return profiles
+
+    def settled_profiles(self) -> tuple[int | None, dict[int, CardProfile]]:
+        """The settlement in force and the card profiles under its limits."""
+        settlement_id = self.settlement_in_force()
+        return settlement_id, self.card_profiles(settlement_id)
+
+    # ----------------------------------------------------------------------------------------- leases
+
+    def acquire(self, partitions: Iterable[int]) -> list[int]:
+        """Claim ``partitions`` for this consumer: those no live consumer holds (expired leases, and those of
+        dead processes of this host, are taken over). Returns the partitions claimed (sorted); raises
+        :class:`PartitionsHeld`, naming the holder, when every one is held."""
+        wanted = sorted(set(partitions))
+        for attempt in range(5):
+            try:
+                return self._acquire(wanted)
+            except IntegrityError:  # another consumer inserted a lease at the same moment: look again
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _acquire(self, wanted: list[int]) -> list[int]:
+        sl = schema.stream_leases
+        now = time.time()
+        granted: list[int] = []
+        held: dict[str, list[int]] = {}
+        with self.engine.begin() as conn:
+            current = {p: (owner, expires) for p, owner, expires in conn.execute(
+                select(sl.c.kafka_partition, sl.c.owner, sl.c.expires_at)
+                .where(sl.c.topic == self.topic, sl.c.kafka_partition.in_(wanted)).with_for_update())}
+            for p in wanted:
+                lease = current.get(p)
+                expires = now + self.lease_seconds
+                if lease is None:
+                    conn.execute(sl.insert().values(topic=self.topic, kafka_partition=p, owner=self.owner,
+                                                    expires_at=expires))
+                elif lease[0] == self.owner or lease[1] < now or holder_is_dead(lease[0]):
+                    conn.execute(sl.update().where(sl.c.topic == self.topic, sl.c.kafka_partition == p)
+                                 .values(owner=self.owner, expires_at=expires))
+                else:
+                    held.setdefault(lease[0], []).append(p)
+                    continue
+                granted.append(p)
+        if not granted:
+            raise PartitionsHeld(
+                f"every partition of topic {self.topic!r} this consumer would decide is being decided by another "
+                f"consumer ({_describe_holders(held)}); stop it first, or let it finish")
+        if held:
+            log.warning("partition(s) %s of %r are decided by another consumer (%s); this one takes %s",
+                        ", ".join(str(p) for ps in held.values() for p in ps), self.topic, _describe_holders(held),
+                        ", ".join(map(str, granted)))
+        self._owned = tuple(granted)
+        self._renewed_at = time.monotonic()
+        return granted
+
+    def keep_leases(self) -> None:
+        """Renew this consumer's leases if a third of their time has passed (for an idle consumer)."""
+        if not self._owned or time.monotonic() - self._renewed_at < self.lease_seconds / 3:
+            return
+        try:
+            with self.engine.begin() as conn:
+                self._renew(conn)
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("database unavailable (%s); lease renewal postponed", describe_error(self.engine.url, exc))
+
+    def _renew(self, conn: Connection) -> None:
+        if not self._owned:
+            return
+        sl = schema.stream_leases
+        result = conn.execute(
+            sl.update().where(sl.c.topic == self.topic, sl.c.owner == self.owner,
+                              sl.c.kafka_partition.in_(self._owned))
+            .values(expires_at=time.time() + self.lease_seconds))
+        if result.rowcount != len(self._owned):
+            raise LeaseLost(f"another consumer took over partition(s) of topic {self.topic!r} this one was "
+                            f"deciding (its lease had expired: was this consumer stopped for over "
+                            f"{self.lease_seconds:g} s?)")
+        self._renewed_at = time.monotonic()
+
+    def release(self) -> None:
+        """Give up this consumer's leases (a clean stop); a failure to reach the database is only logged."""
+        if not self._owned:
+            return
+        sl = schema.stream_leases
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sl.delete().where(sl.c.topic == self.topic, sl.c.owner == self.owner))
+        except DBAPIError as exc:
+            log.warning("could not release partition leases (%s); they expire in %g s",
+                        describe_error(self.engine.url, exc), self.lease_seconds)
+        self._owned = ()
 
     def restore(self) -> tuple[dict[int, Decimal], dict[int, int]]:
         """Pending balances (checkpointed, else the card's current balance) and next offsets."""
@@ -77,8 +205,13 @@ class StreamStore:
                 if balance is not None:
                     balances[cid] = Decimal(balance)
             so = schema.stream_offsets
-            offsets = dict(conn.execute(
-                select(so.c.kafka_partition, so.c.next_offset).where(so.c.topic == self.topic)).all())
+            offsets: dict[int, int] = {}
+            self._seq = {}
+            query = select(so.c.kafka_partition, so.c.next_offset, so.c.checkpoint_seq).where(so.c.topic == self.topic)
+            for p, next_offset, seq in conn.execute(query):
+                self._seq[p] = seq
+                if next_offset is not None:
+                    offsets[p] = next_offset
         return balances, offsets
 
     def lookup_decided(self, transaction_ids: list[int], *, give_up_after: float = 300.0,
@@ -100,18 +233,32 @@ class StreamStore:
         return found
 
     def commit(self, batch: CheckpointBatch) -> None:
-        """Write one checkpoint batch atomically."""
-        decided = [row if isinstance(row, tuple) else _decision_values(row) for row in batch.decided]
+        """Write one checkpoint batch atomically.
+
+        Raises :class:`SettlementChanged` (nothing written) when the settlement in force is no longer the
+        one the batch was decided with, and :class:`LeaseLost` when another consumer took a partition over.
+        """
+        seqs = {p: self._seq.get(p, 0) + 1 for p in batch.next_offsets}
+        decided = [
+            (*(row if isinstance(row, tuple) else _decision_values(row)), limit, p, seqs[p])
+            for row, (p, limit) in zip(batch.decided, batch.positions, strict=True)
+        ]
         rejected = [_rejection_values(row) for row in batch.rejected]
         # Sorted keys: concurrent workers lock rows in one order (no deadlocks).
         card_states = [(s.card_id, s.pending_balance) for _, s in sorted(batch.card_states.items())]
-        offsets = [(self.topic, p, o) for p, o in sorted(batch.next_offsets.items())]
+        offsets = [(self.topic, p, o, seqs[p]) for p, o in sorted(batch.next_offsets.items())]
         with self.engine.begin() as conn:
             self._decisions.write(conn, decided)
             self._rejections.write(conn, rejected)
             self._card_states.write(conn, card_states)
             self._offsets.write(conn, offsets)
+            self._renew(conn)
+            # Last, under a shared lock: a settlement published meanwhile waits for this commit, or this
+            # commit sees it and is decided again with its limits.
+            if _settlement_in_force(conn, lock=True) != batch.settlement_id:
+                raise SettlementChanged()
             crash_point("checkpoint.written")
+        self._seq.update(seqs)
 
     def commit_durably(self, batch: CheckpointBatch, *, give_up_after: float = 300.0,
                        sleep: Callable[[float], None] = time.sleep) -> None:
@@ -127,8 +274,14 @@ class StreamStore:
                 if not self._is_committed(batch):
                     raise
 
+        def committed_anyway() -> bool:
+            if not self._is_committed(batch):
+                return False
+            self._seq.update({p: self._seq.get(p, 0) + 1 for p in batch.next_offsets})
+            return True
+
         self._retry_while_unavailable(attempt, "the checkpoint", give_up_after=give_up_after, sleep=sleep,
-                                      done_anyway=lambda: self._is_committed(batch))
+                                      done_anyway=committed_anyway)
 
     def _retry_while_unavailable(self, attempt: Callable[[], T], what: str, *, give_up_after: float,
                                  sleep: Callable[[float], None],
@@ -165,7 +318,7 @@ class StreamStore:
                     so.c.topic == self.topic, so.c.kafka_partition.in_(list(batch.next_offsets)))).all())
         except DBAPIError:
             return False
-        return all(stored.get(p, -1) >= o for p, o in batch.next_offsets.items())
+        return all((stored.get(p) or -1) >= o for p, o in batch.next_offsets.items())
 
     def reset_offsets(self, partitions: Iterable[int] | None = None) -> None:
         """Forget the stored offsets of ``partitions``, or of every partition (the topic was recreated)."""
@@ -174,9 +327,25 @@ class StreamStore:
         if partitions is not None:
             condition = condition & so.c.kafka_partition.in_(list(partitions))
         with self.engine.begin() as conn:
-            conn.execute(so.delete().where(condition))
+            # The checkpoint sequence stays: settlements' watermarks count on it never going back.
+            conn.execute(so.update().where(condition).values(next_offset=None))
 
     def start_at(self, offsets: Mapping[int, int]) -> None:
         """Make the next consume start at ``offsets`` (a fresh run ignores what the topic held before)."""
+        so = schema.stream_offsets
         with self.engine.begin() as conn:
-            self._offsets.write(conn, [(self.topic, p, o) for p, o in sorted(offsets.items())])
+            seqs = dict(conn.execute(select(so.c.kafka_partition, so.c.checkpoint_seq)
+                                     .where(so.c.topic == self.topic)).all())
+            self._offsets.write(conn, [(self.topic, p, o, seqs.get(p, 0)) for p, o in sorted(offsets.items())])
+
+
+def _settlement_in_force(conn: Connection, *, lock: bool = False) -> int | None:
+    ss = schema.serving_state
+    query = select(ss.c.settlement_id).where(ss.c.id == schema.SERVING_STATE_ID)
+    if lock:
+        query = query.with_for_update(read=True)
+    return conn.execute(query).scalar()
+
+
+def _describe_holders(held: Mapping[str, list[int]]) -> str:
+    return "; ".join(f"{owner} holds partition(s) {', '.join(map(str, ps))}" for owner, ps in held.items())

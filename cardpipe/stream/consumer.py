@@ -21,12 +21,12 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from sqlalchemy.exc import IntegrityError
 
-from cardpipe.domain.records import CardProfile
-from cardpipe.errors import BrokerLost, BrokerUnavailable
+from cardpipe.errors import BrokerLost, BrokerUnavailable, SettlementChanged
 from cardpipe.faults import crash_point
-from cardpipe.serving.stream_store import StreamStore
-from cardpipe.stream.processing import CheckpointBatch, RawMessage, StreamProcessor
+from cardpipe.stream.checkpoints import CheckpointBatch, CheckpointStore
+from cardpipe.stream.processing import RawMessage, StreamProcessor
 from cardpipe.stream.producer import make_producer
+from cardpipe.stream.stopping import StopPolicy
 
 log = logging.getLogger(__name__)
 #: librdkafka's own log lines (connection refused while a broker restarts…); cardpipe reports problems itself.
@@ -95,7 +95,7 @@ def stop_on_sigterm(stop: Callable[[], None]) -> AbstractContextManager[None]:
 def consume(
     bootstrap_servers: str,
     topic: str,
-    store: StreamStore,
+    store: CheckpointStore,
     *,
     group_id: str = "cardpipe",
     dead_letter_topic: str | None = None,
@@ -135,25 +135,17 @@ def consume(
     })
     dlq = make_producer(bootstrap_servers) if dead_letter_topic else None
     summary = ConsumeSummary()
-    stopping = False
-
-    def request_stop() -> None:
-        nonlocal stopping
-        stopping = True
-
     try:
-        partitions = _topic_partitions(consumer, topic, options.partitions)
-        profiles = store.card_profiles()
-        processor = _resume(consumer, bootstrap_servers, store, topic, partitions, profiles)
-        wanted = set(partitions)
-        at_end: dict[int, int] = {}  # partition -> offset of its last EOF event, while no message came after it
-        stream_end: dict[int, int] | None = None  # the end offsets, once ``publishing`` says it is done
+        partitions = store.acquire(_topic_partitions(consumer, topic, options.partitions))
+        stop = StopPolicy(follow=options.follow, idle_seconds=options.idle_seconds,
+                          until_caught_up=options.until_caught_up, should_stop=should_stop, publishing=publishing,
+                          end_offsets=lambda: log_end_offsets(bootstrap_servers, topic, partitions))
+        stop.watch(partitions)
+        processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
         conflicts = 0
-        started = last_message = last_progress = time.monotonic()
-        with stop_on_sigterm(request_stop) if should_stop is None else nullcontext():
-            while not stopping:
-                if should_stop is not None and should_stop():
-                    break
+        started = last_progress = time.monotonic()
+        with stop_on_sigterm(stop.request) if should_stop is None else nullcontext():
+            while not stop.stop_requested():
                 polled = poll_ready(consumer, options.batch_size, options.max_wait_seconds)
                 if broker_alive is not None and not broker_alive():
                     summary.seconds = time.monotonic() - started
@@ -165,20 +157,30 @@ def consume(
                     err = msg.error()
                     if err is None:
                         raw.append(_raw(msg))
-                        at_end.pop(msg.partition(), None)
+                        stop.message(msg.partition())
                     elif err.code() == KafkaError._PARTITION_EOF:
-                        at_end[msg.partition()] = msg.offset()
+                        stop.end_of_partition(msg.partition(), msg.offset())
                     elif err.fatal():
                         raise BrokerUnavailable(f"consumer failed: {err.str()}")
                     else:
                         log.warning("consumer: %s", err.str())
-                now = time.monotonic()
                 if raw:
                     crash_point("consume.polled")
+                    settlement_id = store.settlement_in_force()
+                    if settlement_id != processor.settlement_id:
+                        processor.adopt(settlement_id, store.card_profiles(settlement_id))
+                        log.info("deciding with the credit limits of settlement %s from now on", settlement_id)
                     batch = processor.process(raw)
                     crash_point("consume.decided")
                     try:
                         _checkpoint(store, batch, dlq, dead_letter_topic)
+                    except SettlementChanged:
+                        # Published between the check above and the commit: decide the batch again with
+                        # the new limits, from the last checkpoint.
+                        summary.counts["settlement_changes"] += 1
+                        processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
+                        stop.rewound()
+                        continue
                     except IntegrityError:
                         # Not this batch committed before (commit_durably checks): another consumer
                         # committed one of its transaction ids after our lookup. Start over from the
@@ -190,32 +192,26 @@ def consume(
                                     "another consumer; resuming from the last checkpoint",
                                     ", ".join(map(str, sorted(batch.next_offsets))))
                         summary.counts["checkpoint_conflicts"] += 1
-                        processor = _resume(consumer, bootstrap_servers, store, topic, partitions, profiles)
-                        at_end.clear()
+                        processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
+                        stop.rewound()
                         continue
                     conflicts = 0
                     crash_point("consume.committed")
                     _account(summary, batch, len(raw))
-                    last_message = now
+                else:
+                    store.keep_leases()
+                now = time.monotonic()
                 if progress and now - last_progress >= options.progress_every:
                     summary.seconds = now - started
                     progress(summary)
                     last_progress = now
-                if options.follow:
-                    continue
-                caught_up = at_end.keys() >= wanted
-                if publishing is not None and stream_end is None and (caught_up or not raw) and not publishing():
-                    stream_end = log_end_offsets(bootstrap_servers, topic, partitions)
-                if publishing is None or stream_end is not None:  # no more is coming than what is on the topic
-                    if options.until_caught_up and caught_up and (
-                            stream_end is None or all(at_end[p] >= stream_end[p] for p in partitions)):
-                        break
-                    if not raw and now - last_message >= options.idle_seconds:
-                        break
+                if stop.done_after(bool(raw)):
+                    break
         summary.seconds = time.monotonic() - started
         return summary
     finally:
         consumer.close()
+        store.release()
         if dlq is not None:
             dlq.flush(10)
 
@@ -253,11 +249,13 @@ def _topic_partitions(consumer: Consumer, topic: str, wanted: tuple[int, ...] | 
     return sorted(wanted)
 
 
-def _resume(consumer: Consumer, bootstrap_servers: str, store: StreamStore, topic: str, partitions: list[int],
-            profiles: dict[int, CardProfile]) -> StreamProcessor:
-    """A processor with the balances of the last checkpoint, and ``consumer`` positioned right after it."""
+def _resume(consumer: Consumer, bootstrap_servers: str, store: CheckpointStore, topic: str,
+            partitions: list[int]) -> StreamProcessor:
+    """A processor with the balances of the last checkpoint and the limits of the settlement in force, and
+    ``consumer`` positioned right after that checkpoint."""
+    settlement_id, profiles = store.settled_profiles()
     balances, offsets = store.restore()
-    processor = StreamProcessor(topic, profiles, balances, store.lookup_decided)
+    processor = StreamProcessor(topic, profiles, balances, store.lookup_decided, settlement_id=settlement_id)
     # The per-card state lives as long as the consumer: keep the cyclic collector from re-scanning it
     # on every collection (about a tenth of the loop's CPU).
     gc.collect()
@@ -268,7 +266,7 @@ def _resume(consumer: Consumer, bootstrap_servers: str, store: StreamStore, topi
     return processor
 
 
-def _start_positions(bootstrap_servers: str, store: StreamStore, topic: str, partitions: list[int],
+def _start_positions(bootstrap_servers: str, store: CheckpointStore, topic: str, partitions: list[int],
                      offsets: dict[int, int]) -> list[TopicPartition]:
     """Resume after the last checkpoint; start over on a partition the broker no longer has that far."""
     ends = log_end_offsets(bootstrap_servers, topic, [p for p in partitions if p in offsets])
@@ -294,7 +292,7 @@ def _raw(msg: Message) -> RawMessage:
     return RawMessage(msg.partition(), msg.offset(), msg.key(), msg.value(), ts if ts_type else None)
 
 
-def _checkpoint(store: StreamStore, batch: CheckpointBatch, dlq, dead_letter_topic: str | None) -> None:  # type: ignore[no-untyped-def]
+def _checkpoint(store: CheckpointStore, batch: CheckpointBatch, dlq, dead_letter_topic: str | None) -> None:  # type: ignore[no-untyped-def]
     if dlq is not None and dead_letter_topic and batch.rejected:
         for row in batch.rejected:
             dlq.produce(dead_letter_topic, value=row["message_value"], key=row["message_key"], headers=[

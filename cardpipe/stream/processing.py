@@ -1,21 +1,20 @@
 """The stream's processing step, pure: a polled batch of raw messages in, a checkpoint batch out.
 
 No broker and no database here: the consumer feeds :class:`StreamProcessor` with messages and a
-``lookup`` callable (the serving store's), and writes the :class:`CheckpointBatch` it returns in one
-database transaction. Tests drive it with plain lists and dicts.
+``lookup`` callable (its checkpoint store's), and writes the :class:`CheckpointBatch` it returns in one
+checkpoint. Tests drive it with plain lists and dicts.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from cardpipe.domain.authorization import Authorizer
-from cardpipe.domain.records import REJECTED, STREAM_COLUMNS, CardProfile, Transaction
+from cardpipe.domain.records import REJECTED, CardProfile, Transaction
+from cardpipe.stream.checkpoints import CardState, CheckpointBatch, DecisionRow, decision_row
 from cardpipe.stream.codec import DUPLICATE_CONFLICT, UNKNOWN_CARD, Rejection, TransactionFields, decode_fields
 
 #: Finds already-decided transactions by id (the serving store in production).
@@ -32,49 +31,6 @@ class RawMessage(NamedTuple):
     timestamp_ms: int | None = None
 
 
-class CardState(NamedTuple):
-    """Per-card stream state, persisted with each checkpoint (a named tuple: one is made per card and batch)."""
-
-    card_id: int
-    pending_balance: Decimal | None  # None for a card the serving data does not know
-
-
-_STREAM_INDEX = {name: index for index, name in enumerate(STREAM_COLUMNS)}
-
-
-class DecisionRow(tuple):  # type: ignore[type-arg]
-    """A ``stream_transactions`` row: a tuple in ``STREAM_COLUMNS`` order (what the database writer takes
-    as is) that also reads by column name, ``row["status"]``, and converts with ``dict(row)``."""
-
-    __slots__ = ()
-
-    def __getitem__(self, key):  # type: ignore[no-untyped-def,override]
-        return tuple.__getitem__(self, _STREAM_INDEX[key] if type(key) is str else key)
-
-    def keys(self) -> tuple[str, ...]:
-        return STREAM_COLUMNS
-
-    def __repr__(self) -> str:
-        return f"DecisionRow({dict(self)!r})"
-
-
-def decision_row(tx: Transaction, status: str, pending_balance: Decimal | None, reason: str | None) -> DecisionRow:
-    """A ``stream_transactions`` row."""
-    return DecisionRow((*tx.values(), status, pending_balance, reason))
-
-
-@dataclass
-class CheckpointBatch:
-    """Everything one polled batch changes; written atomically, then acknowledged."""
-
-    decided: list[DecisionRow] = field(default_factory=list)  # stream_transactions rows
-    rejected: list[dict[str, Any]] = field(default_factory=list)  # rejected_transactions rows
-    card_states: dict[int, CardState] = field(default_factory=dict)
-    next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
-    counts: Counter[str] = field(default_factory=Counter)
-    publish_times_ms: list[int] = field(default_factory=list)  # of decided messages, for latency
-
-
 class StreamProcessor:
     """Authorizes polled batches, absorbing duplicates by transaction_id (the idempotency key).
 
@@ -89,11 +45,19 @@ class StreamProcessor:
         balances: Mapping[int, Decimal],
         lookup: DecidedLookup,
         clock: Callable[[], datetime] = datetime.now,
+        settlement_id: int | None = None,
     ):
         self.topic = topic
         self.authorizer = Authorizer(cards, balances)
         self.lookup = lookup
         self.clock = clock
+        self.settlement_id = settlement_id
+
+    def adopt(self, settlement_id: int | None, cards: Mapping[int, CardProfile]) -> None:
+        """Decide from now on with ``cards``' limits (those of settlement ``settlement_id``); the running
+        pending balances carry on unchanged (SPEC §9)."""
+        self.authorizer.adopt(cards)
+        self.settlement_id = settlement_id
 
     def process(self, messages: Iterable[RawMessage]) -> CheckpointBatch:
         """Decide a batch of messages in order; returns the checkpoint to persist.
@@ -101,15 +65,16 @@ class StreamProcessor:
         The per-message path works on tuples (:func:`decode_fields`, :meth:`Authorizer.decide`,
         :class:`DecisionRow`): no object per message beyond the row itself.
         """
-        batch = CheckpointBatch()
+        batch = CheckpointBatch(settlement_id=self.settlement_id)
         messages = messages if isinstance(messages, list) else list(messages)
         decoded = [decode_fields(m.value) for m in messages]
         ids = [r[0] for r in decoded if type(r) is tuple]
         known: dict[int, TransactionFields] = {}
         if ids:
             known = {tid: tx.values() for tid, tx in self.lookup(ids).items()}
-        decide = self.authorizer.decide
+        decide, limit_of = self.authorizer.decide, self.authorizer.limit_of
         decided, publish_times, next_offsets = batch.decided, batch.publish_times_ms, batch.next_offsets
+        positions = batch.positions
         counts: dict[str, int] = {}
         touched: dict[int, bool] = {}  # card id -> known to the serving data
         for message, result in zip(messages, decoded, strict=True):
@@ -132,11 +97,13 @@ class StreamProcessor:
             outcome = decide(card_id, result[4], result[5])
             if outcome is not None:
                 decided.append(DecisionRow(result + outcome))
+                positions.append((message.partition, limit_of(card_id)))
                 status = outcome[0]
                 counts[status] = counts.get(status, 0) + 1
                 touched[card_id] = True
             else:
                 decided.append(DecisionRow(result + (REJECTED, None, UNKNOWN_CARD)))
+                positions.append((message.partition, None))
                 self._reject(batch, message, Rejection(
                     UNKNOWN_CARD, f"card {card_id} is not in the serving database", tx_id))
                 touched[card_id] = False

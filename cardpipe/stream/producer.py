@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from sqlalchemy import Engine, select
 
 from cardpipe.domain.records import Transaction
 from cardpipe.errors import BrokerUnavailable
 from cardpipe.faults import crash_point
-from cardpipe.serving import schema
-from cardpipe.serving.csv_io import read_typed_rows
 from cardpipe.stream.codec import encode_transaction
 
 log = logging.getLogger(__name__)
@@ -28,9 +24,8 @@ log = logging.getLogger(__name__)
 PRODUCER_DEFAULTS = {
     "enable.idempotence": True,
     "acks": "all",
-    # A batch waits at most 10 ms for company. Measured at 10,000 msg/s on the embedded broker (no processing,
-    # fetch.wait.max.ms 10): linger 10 ms gives p99 20 ms publish -> fetched; 5 ms 48 ms, 3 ms 132 ms, 1 ms
-    # 156 ms (more, smaller requests queue up in the broker); 20 ms 30 ms.
+    # A batch waits at most 10 ms for company: the linger with the lowest publish -> fetched p99 among those
+    # measured (bench/latency_bench.py; the figures are in bench/README.md).
     "linger.ms": 10,
     "batch.num.messages": 10_000,
     "batch.size": 1_000_000,
@@ -121,27 +116,3 @@ def publish(
         raise BrokerUnavailable(
             f"{len(errors)} of {sent} messages were not acknowledged by the broker: {errors[0].str()}")
     return summary
-
-
-def transactions_from_database(engine: Engine, *, only_undecided: bool = True,
-                               chunk: int = 20_000) -> Iterator[Transaction]:
-    """Stream the ``transactions`` table in timestamp order (ties by id) without loading it all.
-
-    With ``only_undecided`` (the default) transactions already in ``stream_transactions`` are
-    skipped, so a re-run publishes only what is missing.
-    """
-    t, s = schema.transactions, schema.stream_transactions
-    query = select(*t.columns)
-    if only_undecided:
-        query = query.outerjoin(s, s.c.transaction_id == t.c.transaction_id).where(s.c.transaction_id.is_(None))
-    query = query.order_by(t.c.timestamp, t.c.transaction_id)
-    with engine.connect() as conn:
-        for row in conn.execution_options(stream_results=True, yield_per=chunk).execute(query):
-            yield Transaction(*row)
-
-
-def transactions_from_csv(path: Path) -> list[Transaction]:
-    """Read a transactions CSV (validated like a load) and sort it by timestamp, then id."""
-    rows = [Transaction(**row) for row in read_typed_rows(path, schema.transactions)]
-    rows.sort(key=lambda tx: (tx.timestamp, tx.transaction_id))
-    return rows

@@ -29,6 +29,7 @@ from typing import Any
 
 from cardpipe.config import Settings
 from cardpipe.errors import CardpipeError, first_line
+from cardpipe.stream.checkpoints import CheckpointStore
 from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, signal_handled, stop_on_sigterm
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class WorkerJob:
     options: ConsumeOptions  # with this worker's partitions
     broker_pid: int | None  # the embedded broker, checked after every poll
     log_level: int
+    #: Opens this worker's checkpoint store from the settings (a module-level function: it is pickled).
+    open_store: Callable[[Settings], AbstractContextManager[CheckpointStore]]
 
 
 @dataclass
@@ -89,15 +92,18 @@ class _Stop:
     """The stop request shared with the workers. A signal handler only sets a plain flag (setting the
     multiprocessing Event from a handler could deadlock on its lock); the supervising loop passes it on."""
 
-    def __init__(self, event: Any):
+    def __init__(self, event: Any, should_stop: Callable[[], bool] | None = None):
         self.event = event
         self.signalled = False
+        self.should_stop = should_stop
 
     def signal(self) -> None:
         """From a signal handler: only set the flag."""
         self.signalled = True
 
     def is_set(self) -> bool:
+        if self.should_stop is not None and self.should_stop():
+            self.signalled = True
         if self.signalled and not self.event.is_set():
             self.event.set()
         return self.event.is_set()
@@ -116,8 +122,13 @@ def consume_with_workers(
     broker_pid: int | None = None,
     progress: Callable[[str], None] | None = None,
     publishing: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    open_store: Callable[[Settings], AbstractContextManager[CheckpointStore]],
 ) -> ConsumeSummary:
     """Consume ``partitions`` with ``workers`` processes; their summaries added up (``seconds``: wall time).
+
+    ``should_stop`` (asked while supervising) stops every worker after its batch, as SIGTERM does.
+    ``open_store`` opens each worker's checkpoint store (a module-level function, sent to the workers pickled).
 
     Raises :class:`WorkerFailed` (after stopping the other workers) when a worker raises or dies. On
     SIGTERM every worker finishes its batch and the summary so far is returned; on Ctrl-C the same, then
@@ -131,7 +142,7 @@ def consume_with_workers(
     if len(shares) < workers:
         log.warning("%d workers for %d partitions: starting %d", workers, len(partitions), len(shares))
     context = multiprocessing.get_context("spawn")
-    stop = _Stop(context.Event())
+    stop = _Stop(context.Event(), should_stop)
     published = context.Event()  # set once ``publishing`` says the producer is done
     level = logging.getLogger("cardpipe").getEffectiveLevel()
     running: list[_Worker] = []
@@ -140,7 +151,7 @@ def consume_with_workers(
         with stop_on_sigterm(stop.signal):
             for index, share in enumerate(shares):
                 job = WorkerJob(index, settings, bootstrap_servers, replace(options, partitions=share), broker_pid,
-                                level)
+                                level, open_store)
                 receiver, sender = context.Pipe(duplex=False)
                 process = context.Process(target=_worker_main,
                                           args=(job, sender, stop.event, None if publishing is None else published),
@@ -308,18 +319,13 @@ def _worker_main(job: WorkerJob, conn: Connection, stop: Any, published: Any = N
 
 def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool],
              publishing: Callable[[], bool] | None = None) -> ConsumeSummary:
-    from cardpipe.serving.database import check_connection, make_engine
-    from cardpipe.serving.stream_store import StreamStore
     from cardpipe.stream.broker import is_alive
     from cardpipe.stream.consumer import consume
 
     settings = job.settings
     if should_stop():  # stopped while this process was starting
         return ConsumeSummary()
-    engine = make_engine(settings.database_url, create_database=False)
-    try:
-        check_connection(engine)
-        store = StreamStore(engine, settings.kafka_topic)
+    with job.open_store(settings) as store:
         alive = (lambda pid=job.broker_pid: is_alive(pid)) if job.broker_pid is not None else None
         return consume(
             job.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
@@ -327,8 +333,6 @@ def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool],
             should_stop=should_stop, publishing=publishing,
             progress=lambda s: conn.send(("progress", f"decided {s.messages:,} messages ({s.rate:,.0f}/s)")),
         )
-    finally:
-        engine.dispose()
 
 
 def _send_error(conn: Connection, message: str) -> None:

@@ -27,12 +27,11 @@ from sqlalchemy import Engine, create_engine, func, insert, select, text
 from sqlalchemy.engine import URL
 
 from cardpipe.config import Settings
-from cardpipe.domain.records import TRANSACTION_COLUMNS
 from cardpipe.generate import GeneratorConfig, generate_dataset
 from cardpipe.orchestration import commands
 from cardpipe.serving import schema
-from cardpipe.serving.csv_io import export_table, format_cell
-from cardpipe.serving.results import BATCH_OUTPUTS, staging_table_name
+from cardpipe.serving.csv_io import format_cell
+from cardpipe.serving.results import BATCH_OUTPUTS
 from cardpipe.stream.broker import ensure_broker, stop_broker
 from cardpipe.stream.consumer import log_end_offsets
 from tests.orchestration.helpers import (
@@ -391,12 +390,12 @@ def test_producer_sigkilled_at_five_points_duplicates_are_absorbed(dataset, expe
 # --------------------------------------------------------------------------------------------- 3. batch
 
 def table_cells(url: URL, name: str) -> list[tuple[str, ...]]:
-    table = schema.TABLES_BY_NAME[name]
+    """A table's or view's rows as text, in key order."""
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
             return [tuple(format_cell(v) for v in row)
-                    for row in conn.execute(select(table).order_by(*table.primary_key.columns))]
+                    for row in conn.execute(text(f"SELECT * FROM {name} ORDER BY 1"))]
     finally:
         engine.dispose()
 
@@ -419,56 +418,83 @@ def assert_same(actual: dict[str, object], expected: dict[str, object]) -> None:
 BATCH_TABLES = tuple(BATCH_OUTPUTS)
 
 
+def decide_more(url: URL, count: int) -> list[int]:
+    """``count`` new pending decisions committed after the watermark in force (as a consumer's checkpoint would:
+    the rows and their partition's advanced checkpoint sequence together); returns their ids."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            partition, seq = conn.execute(text("SELECT kafka_partition, checkpoint_seq FROM stream_offsets "
+                                               "ORDER BY kafka_partition LIMIT 1")).one()
+            top = conn.execute(text("SELECT MAX(transaction_id) FROM stream_transactions")).scalar_one()
+            template = conn.execute(select(schema.stream_transactions).where(
+                schema.stream_transactions.c.status == "pending").limit(1)).mappings().one()
+            ids = list(range(top + 1, top + 1 + count))
+            conn.execute(insert(schema.stream_transactions), [
+                {**template, "transaction_id": i, "amount": Decimal("1.00"), "kafka_partition": partition,
+                 "checkpoint_seq": seq + 1} for i in ids])
+            conn.execute(text("UPDATE stream_offsets SET checkpoint_seq = :s WHERE kafka_partition = :p"),
+                         {"s": seq + 1, "p": partition})
+        return ids
+    finally:
+        engine.dispose()
+
+
+def settlement_statuses(url: URL) -> dict[int, str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return dict(conn.execute(text("SELECT settlement_id, status FROM settlements")).all())
+    finally:
+        engine.dispose()
+
+
+def _killed_settlements_leave_the_previous_in_force(url: URL, results: Path, env: dict[str, str],
+                                                   processes: Processes, engine_name: str) -> None:
+    """Two settlements killed (after computing, after storing their rows): views, files and the settlement in
+    force stay as they were; the next `batch` publishes the new decisions."""
+    complete = snapshot(results, url, RESULT_TABLES)
+    new_ids = decide_more(url, 25)
+    for point in ("batch.computed:1", "batch.staged:1"):
+        crashed = processes.run(["batch", "--results-dir", str(results), "--engine", engine_name], env,
+                                f"batch-crash-{point}", crash=point)
+        assert crashed.popen.returncode == SIGKILLED, crashed.describe()
+        assert_same(snapshot(results, url, RESULT_TABLES), {k: v for k, v in complete.items()
+                                                            if not k.startswith("stream_transactions")})
+        assert settlement_statuses(url)[1] == "published"
+    rerun = processes.run(["batch", "--results-dir", str(results), "--engine", engine_name], env, "batch-again")
+    assert rerun.popen.returncode == 0, rerun.describe()
+    statuses = settlement_statuses(url)
+    assert statuses == {1: "published", 2: "failed", 3: "failed", 4: "published"}, statuses
+    settled = {int(r["transaction_id"]): r["status"] for r in read_csv_rows(results / "batch_transactions.csv")}
+    assert all(settled[i] == "approved" for i in new_ids)
+    assert len(settled) == len(complete["batch_transactions"]) + 25  # type: ignore[arg-type]
+    for name in BATCH_TABLES:
+        table_matches_csv(url, name, results / f"{name}.csv")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:  # nothing of the killed settlements is left
+            assert conn.execute(text("SELECT COUNT(*) FROM settled_cards WHERE settlement_id <> 4")).scalar() == 0
+    finally:
+        engine.dispose()
+    assert not list(results.glob(f"{commands.BATCH_STAGING_DIR}*"))
+
+
 @pytest.mark.slow
-@pytest.mark.spark
-def test_batch_killed_keeps_the_previous_results_and_reruns_identically(seed_dataset, tmp_path, processes):
-    """SQLite (embedded defaults): `run` SIGKILLed while Spark runs, `batch` killed before its swap."""
+def test_killed_settlements_keep_the_previous_one_in_force_sqlite(seed_dataset, tmp_path, processes):
+    """SQLite (embedded defaults): a full `run`, then settlements killed at each stage."""
     data = seed_dataset / "input"
     results = tmp_path / "results"
     db = URL.create("sqlite", database=str(results / "cardpipe.db"))
     env = env_without_services()
     try:
-        # `run` killed from outside while Spark settles (the stream layer is done by then).
-        run = processes.start(["run", "--data-dir", str(data), "--results-dir", str(results)], env, "run")
-        wait_for(lambda: "starting Spark" in run.stderr(), "the batch to start", run)
-        time.sleep(2)
-        assert run.popen.poll() is None, run.describe()
-        spark = descendants(run.pid)
-        os.kill(run.pid, signal.SIGKILL)
-        assert run.wait() == SIGKILLED, run.describe()
-        assert "settled in" not in run.stdout()
-        assert spark, "the batch started no Spark process"
-        # The Spark JVM notices its driver is gone (its stdin closes) and exits: nothing is left running.
-        wait_for(lambda: not any(alive(p) for p in spark), "the killed run's Spark JVM to exit", timeout=60)
-        assert not any((results / f"{name}.csv").exists() for name in BATCH_TABLES), "a killed batch wrote results"
-        assert all(table_cells(db, name) == [] for name in BATCH_TABLES)
-
-        # `batch` again: the complete results, equal to the uninterrupted seed run's and the pure computation.
-        rerun = processes.run(["batch", "--results-dir", str(results)], env, "batch")
-        assert rerun.popen.returncode == 0, rerun.describe()
+        run = processes.run(["run", "--data-dir", str(data), "--results-dir", str(results)], env, "run")
+        assert run.popen.returncode == 0, run.describe()
         compare_results(seed_dataset / "expected", results)
         assert_results_match_reference(results, data)
         for name in RESULT_TABLES:
             table_matches_csv(db, name, results / f"{name}.csv")
-        complete = snapshot(results, db, RESULT_TABLES)
-
-        # Change the stream results so that a new settlement differs, then kill `batch` after it computed
-        # the new results and before it swaps them in: tables and files keep the previous results.
-        engine = create_engine(db)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text("DELETE FROM stream_transactions WHERE transaction_id IN "
-                                  "(SELECT transaction_id FROM stream_transactions ORDER BY transaction_id LIMIT 25)"))
-        finally:
-            engine.dispose()
-        crashed = processes.run(["batch", "--results-dir", str(results)], env, "batch-crash", crash="batch.staged:1")
-        assert crashed.popen.returncode == SIGKILLED, crashed.describe()
-        assert "settled" in crashed.stderr(), "the batch died before it computed its results"
-        after = snapshot(results, db, BATCH_TABLES)
-        assert_same(after, {k: v for k, v in complete.items() if k in after})
-        staged = read_csv_rows(results / commands.BATCH_STAGING_DIR / "batch_transactions.csv")
-        assert len(staged) == len(read_csv_rows(results / "batch_transactions.csv")) - 25, \
-            "the killed batch did not compute different results: the check above proves nothing"
+        _killed_settlements_leave_the_previous_in_force(db, results, env, processes, "embedded")
     finally:
         stop_broker(results)
 
@@ -476,44 +502,16 @@ def test_batch_killed_keeps_the_previous_results_and_reruns_identically(seed_dat
 @pytest.mark.slow
 @pytest.mark.mysql
 @pytest.mark.spark
-def test_batch_killed_before_the_swap_keeps_the_previous_mariadb_tables(seed_dataset, tmp_path, mysql_env,
-                                                                        mysql_database, processes):
-    """MariaDB: the batch fills staging tables over JDBC, then RENAMEs them in; killed before, nothing changes."""
+def test_killed_spark_settlements_keep_the_previous_one_in_force_mariadb(seed_dataset, tmp_path, mysql_env,
+                                                                         mysql_database, processes):
+    """MariaDB, the Spark engine: killed settlements (and their Spark JVM) change nothing; the rerun publishes."""
     data = seed_dataset / "input"
     results = tmp_path / "results"
-    settings = Settings.from_env(env=mysql_env, results_dir=results, data_dir=data)
-    commands.setup(settings)
-    commands.load(settings)
-    decisions, settlement = reference_results(data)
-    engine = create_engine(mysql_database)
+    env = env_without_services(**mysql_env)
     try:
-        with engine.begin() as conn:
-            conn.execute(insert(schema.stream_transactions), [
-                {**{c: getattr(tx, c) for c in TRANSACTION_COLUMNS}, "status": status, "pending_balance": balance,
-                 "decline_reason": reason} for tx, status, balance, reason in decisions.values()])
-            # Previous batch results: recognisably not what this batch computes (statuses still 'pending').
-            for name, source in (("batch_transactions", "stream_transactions"), ("cards_updated", "cards"),
-                                 ("customers_updated", "customers")):
-                columns = ", ".join(f"`{c}`" for c in BATCH_OUTPUTS[name][1])
-                conn.execute(text(f"INSERT INTO `{name}` ({columns}) SELECT {columns} FROM `{source}`"))
-                export_table(conn, schema.TABLES_BY_NAME[name], results / BATCH_OUTPUTS[name][0],
-                             BATCH_OUTPUTS[name][1])
+        run = processes.run(["run", "--data-dir", str(data), "--results-dir", str(results)], env, "run")
+        assert run.popen.returncode == 0, run.describe()
+        compare_results(seed_dataset / "expected", results)
+        _killed_settlements_leave_the_previous_in_force(mysql_database, results, env, processes, "spark")
     finally:
-        engine.dispose()
-    before = snapshot(results, mysql_database, BATCH_TABLES)
-    assert {row[8] for row in before["batch_transactions"]} == {"pending", "declined"}  # type: ignore[union-attr]
-
-    crashed = processes.run(["batch", "--results-dir", str(results)], env_without_services(**mysql_env),
-                            "batch-crash", crash="batch.staged:1")
-    assert crashed.popen.returncode == SIGKILLED, crashed.describe()
-    assert_same(snapshot(results, mysql_database, BATCH_TABLES), before)
-    # The killed batch had computed the new results: they wait, complete, in the staging table.
-    engine = create_engine(mysql_database)
-    try:
-        with engine.connect() as conn:
-            staged = conn.execute(text(f"SELECT status, COUNT(*) FROM `{staging_table_name('batch_transactions')}` "
-                                       "GROUP BY status")).all()
-    finally:
-        engine.dispose()
-    assert dict(staged) == Counter(t.status for t in settlement.transactions)
-    assert "approved" in dict(staged)
+        stop_broker(results)

@@ -1,4 +1,4 @@
-"""Acceptance: the whole pipeline on real components (Tansu, Spark, SQLite and MariaDB)."""
+"""Acceptance: the whole pipeline on real components (Tansu, DuckDB and Spark, SQLite and MariaDB)."""
 
 import subprocess
 import sys
@@ -18,7 +18,7 @@ from tests.orchestration.helpers import (
     table_matches_csv,
 )
 
-pytestmark = [pytest.mark.kafka, pytest.mark.spark]
+pytestmark = [pytest.mark.kafka]
 
 
 def test_run_on_seed_dataset_with_embedded_defaults(seed_dataset, tmp_path):
@@ -33,30 +33,39 @@ def test_run_on_seed_dataset_with_embedded_defaults(seed_dataset, tmp_path):
     assert "decided 400 messages" in proc.stdout
 
 
-def test_run_exports_the_stream_results_once_and_settles_from_that_file(seed_dataset, tmp_path, monkeypatch):
-    """On SQLite `run` hands Spark the stream_transactions.csv its stream layer has just written (the same
-    export `batch` alone makes): the large table is exported once, and the results are the seed's."""
+def test_run_settles_with_the_embedded_engine_and_the_views_show_the_settlement(seed_dataset, tmp_path):
+    """Embedded defaults settle without Spark; the batch tables are views of the settlement in force."""
+    from sqlalchemy import create_engine, text
+
     from cardpipe.config import Settings
     from cardpipe.orchestration import commands
-    from cardpipe.serving import results as serving_results
 
-    exported: list[str] = []
-    export_table = serving_results.export_table
-
-    def counting(conn, table, path, columns=None):
-        exported.append(table.name)
-        return export_table(conn, table, path, columns)
-
-    monkeypatch.setattr(serving_results, "export_table", counting)
     results = tmp_path / "results"
     summary = commands.run(Settings.from_env(env={}, results_dir=results, data_dir=seed_dataset / "input"))
-    assert exported.count("stream_transactions") == 1
-    assert {"cards", "customers"} <= set(exported)  # the batch's other inputs are still exported for it
+    assert summary.batch.engine == "embedded" and summary.batch.settlement_id == 1
     assert summary.batch.summary.transactions == 400
+    compare_results(seed_dataset / "expected", results)
+    engine = create_engine(URL.create("sqlite", database=str(results / "cardpipe.db")))
+    try:
+        with engine.connect() as conn:
+            views = set(conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'view'")).scalars())
+            assert views == {"batch_transactions", "cards_updated", "customers_updated"}
+            assert conn.execute(text("SELECT status FROM settlements")).scalars().all() == ["published"]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.spark
+def test_run_with_the_spark_engine_gives_the_same_results(seed_dataset, tmp_path):
+    results = tmp_path / "results"
+    proc = cardpipe(["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
+                    env_without_services(CARDPIPE_BATCH_ENGINE="spark"))
+    assert "spark engine" in proc.stdout
     compare_results(seed_dataset / "expected", results)
 
 
 @pytest.mark.mysql
+@pytest.mark.spark
 def test_run_on_seed_dataset_against_mariadb(seed_dataset, tmp_path, mysql_env, mysql_database):
     results = tmp_path / "results"
     password = mysql_env["DB_PASSWORD"].encode()
@@ -72,7 +81,7 @@ def test_run_on_seed_dataset_against_mariadb(seed_dataset, tmp_path, mysql_env, 
     watcher.start()
     try:
         proc = cardpipe(["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
-                        env_without_services(**mysql_env))
+                        env_without_services(**mysql_env, CARDPIPE_BATCH_ENGINE="spark"))
     finally:
         done.set()
         watcher.join()

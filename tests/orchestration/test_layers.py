@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 
 from cardpipe.config import Settings
 from cardpipe.domain.authorization import zip_of
@@ -120,9 +120,9 @@ def test_each_layer_against_mariadb_and_the_broker(dataset, tmp_path, mysql_env,
         cardpipe(["batch", "--results-dir", str(results)], env_without_services(**mysql_env))
         assert_results_match_reference(results, dataset)
         with engine.connect() as conn:
-            cards = {r.card_id: (r.credit_limit, r.current_balance) for r in conn.execute(select(schema.cards_updated))}
-            scores = dict(conn.execute(select(schema.customers_updated.c.customer_id,
-                                              schema.customers_updated.c.credit_score)).all())
+            cards = {r.card_id: (r.credit_limit, r.current_balance)
+                     for r in conn.execute(text("SELECT card_id, credit_limit, current_balance FROM cards_updated"))}
+            scores = dict(conn.execute(text("SELECT customer_id, credit_score FROM customers_updated")).all())
     finally:
         engine.dispose()
     assert cards == {c.card_id: (c.credit_limit, c.current_balance) for c in settlement.cards}

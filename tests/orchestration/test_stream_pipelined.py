@@ -25,9 +25,10 @@ from cardpipe.orchestration import commands
 from cardpipe.orchestration.publisher import PublisherFailed, StreamStopped
 from cardpipe.serving import schema
 from cardpipe.serving.stream_store import StreamStore
+from cardpipe.serving.transaction_source import transactions_from_database
 from cardpipe.stream.broker import BrokerHandle, broker_status, ensure_broker, ensure_topic, is_alive, stop_broker
 from cardpipe.stream.consumer import ConsumeOptions, consume, log_end_offsets
-from cardpipe.stream.producer import publish, transactions_from_database
+from cardpipe.stream.producer import publish
 from tests.orchestration.helpers import REPO_ROOT, command_lines, env_without_services, reference_results
 from tests.orchestration.test_workers import _row, count_rows, stream_rows
 

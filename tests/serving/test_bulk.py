@@ -14,6 +14,7 @@ from cardpipe.domain.records import STREAM_COLUMNS, TRANSACTION_COLUMNS
 from cardpipe.serving import schema
 from cardpipe.serving.bulk import BulkWriter, KeyReader
 from cardpipe.serving.database import create_clean_schema, make_engine
+from cardpipe.serving.stream_store import DECISION_COLUMNS
 from cardpipe.stream.processing import DecisionRow
 
 DIALECTS = {"sqlite": sqlite.dialect(), "mysql": mysql_pymysql.dialect()}
@@ -76,7 +77,7 @@ def test_written_rows_read_back_as_sqlalchemy_reads_them(database_url):
     try:
         create_clean_schema(engine)
         t = schema.stream_transactions
-        writer = BulkWriter(engine.dialect, t, STREAM_COLUMNS)
+        writer = BulkWriter(engine.dialect, t, DECISION_COLUMNS)
         reader = KeyReader(engine.dialect, t, TRANSACTION_COLUMNS, "transaction_id", chunk=700)
         base = datetime(2025, 4, 1, 1, 2, 3)
         batch = [DecisionRow((i, i % 7 + 1, f"Shop {i} ✓", base + timedelta(seconds=i),
@@ -85,7 +86,7 @@ def test_written_rows_read_back_as_sqlalchemy_reads_them(database_url):
                               None if i % 3 else "over_credit_limit"))
                  for i in range(1, 2001)]
         with engine.begin() as conn:
-            writer.write(conn, batch)
+            writer.write(conn, [(*row, D(1000), i % 4, i) for i, row in enumerate(batch)])
         with engine.connect() as conn:
             stored = {r.transaction_id: tuple(r) for r in conn.execute(select(*(t.c[c] for c in STREAM_COLUMNS)))}
             wanted = list(range(0, 2500, 3))  # more ids than one chunk, some not stored

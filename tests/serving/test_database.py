@@ -119,6 +119,7 @@ def test_export_formats_money_and_timestamps_in_sql_as_format_cell_does(engine, 
             "status": "declined" if i % 4 == 0 else "pending",
             "pending_balance": None if i % 4 == 0 else abs(amount),
             "decline_reason": "over_limit" if i % 4 == 0 else None,
+            "kafka_partition": i % 3, "checkpoint_seq": i,
         })
     with engine.begin() as conn:
         conn.execute(schema.stream_transactions.insert(), rows)

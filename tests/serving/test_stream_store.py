@@ -58,6 +58,7 @@ def test_a_failing_checkpoint_leaves_nothing_behind(store):
     store.commit(proc.process(messages([TX1])))
     batch = proc.process(messages([TX2], start=1))
     batch.decided.append(dict(batch.decided[0], transaction_id=1))  # collides with the committed row
+    batch.positions.append(batch.positions[0])
     with pytest.raises(IntegrityError):
         store.commit(batch)
     balances, offsets = store.restore()

@@ -37,6 +37,7 @@ from cardpipe.serving import schema
 from cardpipe.serving.database import create_clean_schema, make_engine
 from cardpipe.serving.loader import load_inputs
 from cardpipe.serving.stream_store import StreamStore
+from cardpipe.serving.transaction_source import transactions_from_csv
 from cardpipe.stream.broker import broker_session, ensure_topic
 from cardpipe.stream.codec import (
     BAD_AMOUNT,
@@ -57,7 +58,6 @@ from cardpipe.stream.codec import (
 )
 from cardpipe.stream.consumer import ConsumeOptions
 from cardpipe.stream.processing import CheckpointBatch, RawMessage, StreamProcessor
-from cardpipe.stream.producer import transactions_from_csv
 
 CARDS = {1: CardProfile(1, D("1000.00"), "11513"), 2: CardProfile(2, D("500.00"), "20001"),
          3: CardProfile(3, D("20000.00"), "90210")}

@@ -1,0 +1,360 @@
+"""The embedded batch engine: settle (SPEC §4, §9) with DuckDB, reading the serving database directly.
+
+DuckDB attaches the serving database read-only through its scanner extension, loaded from the file its
+wheel ships (never downloaded): ``sqlite_scanner`` for the SQLite file, ``mysql_scanner`` (the optional extra
+``cardpipe[mysql]``) for MySQL/MariaDB. One SQL pipeline then
+
+1. reads the decisions at or below the watermark (``checkpoint_seq <= W[kafka_partition]``) once, into a
+   temporary table, with their status settled (pending becomes approved);
+2. sums the approved amounts per card, adds them to the ORIGINAL cards' balances, totals balances and
+   limits per customer and applies the rules of :mod:`cardpipe.batch.rules_sql` (exact DECIMAL arithmetic);
+3. writes the three CSV files with ``COPY … TO`` into temporary names, then renames them into place.
+
+The files are those the Spark job writes: header line, money with two decimals, ``YYYY-MM-DD HH:MM:SS``
+timestamps, ``YYYY-MM-DD`` dates, NULL as an empty field, ``\\n`` line ends, text quoted as Python's csv
+module quotes it (``QUOTE_MINIMAL``: a field holding a comma, a double quote or a line break is enclosed
+in double quotes, inner quotes doubled; the quoting is done in SQL, so that a ``#`` or an empty string,
+which DuckDB's own writer would quote, stays bare).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cardpipe.batch import rules_sql as rules
+from cardpipe.batch.outputs import BATCH_TRANSACTIONS, CARDS_UPDATED, CUSTOMERS_UPDATED, OUTPUTS, SettlementSummary
+from cardpipe.domain.records import (
+    APPROVED,
+    CARD_COLUMNS,
+    CUSTOMER_COLUMNS,
+    DECLINED,
+    REJECTED,
+    STREAM_COLUMNS,
+)
+from cardpipe.errors import CardpipeError, ConfigError, DatabaseUnavailable
+from cardpipe.serving.settlement_source import watermark_sql
+
+if TYPE_CHECKING:  # pragma: no cover
+    import duckdb
+    from sqlalchemy.engine import URL
+
+log = logging.getLogger(__name__)
+
+#: Backend → (wheel package shipping the extension, extension name, pip requirement naming it).
+SCANNERS = {
+    "sqlite": ("duckdb_extension_sqlite_scanner", "sqlite_scanner", "cardpipe"),
+    "mysql": ("duckdb_extension_mysql_scanner", "mysql_scanner", "cardpipe[mysql]"),
+}
+#: The catalog the serving database is attached as.
+SERVING = "serving"
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+DATE_FORMAT = "%Y-%m-%d"
+
+
+def _column_kinds() -> tuple[frozenset[str], frozenset[str]]:
+    """(money columns, text columns) of the tables the outputs come from, from the schema: money is read as
+    exact DECIMAL(12,2) (:func:`~cardpipe.batch.rules_sql.money`), text is quoted for the CSV files."""
+    from sqlalchemy import Integer, Numeric, String
+
+    from cardpipe.serving import schema
+
+    money, text = set(), set()
+    for table in (schema.stream_transactions, schema.cards, schema.customers):
+        for column in table.columns:
+            if isinstance(column.type, String):
+                text.add(column.name)
+            elif isinstance(column.type, Numeric) and not isinstance(column.type, Integer) and column.type.scale == 2:
+                money.add(column.name)
+    return frozenset(money), frozenset(text)
+
+
+_MONEY_COLUMNS, _TEXT_COLUMNS = _column_kinds()
+
+
+# --------------------------------------------------------------------------------------------- connecting
+
+
+def extension_path(backend: str) -> Path:
+    """The scanner extension file shipped in the wheel for ``backend`` (``sqlite`` or ``mysql``), matching the
+    installed DuckDB's version. :class:`ConfigError` when the wheel is missing or of another version."""
+    import duckdb
+
+    package, name, requirement = SCANNERS[backend]
+    install = f"pip install '{requirement}'"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(f"the embedded batch engine needs the {package} package on {backend}: {install}") from None
+    version = duckdb.__version__
+    path = Path(module.__file__ or "").parent / "extensions" / f"v{version}" / f"{name}.duckdb_extension"
+    if not path.is_file():
+        raise ConfigError(
+            f"{package} has no {name} extension for DuckDB {version} ({path} missing): "
+            f"install the version equal to duckdb's ({install})"
+        )
+    return path
+
+
+def _backend(url: URL) -> str:
+    backend = url.get_backend_name()
+    if backend in ("mysql", "mariadb"):
+        return "mysql"
+    if backend == "sqlite":
+        return "sqlite"
+    raise ConfigError(f"the embedded batch engine reads SQLite or MySQL/MariaDB, not {backend!r}")
+
+
+def mysql_secret_options(url: URL) -> dict[str, str | int]:
+    """The DuckDB MySQL secret's options (host, port, user, password, database, socket) for a SQLAlchemy
+    URL. The password is only ever a bound secret option, never part of a connection string."""
+    if not url.database:
+        raise ConfigError("the database URL names no database")
+    options: dict[str, str | int] = {
+        "host": url.host or "127.0.0.1",
+        "port": int(url.port or 3306),
+        "user": url.username or "root",
+        "database": url.database,
+    }
+    if url.password is not None:
+        options["password"] = str(url.password)
+    socket = url.query.get("unix_socket")
+    if socket:
+        options["socket"] = socket if isinstance(socket, str) else socket[0]
+    return options
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def connect(
+    database_url: URL, *, threads: int | None = None, temp_dir: Path | None = None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the serving database attached read-only as ``serving``.
+
+    ``threads``: DuckDB's worker threads (default: one per core). ``temp_dir``: where DuckDB may spill.
+    """
+    import duckdb
+
+    backend = _backend(database_url)
+    extension = extension_path(backend)
+    config: dict[str, Any] = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    if threads is not None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        config["threads"] = int(threads)
+    conn = duckdb.connect(":memory:", config=config)
+    secrets: tuple[str, ...] = ()
+    where = database_url.render_as_string(hide_password=True)
+    try:
+        if temp_dir is not None:
+            conn.execute(f"SET temp_directory = {rules.sql_string(str(temp_dir))}")
+        conn.execute(f"LOAD {rules.sql_string(str(extension))}")
+        if backend == "sqlite":
+            path = Path(database_url.database or "")
+            if not database_url.database or database_url.database == ":memory:" or not path.is_file():
+                raise DatabaseUnavailable(f"database {where}: no SQLite file at {path}")
+            conn.execute(f"ATTACH {rules.sql_string(str(path))} AS {SERVING} (TYPE sqlite, READ_ONLY)")
+        else:
+            options = mysql_secret_options(database_url)
+            secrets = (str(options.get("password", "")),)
+            listed = ", ".join(
+                f"{key.upper()} {value if isinstance(value, int) else rules.sql_string(value)}"
+                for key, value in options.items()
+            )
+            secret = f"cardpipe_serving_{uuid.uuid4().hex[:12]}"
+            conn.execute(f"CREATE TEMPORARY SECRET {secret} (TYPE mysql, {listed})")
+            conn.execute(f"ATTACH '' AS {SERVING} (TYPE mysql, SECRET {secret}, READ_ONLY)")
+    except CardpipeError:
+        conn.close()
+        raise
+    except duckdb.Error as exc:
+        conn.close()
+        message = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secrets)
+        raise DatabaseUnavailable(f"database {where}: {message}") from None
+    return conn
+
+
+# --------------------------------------------------------------------------------------------- the SQL
+
+
+def csv_field(value: str) -> str:
+    """SQL: a text value as one CSV field, quoted as Python's csv module (``QUOTE_MINIMAL``) quotes it, with
+    a carriage return counted as a line break too (so the file reads back the same); NULL stays NULL."""
+    return (
+        f"(CASE WHEN regexp_matches({value}, '[,\"\\n\\r]') "
+        f"THEN '\"' || replace({value}, '\"', '\"\"') || '\"' ELSE {value} END)"
+    )
+
+
+def _output_select(columns: tuple[str, ...], table: str, key: str) -> str:
+    """SELECT the columns of ``table`` as the CSV files write them, ordered by ``key``."""
+    fields = []
+    for column in columns:
+        quoted = f'"{column}"'
+        fields.append(f"{csv_field(quoted)} AS {quoted}" if column in _TEXT_COLUMNS else quoted)
+    return f'SELECT {", ".join(fields)} FROM {table} ORDER BY "{key}"'
+
+
+def _source_column(column: str) -> str:
+    quoted = f'"{column}"'
+    if column == "status":
+        return f"{rules.settled_status(quoted)} AS status"
+    if column in _MONEY_COLUMNS:
+        return f"{rules.money(quoted)} AS {quoted}"
+    return quoted
+
+
+def _decisions_sql(watermark: Mapping[int, int]) -> str:
+    columns = ", ".join(_source_column(c) for c in STREAM_COLUMNS)
+    return (
+        f"CREATE TEMP TABLE decisions AS SELECT {columns} "
+        f"FROM {SERVING}.stream_transactions WHERE {watermark_sql(watermark)}"
+    )
+
+
+def _settle_sql() -> list[str]:
+    """The statements computing ``cards_out`` and ``customers_out`` (with their old limit and score) from
+    ``decisions`` and the original cards and customers."""
+    approved = rules.sql_string(APPROVED)
+    cards = ", ".join(_source_column(c) for c in CARD_COLUMNS)
+    customers = ", ".join(_source_column(c) for c in CUSTOMER_COLUMNS)
+    return [
+        f"CREATE TEMP TABLE approved AS SELECT card_id, sum(amount) AS approved FROM decisions "
+        f"WHERE status = {approved} GROUP BY card_id",
+        f"CREATE TEMP TABLE cards_in AS SELECT {cards} FROM {SERVING}.cards",
+        f"CREATE TEMP TABLE customers_in AS SELECT {customers} FROM {SERVING}.customers",
+        # New balances: the original plus the approved amounts.
+        f"CREATE TEMP TABLE cards_balanced AS SELECT c.* REPLACE ("
+        f"CAST(c.current_balance + coalesce(a.approved, 0) AS {rules.MONEY_SUM}) AS current_balance) "
+        f"FROM cards_in c LEFT JOIN approved a USING (card_id)",
+        # One row per customer with cards (customers without cards keep their score).
+        f"CREATE TEMP TABLE changes AS SELECT customer_id, {rules.score_change('balance', 'credit')} AS change "
+        f"FROM (SELECT customer_id, CAST(sum(current_balance) AS {rules.MONEY_SUM}) AS balance, "
+        f"CAST(sum(credit_limit) AS {rules.MONEY_SUM}) AS credit FROM cards_balanced GROUP BY customer_id)",
+        f"CREATE TEMP TABLE cards_out AS SELECT b.* REPLACE ("
+        f"{rules.new_credit_limit('b.credit_limit', rules.limit_factor('ch.change'))} AS credit_limit, "
+        f"CAST(b.current_balance AS {rules.MONEY}) AS current_balance), b.credit_limit AS old_limit "
+        f"FROM cards_balanced b LEFT JOIN changes ch USING (customer_id)",
+        f"CREATE TEMP TABLE customers_out AS SELECT cu.* REPLACE ("
+        f"CASE WHEN ch.change IS NULL THEN cu.credit_score "
+        f"ELSE {rules.new_credit_score('cu.credit_score', 'ch.change')} END AS credit_score), "
+        f"cu.credit_score AS old_score FROM customers_in cu LEFT JOIN changes ch USING (customer_id)",
+    ]
+
+
+_SUMMARY_SQL = f"""
+SELECT
+    (SELECT count(*) FROM decisions) AS transactions,
+    (SELECT count(*) FROM decisions WHERE status = {rules.sql_string(APPROVED)}) AS approved,
+    (SELECT count(*) FROM decisions WHERE status = {rules.sql_string(DECLINED)}) AS declined,
+    (SELECT count(*) FROM decisions WHERE status = {rules.sql_string(REJECTED)}) AS rejected,
+    (SELECT count(*) FROM cards_out) AS cards,
+    (SELECT count(*) FROM customers_out) AS customers,
+    (SELECT count(*) FROM customers_out WHERE credit_score < old_score) AS customers_score_down,
+    (SELECT count(*) FROM cards_out WHERE credit_limit < old_limit) AS cards_limit_lowered
+"""
+
+_TABLES = {BATCH_TRANSACTIONS: "decisions", CARDS_UPDATED: "cards_out", CUSTOMERS_UPDATED: "customers_out"}
+
+
+def _copy_options() -> str:
+    return ", ".join(
+        [
+            "FORMAT csv",
+            "HEADER true",
+            "DELIMITER ','",
+            "QUOTE ''",
+            "ESCAPE ''",
+            "NULLSTR ''",
+            "NEW_LINE '\\n'",
+            f"TIMESTAMPFORMAT {rules.sql_string(TIMESTAMP_FORMAT)}",
+            f"DATEFORMAT {rules.sql_string(DATE_FORMAT)}",
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------- the engine
+
+
+@contextlib.contextmanager
+def _timed(steps: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        steps[name] = round(time.perf_counter() - started, 3)
+
+
+def settle_embedded(
+    database_url: URL, watermark: Mapping[int, int], out_dir: Path, *, threads: int | None = None
+) -> SettlementSummary:
+    """Settle the decisions at or below ``watermark`` (partition → last checkpoint_seq) of the serving
+    database at ``database_url`` against its original cards and customers, and write
+    ``batch_transactions.csv``, ``cards_updated.csv`` and ``customers_updated.csv`` into ``out_dir``
+    (each written aside, then renamed into place). Reads the database only.
+
+    ``threads``: DuckDB's worker threads (default: one per core).
+    """
+    import duckdb
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / f".embedded-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    steps: dict[str, float] = {}
+    written: list[Path] = []
+    try:
+        conn = connect(database_url, threads=threads, temp_dir=work / "spill")
+        try:
+            with _timed(steps, "read"):
+                conn.execute(_decisions_sql(watermark))
+            with _timed(steps, "settle"):
+                for statement in _settle_sql():
+                    conn.execute(statement)
+            for name, (key, columns) in OUTPUTS.items():
+                staged = work / f"{name}.csv"
+                with _timed(steps, f"csv:{name}"):
+                    conn.execute(
+                        f"COPY ({_output_select(columns, _TABLES[name], key)}) "
+                        f"TO {rules.sql_string(str(staged))} ({_copy_options()})"
+                    )
+                written.append(staged)
+            with _timed(steps, "summary"):
+                row = conn.execute(_SUMMARY_SQL).fetchone()
+                names = [d[0] for d in conn.description or ()]
+        except duckdb.Error as exc:
+            where = database_url.render_as_string(hide_password=True)
+            secrets = (str(database_url.password),) if database_url.password else ()
+            text = str(exc).strip()
+            raise CardpipeError(
+                _redact(
+                    f"embedded settlement of {where} failed: {text.splitlines()[0] if text else type(exc).__name__}",
+                    secrets,
+                )
+            ) from None
+        finally:
+            conn.close()
+        for staged in written:
+            os.replace(staged, out_dir / staged.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert row is not None
+    counts: dict[str, Any] = {n: int(v) for n, v in zip(names, row, strict=True)}
+    summary = SettlementSummary(**counts, seconds=round(time.perf_counter() - started, 3), steps=steps)
+    log.info("%s", summary.describe())
+    log.debug("embedded settlement steps (s): %s", steps)
+    return summary

@@ -1,0 +1,215 @@
+"""``cardpipe serve``: the running Lambda system in one process.
+
+The consumer decides the topic in follow mode (resuming from the committed offsets) on a thread of its own,
+the HTTP API answers the merged views, a status thread measures the lag, and with ``settle_every`` a timer
+thread runs a settlement every so often. SIGINT/SIGTERM stop the web server; the consumer then finishes
+its batch (checkpoint), its leases are released and the embedded broker this service started is stopped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from cardpipe.config import Settings
+from cardpipe.errors import CardpipeError, ConfigError, first_line
+from cardpipe.serving import schema
+from cardpipe.serving.database import check_connection, ensure_schema, make_engine
+from cardpipe.stream.broker import ensure_broker, stop_broker
+from cardpipe.stream.consumer import ConsumeOptions, log_end_offsets
+
+log = logging.getLogger("cardpipe.service")
+
+#: Seconds between two measurements of the consumer's lag.
+STATUS_EVERY = 1.0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_token_for(host: str, token: str | None) -> str | None:
+    """The bearer token the API requires: ``token`` if set; on a non-loopback address one is mandatory."""
+    token = (token or "").strip() or None
+    if token is None and not is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host} without an API token: set CARDPIPE_API_TOKEN (clients "
+                          "send it as 'Authorization: Bearer <token>'), or bind 127.0.0.1")
+    return token
+
+
+@dataclass
+class ServiceStatus:
+    """What the service knows of itself, for ``/health`` (read without any broker round trip)."""
+
+    lag: int | None = None
+    consumer_error: str | None = None
+    settlements: int = 0
+    last_settlement_error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Service:
+    """The consumer, the lag measurement and the settlement timer of ``cardpipe serve``; a context manager
+    that owns the database engine and the broker it started, and stops everything it started on exit."""
+
+    def __init__(self, settings: Settings, *, settle_every: float | None = None, workers: int = 1):
+        self.settings = settings
+        self.settle_every = settle_every
+        self.workers = workers
+        self.status = ServiceStatus()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.engine = make_engine(settings.database_url)
+        self._broker_started_here = False
+        self.bootstrap_servers: str | None = None
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Service:
+        check_connection(self.engine)
+        ensure_schema(self.engine)
+        from cardpipe.orchestration import commands
+        from cardpipe.serving.stream_store import StreamStore
+
+        handle = ensure_broker(self.settings.kafka_bootstrap_servers, self.settings.results_dir)
+        self._broker_started_here = handle.started_here
+        self.bootstrap_servers = handle.bootstrap_servers
+        self._broker = handle
+        if handle.started_here and self.settings.uses_embedded_broker:
+            # A new in-memory broker holds nothing: what is loaded and not yet decided is published again.
+            commands.republish_undecided(self.settings, StreamStore(self.engine, self.settings.kafka_topic), handle)
+        self._start("consumer", self._consume)
+        self._start("status", self._measure)
+        if self.settle_every:
+            self._start("settlements", self._settle_periodically)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 2.5) -> None:
+        """Stop the consumer after its current batch, then the other threads; the broker if started here."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._broker_started_here:
+            stop_broker(self.settings.results_dir)
+            self._broker_started_here = False
+        self.engine.dispose()
+
+    def _start(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=f"cardpipe-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # ------------------------------------------------------------------------------------------ threads
+
+    def _consume(self) -> None:
+        from cardpipe.orchestration import commands
+
+        options = ConsumeOptions(follow=True, batch_size=self.settings.consumer_batch_size)
+        try:
+            commands.consume(self.settings, options, broker=self._broker, workers=self.workers,
+                             should_stop=self._stop.is_set)
+        except CardpipeError as exc:
+            self.status.consumer_error = first_line(exc)
+            log.error("consumer stopped: %s", first_line(exc))
+        except Exception as exc:  # reported on /health, the service keeps answering
+            self.status.consumer_error = f"{type(exc).__name__}: {first_line(exc)}"
+            log.exception("consumer failed")
+
+    def _measure(self) -> None:
+        so = schema.stream_offsets
+        while not self._stop.wait(STATUS_EVERY):
+            try:
+                assert self.bootstrap_servers is not None
+                ends = log_end_offsets(self.bootstrap_servers, self.settings.kafka_topic)
+                with self.engine.connect() as conn:
+                    done = dict(conn.execute(select(so.c.kafka_partition, so.c.next_offset)
+                                             .where(so.c.topic == self.settings.kafka_topic)).all())
+                self.status.lag = sum(max(0, end - (done.get(p) or 0)) for p, end in ends.items())
+            except Exception as exc:  # the broker or database restarting: measured again next time
+                log.debug("lag not measured: %s", exc)
+
+    def _settle_periodically(self) -> None:
+        from cardpipe.orchestration import commands
+
+        assert self.settle_every is not None
+        while not self._stop.wait(self.settle_every):
+            try:
+                result = commands.batch(self.settings)
+                if not result.nothing_new:
+                    self.status.settlements += 1
+                    log.info("settlement %s published", result.settlement_id)
+                self.status.last_settlement_error = None
+            except Exception as exc:  # a failed settlement leaves the previous one in force
+                self.status.last_settlement_error = first_line(exc)
+                log.error("settlement failed: %s", first_line(exc))
+
+    def health(self) -> dict[str, Any]:
+        return {"lag": self.status.lag, "consumer_error": self.status.consumer_error}
+
+
+@contextmanager
+def running_service(settings: Settings, *, settle_every: float | None = None, workers: int = 1) -> Iterator[Service]:
+    """A started :class:`Service` (for tests and embedding)."""
+    with Service(settings, settle_every=settle_every, workers=workers) as service:
+        yield service
+
+
+def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, settle_every: float | None = None,
+          workers: int = 1, token: str | None = None) -> int | None:
+    """Run the service until SIGINT/SIGTERM: consumer, API (uvicorn) and the optional settlement timer.
+
+    Returns the signal that stopped it (None if the web server stopped by itself).
+    """
+    import uvicorn
+
+    from cardpipe.serving.api import create_app
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, stopping gracefully on SIGINT/SIGTERM without raising the signal again after."""
+
+        stopped_by: int | None = None
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            def stop(signum: int, _frame: object) -> None:
+                self.stopped_by = signum
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    required = api_token_for(host, token)
+    with Service(settings, settle_every=settle_every, workers=workers) as service:
+        app = create_app(service.engine, token=required, status=service.health)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=1)
+        server = Server(config)
+        log.info("serving on http://%s:%d (API docs at /docs)%s", host, port,
+                 "; bearer token required" if required else "")
+        server.run()
+        if not server.started and server.stopped_by is None:
+            raise CardpipeError(f"could not serve on {host}:{port} (is the port in use?)")
+        return server.stopped_by

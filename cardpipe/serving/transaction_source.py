@@ -1,0 +1,36 @@
+"""Transactions to publish, in timestamp order (ties by id): from the serving database or from a CSV file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+
+from cardpipe.domain.records import Transaction
+from cardpipe.serving import schema
+from cardpipe.serving.csv_io import read_typed_rows
+
+
+def transactions_from_database(engine: Engine, *, only_undecided: bool = True,
+                               chunk: int = 20_000) -> Iterator[Transaction]:
+    """Stream the ``transactions`` table in timestamp order (ties by id) without loading it all.
+
+    With ``only_undecided`` (the default) transactions already in ``stream_transactions`` are
+    skipped, so a re-run publishes only what is missing.
+    """
+    t, s = schema.transactions, schema.stream_transactions
+    query = select(*t.columns)
+    if only_undecided:
+        query = query.outerjoin(s, s.c.transaction_id == t.c.transaction_id).where(s.c.transaction_id.is_(None))
+    query = query.order_by(t.c.timestamp, t.c.transaction_id)
+    with engine.connect() as conn:
+        for row in conn.execution_options(stream_results=True, yield_per=chunk).execute(query):
+            yield Transaction(*row)
+
+
+def transactions_from_csv(path: Path) -> list[Transaction]:
+    """Read a transactions CSV (validated like a load) and sort it by timestamp, then id."""
+    rows = [Transaction(**row) for row in read_typed_rows(path, schema.transactions)]
+    rows.sort(key=lambda tx: (tx.timestamp, tx.transaction_id))
+    return rows

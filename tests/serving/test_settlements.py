@@ -1,0 +1,194 @@
+"""Partition leases, checkpoint sequences and settlement claims on SQLite and MariaDB."""
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from decimal import Decimal as D
+
+import pytest
+from sqlalchemy import select, text
+
+from cardpipe.domain.records import Transaction
+from cardpipe.errors import LeaseLost, PartitionsHeld, SettlementChanged
+from cardpipe.serving import schema
+from cardpipe.serving.database import create_clean_schema, make_engine
+from cardpipe.serving.loader import load_inputs
+from cardpipe.serving.owners import holder_is_dead, process_owner
+from cardpipe.serving.settlements import NothingNew, SettlementRunning, SettlementStore
+from cardpipe.serving.stream_store import StreamStore
+from cardpipe.stream.codec import encode_transaction
+from cardpipe.stream.processing import RawMessage, StreamProcessor
+
+
+@pytest.fixture
+def engine(database_url, seed_dataset):
+    engine = make_engine(database_url)
+    create_clean_schema(engine)
+    load_inputs(engine, seed_dataset / "input")
+    yield engine
+    engine.dispose()
+
+
+def tx(i: int, card: int = 26, amount: str = "10.00") -> Transaction:
+    return Transaction(i, card, "Shop", datetime(2025, 4, 1, 1, 0, i % 60), D(amount), "x, NY 10859", "purchase")
+
+
+def messages(txs, partition=0, start=0):
+    return [RawMessage(partition, start + i, *encode_transaction(t), None) for i, t in enumerate(txs)]
+
+
+def processor(store: StreamStore) -> StreamProcessor:
+    settlement_id, profiles = store.settled_profiles()
+    balances, _ = store.restore()
+    return StreamProcessor(store.topic, profiles, balances, store.lookup_decided, settlement_id=settlement_id)
+
+
+# --------------------------------------------------------------------------------------------- leases
+
+def test_a_second_consumer_takes_only_free_partitions_and_refuses_when_none_is(engine):
+    first = StreamStore(engine, "t", owner="hostA:1")
+    second = StreamStore(engine, "t", owner="hostB:2")
+    assert first.acquire([0, 1, 2]) == [0, 1, 2]
+    assert second.acquire([2, 3]) == [3]
+    with pytest.raises(PartitionsHeld, match=r"hostA:1 holds partition\(s\) 0, 1"):
+        second.acquire([0, 1])
+    first.release()
+    assert second.acquire([0, 1]) == [0, 1]
+
+
+def test_an_expired_lease_or_a_dead_holder_of_this_host_is_taken_over(engine):
+    short = StreamStore(engine, "t", owner="hostA:1", lease_seconds=0.2)
+    assert short.acquire([0]) == [0]
+    other = StreamStore(engine, "t", owner="hostB:2")
+    with pytest.raises(PartitionsHeld):
+        other.acquire([0])
+    time.sleep(0.3)
+    assert other.acquire([0]) == [0]
+    # The first consumer's next checkpoint notices it lost the partition.
+    with pytest.raises(LeaseLost), engine.begin() as conn:
+        short._renew(conn)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_owner = f"{process_owner().rsplit(':', 1)[0]}:{dead.stdout.strip()}"
+    assert holder_is_dead(dead_owner) and not holder_is_dead(process_owner()) and not holder_is_dead("elsewhere:1")
+    StreamStore(engine, "t", owner=dead_owner).acquire([5])
+    assert StreamStore(engine, "t").acquire([5]) == [5]
+
+
+def test_checkpoints_renew_leases_and_count_per_partition(engine):
+    store = StreamStore(engine, "t")
+    store.acquire([0, 1])
+    proc = processor(store)
+    store.commit(proc.process(messages([tx(1), tx(2)], partition=0)))
+    store.commit(proc.process(messages([tx(3)], partition=0, start=2) + messages([tx(4)], partition=1)))
+    with engine.connect() as conn:
+        seqs = dict(conn.execute(select(schema.stream_offsets.c.kafka_partition,
+                                        schema.stream_offsets.c.checkpoint_seq)).all())
+        rows = conn.execute(select(schema.stream_transactions.c.transaction_id,
+                                   schema.stream_transactions.c.kafka_partition,
+                                   schema.stream_transactions.c.checkpoint_seq,
+                                   schema.stream_transactions.c.credit_limit)
+                            .order_by(schema.stream_transactions.c.transaction_id)).all()
+    assert seqs == {0: 2, 1: 1}
+    assert [tuple(r[:3]) for r in rows] == [(1, 0, 1), (2, 0, 1), (3, 0, 2), (4, 1, 1)]
+    with engine.connect() as conn:
+        limit = conn.execute(select(schema.cards.c.credit_limit).where(schema.cards.c.card_id == 26)).scalar()
+    assert {r[3] for r in rows} == {limit}
+    # Forgetting the offsets (a recreated topic) keeps the sequence: watermarks never go back.
+    store.reset_offsets()
+    assert store.restore()[1] == {}
+    store.commit(proc.process(messages([tx(5)], partition=0)))
+    with engine.connect() as conn:
+        assert conn.execute(select(schema.stream_transactions.c.checkpoint_seq)
+                            .where(schema.stream_transactions.c.transaction_id == 5)).scalar() == 3
+
+
+# --------------------------------------------------------------------------------------------- settlements
+
+def publish_settlement(engine, limit: str) -> int:
+    """A settlement of the current decisions that sets every card's limit to ``limit``."""
+    store = SettlementStore(engine, "t")
+    claim = store.claim("me:1", "embedded")
+    assert not isinstance(claim, NothingNew)
+    with engine.connect() as conn:
+        cards = [dict(r) for r in conn.execute(select(schema.cards)).mappings()]
+        customers = [dict(r) for r in conn.execute(select(schema.customers)).mappings()]
+    store.store_rows(claim.settlement_id, [{**c, "credit_limit": D(limit)} for c in cards], customers)
+    store.publish(claim.settlement_id, {"transactions": 0})
+    return claim.settlement_id
+
+
+def test_a_checkpoint_decided_before_a_settlement_was_published_is_refused(engine):
+    store = StreamStore(engine, "t")
+    store.acquire([0])
+    proc = processor(store)
+    store.commit(proc.process(messages([tx(1)])))
+    stale = proc.process(messages([tx(2)], start=1))
+    first = publish_settlement(engine, "100.00")
+    with pytest.raises(SettlementChanged):
+        store.commit(stale)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM stream_transactions")).scalar() == 1  # nothing written
+    # Decided again with the settlement's limits: 10.00 is no longer under half the limit? it is (100 / 2 = 50).
+    proc = processor(store)
+    assert proc.settlement_id == first and proc.authorizer.limit_of(26) == D("100.00")
+    batch = proc.process(messages([tx(2, amount="60.00")], start=1))
+    store.commit(batch)
+    assert batch.decided[0]["decline_reason"] == "amount_over_half_limit"
+
+
+def test_claims_fix_a_watermark_and_refuse_a_second_live_settlement(engine):
+    store = StreamStore(engine, "t")
+    store.acquire([0, 1])
+    proc = processor(store)
+    store.commit(proc.process(messages([tx(1)], partition=0) + messages([tx(2)], partition=1)))
+    settlements = SettlementStore(engine, "t")
+    claim = settlements.claim(process_owner(), "embedded")
+    assert not isinstance(claim, NothingNew) and claim.watermark == {0: 1, 1: 1} and claim.previous_id is None
+    with pytest.raises(SettlementRunning, match=f"settlement {claim.settlement_id} is running"):
+        SettlementStore(engine, "t").claim("other:2", "embedded")
+    settlements.store_rows(claim.settlement_id, [], [])
+    settlements.publish(claim.settlement_id, {"transactions": 2, "approved": 2})
+    # Nothing decided since: nothing to settle, nothing recorded.
+    again = settlements.claim(process_owner(), "embedded")
+    assert again == NothingNew(claim.settlement_id)
+    with pytest.raises(SettlementChanged):  # decided with the original limits, after the settlement
+        store.commit(proc.process(messages([tx(3)], partition=1, start=1)))
+    store.commit(processor(store).process(messages([tx(3)], partition=1, start=1)))
+    later = settlements.claim(process_owner(), "embedded")
+    assert not isinstance(later, NothingNew) and later.watermark == {0: 1, 1: 2}
+    assert later.previous_id == claim.settlement_id
+
+
+def test_a_dead_settlement_is_marked_failed_and_leaves_the_previous_one_in_force(engine):
+    first = publish_settlement(engine, "100.00")
+    store = StreamStore(engine, "t")
+    store.acquire([0])
+    store.commit(processor(store).process(messages([tx(1)])))
+    settlements = SettlementStore(engine, "t")
+    dead = settlements.claim("elsewhere:1", "embedded")
+    assert not isinstance(dead, NothingNew)
+    with engine.connect() as conn:
+        cards = [dict(r) for r in conn.execute(select(schema.cards)).mappings()]
+    settlements.store_rows(dead.settlement_id, [{**c, "credit_limit": D("1.00")} for c in cards[:3]], [])
+    with engine.begin() as conn:  # its heartbeat stopped long ago
+        conn.execute(schema.settlements.update().where(schema.settlements.c.settlement_id == dead.settlement_id)
+                     .values(heartbeat_at=time.time() - 3600))
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT DISTINCT credit_limit FROM cards_updated")).scalars().all() == [D("100.00")]
+    claim = settlements.claim(process_owner(), "embedded")
+    assert not isinstance(claim, NothingNew)
+    settlements.fail(claim.settlement_id, "boom")
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(select(schema.settlements.c.settlement_id, schema.settlements.c.status)).all())
+        leftovers = conn.execute(text("SELECT COUNT(*) FROM settled_cards WHERE settlement_id <> :s"),
+                                 {"s": first}).scalar()
+        in_force = conn.execute(select(schema.serving_state.c.settlement_id)).scalar()
+    assert statuses == {first: "published", dead.settlement_id: "failed", claim.settlement_id: "failed"}
+    assert leftovers == 0 and in_force == first
+
+
+def test_holder_names_this_process(engine):
+    assert process_owner().endswith(f":{os.getpid()}")
