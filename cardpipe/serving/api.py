@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -112,8 +112,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _JSON(Response):
-    media_type = "application/json"
+class _JSON(JSONResponse):
+    """JSON rendered by orjson (the views' values are already JSON-ready: see ``views.to_json``)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)

@@ -203,7 +203,7 @@ class _DriverQuery:
 
     def __init__(self, statement: Select) -> None:
         self.statement = statement
-        self.keys = [column.key for column in statement.selected_columns]
+        self.keys = [str(column.key) for column in statement.selected_columns]
         self._compiled: dict[tuple[str, str, str], tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
 
     def first(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -213,7 +213,7 @@ class _DriverQuery:
         if entry is None:
             compiled = self.statement.compile(dialect=dialect)
             order = tuple(compiled.positiontup or ()) if dialect.positional else None
-            entry = self._compiled[key] = (str(compiled), order, compiled.construct_params(params))
+            entry = self._compiled[key] = (str(compiled), order, dict(compiled.construct_params(params)))
         sql, order, constants = entry
         values = {**constants, **params}
         args = tuple(values[name] for name in order) if order is not None else values
@@ -377,7 +377,7 @@ def transaction_view(conn: Connection, transaction_id: int) -> dict[str, Any] | 
                 return None
         covered = row is not None and row.watermark is not None and row.checkpoint_seq <= row.watermark
         first = None
-        if covered:
+        if covered and row is not None:
             cut = {"kafka_partition": row.kafka_partition, "checkpoint_seq": row.checkpoint_seq}
             first = conn.execute(_FIRST_SETTLEMENT, cut).scalar()
     if row is None:
