@@ -3,8 +3,8 @@
 ``cardpipe run`` publishes the ``transactions`` table while its consumer (or consumer workers) decide what
 has arrived, as a card network and an issuer's authorizer would: the first decisions are committed while
 the last transactions are still being read from the database. The producer is a separate process (spawn
-context) because both sides are CPU-bound Python: as a thread it would take the consumer's interpreter
-lock half of the time.
+context, :class:`~cardpipe.childprocs.ChildProcess`) because both sides are CPU-bound Python: as a thread it
+would take the consumer's interpreter lock half of the time.
 
 The parent asks :meth:`PublisherProcess.publishing` (the ``publishing`` callable of
 :func:`cardpipe.stream.consumer.consume`): True while the child publishes, False once every message is
@@ -14,17 +14,13 @@ acknowledged by the broker, :class:`PublisherFailed` when the child failed or di
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-import sys
-from contextlib import suppress
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
 
+from cardpipe.childprocs import ChildProcess, prepare_child, report_to_parent
 from cardpipe.config import Settings
-from cardpipe.errors import CardpipeError, first_line
+from cardpipe.errors import CardpipeError
 from cardpipe.stream.producer import PublishSummary
-from cardpipe.stream.workers import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +40,8 @@ class PublisherProcess:
     """Publishes the undecided transactions of ``settings``' database to its topic, in a child process."""
 
     def __init__(self, settings: Settings, bootstrap_servers: str):
-        context = multiprocessing.get_context("spawn")
-        self._receiver, sender = context.Pipe(duplex=False)
         level = logging.getLogger("cardpipe").getEffectiveLevel()
-        # Settings go through the process arguments pickled, never through argv (the database password).
-        self._process = context.Process(target=_publisher_main, args=(settings, bootstrap_servers, sender, level),
-                                        name="cardpipe-publish", daemon=True)
-        self._process.start()
-        sender.close()  # the child holds the writing end
+        self._child = ChildProcess(_publisher_main, settings, bootstrap_servers, level, name="cardpipe-publish")
         self._summary: PublishSummary | None = None
         self._error: str | None = None
 
@@ -60,75 +50,53 @@ class PublisherProcess:
         if self._summary is None and self._error is None:
             self._receive()
             if self._summary is None and self._error is None:
-                if self._process.is_alive():
+                if self._child.is_alive():
                     return True
                 self._receive()  # what it sent just before exiting
                 if self._summary is None and self._error is None:
-                    self._error = describe_exit(self._process.exitcode)
+                    self._error = self._child.describe_exit()
         if self._error is not None:
             raise PublisherFailed(f"publishing failed: {self._error}")
         return False
 
     def result(self) -> PublishSummary:
         """Wait for the child to finish; its summary (or :class:`PublisherFailed`)."""
-        self._process.join()
+        self._child.join()
         self.publishing()  # reads what it sent; raises if it failed
         assert self._summary is not None
         return self._summary
 
     def stop(self) -> None:
-        """Stop the child if it still runs (the consumer side failed); no-op once it finished."""
-        if self._process.is_alive():
-            self._process.terminate()  # SIGTERM: the child stops publishing at once
-            self._process.join(STOP_GRACE_SECONDS)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-        self._receiver.close()
+        """Stop the child if it still runs (SIGTERM: it stops publishing at once); no-op once it finished."""
+        self._child.stop(STOP_GRACE_SECONDS)
 
     def _receive(self) -> None:
-        with suppress(EOFError, OSError):
-            while self._receiver.poll():
-                kind, payload = self._receiver.recv()
-                if kind == "done":
-                    self._summary = payload
-                else:
-                    self._error = payload
+        for kind, payload in self._child.receive():
+            if kind == "done":
+                self._summary = payload
+            else:
+                self._error = payload
 
 
-def _publisher_main(settings: Settings, bootstrap_servers: str, conn: Connection, log_level: int) -> None:
+def _publisher_main(conn: Connection, settings: Settings, bootstrap_servers: str, log_level: int) -> None:
     """The child: publish what is undecided, then send ("done", summary) or ("error", one line)."""
-    import signal
+    orphaned = prepare_child(log_level, "cardpipe: %(message)s")
+    report_to_parent(conn, lambda: _publish(settings, bootstrap_servers, orphaned))
 
+
+def _publish(settings: Settings, bootstrap_servers: str, orphaned: Callable[[], bool]) -> PublishSummary:
     from cardpipe.serving.database import make_engine
     from cardpipe.serving.transaction_source import transactions_from_database
     from cardpipe.stream.producer import publish
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops this process itself
-    logging.basicConfig(level=log_level, format="cardpipe: %(message)s", stream=sys.stderr)
-    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
-    logging.getLogger("cardpipe.librdkafka").setLevel(logging.CRITICAL)  # the parent reports broker trouble
-    parent = os.getppid()
-    status, engine = 0, None
+    engine = make_engine(settings.database_url, create_database=False)
     try:
-        engine = make_engine(settings.database_url, create_database=False)
-        summary = publish(
-            transactions_from_database(engine), bootstrap_servers, settings.kafka_topic,
+        return publish(
+            transactions_from_database(engine),
+            bootstrap_servers,
+            settings.kafka_topic,
             progress=lambda n: log.info("published %s transactions", f"{n:,}"),
-            should_stop=lambda: os.getppid() != parent,  # orphaned: the parent was killed
+            should_stop=orphaned,  # the parent was killed
         )
-        message: tuple[str, Any] = ("done", summary)
-    except CardpipeError as exc:
-        message, status = ("error", first_line(exc)), 1
-    except BaseException as exc:  # noqa: B036  # reported to the parent, then this process ends
-        import traceback
-
-        traceback.print_exc(file=sys.stderr)
-        message, status = ("error", f"{type(exc).__name__}: {first_line(exc)}"), 1
     finally:
-        if engine is not None:
-            engine.dispose()
-    with suppress(OSError):  # the parent is gone: nobody to tell
-        conn.send(message)
-    conn.close()
-    sys.exit(status)
+        engine.dispose()

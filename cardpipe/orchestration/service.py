@@ -18,13 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from cardpipe.config import Settings
 from cardpipe.errors import CardpipeError, ConfigError, first_line
+from cardpipe.orchestration.runtime import Runtime
 from cardpipe.serving import schema
-from cardpipe.serving.database import check_connection, ensure_schema, make_engine
-from cardpipe.stream.broker import ensure_broker, stop_broker
 from cardpipe.stream.consumer import ConsumeOptions, log_end_offsets
 
 log = logging.getLogger("cardpipe.service")
@@ -47,8 +46,10 @@ def api_token_for(host: str, token: str | None) -> str | None:
     """The bearer token the API requires: ``token`` if set; on a non-loopback address one is mandatory."""
     token = (token or "").strip() or None
     if token is None and not is_loopback(host):
-        raise ConfigError(f"refusing to serve on {host} without an API token: set CARDPIPE_API_TOKEN (clients "
-                          "send it as 'Authorization: Bearer <token>'), or bind 127.0.0.1")
+        raise ConfigError(
+            f"refusing to serve on {host} without an API token: set CARDPIPE_API_TOKEN (clients "
+            "send it as 'Authorization: Bearer <token>'), or bind 127.0.0.1"
+        )
     return token
 
 
@@ -64,35 +65,36 @@ class ServiceStatus:
 
 
 class Service:
-    """The consumer, the lag measurement and the settlement timer of ``cardpipe serve``; a context manager
-    that owns the database engine and the broker it started, and stops everything it started on exit."""
+    """The consumer, the lag measurement and the settlement timer of ``cardpipe serve``: three threads over
+    one :class:`~cardpipe.orchestration.runtime.Runtime` (the engine, the broker); a context manager that stops
+    everything it started on exit."""
 
     def __init__(self, settings: Settings, *, settle_every: float | None = None, workers: int = 1):
         self.settings = settings
         self.settle_every = settle_every
         self.workers = workers
         self.status = ServiceStatus()
+        self.runtime = Runtime(settings, stop_broker_on_exit=True)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.engine = make_engine(settings.database_url)
-        self._broker_started_here = False
-        self.bootstrap_servers: str | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The serving database's engine (the API's too)."""
+        return self.runtime.engine
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> Service:
-        check_connection(self.engine)
-        ensure_schema(self.engine)
         from cardpipe.orchestration import commands
-        from cardpipe.serving.stream_store import StreamStore
 
-        handle = ensure_broker(self.settings.kafka_bootstrap_servers, self.settings.results_dir)
-        self._broker_started_here = handle.started_here
-        self.bootstrap_servers = handle.bootstrap_servers
-        self._broker = handle
-        if handle.started_here and self.settings.uses_embedded_broker:
+        try:
+            self.runtime.ensure_schema()
             # A new in-memory broker holds nothing: what is loaded and not yet decided is published again.
-            commands.republish_undecided(self.settings, StreamStore(self.engine, self.settings.kafka_topic), handle)
+            commands.stream_broker(self.runtime)
+        except BaseException:
+            self.runtime.close()
+            raise
         self._start("consumer", self._consume)
         self._start("status", self._measure)
         if self.settle_every:
@@ -103,15 +105,13 @@ class Service:
         self.stop()
 
     def stop(self, timeout: float = 2.5) -> None:
-        """Stop the consumer after its current batch, then the other threads; the broker if started here."""
+        """Stop the consumer after its current batch, then the other threads; then the runtime (the broker if
+        started here, the engine)."""
         self._stop.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        if self._broker_started_here:
-            stop_broker(self.settings.results_dir)
-            self._broker_started_here = False
-        self.engine.dispose()
+        self.runtime.close()
 
     def _start(self, name: str, target: Any) -> None:
         thread = threading.Thread(target=target, name=f"cardpipe-{name}", daemon=True)
@@ -125,8 +125,9 @@ class Service:
 
         options = ConsumeOptions(follow=True, batch_size=self.settings.consumer_batch_size)
         try:
-            commands.consume(self.settings, options, broker=self._broker, workers=self.workers,
-                             should_stop=self._stop.is_set)
+            commands.consume(
+                self.settings, options, workers=self.workers, should_stop=self._stop.is_set, runtime=self.runtime
+            )
         except CardpipeError as exc:
             self.status.consumer_error = first_line(exc)
             log.error("consumer stopped: %s", first_line(exc))
@@ -138,11 +139,15 @@ class Service:
         so = schema.stream_offsets
         while not self._stop.wait(STATUS_EVERY):
             try:
-                assert self.bootstrap_servers is not None
-                ends = log_end_offsets(self.bootstrap_servers, self.settings.kafka_topic)
-                with self.engine.connect() as conn:
-                    done = dict(conn.execute(select(so.c.kafka_partition, so.c.next_offset)
-                                             .where(so.c.topic == self.settings.kafka_topic)).all())
+                ends = log_end_offsets(self.runtime.broker.bootstrap_servers, self.settings.kafka_topic)
+                with self.runtime.engine.connect() as conn:
+                    done = dict(
+                        conn.execute(
+                            select(so.c.kafka_partition, so.c.next_offset).where(
+                                so.c.topic == self.settings.kafka_topic
+                            )
+                        ).all()
+                    )
                 self.status.lag = sum(max(0, end - (done.get(p) or 0)) for p, end in ends.items())
             except Exception as exc:  # the broker or database restarting: measured again next time
                 log.debug("lag not measured: %s", exc)
@@ -153,7 +158,7 @@ class Service:
         assert self.settle_every is not None
         while not self._stop.wait(self.settle_every):
             try:
-                result = commands.batch(self.settings)
+                result = commands.batch(self.settings, runtime=self.runtime)
                 if not result.nothing_new:
                     self.status.settlements += 1
                     log.info("settlement %s published", result.settlement_id)
@@ -173,8 +178,15 @@ def running_service(settings: Settings, *, settle_every: float | None = None, wo
         yield service
 
 
-def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, settle_every: float | None = None,
-          workers: int = 1, token: str | None = None) -> int | None:
+def serve(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settle_every: float | None = None,
+    workers: int = 1,
+    token: str | None = None,
+) -> int | None:
     """Run the service until SIGINT/SIGTERM: consumer, API (uvicorn) and the optional settlement timer.
 
     Returns the signal that stopped it (None if the web server stopped by itself).
@@ -204,11 +216,13 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, sett
     required = api_token_for(host, token)
     with Service(settings, settle_every=settle_every, workers=workers) as service:
         app = create_app(service.engine, token=required, status=service.health)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=1
+        )
         server = Server(config)
-        log.info("serving on http://%s:%d (API docs at /docs)%s", host, port,
-                 "; bearer token required" if required else "")
+        log.info(
+            "serving on http://%s:%d (API docs at /docs)%s", host, port, "; bearer token required" if required else ""
+        )
         server.run()
         if not server.started and server.stopped_by is None:
             raise CardpipeError(f"could not serve on {host}:{port} (is the port in use?)")

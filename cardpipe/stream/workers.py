@@ -6,7 +6,7 @@ a card lives in one partition, hence in one worker, in order: the decisions are 
 (A transaction id that comes back with another card id may reach two workers at once: see
 :func:`cardpipe.stream.consumer.consume` for how the loser of that race recovers.)
 
-The parent process starts the workers (``multiprocessing``, spawn context), relays their progress lines,
+The parent process starts the workers (:class:`~cardpipe.childprocs.ChildProcess`), relays their progress lines,
 adds up their summaries, and stops them all when one fails, or on Ctrl-C / SIGTERM. A worker stops by
 finishing its current batch (its checkpoint is committed), as a single consumer does on SIGTERM.
 """
@@ -14,23 +14,19 @@ finishing its current batch (its checkpoint is committed), as a single consumer 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import signal
-import sys
 import time
-import traceback
-import warnings
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from cardpipe.childprocs import CONTEXT, ChildProcess, error_line, prepare_child, report_to_parent
 from cardpipe.config import Settings
-from cardpipe.errors import CardpipeError, first_line
+from cardpipe.errors import CardpipeError
 from cardpipe.stream.checkpoints import CheckpointStore
-from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, signal_handled, stop_on_sigterm
+from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, stop_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +64,10 @@ class WorkerJob:
 
 @dataclass
 class _Worker:
+    """One worker process as the parent sees it: its job, its process, and what it has reported."""
+
     job: WorkerJob
-    process: Any  # multiprocessing's SpawnProcess
-    conn: Connection
-    open: bool = True  # the pipe has not reached EOF
+    child: ChildProcess
     summary: ConsumeSummary | None = None
     interrupted: bool = False  # the worker itself got SIGTERM (not from this parent)
     error: str | None = None
@@ -80,8 +76,10 @@ class _Worker:
     @property
     def name(self) -> str:
         partitions = self.job.options.partitions or ()
-        return f"worker {self.job.index} (partition{'' if len(partitions) == 1 else 's'} " \
-               f"{', '.join(map(str, partitions))})"
+        return (
+            f"worker {self.job.index} (partition{'' if len(partitions) == 1 else 's'} "
+            f"{', '.join(map(str, partitions))})"
+        )
 
     @property
     def finished(self) -> bool:
@@ -141,27 +139,37 @@ def consume_with_workers(
     shares = [share for share in assign_partitions(partitions, workers) if share]
     if len(shares) < workers:
         log.warning("%d workers for %d partitions: starting %d", workers, len(partitions), len(shares))
-    context = multiprocessing.get_context("spawn")
-    stop = _Stop(context.Event(), should_stop)
-    published = context.Event()  # set once ``publishing`` says the producer is done
+    stop = _Stop(CONTEXT.Event(), should_stop)
+    published = CONTEXT.Event()  # set once ``publishing`` says the producer is done
     level = logging.getLogger("cardpipe").getEffectiveLevel()
     running: list[_Worker] = []
     started = time.monotonic()
     try:
         with stop_on_sigterm(stop.signal):
             for index, share in enumerate(shares):
-                job = WorkerJob(index, settings, bootstrap_servers, replace(options, partitions=share), broker_pid,
-                                level, open_store)
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_worker_main,
-                                          args=(job, sender, stop.event, None if publishing is None else published),
-                                          name=PROCESS_NAME.format(index), daemon=True)
-                with _sigint_ignored():  # inherited through exec: Ctrl-C in a terminal is the parent's alone
-                    process.start()
-                sender.close()  # the child holds the writing end: EOF here once it is gone
-                running.append(_Worker(job, process, receiver))
-            _supervise(running, stop, progress,
-                       publishing=None if publishing is None else _PublishingWatch(publishing, published))
+                job = WorkerJob(
+                    index,
+                    settings,
+                    bootstrap_servers,
+                    replace(options, partitions=share),
+                    broker_pid,
+                    level,
+                    open_store,
+                )
+                child = ChildProcess(
+                    _worker_main,
+                    job,
+                    stop.event,
+                    None if publishing is None else published,
+                    name=PROCESS_NAME.format(index),
+                )
+                running.append(_Worker(job, child))
+            _supervise(
+                running,
+                stop,
+                progress,
+                publishing=None if publishing is None else _PublishingWatch(publishing, published),
+            )
     finally:
         _stop_all(running, stop, progress)
     failed = sorted((w for w in running if w.error is not None), key=lambda w: w.failed_at)
@@ -181,8 +189,11 @@ def _others(running: list[_Worker], failed: list[_Worker]) -> str:
     also = len(failed) - 1
     if also == others:
         return f"; the other worker{'s' if others > 1 else ''} failed too"
-    stopped = f"the other worker{'s were' if others > 1 else ' was'} stopped" if not also else \
-        f"{also} other{'s' if also > 1 else ''} failed too, the rest were stopped"
+    stopped = (
+        f"the other worker{'s were' if others > 1 else ' was'} stopped"
+        if not also
+        else f"{also} other{'s' if also > 1 else ''} failed too, the rest were stopped"
+    )
     return f"; {stopped}"
 
 
@@ -199,8 +210,13 @@ class _PublishingWatch:
             self.published.set()
 
 
-def _supervise(running: list[_Worker], stop: _Stop, progress: Callable[[str], None] | None,
-               until: float | None = None, publishing: _PublishingWatch | None = None) -> None:
+def _supervise(
+    running: list[_Worker],
+    stop: _Stop,
+    progress: Callable[[str], None] | None,
+    until: float | None = None,
+    publishing: _PublishingWatch | None = None,
+) -> None:
     """Relay messages until every worker has finished, or the stop request (with ``until``: that time).
 
     A worker that fails, dies or gets SIGTERM itself makes every worker stop.
@@ -210,18 +226,17 @@ def _supervise(running: list[_Worker], stop: _Stop, progress: Callable[[str], No
             return
         if publishing is not None:
             publishing.check()
-        handles: list[Any] = [w.conn for w in running if w.open and not w.finished]
-        handles += [w.process.sentinel for w in running if not w.finished]
+        handles = [handle for w in running if not w.finished for handle in w.child.handles]
         # While the producer publishes, look at it 10 times a second: its end is the workers' signal to finish.
         wait(handles, timeout=0.1 if publishing is not None and not publishing.published.is_set() else 0.5)
         for worker in running:
             if worker.finished:
                 continue
             _drain(worker, progress)
-            if not worker.finished and not worker.process.is_alive():
+            if not worker.finished and not worker.child.is_alive():
                 _drain(worker, progress)  # what it sent just before exiting
                 if not worker.finished:
-                    worker.error = describe_exit(worker.process.exitcode)
+                    worker.error = worker.child.describe_exit()
             if worker.error is not None or worker.interrupted:
                 worker.failed_at = worker.failed_at or time.monotonic()
                 stop.set()
@@ -229,14 +244,7 @@ def _supervise(running: list[_Worker], stop: _Stop, progress: Callable[[str], No
 
 def _drain(worker: _Worker, progress: Callable[[str], None] | None) -> None:
     """Handle what the worker has sent so far (a worker blocked on a full pipe waits for this)."""
-    while worker.open and not worker.finished:
-        try:
-            if not worker.conn.poll():
-                return
-            kind, payload = worker.conn.recv()
-        except (EOFError, OSError):
-            worker.open = False
-            return
+    for kind, payload in worker.child.receive():
         if kind == "progress":
             if progress is not None:
                 progress(f"worker {worker.job.index}: {payload}")
@@ -244,17 +252,8 @@ def _drain(worker: _Worker, progress: Callable[[str], None] | None) -> None:
             worker.summary, worker.interrupted = payload
         else:
             worker.error = payload
-
-
-def describe_exit(exitcode: int | None) -> str:
-    """How a child process ended without a result: killed by which signal, or its exit status."""
-    if exitcode is not None and exitcode < 0:
-        try:
-            how = signal.Signals(-exitcode).name
-        except ValueError:
-            how = f"signal {-exitcode}"
-        return f"was killed ({how}) before finishing"
-    return f"exited (status {exitcode}) without a result"
+        if worker.finished:
+            return
 
 
 def _stop_all(running: list[_Worker], stop: _Stop, progress: Callable[[str], None] | None) -> None:
@@ -264,61 +263,43 @@ def _stop_all(running: list[_Worker], stop: _Stop, progress: Callable[[str], Non
     _supervise(running, stop, progress, until=deadline)
     for worker in running:
         if worker.finished:
-            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-        if worker.process.is_alive():
+            worker.child.join(timeout=max(0.0, deadline - time.monotonic()))
+        if worker.child.is_alive():
             if not worker.finished:
                 log.warning("%s did not stop within %.0f s; killing it", worker.name, STOP_GRACE_SECONDS)
                 worker.error = f"did not stop within {STOP_GRACE_SECONDS:.0f} s and was killed"
                 worker.failed_at = time.monotonic()
-            worker.process.kill()
-            worker.process.join(timeout=10)
-        worker.conn.close()
-
-
-def _sigint_ignored() -> AbstractContextManager[None]:
-    return signal_handled(signal.SIGINT, signal.SIG_IGN)
+            worker.child.kill()
+        worker.child.close()
 
 
 # --- inside a worker process ---------------------------------------------------------------------------
 
 
-def _worker_main(job: WorkerJob, conn: Connection, stop: Any, published: Any = None) -> None:
+def _worker_main(conn: Connection, job: WorkerJob, stop: Any, published: Any = None) -> None:
     """A worker process: consume the job's partitions; send progress lines, then the summary or the error.
 
-    ``published``: an event the parent sets once the stream's producer is done (None: no producer runs).
+    ``stop``: the parent's stop request (an event); ``published``: an event the parent sets once the stream's
+    producer is done (None: no producer runs). The summary goes with whether this worker got SIGTERM itself.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it asks through ``stop``
+    orphaned = prepare_child(job.log_level, f"cardpipe: worker {job.index}: %(message)s")
     terminated: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
-    parent = os.getppid()
-    logging.basicConfig(level=job.log_level, format=f"cardpipe: worker {job.index}: %(message)s", stream=sys.stderr)
-    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
-    for quiet in ("cardpipe.librdkafka", "cardpipe.stream.broker.librdkafka"):
-        logging.getLogger(quiet).setLevel(logging.CRITICAL)  # cardpipe reports broker trouble itself
-    warnings.filterwarnings("ignore", message=r".*does \*not\* support Decimal objects natively")
 
     def should_stop() -> bool:  # asked to, SIGTERM, or orphaned (the parent was killed)
-        return bool(terminated) or stop.is_set() or os.getppid() != parent
+        return bool(terminated) or stop.is_set() or orphaned()
 
-    try:
+    def work() -> tuple[ConsumeSummary, bool]:
         publishing = None if published is None else (lambda: not published.is_set())
         summary = _run_job(job, conn, should_stop, publishing)
-    except CardpipeError as exc:
-        _send_error(conn, f"failed: {first_line(exc)}{_hint(exc, job.broker_pid)}")
-        sys.exit(1)
-    except BaseException as exc:  # noqa: B036  # reported to the parent, then this process ends
-        traceback.print_exc(file=sys.stderr)
-        _send_error(conn, f"failed: {type(exc).__name__}: {first_line(exc)}")
-        sys.exit(1)
-    else:
-        with suppress(OSError):  # the parent is gone: nobody to tell
-            conn.send(("done", (summary, bool(terminated) and not stop.is_set())))
-    finally:
-        conn.close()
+        return summary, bool(terminated) and not stop.is_set()
+
+    report_to_parent(conn, work, lambda exc: f"failed: {error_line(exc)}{_hint(exc, job.broker_pid)}")
 
 
-def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool],
-             publishing: Callable[[], bool] | None = None) -> ConsumeSummary:
+def _run_job(
+    job: WorkerJob, conn: Connection, should_stop: Callable[[], bool], publishing: Callable[[], bool] | None = None
+) -> ConsumeSummary:
     from cardpipe.stream.broker import is_alive
     from cardpipe.stream.consumer import consume
 
@@ -328,24 +309,27 @@ def _run_job(job: WorkerJob, conn: Connection, should_stop: Callable[[], bool],
     with job.open_store(settings) as store:
         alive = (lambda pid=job.broker_pid: is_alive(pid)) if job.broker_pid is not None else None
         return consume(
-            job.bootstrap_servers, settings.kafka_topic, store, group_id=settings.kafka_group_id,
-            dead_letter_topic=settings.dead_letter_topic, options=job.options, broker_alive=alive,
-            should_stop=should_stop, publishing=publishing,
+            job.bootstrap_servers,
+            settings.kafka_topic,
+            store,
+            group_id=settings.kafka_group_id,
+            dead_letter_topic=settings.dead_letter_topic,
+            options=job.options,
+            broker_alive=alive,
+            should_stop=should_stop,
+            publishing=publishing,
             progress=lambda s: conn.send(("progress", f"decided {s.messages:,} messages ({s.rate:,.0f}/s)")),
         )
-
-
-def _send_error(conn: Connection, message: str) -> None:
-    with suppress(OSError):  # the parent is gone: nobody to tell
-        conn.send(("error", message))
 
 
 def _hint(exc: BaseException, broker_pid: int | None) -> str:
     from cardpipe.errors import BrokerLost, BrokerUnavailable
     from cardpipe.stream.broker import is_alive
 
-    advice = ("with --workers above 1 a lost embedded broker is not replaced: run consume again, which "
-              "re-publishes what is not decided yet, or use --workers 1")
+    advice = (
+        "with --workers above 1 a lost embedded broker is not replaced: run consume again, which "
+        "re-publishes what is not decided yet, or use --workers 1"
+    )
     if isinstance(exc, BrokerLost):
         return f" ({advice})"
     if isinstance(exc, BrokerUnavailable) and broker_pid is not None and not is_alive(broker_pid):

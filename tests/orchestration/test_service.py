@@ -30,7 +30,7 @@ from cardpipe.config import Settings
 from cardpipe.generate import GeneratorConfig, generate_dataset
 from cardpipe.orchestration import commands
 from cardpipe.serving import schema
-from cardpipe.stream.broker import stop_broker
+from cardpipe.stream.broker import broker_session, stop_broker
 from tests.lambda_model import LambdaModel
 from tests.orchestration.helpers import REPO_ROOT, env_without_services, read_csv_rows, reference_results
 
@@ -200,8 +200,12 @@ def test_two_cycles_through_the_api_on_sqlite(seed_dataset, tmp_path):
 
 
 @pytest.mark.mysql
-def test_two_cycles_through_the_api_on_mariadb(seed_dataset, tmp_path, mysql_env):
-    two_cycles(seed_dataset / "input", tmp_path / "results", env_without_services(**mysql_env))
+def test_two_cycles_through_the_api_on_mariadb_and_an_external_broker(seed_dataset, tmp_path, mysql_env):
+    """MariaDB, and a broker cardpipe did not start (KAFKA_BOOTSTRAP_SERVERS): nothing starts or stops one."""
+    with broker_session(None, tmp_path / "external-broker") as broker:
+        env = env_without_services(**mysql_env, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers)
+        two_cycles(seed_dataset / "input", tmp_path / "results", env)
+        assert not (tmp_path / "results" / ".cardpipe-broker.json").exists()
 
 
 # --------------------------------------------------------------------------------------------- faults

@@ -1,0 +1,169 @@
+"""Child processes that report to their parent through a pipe: started, watched, described and stopped alike.
+
+cardpipe runs CPU-bound Python beside the command process: the stream's producer while the consumers decide
+(:mod:`cardpipe.orchestration.publisher`) and the consumer workers (:mod:`cardpipe.stream.workers`). Both are
+spawned (a fresh interpreter: no inherited threads, locks or connections), get their arguments pickled (never
+through argv: the settings hold the database password) and send ``(kind, payload)`` messages back on a
+one-way pipe, ending with ``("done", result)`` or ``("error", one line)``.
+
+The parent side is :class:`ChildProcess`; the child side is :func:`prepare_child` (signals and logging as a
+child needs them) and :func:`report_to_parent` (run the work, send its result or its error, exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from multiprocessing.connection import Connection
+from typing import Any, NoReturn
+
+from cardpipe.errors import CardpipeError, first_line
+
+#: The start method of every cardpipe child process.
+CONTEXT = multiprocessing.get_context("spawn")
+
+#: Loggers of the Kafka client library: the parent reports broker trouble itself.
+_QUIET_LOGGERS = ("cardpipe.librdkafka", "cardpipe.stream.broker.librdkafka")
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a child process ended without a result: killed by which signal, or its exit status."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = signal.Signals(-exitcode).name
+        except ValueError:
+            how = f"signal {-exitcode}"
+        return f"was killed ({how}) before finishing"
+    return f"exited (status {exitcode}) without a result"
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while inside (on the main thread only; elsewhere nothing changes)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class ChildProcess:
+    """A started child process, ``target(conn, *args)``, and the reading end of its pipe (parent side)."""
+
+    def __init__(self, target: Callable[..., None], *args: Any, name: str):
+        self._receiver, sender = CONTEXT.Pipe(duplex=False)
+        self.process = CONTEXT.Process(target=target, args=(sender, *args), name=name, daemon=True)
+        # SIG_IGN is inherited through exec: until the child sets its own handlers, Ctrl-C is the parent's alone.
+        with _sigint_ignored():
+            self.process.start()
+        sender.close()  # the child holds the writing end: EOF here once it is gone
+        self.open = True  # the pipe has not reached EOF
+
+    @property
+    def name(self) -> str:
+        return self.process.name
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    @property
+    def handles(self) -> list[Any]:
+        """What :func:`multiprocessing.connection.wait` watches: the pipe (while open) and the process."""
+        return [self._receiver, self.process.sentinel] if self.open else [self.process.sentinel]
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def receive(self) -> Iterator[tuple[str, Any]]:
+        """The messages the child has sent so far, without waiting (a child blocked on a full pipe waits for this)."""
+        while self.open:
+            try:
+                if not self._receiver.poll():
+                    return
+                message = self._receiver.recv()
+            except (EOFError, OSError):
+                self.open = False
+                return
+            yield message
+
+    def describe_exit(self) -> str:
+        """How the child ended, for a child that sent no result."""
+        return describe_exit(self.process.exitcode)
+
+    def join(self, timeout: float | None = None) -> None:
+        self.process.join(timeout)
+
+    def kill(self, timeout: float | None = 10.0) -> None:
+        """SIGKILL, then wait for the process to be gone (up to ``timeout``; None: however long it takes)."""
+        self.process.kill()
+        self.process.join(timeout)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM if it still runs, SIGKILL if it has not ended ``grace`` seconds later; then close the pipe."""
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(grace)
+            if self.process.is_alive():
+                self.kill(timeout=None)
+        self.close()
+
+    def close(self) -> None:
+        """Close the reading end of the pipe (nothing more is received)."""
+        self._receiver.close()
+        self.open = False
+
+
+# --- inside a child process ----------------------------------------------------------------------------
+
+
+def prepare_child(log_level: int, log_format: str) -> Callable[[], bool]:
+    """A child's first step: Ctrl-C left to the parent, the parent's log level, the client libraries quiet.
+
+    Returns ``orphaned()``: True once the parent is gone (killed), so that the child stops too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it stops this process itself
+    parent = os.getppid()
+    logging.basicConfig(level=log_level, format=log_format, stream=sys.stderr)
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    for quiet in _QUIET_LOGGERS:
+        logging.getLogger(quiet).setLevel(logging.CRITICAL)
+    # SQLite stores DECIMAL as numbers; SQLAlchemy converts them back to exact 2-decimal Decimals.
+    warnings.filterwarnings("ignore", message=r".*does \*not\* support Decimal objects natively")
+    return lambda: os.getppid() != parent
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error: the message of a :class:`~cardpipe.errors.CardpipeError`, else type and message."""
+    return first_line(exc) if isinstance(exc, CardpipeError) else f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def report_to_parent(
+    conn: Connection, work: Callable[[], object], describe: Callable[[BaseException], str] = error_line
+) -> NoReturn:
+    """Run ``work``; send ``("done", its result)`` or ``("error", describe(exc))``; end the process (status 0 or 1).
+
+    An unexpected error (not a :class:`~cardpipe.errors.CardpipeError`) also leaves its traceback on stderr.
+    """
+    try:
+        message: tuple[str, Any] = ("done", work())
+        status = 0
+    except BaseException as exc:  # noqa: B036  # reported to the parent, then this process ends
+        if not isinstance(exc, CardpipeError):
+            traceback.print_exc(file=sys.stderr)
+        message, status = ("error", describe(exc)), 1
+    with suppress(OSError):  # the parent is gone: nobody to tell
+        conn.send(message)
+    conn.close()
+    sys.exit(status)

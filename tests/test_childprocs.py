@@ -1,0 +1,83 @@
+"""The child-process helper: messages through the pipe, results and errors reported, exits described, stopping."""
+
+from __future__ import annotations
+
+import signal
+import time
+from multiprocessing.connection import Connection
+
+import pytest
+
+from cardpipe.childprocs import ChildProcess, describe_exit, prepare_child, report_to_parent
+from cardpipe.errors import ConfigError
+
+
+def _echo(conn: Connection, words: list[str]) -> None:
+    prepare_child(30, "%(message)s")
+    for word in words:
+        conn.send(("progress", word))
+    report_to_parent(conn, lambda: len(words))
+
+
+def _fail(conn: Connection, unexpected: bool) -> None:
+    def work() -> None:
+        raise (ValueError("bad value\nsecond line") if unexpected else ConfigError("bad setting"))
+
+    report_to_parent(conn, work, lambda exc: f"failed: {exc}".splitlines()[0])
+
+
+def _stubborn(conn: Connection) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn.send(("ready", None))
+    while True:
+        time.sleep(0.1)
+
+
+def _received(child: ChildProcess, timeout: float = 30.0) -> list[tuple[str, object]]:
+    messages: list[tuple[str, object]] = []
+    deadline = time.monotonic() + timeout
+    while child.open and time.monotonic() < deadline:
+        messages += child.receive()
+        time.sleep(0.01)
+    return messages
+
+
+def test_a_child_sends_its_messages_then_its_result_and_exits_cleanly() -> None:
+    child = ChildProcess(_echo, ["a", "b"], name="cardpipe-test-echo")
+    try:
+        assert _received(child) == [("progress", "a"), ("progress", "b"), ("done", 2)]
+        child.join(10)
+        assert child.exitcode == 0 and child.name == "cardpipe-test-echo"
+    finally:
+        child.stop(1)
+
+
+@pytest.mark.parametrize(("unexpected", "line"), [(False, "failed: bad setting"), (True, "failed: bad value")])
+def test_an_error_is_one_line_to_the_parent_and_status_1(unexpected: bool, line: str) -> None:
+    child = ChildProcess(_fail, unexpected, name="cardpipe-test-fail")
+    try:
+        assert _received(child) == [("error", line)]
+        child.join(10)
+        assert child.exitcode == 1
+    finally:
+        child.stop(1)
+
+
+def test_stop_sends_sigterm_then_sigkill_after_the_grace_time() -> None:
+    child = ChildProcess(_stubborn, name="cardpipe-test-stubborn")
+    deadline = time.monotonic() + 30
+    while not list(child.receive()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    child.stop(0.5)
+    assert time.monotonic() - started >= 0.5
+    assert not child.is_alive() and child.exitcode == -signal.SIGKILL
+    assert child.describe_exit() == "was killed (SIGKILL) before finishing"
+    child.stop(0.5)  # a second stop is harmless
+
+
+def test_exits_are_described_in_one_line() -> None:
+    assert describe_exit(-signal.SIGTERM) == "was killed (SIGTERM) before finishing"
+    assert describe_exit(-99) == "was killed (signal 99) before finishing"
+    assert describe_exit(3) == "exited (status 3) without a result"
