@@ -30,7 +30,7 @@ from typing import Any
 import common  # noqa: F401, I001  (puts the project on sys.path)
 from common import OUT_DIR, WORK_DIR, dataset, fresh_dir, load_average, machine, print_table, say, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(os.environ.get("CARDPIPE_BENCH_ROOT") or Path(__file__).resolve().parent.parent)
 POLL = 0.02
 
 
@@ -74,8 +74,8 @@ class Observer:
             if state[1] != last[1]:
                 self.timeline.append((now, *state))
                 last = state
-                if on_progress is not None:
-                    on_progress(state[0])
+            if on_progress is not None:
+                on_progress(state[0])
             if state[0] >= total:
                 return
             if proc.poll() is not None and state[0] < total:
@@ -121,18 +121,23 @@ def run_serve(results: Path, total: int, env: dict[str, str], settle_at: float |
             batch["proc"] = subprocess.Popen([sys.executable, "-m", "cardpipe", "batch", "-q", "--results-dir",
                                               str(results)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
             batch["start"] = time.monotonic()
+        elif batch and "end" not in batch and batch["proc"].poll() is not None:
+            batch["end"] = time.monotonic()
 
     try:
         observer.poll_until(total, proc, on_progress=maybe_settle)
         figures: dict[str, Any] = {}
         if batch:
             out, _ = batch["proc"].communicate(timeout=600)
-            end = time.monotonic()
-            # The batch's own end is when it exited; a settlement that outlived the stream is cut at its end.
+            # The batch's end as the observer saw it exit (to within one poll); one that outlived the stream is
+            # cut at the stream's end.
+            end = batch.get("end", time.monotonic())
             stream_end = observer.timeline[-1][0]
             figures["settlement"] = out.strip()
             figures["settlement_seconds_overlapping"] = round(min(end, stream_end) - batch["start"], 2)
             figures["longest_pause_s"] = round(observer.longest_pause(batch["start"], min(end, stream_end)), 3)
+            figures["longest_pause_outside_settlement_s"] = round(
+                observer.longest_pause(observer.timeline[1][0], batch["start"]), 3)
         rate, seconds = observer.rate(total)
         return {"tx_per_s": round(rate), "seconds": round(seconds, 2), **figures}
     finally:

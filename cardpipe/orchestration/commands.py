@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import SAWarning
 
 from cardpipe.config import Settings
@@ -336,6 +337,22 @@ def _start_stream_here(rt: Runtime) -> None:
     rt.stream_store().start_at(ends)
 
 
+#: Up to this many undecided transactions, ``stream`` publishes them in-process and then decides them: a
+#: producer process (spawned, importing cardpipe again) costs more than it overlaps.
+IN_PROCESS_PUBLISH_MAX = 10_000
+
+
+def _undecided_at_most(runtime: Runtime, limit: int) -> bool:
+    """Whether at most ``limit`` transactions are not decided yet (counted on the tables, an upper bound)."""
+    engine = runtime.ensure_schema()
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(schema.transactions)).scalar_one()
+        if total <= limit:
+            return True
+        decided = conn.execute(select(func.count()).select_from(schema.stream_transactions)).scalar_one()
+    return total - decided <= limit
+
+
 def stream(
     settings: Settings,
     broker: BrokerHandle | None = None,
@@ -358,13 +375,17 @@ def stream(
     started = time.perf_counter()
     with _runtime(settings, runtime, broker) as rt:
         rt.ensure_topics()
+        options = ConsumeOptions(
+            until_caught_up=True,
+            idle_seconds=settings.consumer_idle_seconds,
+            batch_size=settings.consumer_batch_size,
+        )
+        if _undecided_at_most(rt, IN_PROCESS_PUBLISH_MAX):
+            # A small stream: publishing it here takes less than starting a producer process.
+            published = produce(settings, runtime=rt)
+            return published, consume(settings, options, progress=progress, workers=workers, runtime=rt)
         publisher = rt.adopt(PublisherProcess(settings, rt.broker.bootstrap_servers))
         try:
-            options = ConsumeOptions(
-                until_caught_up=True,
-                idle_seconds=settings.consumer_idle_seconds,
-                batch_size=settings.consumer_batch_size,
-            )
             consumed = consume(
                 settings, options, progress=progress, workers=workers, publishing=publisher.publishing, runtime=rt
             )

@@ -324,7 +324,9 @@ def log_end_offsets(bootstrap_servers: str, topic: str, partitions: list[int] | 
     """
     consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "cardpipe-offsets", "logger": CLIENT_LOG,
                          "enable.auto.commit": False, "enable.partition.eof": True,
-                         "auto.offset.reset": "earliest"})
+                         "auto.offset.reset": "earliest",
+                         # An empty fetch answers at once instead of after the broker's default wait.
+                         "fetch.wait.max.ms": 10})
     try:
         wanted = _topic_partitions(consumer, topic, None if partitions is None else tuple(partitions))
         if not wanted:
@@ -337,7 +339,7 @@ def log_end_offsets(bootstrap_servers: str, topic: str, partitions: list[int] | 
         while len(ends) < len(wanted):
             if time.monotonic() > deadline:
                 raise BrokerUnavailable(f"could not find the end of topic {topic!r} within {timeout:.0f} s")
-            for msg in consumer.consume(10_000, timeout=0.5):
+            for msg in poll_ready(consumer, 10_000, 0.05):  # what is ready: consume(n) would wait for n
                 err = msg.error()
                 if err is not None and err.code() == KafkaError._PARTITION_EOF:
                     ends[msg.partition()] = msg.offset()

@@ -82,6 +82,12 @@ def publish(
 
     producer = make_producer(bootstrap_servers)
     started = time.perf_counter()
+    try:
+        # Asking for the topic's metadata first gets the idempotent producer its id at once: otherwise the
+        # first messages wait for librdkafka's next metadata round.
+        producer.list_topics(topic, timeout=15)
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"cannot reach the broker at {bootstrap_servers}: {exc.args[0].str()}") from None
     sent = 0
     for tx in transactions:
         key, value = encode_transaction(tx)

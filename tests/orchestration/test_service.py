@@ -333,3 +333,26 @@ def test_serve_on_a_public_address_requires_the_bearer_token(seed_dataset, tmp_p
     logged = log.read_text(errors="replace")
     assert not any(n in logged or n.replace("-", "") in logged for n in numbers)
     assert os.path.exists(results / "stream_transactions.csv")
+
+
+def test_settle_every_runs_settlements_inside_the_service(seed_dataset, tmp_path):
+    results = tmp_path / "results"
+    env = env_without_services()
+    cardpipe(["setup", "--results-dir", str(results)], env)
+    cardpipe(["load", "--results-dir", str(results), "--data-dir", str(seed_dataset / "input")], env)
+    served = start_serve(results, env, "--settle-every", "0.5")
+    try:
+        served.wait_decided(400)  # a fresh embedded broker: serve published what was loaded
+        deadline = time.monotonic() + 60
+        while served.get("/health")[1]["settlement_id"] is None:
+            assert time.monotonic() < deadline, served.describe()
+            time.sleep(0.2)
+        time.sleep(1.5)  # more timer rounds: nothing new to settle, nothing published
+        status, transaction = served.get("/transactions/5")
+        assert status == 200 and transaction["status"] == "approved" and transaction["settlement_id"] == 1
+        assert served.get("/health")[1]["settlement_id"] == 1
+    finally:
+        served.popen.send_signal(signal.SIGTERM)
+        served.popen.wait(10)
+        stop_broker(results)
+    assert len(read_csv_rows(results / "batch_transactions.csv")) == 400
