@@ -231,6 +231,55 @@ def start_server(url: Any, port: int, access_log: bool) -> subprocess.Popen[byte
 
 
 # ------------------------------------------------------------------------------------------- the clients
+WRK_SCRIPT = """
+math.randomseed(7)
+local ids = {%s}
+request = function()
+  return wrk.format("GET", "/cards/" .. ids[math.random(1, #ids)])
+end
+"""
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def run_wrk(port: int, card_ids: list[int], clients: int, seconds: float) -> dict[str, Any]:
+    """The same load from ``wrk`` (one thread, ``clients`` keep-alive connections, random card ids): a client
+    in C leaves the server the CPU that Python client threads would take on a small machine."""
+    import re
+    import shutil
+    import tempfile
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk), or use --client python")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % ",".join(map(str, card_ids)))
+    load_before = load_average()
+    out = subprocess.run([wrk, "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s", script.name,
+                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+
+    def latency(pct: str) -> float:
+        value, unit = re.search(rf"^\s+{pct}%\s+([0-9.]+)(us|ms|s)$", out, re.M).groups()  # type: ignore[union-attr]
+        return round(float(value) * _WRK_UNITS[unit], 2)
+
+    requests = int(re.search(r"^\s*([0-9]+) requests in", out, re.M).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: ([0-9]+)", out)
+    return {
+        "client": "wrk",
+        "clients": clients,
+        "seconds": seconds,
+        "requests": requests,
+        "errors": int(errors.group(1)) if errors else 0,
+        "requests_per_second": round(float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))),  # type: ignore[union-attr]
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "max_ms": None,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "wrk_output": out,
+    }
+
+
 def run_clients(port: int, card_ids: list[int], clients: int, seconds: float, warmup: float) -> dict[str, Any]:
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
@@ -292,6 +341,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--client", choices=["python", "wrk"], default="python",
+                        help="python: client threads in this process; wrk: the C load generator (apt-get install wrk)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
         "--database-url",
@@ -333,7 +384,10 @@ def main() -> int:
         http_impl = "httptools" if _importable("httptools") else "h11"
         loop_impl = "uvloop" if _importable("uvloop") else "asyncio"
         say(f"serving on 127.0.0.1:{port} ({http_impl}, {loop_impl}); {args.clients} clients for {args.seconds:g} s")
-        result = run_clients(port, card_ids, args.clients, args.seconds, args.warmup)
+        if args.client == "wrk":
+            result = run_wrk(port, card_ids, args.clients, args.seconds)
+        else:
+            result = run_clients(port, card_ids, args.clients, args.seconds, args.warmup)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -344,7 +398,7 @@ def main() -> int:
         ["measure", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors"],
         [
             [
-                f"HTTP, {args.clients} clients",
+                f"HTTP, {args.clients} clients ({args.client})",
                 result["requests"],
                 result["requests_per_second"],
                 result["p50_ms"],

@@ -309,6 +309,46 @@ class _ServingCollector(Collector):
 
 
 _ROUTES = ("/cards/{card_id}", "/customers/{customer_id}", "/transactions/{transaction_id}", "/health", "/metrics")
+Answer = Callable[[int], Any]  # an id -> an awaitable Response
+
+
+class _Route:
+    """What the request metrics read of a matched route (``scope["route"].path``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class _FastReads:
+    """ASGI layer for the hot path: ``GET /cards|customers|transactions/<positive integer>`` is answered by the same
+    view functions and JSON as the FastAPI routes, without FastAPI's per-request routing and validation. Anything
+    else (other paths, ids that are not plain positive integers: FastAPI's 404/422) goes to the app.
+
+    ``answers`` maps the collection name to ``answer(id)``; it is filled once the routes are defined.
+    """
+
+    _PATH = re.compile(r"/(cards|customers|transactions)/([1-9][0-9]{0,18})")
+
+    def __init__(self, app: ASGIApp, *, answers: dict[str, Answer], on_database_error: Callable[[Exception], Any]):
+        self.app = app
+        self.answers = answers
+        self.on_database_error = on_database_error
+        self.routes = {name: _Route(path) for name, path in zip(("cards", "customers", "transactions"), _ROUTES,
+                                                                  strict=False)}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            match = self._PATH.fullmatch(scope["path"])
+            if match is not None and not scope.get("query_string"):
+                collection = match[1]
+                scope["route"] = self.routes[collection]
+                try:
+                    response = await self.answers[collection](int(match[2]))
+                except (SQLAlchemyError, DatabaseUnavailable) as exc:
+                    response = self.on_database_error(exc)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Guard:
@@ -413,17 +453,22 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(_Guard, token=token, requests=requests, seconds=seconds)
+    answers: dict[str, Answer] = {}
+    app.add_middleware(_FastReads, answers=answers, on_database_error=lambda exc: database_answer(exc))
+    app.add_middleware(_Guard, token=token, requests=requests, seconds=seconds)  # added last: outermost
     assets = docs_assets_dir()
 
     if token is not None:
         _document_bearer(app)
 
+    def database_answer(exc: Exception) -> Response:
+        database_warnings.warning(f"answered 503: {_mask_text(describe_error(engine.url, exc))}")
+        return _JSON({"detail": "database unavailable, try again later"}, status_code=503, headers={"Retry-After": "1"})
+
     @app.exception_handler(SQLAlchemyError)
     @app.exception_handler(DatabaseUnavailable)
     async def database_error(_request: Request, exc: Exception) -> Response:
-        database_warnings.warning(f"answered 503: {_mask_text(describe_error(engine.url, exc))}")
-        return _JSON({"detail": "database unavailable, try again later"}, status_code=503, headers={"Retry-After": "1"})
+        return database_answer(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> Response:
@@ -451,6 +496,10 @@ def create_app(
         if found is None:
             return _JSON({"detail": f"{what} not found"}, status_code=404)
         return _JSON(views.to_json(found))
+
+    answers["cards"] = lambda ident: answer(views.card_view, ident, "card")
+    answers["customers"] = lambda ident: answer(views.customer_view, ident, "customer")
+    answers["transactions"] = lambda ident: answer(views.transaction_view, ident, "transaction")
 
     @app.get(
         "/cards/{card_id}",

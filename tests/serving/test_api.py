@@ -422,3 +422,16 @@ def test_docs_page_without_swagger_assets(serving, monkeypatch):
     assert r.status_code == 200 and other_hosts(r.text) == [] and "<script" not in r.text
     for path in ("/cards/{card_id}", "/customers/{customer_id}", "/transactions/{transaction_id}", "/health"):
         assert f"GET {path}" in r.text
+
+
+def test_the_fast_read_path_answers_as_the_documented_routes(client):
+    """Plain ids take the fast path; other spellings of the same id go through FastAPI: same answers, same
+    route label in the metrics."""
+    for path in ("/cards/26", "/customers/13", "/transactions/5"):
+        fast = client.get(path)
+        routed = client.get(path + "?x=1")  # with a query string: FastAPI's route
+        leading_zero = client.get(path.rsplit("/", 1)[0] + "/0" + path.rsplit("/", 1)[1])
+        assert fast.status_code == routed.status_code == leading_zero.status_code == 200
+        assert fast.json() == routed.json() == leading_zero.json()
+    metrics = client.get("/metrics").text
+    assert 'cardpipe_api_requests_total{code="200",route="/cards/{card_id}"} 3.0' in metrics
