@@ -8,6 +8,7 @@ start it resumes from what the database holds.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
@@ -114,12 +115,16 @@ class StreamStore:
         dead processes of this host, are taken over). Returns the partitions claimed (sorted); raises
         :class:`PartitionsHeld`, naming the holder, when every one is held."""
         wanted = sorted(set(partitions))
-        for attempt in range(5):
+        attempts = 10
+        for attempt in range(attempts):
             try:
                 return self._acquire(wanted)
-            except IntegrityError:  # another consumer inserted a lease at the same moment: look again
-                if attempt == 4:
+            except (IntegrityError, OperationalError):
+                # Another consumer claimed at the same moment: it inserted a lease first, or (MySQL) both
+                # transactions locked the same gap of missing leases and one was chosen as the deadlock victim.
+                if attempt == attempts - 1:
                     raise
+                time.sleep(random.uniform(0.02, 0.2))
         raise AssertionError("unreachable")
 
     def _acquire(self, wanted: list[int]) -> list[int]:
