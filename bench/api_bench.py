@@ -254,8 +254,12 @@ def run_wrk(port: int, card_ids: list[int], clients: int, seconds: float) -> dic
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % ",".join(map(str, card_ids)))
     load_before = load_average()
-    out = subprocess.run([wrk, "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s", script.name,
-                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s", script.name, f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     os.unlink(script.name)
 
     def latency(pct: str) -> float:
@@ -341,8 +345,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--client", choices=["python", "wrk"], default="python",
-                        help="python: client threads in this process; wrk: the C load generator (apt-get install wrk)")
+    parser.add_argument(
+        "--client",
+        choices=["python", "wrk"],
+        default="python",
+        help="python: client threads in this process; wrk: the C load generator (apt-get install wrk)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
         "--database-url",

@@ -229,8 +229,9 @@ def drop_mysql_database(env: Mapping[str, str], *, recreate: bool = False) -> No
     name = env["DB_NAME"]
     if name in ("cardpipe", "mysql", "information_schema", "performance_schema", "sys"):
         raise ValueError(f"refusing to drop {name!r}")
-    conn = pymysql.connect(host=env["DB_HOST"], port=int(env["DB_PORT"]), user=env["DB_USER"],
-                           password=env.get("DB_PASSWORD") or "")
+    conn = pymysql.connect(
+        host=env["DB_HOST"], port=int(env["DB_PORT"]), user=env["DB_USER"], password=env.get("DB_PASSWORD") or ""
+    )
     try:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
@@ -245,16 +246,23 @@ def pymysql_connect(env: Mapping[str, str], **kwargs: Any) -> Any:
     """A PyMySQL connection to the benchmark's database (created when missing)."""
     import pymysql
 
-    server = pymysql.connect(host=env["DB_HOST"], port=int(env["DB_PORT"]), user=env["DB_USER"],
-                             password=env.get("DB_PASSWORD") or "")
+    server = pymysql.connect(
+        host=env["DB_HOST"], port=int(env["DB_PORT"]), user=env["DB_USER"], password=env.get("DB_PASSWORD") or ""
+    )
     try:
         with server.cursor() as cur:
             cur.execute(f"CREATE DATABASE IF NOT EXISTS `{env['DB_NAME']}` CHARACTER SET utf8mb4")
     finally:
         server.close()
-    return pymysql.connect(host=env["DB_HOST"], port=int(env["DB_PORT"]), user=env["DB_USER"],
-                           password=env.get("DB_PASSWORD") or "", database=env["DB_NAME"],
-                           charset="utf8mb4", **kwargs)
+    return pymysql.connect(
+        host=env["DB_HOST"],
+        port=int(env["DB_PORT"]),
+        user=env["DB_USER"],
+        password=env.get("DB_PASSWORD") or "",
+        database=env["DB_NAME"],
+        charset="utf8mb4",
+        **kwargs,
+    )
 
 
 def fresh_dir(path: Path) -> Path:

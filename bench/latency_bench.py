@@ -51,14 +51,19 @@ def follow_consumer(env: dict[str, str], work: Path, data: Path, queue: Any) -> 
     s = settings(env, work, data)
     queue.put(("ready", os.getpid()))
     summary = commands.consume(s, ConsumeOptions(follow=True, batch_size=s.consumer_batch_size))
-    queue.put(("done", {
-        "messages": summary.messages,
-        "batches": summary.batches,
-        "seconds": round(summary.seconds, 3),
-        "counts": dict(summary.counts),
-        "latencies_ms": summary.latencies_ms,
-        "peak_rss_mb": common.peak_rss_mb(),
-    }))
+    queue.put(
+        (
+            "done",
+            {
+                "messages": summary.messages,
+                "batches": summary.batches,
+                "seconds": round(summary.seconds, 3),
+                "counts": dict(summary.counts),
+                "latencies_ms": summary.latencies_ms,
+                "peak_rss_mb": common.peak_rss_mb(),
+            },
+        )
+    )
 
 
 def _decided(env: dict[str, str], work: Path, data: Path) -> int:
@@ -117,8 +122,7 @@ def measure(sink: str, env: dict[str, str], data: Path, offered: float, seconds:
             try:
                 queue.get(timeout=60)  # "ready"
                 time.sleep(3.0)  # the consumer restores its state and assigns its partitions
-                result: dict[str, Any] = {"sink": sink, "offered_rate": offered,
-                                          "load_average_before": load_average()}
+                result: dict[str, Any] = {"sink": sink, "offered_rate": offered, "load_average_before": load_average()}
                 say(f"latency/{sink}: offering {offered:,.0f} tx/s for {seconds:g} s ({count:,} messages)")
                 result["produce"] = paced_produce(broker.bootstrap_servers, s.kafka_topic, messages, offered)
                 deadline = time.monotonic() + 120
@@ -134,12 +138,14 @@ def measure(sink: str, env: dict[str, str], data: Path, offered: float, seconds:
                     proc.join()
         latencies = consumed.pop("latencies_ms")
         skip = int(offered)  # the first second: the consumer's first polls
-        result.update({
-            "consume": consumed,
-            "latency": latency_stats(latencies),
-            "latency_after_first_second": latency_stats(latencies[skip:]),
-            "complete": consumed["messages"] == count,
-        })
+        result.update(
+            {
+                "consume": consumed,
+                "latency": latency_stats(latencies),
+                "latency_after_first_second": latency_stats(latencies[skip:]),
+                "complete": consumed["messages"] == count,
+            }
+        )
         lat = result["latency"]
         say(f"latency/{sink}: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms")
         return result
@@ -158,9 +164,12 @@ def main() -> None:
     args = parser.parse_args()
     sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
     count = int(args.rate * args.seconds)
-    results: dict[str, Any] = {"benchmark": "latency", "machine": machine(),
-                               "config": {"rate": args.rate, "seconds": args.seconds, "messages": count,
-                                          "sinks": sinks}, "runs": {}}
+    results: dict[str, Any] = {
+        "benchmark": "latency",
+        "machine": machine(),
+        "config": {"rate": args.rate, "seconds": args.seconds, "messages": count, "sinks": sinks},
+        "runs": {},
+    }
     data = dataset(count, args.seed)
     envs = {sink: sink_env(sink, args.bench_db) for sink in sinks}
     try:
@@ -175,13 +184,37 @@ def main() -> None:
     rows = []
     for sink, r in results["runs"].items():
         lat, late = r["latency"], r["latency_after_first_second"]
-        rows.append([sink, r["produce"]["published"], r["produce"]["achieved_rate"], lat["p50_ms"], lat["p90_ms"],
-                     lat["p99_ms"], lat["max_ms"], late["p99_ms"], r["consume"]["peak_rss_mb"],
-                     "/".join(str(x) for x in r["load_average_after"])])
+        rows.append(
+            [
+                sink,
+                r["produce"]["published"],
+                r["produce"]["achieved_rate"],
+                lat["p50_ms"],
+                lat["p90_ms"],
+                lat["p99_ms"],
+                lat["max_ms"],
+                late["p99_ms"],
+                r["consume"]["peak_rss_mb"],
+                "/".join(str(x) for x in r["load_average_after"]),
+            ]
+        )
         r["meets_p99_50ms"] = lat["p99_ms"] is not None and lat["p99_ms"] <= 50
-    print_table(f"decision latency at an offered {args.rate:,.0f} tx/s (target p99 <= 50 ms)",
-                ["sink", "messages", "offered/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "p99 after 1s",
-                 "cons RSS MB", "load avg"], rows)
+    print_table(
+        f"decision latency at an offered {args.rate:,.0f} tx/s (target p99 <= 50 ms)",
+        [
+            "sink",
+            "messages",
+            "offered/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "p99 after 1s",
+            "cons RSS MB",
+            "load avg",
+        ],
+        rows,
+    )
     write_json(args.out, results)
 
 

@@ -104,10 +104,15 @@ def product_load(env: dict[str, str], work: Path, data: Path, method: str) -> di
             stored = conn.execute(select(func.count()).select_from(schema.transactions)).scalar_one()
     finally:
         engine.dispose()
-    return {"method": method, "used": summary.method, "rows": summary.rows, "seconds": round(seconds, 3),
-            "python_cpu_seconds": round(cpu, 1),
-            "server_cpu_seconds": round(server_after - server_before, 1) if server_after is not None else None,
-            "stored_transactions": stored}
+    return {
+        "method": method,
+        "used": summary.method,
+        "rows": summary.rows,
+        "seconds": round(seconds, 3),
+        "python_cpu_seconds": round(cpu, 1),
+        "server_cpu_seconds": round(server_after - server_before, 1) if server_after is not None else None,
+        "stored_transactions": stored,
+    }
 
 
 def validate_only(data: Path) -> dict[str, Any]:
@@ -122,8 +127,11 @@ def validate_only(data: Path) -> dict[str, Any]:
         for batch in normalised_batches(data / "transactions.csv", schema.transactions):
             sink.write(_csv_text(batch.rows))
             rows += len(batch.rows)
-    return {"rows": rows, "seconds": round(time.perf_counter() - started, 3),
-            "python_cpu_seconds": round(_cpu_self() - cpu_before, 1)}
+    return {
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 3),
+        "python_cpu_seconds": round(_cpu_self() - cpu_before, 1),
+    }
 
 
 def row_by_row(env: dict[str, str], data: Path, sample: int, commit_every_row: bool) -> dict[str, Any]:
@@ -155,8 +163,13 @@ def row_by_row(env: dict[str, str], data: Path, sample: int, commit_every_row: b
     cur.execute("DROP TABLE seed_transactions")
     conn.commit()
     conn.close()
-    return {"rows": done, "stored": stored, "seconds": round(seconds, 3), "python_cpu_seconds": round(cpu, 1),
-            "server_cpu_seconds": round(server_after - server_before, 1) if server_after is not None else None}
+    return {
+        "rows": done,
+        "stored": stored,
+        "seconds": round(seconds, 3),
+        "python_cpu_seconds": round(cpu, 1),
+        "server_cpu_seconds": round(server_after - server_before, 1) if server_after is not None else None,
+    }
 
 
 def _load_avg(values: list[float]) -> str:
@@ -168,8 +181,11 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=10_000_000)
     parser.add_argument("--row-sample", type=int, default=200_000, help="rows, row by row, one commit")
     parser.add_argument("--commit-sample", type=int, default=20_000, help="rows, row by row, commit per row")
-    parser.add_argument("--methods", default="auto",
-                        help=f"product methods to time on the whole dataset, comma-separated: {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods",
+        default="auto",
+        help=f"product methods to time on the whole dataset, comma-separated: {', '.join(METHODS)}",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--bench-db", default=common.DEFAULT_BENCH_DB)
     parser.add_argument("--out", type=Path, default=OUT_DIR / "load.json")
@@ -178,9 +194,16 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-    results: dict[str, Any] = {"benchmark": "load", "machine": machine(),
-                               "config": {"transactions": args.transactions, "row_sample": args.row_sample,
-                                          "commit_sample": args.commit_sample, "methods": methods}}
+    results: dict[str, Any] = {
+        "benchmark": "load",
+        "machine": machine(),
+        "config": {
+            "transactions": args.transactions,
+            "row_sample": args.row_sample,
+            "commit_sample": args.commit_sample,
+            "methods": methods,
+        },
+    }
     data = dataset(args.transactions, args.seed)
     counts = dataset_counts(data)
     results["config"]["dataset"] = {"path": str(data), "counts": counts}
@@ -191,20 +214,33 @@ def main() -> None:
         say(f"validate only: parse + validate + canonical CSV of {counts['transactions']:,} transactions")
         before = load_average()
         checked, peak = run_worker(validate_only, data)
-        checked.update({"rate": rate(checked["rows"], checked["seconds"]), "peak_rss_mb": peak,
-                        "load_average_before": before, "load_average_after": load_average()})
+        checked.update(
+            {
+                "rate": rate(checked["rows"], checked["seconds"]),
+                "peak_rss_mb": peak,
+                "load_average_before": before,
+                "load_average_after": load_average(),
+            }
+        )
         results["validate_only"] = checked
         drop_mysql_database(env, recreate=True)
-        for variant, sample, every in (("row_commit_each", args.commit_sample, True),
-                                       ("row_commit_end", args.row_sample, False)):
+        for variant, sample, every in (
+            ("row_commit_each", args.commit_sample, True),
+            ("row_commit_end", args.row_sample, False),
+        ):
             sample = min(sample, args.transactions)
             if sample <= 0:
                 continue
             say(f"row by row: {sample:,} INSERTs, " + ("a COMMIT per row" if every else "one COMMIT at the end"))
             before = load_average()
             rows, _ = run_worker(row_by_row, {**env}, data, sample, every)
-            rows.update({"rate": rate(rows["rows"], rows["seconds"]), "load_average_before": before,
-                         "load_average_after": load_average()})
+            rows.update(
+                {
+                    "rate": rate(rows["rows"], rows["seconds"]),
+                    "load_average_before": before,
+                    "load_average_after": load_average(),
+                }
+            )
             rows["extrapolated_seconds"] = round(args.transactions / rows["rate"], 1) if rows["rate"] else None
             results[variant] = rows
             say(f"row by row: {rows['rate']:,.0f} rows/s")
@@ -214,10 +250,16 @@ def main() -> None:
             before = load_average()
             loaded, peak = run_worker(product_load, env, work, data, method)
             total_rows = sum(loaded["rows"].values())
-            loaded.update({"rate_transactions": rate(loaded["rows"]["transactions"], loaded["seconds"]),
-                           "rate_all_rows": rate(total_rows, loaded["seconds"]), "peak_rss_mb": peak,
-                           "load_average_before": before, "load_average_after": load_average(),
-                           "complete": loaded["stored_transactions"] == counts["transactions"]})
+            loaded.update(
+                {
+                    "rate_transactions": rate(loaded["rows"]["transactions"], loaded["seconds"]),
+                    "rate_all_rows": rate(total_rows, loaded["seconds"]),
+                    "peak_rss_mb": peak,
+                    "load_average_before": before,
+                    "load_average_after": load_average(),
+                    "complete": loaded["stored_transactions"] == counts["transactions"],
+                }
+            )
             results["product"][method] = loaded
             say(f"{METHOD_LABELS[method]}: {loaded['rate_transactions']:,.0f} transactions/s ({loaded['used']})")
     finally:
@@ -229,27 +271,76 @@ def main() -> None:
     for method in methods:
         p = results["product"][method]
         ratio = round(headline["rate_transactions"] / p["rate_transactions"], 1) if p["rate_transactions"] else None
-        table.append([f"{METHOD_LABELS[method]} ({p['used']})", p["rows"]["transactions"], p["seconds"],
-                      p["rate_transactions"], p["seconds"], ratio, p["python_cpu_seconds"], p["server_cpu_seconds"],
-                      _load_avg(p["load_average_after"])])
+        table.append(
+            [
+                f"{METHOD_LABELS[method]} ({p['used']})",
+                p["rows"]["transactions"],
+                p["seconds"],
+                p["rate_transactions"],
+                p["seconds"],
+                ratio,
+                p["python_cpu_seconds"],
+                p["server_cpu_seconds"],
+                _load_avg(p["load_average_after"]),
+            ]
+        )
     v = results["validate_only"]
-    table.append(["validate only (Python, no database)", v["rows"], v["seconds"], v["rate"], v["seconds"], None,
-                  v["python_cpu_seconds"], None, _load_avg(v["load_average_after"])])
+    table.append(
+        [
+            "validate only (Python, no database)",
+            v["rows"],
+            v["seconds"],
+            v["rate"],
+            v["seconds"],
+            None,
+            v["python_cpu_seconds"],
+            None,
+            _load_avg(v["load_average_after"]),
+        ]
+    )
     results["ratios"] = {}
-    for variant, label in (("row_commit_each", "row by row, COMMIT per row *"),
-                           ("row_commit_end", "row by row, one COMMIT *")):
+    for variant, label in (
+        ("row_commit_each", "row by row, COMMIT per row *"),
+        ("row_commit_end", "row by row, one COMMIT *"),
+    ):
         rows = results.get(variant)
         if not rows:
             continue
         ratio = round(headline["rate_transactions"] / rows["rate"], 1) if rows["rate"] else None
         results["ratios"][variant] = ratio
-        table.append([label, rows["rows"], rows["seconds"], rows["rate"], rows["extrapolated_seconds"], ratio,
-                      rows["python_cpu_seconds"], rows["server_cpu_seconds"], _load_avg(rows["load_average_after"])])
-    print_table(f"bulk load of {args.transactions:,} transactions into MariaDB (product: all four tables, rate = "
-                "transactions/s)", ["method", "rows", "seconds", "rows/s", "est. s for all",
-                                    f"{methods[0]}/this", "py cpu s", "db cpu s", "load avg"], table)
-    print(f"\n* timed on a sample of {args.row_sample:,} / {args.commit_sample:,} rows, 'est. s for all' "
-          "EXTRAPOLATED to every transaction (seed's own loader, SPEC section 8: ~6,100 rows/s)")
+        table.append(
+            [
+                label,
+                rows["rows"],
+                rows["seconds"],
+                rows["rate"],
+                rows["extrapolated_seconds"],
+                ratio,
+                rows["python_cpu_seconds"],
+                rows["server_cpu_seconds"],
+                _load_avg(rows["load_average_after"]),
+            ]
+        )
+    print_table(
+        f"bulk load of {args.transactions:,} transactions into MariaDB (product: all four tables, rate = "
+        "transactions/s)",
+        [
+            "method",
+            "rows",
+            "seconds",
+            "rows/s",
+            "est. s for all",
+            f"{methods[0]}/this",
+            "py cpu s",
+            "db cpu s",
+            "load avg",
+        ],
+        table,
+    )
+    print(
+        f"\n* timed on a sample of {args.row_sample:,} / {args.commit_sample:,} rows, 'est. s for all' "
+        "EXTRAPOLATED to every transaction (seed's own loader, SPEC section 8: ~6,100 rows/s)"
+    )
     print("db cpu s: the shared MariaDB's CPU during the step (other clients count too: see load avg)")
     write_json(args.out, results)
 

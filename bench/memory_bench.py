@@ -56,13 +56,19 @@ def sampled_consume(env: dict[str, str], work: Path, data: Path) -> dict[str, An
             samples.append((int(match.group(1).replace(",", "")), rss_mb()))
 
     started = time.perf_counter()
-    summary = commands.consume(s, ConsumeOptions(until_caught_up=True, batch_size=s.consumer_batch_size,
-                                                 progress_every=2.0), progress=progress)
+    summary = commands.consume(
+        s, ConsumeOptions(until_caught_up=True, batch_size=s.consumer_batch_size, progress_every=2.0), progress=progress
+    )
     seconds = time.perf_counter() - started
     samples.append((summary.messages, rss_mb()))
-    return {"messages": summary.messages, "seconds": round(seconds, 3), "loop_seconds": round(summary.seconds, 3),
-            "rss_samples": samples, "vm_hwm_mb": rss_mb("self", "VmHWM"),
-            "latency": latency_stats(summary.latencies_ms)}
+    return {
+        "messages": summary.messages,
+        "seconds": round(seconds, 3),
+        "loop_seconds": round(summary.seconds, 3),
+        "rss_samples": samples,
+        "vm_hwm_mb": rss_mb("self", "VmHWM"),
+        "latency": latency_stats(summary.latencies_ms),
+    }
 
 
 def measure(size: int, customers: int, sink: str, env: dict[str, str], seed: int) -> dict[str, Any]:
@@ -81,10 +87,18 @@ def measure(size: int, customers: int, sink: str, env: dict[str, str], seed: int
             broker_peak = rss_mb(broker.pid, "VmHWM") if broker.pid else None
         tx_rate = rate(consumed["messages"], consumed["seconds"])
         say(f"memory/{size:,}: consumer peak RSS {peak} MB, {tx_rate:,.0f} tx/s")
-        return {"transactions": size, "customers": customers, "load": loaded, "produce": produced,
-                "consume": consumed, "consume_rate": rate(consumed["messages"], consumed["seconds"]),
-                "consumer_peak_rss_mb": peak, "broker_peak_rss_mb": broker_peak,
-                "load_average_before": before, "load_average_after": load_average()}
+        return {
+            "transactions": size,
+            "customers": customers,
+            "load": loaded,
+            "produce": produced,
+            "consume": consumed,
+            "consume_rate": rate(consumed["messages"], consumed["seconds"]),
+            "consumer_peak_rss_mb": peak,
+            "broker_peak_rss_mb": broker_peak,
+            "load_average_before": before,
+            "load_average_after": load_average(),
+        }
     finally:
         fresh_dir(work)
 
@@ -107,9 +121,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT_DIR / "memory.json")
     args = parser.parse_args()
     sizes = sorted(int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip())
-    results: dict[str, Any] = {"benchmark": "memory", "machine": machine(),
-                               "config": {"sizes": sizes, "customers": args.customers, "sink": args.sink},
-                               "runs": []}
+    results: dict[str, Any] = {
+        "benchmark": "memory",
+        "machine": machine(),
+        "config": {"sizes": sizes, "customers": args.customers, "sink": args.sink},
+        "runs": [],
+    }
     env = sink_env(args.sink, args.bench_db)
     try:
         for size in sizes:
@@ -125,19 +142,38 @@ def main() -> None:
     results["peak_ratio_largest_over_smallest"] = round(peak_ratio, 3)
     early = rss_near(large["consume"]["rss_samples"], min(1_000_000, small["transactions"]))
     final = large["consume"]["rss_samples"][-1]
-    results["in_run"] = {"early": early, "final": final,
-                         "ratio": round(final[1] / early[1], 3) if early and final[1] else None}
+    results["in_run"] = {
+        "early": early,
+        "final": final,
+        "ratio": round(final[1] / early[1], 3) if early and final[1] else None,
+    }
     results["meets_flat_20pct"] = results["peak_ratio_largest_over_smallest"] <= 1.2
     results["machine"]["load_average_at_end"] = load_average()
-    rows = [[f"{r['transactions']:,}", r["consume_rate"], r["consumer_peak_rss_mb"], r["consume"]["vm_hwm_mb"],
-             r["broker_peak_rss_mb"], "/".join(str(x) for x in r["load_average_after"])] for r in runs]
-    print_table("consumer memory (MB; target: largest within 20% of smallest)",
-                ["transactions", "consume tx/s", "peak RSS", "VmHWM", "broker RSS", "load avg"], rows)
-    print(f"\npeak RSS ratio {large['transactions']:,} / {small['transactions']:,}: "
-          f"{results['peak_ratio_largest_over_smallest']}")
+    rows = [
+        [
+            f"{r['transactions']:,}",
+            r["consume_rate"],
+            r["consumer_peak_rss_mb"],
+            r["consume"]["vm_hwm_mb"],
+            r["broker_peak_rss_mb"],
+            "/".join(str(x) for x in r["load_average_after"]),
+        ]
+        for r in runs
+    ]
+    print_table(
+        "consumer memory (MB; target: largest within 20% of smallest)",
+        ["transactions", "consume tx/s", "peak RSS", "VmHWM", "broker RSS", "load avg"],
+        rows,
+    )
+    print(
+        f"\npeak RSS ratio {large['transactions']:,} / {small['transactions']:,}: "
+        f"{results['peak_ratio_largest_over_smallest']}"
+    )
     if early:
-        print(f"in the {large['transactions']:,} run: RSS {early[1]} MB after {early[0]:,} messages, "
-              f"{final[1]} MB after {final[0]:,} (ratio {results['in_run']['ratio']})")
+        print(
+            f"in the {large['transactions']:,} run: RSS {early[1]} MB after {early[0]:,} messages, "
+            f"{final[1]} MB after {final[0]:,} (ratio {results['in_run']['ratio']})"
+        )
     write_json(args.out, results)
 
 

@@ -55,7 +55,7 @@ def show(profile: Path, top: int) -> None:
         stats.strip_dirs().sort_stats(order).print_stats(top)
         text = out.getvalue()
         print(f"\n=== top {top} by {order} ===")
-        print(text[text.find("   ncalls"):].rstrip())
+        print(text[text.find("   ncalls") :].rstrip())
 
 
 def main() -> None:
@@ -83,8 +83,10 @@ def main() -> None:
                 run_worker(ours_prepare, env, work, data)
                 run_worker(ours_produce, env, work, data)
                 result, _ = run_worker(ours_consume, env, work, data, profile)
-            say(f"consumed {result['messages']:,} under cProfile in {result['seconds']} s "
-                f"(loop {result['loop_seconds']} s); load average {load_average()}")
+            say(
+                f"consumed {result['messages']:,} under cProfile in {result['seconds']} s "
+                f"(loop {result['loop_seconds']} s); load average {load_average()}"
+            )
     finally:
         if args.sink == "mysql":
             drop_mysql_database(env)

@@ -35,8 +35,7 @@ POLL = 0.02
 
 
 def cardpipe(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, "-m", "cardpipe", *args], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "cardpipe", *args], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def prepare(results: Path, data: Path, env: dict[str, str]) -> None:
@@ -50,8 +49,9 @@ def progress(db: Path) -> tuple[int, int]:
     """(messages read, checkpoints committed) as the database holds them now."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            row = conn.execute("SELECT COALESCE(SUM(next_offset), 0), COALESCE(SUM(checkpoint_seq), 0) "
-                               "FROM stream_offsets").fetchone()
+            row = conn.execute(
+                "SELECT COALESCE(SUM(next_offset), 0), COALESCE(SUM(checkpoint_seq), 0) FROM stream_offsets"
+            ).fetchone()
             return int(row[0]), int(row[1])
     except sqlite3.Error:
         return 0, 0
@@ -64,8 +64,9 @@ class Observer:
         self.db = db
         self.timeline: list[tuple[float, int, int]] = []
 
-    def poll_until(self, total: int, proc: subprocess.Popen[Any], timeout: float = 900,
-                   on_progress: Any = None) -> None:
+    def poll_until(
+        self, total: int, proc: subprocess.Popen[Any], timeout: float = 900, on_progress: Any = None
+    ) -> None:
         deadline = time.monotonic() + timeout
         last = (-1, -1)
         while time.monotonic() < deadline:
@@ -102,8 +103,12 @@ def free_port() -> int:
 
 def run_consume(results: Path, total: int, env: dict[str, str]) -> dict[str, Any]:
     observer = Observer(results / "cardpipe.db")
-    proc = subprocess.Popen([sys.executable, "-m", "cardpipe", "consume", "--until-caught-up", "-q",
-                             "--results-dir", str(results)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cardpipe", "consume", "--until-caught-up", "-q", "--results-dir", str(results)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     observer.poll_until(total, proc)
     proc.wait(600)
     rate, seconds = observer.rate(total)
@@ -112,14 +117,23 @@ def run_consume(results: Path, total: int, env: dict[str, str]) -> dict[str, Any
 
 def run_serve(results: Path, total: int, env: dict[str, str], settle_at: float | None) -> dict[str, Any]:
     observer = Observer(results / "cardpipe.db")
-    proc = subprocess.Popen([sys.executable, "-m", "cardpipe", "serve", "-q", "--port", str(free_port()),
-                             "--results-dir", str(results)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cardpipe", "serve", "-q", "--port", str(free_port()), "--results-dir", str(results)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     batch: dict[str, Any] = {}
 
     def maybe_settle(decided: int) -> None:
         if settle_at is not None and not batch and decided >= settle_at * total:
-            batch["proc"] = subprocess.Popen([sys.executable, "-m", "cardpipe", "batch", "-q", "--results-dir",
-                                              str(results)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+            batch["proc"] = subprocess.Popen(
+                [sys.executable, "-m", "cardpipe", "batch", "-q", "--results-dir", str(results)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             batch["start"] = time.monotonic()
         elif batch and "end" not in batch and batch["proc"].poll() is not None:
             batch["end"] = time.monotonic()
@@ -137,7 +151,8 @@ def run_serve(results: Path, total: int, env: dict[str, str], settle_at: float |
             figures["settlement_seconds_overlapping"] = round(min(end, stream_end) - batch["start"], 2)
             figures["longest_pause_s"] = round(observer.longest_pause(batch["start"], min(end, stream_end)), 3)
             figures["longest_pause_outside_settlement_s"] = round(
-                observer.longest_pause(observer.timeline[1][0], batch["start"]), 3)
+                observer.longest_pause(observer.timeline[1][0], batch["start"]), 3
+            )
         rate, seconds = observer.rate(total)
         return {"tx_per_s": round(rate), "seconds": round(seconds, 2), **figures}
     finally:
@@ -154,9 +169,11 @@ def main() -> None:
     env["PYTHONPATH"] = str(ROOT)
     rows: list[list[Any]] = []
     report: dict[str, Any] = {"machine": machine(), "transactions": args.transactions, "runs": {}}
-    for name, run in (("consume alone", lambda r: run_consume(r, args.transactions, env)),
-                      ("serve", lambda r: run_serve(r, args.transactions, env, None)),
-                      ("serve + batch at 1/3", lambda r: run_serve(r, args.transactions, env, 1 / 3))):
+    for name, run in (
+        ("consume alone", lambda r: run_consume(r, args.transactions, env)),
+        ("serve", lambda r: run_serve(r, args.transactions, env, None)),
+        ("serve + batch at 1/3", lambda r: run_serve(r, args.transactions, env, 1 / 3)),
+    ):
         results = WORK_DIR / "service_bench" / name.split()[0]
         say(f"{name}: preparing {args.transactions:,} transactions")
         prepare(results, data, env)
@@ -168,12 +185,22 @@ def main() -> None:
         finally:
             cardpipe("broker", "stop", "--results-dir", str(results), env=env)
         report["runs"][name] = figures
-        rows.append([name, figures["tx_per_s"], figures["seconds"], figures.get("longest_pause_s", ""),
-                     figures.get("settlement_seconds_overlapping", "")])
+        rows.append(
+            [
+                name,
+                figures["tx_per_s"],
+                figures["seconds"],
+                figures.get("longest_pause_s", ""),
+                figures.get("settlement_seconds_overlapping", ""),
+            ]
+        )
     alone = report["runs"]["consume alone"]["tx_per_s"]
     report["serve_vs_consume"] = round(report["runs"]["serve"]["tx_per_s"] / alone, 3)
-    print_table(f"decision throughput, {args.transactions:,} transactions (SQLite, embedded broker)",
-                ["run", "tx/s", "s", "longest pause during settlement (s)", "settlement overlap (s)"], rows)
+    print_table(
+        f"decision throughput, {args.transactions:,} transactions (SQLite, embedded broker)",
+        ["run", "tx/s", "s", "longest pause during settlement (s)", "settlement overlap (s)"],
+        rows,
+    )
     print(f"serve / consume alone: {report['serve_vs_consume']}")
     write_json(OUT_DIR / "service_bench.json", report)
 

@@ -74,18 +74,23 @@ def ours_produce(env: dict[str, str], work: Path, data: Path) -> dict[str, Any]:
     s = settings(env, work, data)
     started = time.perf_counter()
     summary = commands.produce(s)
-    return {"published": summary.published, "seconds": round(time.perf_counter() - started, 3),
-            "publish_loop_seconds": round(summary.seconds, 3)}
+    return {
+        "published": summary.published,
+        "seconds": round(time.perf_counter() - started, 3),
+        "publish_loop_seconds": round(summary.seconds, 3),
+    }
 
 
-def ours_consume(env: dict[str, str], work: Path, data: Path, profile: Path | None = None,
-                 workers: int = 1) -> dict[str, Any]:
+def ours_consume(
+    env: dict[str, str], work: Path, data: Path, profile: Path | None = None, workers: int = 1
+) -> dict[str, Any]:
     from cardpipe.orchestration import commands
     from cardpipe.stream.consumer import ConsumeOptions
 
     s = settings(env, work, data)
-    options = ConsumeOptions(until_caught_up=True, idle_seconds=s.consumer_idle_seconds,
-                             batch_size=s.consumer_batch_size)
+    options = ConsumeOptions(
+        until_caught_up=True, idle_seconds=s.consumer_idle_seconds, batch_size=s.consumer_batch_size
+    )
     profiler = None
     if profile is not None:
         import cProfile
@@ -110,9 +115,14 @@ def ours_stream(env: dict[str, str], work: Path, data: Path, workers: int = 1) -
     started = time.perf_counter()
     published, summary = commands.stream(s, BrokerHandle(s.kafka_bootstrap_servers, None, False), workers=workers)
     seconds = time.perf_counter() - started
-    return {"produce": {"published": published.published, "seconds": round(published.seconds, 3),
-                        "publish_loop_seconds": round(published.seconds, 3)},
-            "consume": _consume_result(s, work, summary, seconds)}
+    return {
+        "produce": {
+            "published": published.published,
+            "seconds": round(published.seconds, 3),
+            "publish_loop_seconds": round(published.seconds, 3),
+        },
+        "consume": _consume_result(s, work, summary, seconds),
+    }
 
 
 def _consume_result(s: Any, work: Path, summary: Any, seconds: float) -> dict[str, Any]:
@@ -146,8 +156,9 @@ def run_name(sink: str, workers: int, pipelined: bool) -> str:
     return sink + (f"/{workers}w" if workers > 1 else "") + ("/pipelined" if pipelined else "")
 
 
-def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int, workers: int = 1,
-                 pipelined: bool = False) -> dict[str, Any]:
+def measure_ours(
+    sink: str, env: dict[str, str], data: Path, transactions: int, workers: int = 1, pipelined: bool = False
+) -> dict[str, Any]:
     run = run_name(sink, workers, pipelined)
     work = fresh_dir(WORK_DIR / f"stream-ours-{sink}")
     try:
@@ -156,8 +167,13 @@ def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int, 
             say(f"ours/{run}: setup + load {transactions:,} transactions (not timed)")
             loaded, _ = run_worker(ours_prepare, env, work, data)
             say(f"ours/{run}: loaded in {loaded['seconds']} s; producing")
-            result: dict[str, Any] = {"sink": sink, "workers": workers, "pipelined": pipelined, "load": loaded,
-                                      "load_average_before": load_average()}
+            result: dict[str, Any] = {
+                "sink": sink,
+                "workers": workers,
+                "pipelined": pipelined,
+                "load": loaded,
+                "load_average_before": load_average(),
+            }
             if pipelined:
                 # Wall time from the start of publishing to the last decision exported: publish and decide overlap.
                 streamed, consume_rss = run_worker(ours_stream, env, work, data, workers)
@@ -169,19 +185,29 @@ def measure_ours(sink: str, env: dict[str, str], data: Path, transactions: int, 
                 consumed, consume_rss = run_worker(ours_consume, env, work, data, None, workers)
                 total = produced["seconds"] + consumed["seconds"]
             result["load_average_after"] = load_average()
-        result.update({
-            "produce": {**produced, "rate": rate(produced["published"], produced["seconds"]),
-                        "peak_rss_mb": produce_rss},
-            "consume": {**consumed, "rate": rate(consumed["messages"], consumed["seconds"]),
-                        "loop_rate": rate(consumed["messages"], consumed["loop_seconds"]),
-                        "export_and_startup_seconds": round(consumed["seconds"] - consumed["loop_seconds"], 3),
-                        "peak_rss_mb": consume_rss},
-            "e2e_seconds": round(total, 3),
-            "e2e_rate": rate(consumed["messages"], total),
-            "complete": consumed["stored_rows"] == transactions and consumed["messages"] == transactions,
-        })
-        say(f"ours/{run}: {result['e2e_rate']:,.0f} tx/s end to end, consume loop "
-            f"{result['consume']['loop_rate']:,.0f} tx/s")
+        result.update(
+            {
+                "produce": {
+                    **produced,
+                    "rate": rate(produced["published"], produced["seconds"]),
+                    "peak_rss_mb": produce_rss,
+                },
+                "consume": {
+                    **consumed,
+                    "rate": rate(consumed["messages"], consumed["seconds"]),
+                    "loop_rate": rate(consumed["messages"], consumed["loop_seconds"]),
+                    "export_and_startup_seconds": round(consumed["seconds"] - consumed["loop_seconds"], 3),
+                    "peak_rss_mb": consume_rss,
+                },
+                "e2e_seconds": round(total, 3),
+                "e2e_rate": rate(consumed["messages"], total),
+                "complete": consumed["stored_rows"] == transactions and consumed["messages"] == transactions,
+            }
+        )
+        say(
+            f"ours/{run}: {result['e2e_rate']:,.0f} tx/s end to end, consume loop "
+            f"{result['consume']['loop_rate']:,.0f} tx/s"
+        )
         return result
     finally:
         fresh_dir(work)  # the SQLite file and exports are large
@@ -244,8 +270,7 @@ def _card_profiles_from_csv(data: Path) -> tuple[dict[int, Any], dict[int, Any]]
     return cards, balances
 
 
-def seed_consume(bootstrap: str, data: Path, sample: int, sink: str, env: dict[str, str],
-                 work: Path) -> dict[str, Any]:
+def seed_consume(bootstrap: str, data: Path, sample: int, sink: str, env: dict[str, str], work: Path) -> dict[str, Any]:
     """The seed's consumer loop: one message, one decision, one INSERT, one commit."""
     import json
     from datetime import datetime
@@ -271,23 +296,47 @@ def seed_consume(bootstrap: str, data: Path, sample: int, sink: str, env: dict[s
     conn.commit()
     insert = f"INSERT INTO seed_stream_transactions VALUES ({', '.join([mark] * 10)})"
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=15_000)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=15_000,
+    )
     consumer.assign([TopicPartition(SEED_TOPIC, p) for p in range(PARTITIONS)])
     consumer.seek_to_beginning()
     started = time.perf_counter()
     done = 0
     for msg in consumer:
         row = json.loads(msg.value)
-        tx = Transaction(row["transaction_id"], row["card_id"], row["merchant_name"],
-                         datetime.strptime(row["timestamp"], "%Y-%m-%d %H:%M:%S"), Decimal(row["amount"]),
-                         row["location"], row["transaction_type"], row["related_transaction_id"])
+        tx = Transaction(
+            row["transaction_id"],
+            row["card_id"],
+            row["merchant_name"],
+            datetime.strptime(row["timestamp"], "%Y-%m-%d %H:%M:%S"),
+            Decimal(row["amount"]),
+            row["location"],
+            row["transaction_type"],
+            row["related_transaction_id"],
+        )
         decision = decide(tx, cards[tx.card_id], balances[tx.card_id])
         if decision.status == PENDING:
             balances[tx.card_id] = decision.pending_balance
-        cur.execute(insert, (tx.transaction_id, tx.card_id, tx.merchant_name, row["timestamp"], str(tx.amount),
-                             tx.location, tx.transaction_type, tx.related_transaction_id, decision.status,
-                             str(decision.pending_balance)))
+        cur.execute(
+            insert,
+            (
+                tx.transaction_id,
+                tx.card_id,
+                tx.merchant_name,
+                row["timestamp"],
+                str(tx.amount),
+                tx.location,
+                tx.transaction_type,
+                tx.related_transaction_id,
+                decision.status,
+                str(decision.pending_balance),
+            ),
+        )
         conn.commit()
         done += 1
         if done >= sample:
@@ -322,8 +371,10 @@ def measure_seed(sinks: list[str], envs: dict[str, dict[str, str]], data: Path, 
                 "e2e_seconds": round(total, 3),
                 "e2e_rate": rate(consumed["messages"], total),
             }
-            say(f"seed/{sink}: consume {result[sink]['consume']['rate']:,.0f} tx/s, "
-                f"e2e {result[sink]['e2e_rate']:,.0f} tx/s")
+            say(
+                f"seed/{sink}: consume {result[sink]['consume']['rate']:,.0f} tx/s, "
+                f"e2e {result[sink]['e2e_rate']:,.0f} tx/s"
+            )
     result["load_average_after"] = load_average()
     fresh_dir(work)
     return result
@@ -362,8 +413,15 @@ def raw_roundtrip(bootstrap: str, data: Path, transactions: int) -> dict[str, An
     count = len(messages)
     del messages
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "raw-bench", "enable.auto.commit": False,
-                         "fetch.wait.max.ms": 100, "queued.max.messages.kbytes": 262_144})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "raw-bench",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 100,
+            "queued.max.messages.kbytes": 262_144,
+        }
+    )
     started = time.perf_counter()
     consumer.assign([TopicPartition(RAW_TOPIC, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
     read = 0
@@ -374,8 +432,12 @@ def raw_roundtrip(bootstrap: str, data: Path, transactions: int) -> dict[str, An
                 read += 1
     consume_seconds = time.perf_counter() - started
     consumer.close()
-    return {"messages": count, "read": read, "produce_seconds": round(produce_seconds, 3),
-            "consume_seconds": round(consume_seconds, 3)}
+    return {
+        "messages": count,
+        "read": read,
+        "produce_seconds": round(produce_seconds, 3),
+        "consume_seconds": round(consume_seconds, 3),
+    }
 
 
 def measure_raw(data: Path, transactions: int) -> dict[str, Any]:
@@ -389,14 +451,16 @@ def measure_raw(data: Path, transactions: int) -> dict[str, Any]:
         raw, peak = run_worker(raw_roundtrip, broker.bootstrap_servers, data, transactions)
     total = raw["produce_seconds"] + raw["consume_seconds"]
     result.update(raw)
-    result.update({
-        "load_average_after": load_average(),
-        "produce_rate": rate(raw["messages"], raw["produce_seconds"]),
-        "consume_rate": rate(raw["read"], raw["consume_seconds"]),
-        "e2e_seconds": round(total, 3),
-        "e2e_rate": rate(raw["read"], total),
-        "peak_rss_mb": peak,
-    })
+    result.update(
+        {
+            "load_average_after": load_average(),
+            "produce_rate": rate(raw["messages"], raw["produce_seconds"]),
+            "consume_rate": rate(raw["read"], raw["consume_seconds"]),
+            "e2e_seconds": round(total, 3),
+            "e2e_rate": rate(raw["read"], total),
+            "peak_rss_mb": peak,
+        }
+    )
     say(f"raw: {result['e2e_rate']:,.0f} msg/s produce+consume")
     fresh_dir(work)
     return result
@@ -414,23 +478,70 @@ def report(results: dict[str, Any]) -> None:
     rows = []
     for name, r in ours.items():
         lat = r["consume"]["latency"]
-        rows.append([f"ours / {name}", r["config_transactions"], r["e2e_rate"], r["produce"]["rate"],
-                     r["consume"]["rate"], r["consume"]["loop_rate"], lat["p50_ms"], lat["p99_ms"],
-                     r["consume"]["peak_rss_mb"], "/".join(str(x) for x in r["load_average_after"])])
+        rows.append(
+            [
+                f"ours / {name}",
+                r["config_transactions"],
+                r["e2e_rate"],
+                r["produce"]["rate"],
+                r["consume"]["rate"],
+                r["consume"]["loop_rate"],
+                lat["p50_ms"],
+                lat["p99_ms"],
+                r["consume"]["peak_rss_mb"],
+                "/".join(str(x) for x in r["load_average_after"]),
+            ]
+        )
     if seed:
         for sink in ours:
             if sink in seed:
                 s = seed[sink]
-                rows.append([f"seed approach / {sink}", seed["sample"], s["e2e_rate"], seed["produce"]["rate"],
-                             s["consume"]["rate"], None, None, None, s["consume"]["peak_rss_mb"],
-                             "/".join(str(x) for x in seed["load_average_after"])])
+                rows.append(
+                    [
+                        f"seed approach / {sink}",
+                        seed["sample"],
+                        s["e2e_rate"],
+                        seed["produce"]["rate"],
+                        s["consume"]["rate"],
+                        None,
+                        None,
+                        None,
+                        s["consume"]["peak_rss_mb"],
+                        "/".join(str(x) for x in seed["load_average_after"]),
+                    ]
+                )
     if raw:
-        rows.append(["raw confluent-kafka", raw["messages"], raw["e2e_rate"], raw["produce_rate"], raw["consume_rate"],
-                     None, None, None, raw["peak_rss_mb"], "/".join(str(x) for x in raw["load_average_after"])])
-    print_table("stream end to end (tx/s; latency = publish CreateTime -> decision committed; sequential runs: "
-                "topic pre-filled, produce/s alone; pipelined: produce/s while consuming)",
-                ["run", "messages", "e2e tx/s", "produce/s", "consume/s", "loop/s", "p50 ms", "p99 ms",
-                 "cons RSS MB", "load avg"], rows)
+        rows.append(
+            [
+                "raw confluent-kafka",
+                raw["messages"],
+                raw["e2e_rate"],
+                raw["produce_rate"],
+                raw["consume_rate"],
+                None,
+                None,
+                None,
+                raw["peak_rss_mb"],
+                "/".join(str(x) for x in raw["load_average_after"]),
+            ]
+        )
+    print_table(
+        "stream end to end (tx/s; latency = publish CreateTime -> decision committed; sequential runs: "
+        "topic pre-filled, produce/s alone; pipelined: produce/s while consuming)",
+        [
+            "run",
+            "messages",
+            "e2e tx/s",
+            "produce/s",
+            "consume/s",
+            "loop/s",
+            "p50 ms",
+            "p99 ms",
+            "cons RSS MB",
+            "load avg",
+        ],
+        rows,
+    )
     ratio_rows = []
     for name, r in ours.items():
         if r.get("workers", 1) != 1:
@@ -441,12 +552,19 @@ def report(results: dict[str, Any]) -> None:
         ours_raw = ratio(r["e2e_rate"], raw["e2e_rate"]) if raw else None
         ratio_rows.append([name, r["e2e_rate"], target, ours_seed, ours_raw])
         results["ratios"][name] = {
-            "e2e_rate": r["e2e_rate"], "target_rate": target, "meets_rate": r["e2e_rate"] >= target,
-            "ours_over_seed": ours_seed, "meets_100x_seed": ours_seed is not None and ours_seed >= 100,
-            "ours_over_raw": ours_raw, "meets_within_4x_raw": ours_raw is not None and ours_raw >= 0.25,
+            "e2e_rate": r["e2e_rate"],
+            "target_rate": target,
+            "meets_rate": r["e2e_rate"] >= target,
+            "ours_over_seed": ours_seed,
+            "meets_100x_seed": ours_seed is not None and ours_seed >= 100,
+            "ours_over_raw": ours_raw,
+            "meets_within_4x_raw": ours_raw is not None and ours_raw >= 0.25,
         }
-    print_table("ratios (targets: >= target tx/s, ours/seed >= 100, ours/raw >= 0.25)",
-                ["run", "ours e2e tx/s", "target", "ours/seed", "ours/raw"], ratio_rows)
+    print_table(
+        "ratios (targets: >= target tx/s, ours/seed >= 100, ours/raw >= 0.25)",
+        ["run", "ours e2e tx/s", "target", "ours/seed", "ours/raw"],
+        ratio_rows,
+    )
     scale_rows = []
     for run, r in ours.items():
         one = ours.get(run_name(r["sink"], 1, r.get("pipelined", False)))
@@ -455,15 +573,22 @@ def report(results: dict[str, Any]) -> None:
         loop_ratio = ratio(r["consume"]["loop_rate"], one["consume"]["loop_rate"])
         consume_ratio = ratio(r["consume"]["rate"], one["consume"]["rate"])
         identical = r["consume"]["results_sha256"] == one["consume"]["results_sha256"]
-        scale_rows.append([run, one["consume"]["loop_rate"], r["consume"]["loop_rate"], loop_ratio, consume_ratio,
-                           identical])
-        results["scale_out"][run] = {"workers": r["workers"], "loop_ratio": loop_ratio, "consume_ratio": consume_ratio,
-                                     "identical_results": identical,
-                                     "meets_1_5x": loop_ratio is not None and loop_ratio >= 1.5 and identical}
+        scale_rows.append(
+            [run, one["consume"]["loop_rate"], r["consume"]["loop_rate"], loop_ratio, consume_ratio, identical]
+        )
+        results["scale_out"][run] = {
+            "workers": r["workers"],
+            "loop_ratio": loop_ratio,
+            "consume_ratio": consume_ratio,
+            "identical_results": identical,
+            "meets_1_5x": loop_ratio is not None and loop_ratio >= 1.5 and identical,
+        }
     if scale_rows:
-        print_table("scale-out (target: >= 1.5x one worker's throughput, identical results)",
-                    ["run", "1 worker loop/s", "N workers loop/s", "loop ratio", "consume ratio", "identical"],
-                    scale_rows)
+        print_table(
+            "scale-out (target: >= 1.5x one worker's throughput, identical results)",
+            ["run", "1 worker loop/s", "N workers loop/s", "loop ratio", "consume ratio", "identical"],
+            scale_rows,
+        )
 
 
 def main() -> None:
@@ -472,10 +597,14 @@ def main() -> None:
     parser.add_argument("--sinks", default="sqlite,mysql")
     parser.add_argument("--seed-sample", type=int, default=20_000, help="messages for the seed approach (0: skip)")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw broker measurement")
-    parser.add_argument("--workers", default="1",
-                        help="consumer process counts to measure per sink, e.g. 1,2 (scale-out: N vs 1)")
-    parser.add_argument("--modes", default="sequential,pipelined",
-                        help="sequential (produce, then consume) and/or pipelined (commands.stream: both at once)")
+    parser.add_argument(
+        "--workers", default="1", help="consumer process counts to measure per sink, e.g. 1,2 (scale-out: N vs 1)"
+    )
+    parser.add_argument(
+        "--modes",
+        default="sequential,pipelined",
+        help="sequential (produce, then consume) and/or pipelined (commands.stream: both at once)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--bench-db", default=common.DEFAULT_BENCH_DB, help="MariaDB database to create and drop")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "stream.json")
@@ -483,11 +612,20 @@ def main() -> None:
     sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
     modes = [{"sequential": False, "pipelined": True}[m.strip()] for m in args.modes.split(",") if m.strip()]
 
-    results: dict[str, Any] = {"benchmark": "stream", "machine": machine(),
-                               "config": {"transactions": args.transactions, "sinks": sinks,
-                                          "seed_sample": args.seed_sample, "generator_seed": args.seed},
-                               "ours": {}, "ratios": {}, "scale_out": {},
-                               "seed_system_reference": {"consumer_rate": 17_600, "note": "SPEC section 8"}}
+    results: dict[str, Any] = {
+        "benchmark": "stream",
+        "machine": machine(),
+        "config": {
+            "transactions": args.transactions,
+            "sinks": sinks,
+            "seed_sample": args.seed_sample,
+            "generator_seed": args.seed,
+        },
+        "ours": {},
+        "ratios": {},
+        "scale_out": {},
+        "seed_system_reference": {"consumer_rate": 17_600, "note": "SPEC section 8"},
+    }
     data = dataset(args.transactions, args.seed)
     results["config"]["dataset"] = {"path": str(data), "counts": dataset_counts(data)}
     envs = {sink: sink_env(sink, args.bench_db) for sink in sinks}

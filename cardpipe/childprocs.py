@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -56,6 +57,25 @@ def _sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def signals_deferred(*signums: int) -> Iterator[None]:
+    """Hold ``signums`` while inside: one that arrives is delivered to the handler in place before, on the way
+    out (main thread only; elsewhere Python runs no signal handler anyway). For steps that must not be cut in
+    two, as starting a child process and taking ownership of it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {signum: signal.signal(signum, lambda n, _frame: arrived.append(n)) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
 
 
 class ChildProcess:

@@ -71,17 +71,23 @@ def _consume_line(summary: object) -> str:
     counts = summary.counts  # type: ignore[attr-defined]
     reasons = sorted((k.split(":", 1)[1], v) for k, v in counts.items() if k.startswith("rejected:"))
     rejected = f" ({', '.join(f'{r} {n}' for r, n in reasons)})" if reasons else ""
-    return (f"decided {summary.messages:,} messages in {summary.seconds:.1f} s: "  # type: ignore[attr-defined]
-            f"{counts['pending']:,} pending, {counts['declined']:,} declined, "
-            f"{counts['rejected']:,} rejected{rejected}, {counts['duplicate_ignored']:,} duplicates ignored")
+    return (
+        f"decided {summary.messages:,} messages in {summary.seconds:.1f} s: "  # type: ignore[attr-defined]
+        f"{counts['pending']:,} pending, {counts['declined']:,} declined, "
+        f"{counts['rejected']:,} rejected{rejected}, {counts['duplicate_ignored']:,} duplicates ignored"
+    )
 
 
 def _batch_line(result: object) -> str:
     if result.nothing_new:  # type: ignore[attr-defined]
-        return (f"nothing to settle: no decision was committed after settlement "  # type: ignore[attr-defined]
-                f"{result.settlement_id}'s watermark; it stays in force")
-    return (f"settlement {result.settlement_id} published ({result.engine} engine, "  # type: ignore[attr-defined]
-            f"{result.seconds:.1f} s): {result.summary.describe()}")  # type: ignore[attr-defined]
+        return (
+            f"nothing to settle: no decision was committed after settlement "  # type: ignore[attr-defined]
+            f"{result.settlement_id}'s watermark; it stays in force"
+        )
+    return (
+        f"settlement {result.settlement_id} published ({result.engine} engine, "  # type: ignore[attr-defined]
+        f"{result.seconds:.1f} s): {result.summary.describe()}"
+    )  # type: ignore[attr-defined]
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -96,8 +102,10 @@ def cmd_persist(args: argparse.Namespace) -> int:
     from cardpipe.orchestration import commands
 
     counts = commands.persist(_settings(args))
-    print("in the database (batch writes its tables when it publishes a settlement): "
-          + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
+    print(
+        "in the database (batch writes its tables when it publishes a settlement): "
+        + ", ".join(f"{t} {n:,}" for t, n in counts.items())
+    )
     return 0
 
 
@@ -106,8 +114,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from cardpipe.orchestration.service import serve
 
-    stopped_by = serve(_settings(args), host=args.host, port=args.port, settle_every=args.settle_every,
-                       workers=args.workers, token=os.environ.get("CARDPIPE_API_TOKEN"))
+    stopped_by = serve(
+        _settings(args),
+        host=args.host,
+        port=args.port,
+        settle_every=args.settle_every,
+        workers=args.workers,
+        token=os.environ.get("CARDPIPE_API_TOKEN"),
+    )
     print("cardpipe: service stopped", file=sys.stderr)
     return 130 if stopped_by == signal.SIGINT else 0
 
@@ -143,16 +157,18 @@ def cmd_broker(args: argparse.Namespace) -> int:
         print(f"embedded broker {'started' if handle.started_here else 'running'} at {handle.bootstrap_servers}")
     else:
         record = broker.broker_status(settings.results_dir)
-        print(f"embedded broker running at {record['bootstrap_servers']} (pid {record['pid']})"
-              if record else "no embedded broker running")
+        print(
+            f"embedded broker running at {record['bootstrap_servers']} (pid {record['pid']})"
+            if record
+            else "no embedded broker running"
+        )
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from cardpipe.generate import GeneratorConfig, generate_dataset
 
-    config = GeneratorConfig(transactions=args.transactions, customers=args.customers, cards=args.cards,
-                             seed=args.seed)
+    config = GeneratorConfig(transactions=args.transactions, customers=args.customers, cards=args.cards, seed=args.seed)
     counts = generate_dataset(args.out_dir, config, progress=lambda n: _say(f"generated {n:,} transactions"))
     print(f"wrote {args.out_dir}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return 0
@@ -185,14 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cardpipe {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--results-dir", type=Path, default=None,
-                        help="working folder: result CSVs, and on embedded defaults the SQLite file and the "
-                             "embedded broker's record (default: ./results or CARDPIPE_RESULTS_DIR)")
+    common.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="working folder: result CSVs, and on embedded defaults the SQLite file and the "
+        "embedded broker's record (default: ./results or CARDPIPE_RESULTS_DIR)",
+    )
     common.add_argument("-q", "--quiet", action="store_true", help="only print the summary and errors")
     data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--data-dir", type=Path, default=None,
-                      help="folder with customers.csv, credit_card_types.csv, cards.csv, transactions.csv "
-                           "(default: the bundled sample or CARDPIPE_DATA_DIR)")
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with customers.csv, credit_card_types.csv, cards.csv, transactions.csv "
+        "(default: the bundled sample or CARDPIPE_DATA_DIR)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help_: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
@@ -207,36 +231,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also republish transactions already decided")
     p = add("consume", cmd_consume, "authorize the topic's transactions; stops when drained unless --follow")
     p.add_argument("--follow", action="store_true", help="keep running until interrupted (Ctrl-C)")
-    p.add_argument("--idle-seconds", type=float, default=None,
-                   help="stop after this long without a message (default 5, CONSUMER_IDLE_SECONDS)")
-    p.add_argument("--until-caught-up", action="store_true",
-                   help="stop as soon as every partition is read to its end (no idle wait)")
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="stop after this long without a message (default 5, CONSUMER_IDLE_SECONDS)",
+    )
+    p.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="stop as soon as every partition is read to its end (no idle wait)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="messages per poll and checkpoint")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                   help="consumer processes, each owning every N-th partition (default 1: in this process)")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="consumer processes, each owning every N-th partition (default 1: in this process)",
+    )
     p = add("batch", cmd_batch, "settle every decision committed so far and publish the settlement (tables and CSVs)")
-    p.add_argument("--engine", choices=["auto", "embedded", "spark"], default=None,
-                   help="batch engine (default: CARDPIPE_BATCH_ENGINE or auto: Spark only when SPARK_MASTER names "
-                        "a cluster or SPARK_REMOTE is set, else the embedded DuckDB engine)")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "embedded", "spark"],
+        default=None,
+        help="batch engine (default: CARDPIPE_BATCH_ENGINE or auto: Spark only when SPARK_MASTER names "
+        "a cluster or SPARK_REMOTE is set, else the embedded DuckDB engine)",
+    )
     add("persist", cmd_persist, "check that the latest settlement is in the serving database (the seed's 'updated')")
     p = add("serve", cmd_serve, "run the stream consumer and the HTTP API (merged views) until Ctrl-C")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs "
-                                                        "CARDPIPE_API_TOKEN)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs CARDPIPE_API_TOKEN)"
+    )
     p.add_argument("--port", type=_positive_int, default=8000)
-    p.add_argument("--settle-every", type=_positive_float, default=None, metavar="SECONDS",
-                   help="run a settlement this often (default: only when `cardpipe batch` is run)")
+    p.add_argument(
+        "--settle-every",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="run a settlement this often (default: only when `cardpipe batch` is run)",
+    )
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="consumer processes (default 1)")
     for kind in ("card", "customer", "transaction"):
         p = add(kind, cmd_view, f"show a {kind}'s current view (latest settlement merged with the live stream)")
         p.add_argument("id", type=_positive_int, help=f"the {kind} id")
         p.add_argument("--json", action="store_true", help="one JSON object, as the HTTP API answers")
     p = add("run", cmd_run, "all layers end to end on a clean schema", data)
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                   help="consumer processes for the stream layer (default 1)")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="consumer processes for the stream layer (default 1)",
+    )
     p = add("broker", cmd_broker, "manage the embedded broker of a results folder")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p = sub.add_parser("generate", help="write a synthetic dataset in the four-CSV shape",
-                       description="write a synthetic dataset in the four-CSV shape")
+    p = sub.add_parser(
+        "generate",
+        help="write a synthetic dataset in the four-CSV shape",
+        description="write a synthetic dataset in the four-CSV shape",
+    )
     p.add_argument("out_dir", type=Path)
     p.add_argument("--transactions", type=int, required=True)
     p.add_argument("--customers", type=int, default=None)
@@ -259,10 +313,14 @@ def _terminate(_signum: int, _frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="cardpipe: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="cardpipe: %(message)s", stream=sys.stderr
+    )
     for noisy in ("py4j", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A connection that cannot be reset (its server restarted, or the command was interrupted mid-statement) is
+    # logged by the pool with a traceback; cardpipe retries or reports the lost connection itself.
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
     logging.getLogger("cardpipe.librdkafka").setLevel(logging.CRITICAL)  # cardpipe reports broker trouble itself
     logging.getLogger("cardpipe.stream.broker.librdkafka").setLevel(logging.CRITICAL)
     try:

@@ -51,19 +51,43 @@ __all__ = [
 ]
 
 CUSTOMERS_HEADER = (
-    "customer_id", "name", "phone_number", "address", "email", "credit_score", "annual_income",
+    "customer_id",
+    "name",
+    "phone_number",
+    "address",
+    "email",
+    "credit_score",
+    "annual_income",
 )
 CARD_TYPES_HEADER = (
-    "card_type_id", "name", "credit_score_min", "credit_score_max", "credit_limit_min",
-    "credit_limit_max", "annual_fee", "rewards_rate",
+    "card_type_id",
+    "name",
+    "credit_score_min",
+    "credit_score_max",
+    "credit_limit_min",
+    "credit_limit_max",
+    "annual_fee",
+    "rewards_rate",
 )
 CARDS_HEADER = (
-    "card_id", "customer_id", "card_type_id", "card_number", "expiration_date", "credit_limit",
-    "current_balance", "issue_date",
+    "card_id",
+    "customer_id",
+    "card_type_id",
+    "card_number",
+    "expiration_date",
+    "credit_limit",
+    "current_balance",
+    "issue_date",
 )
 TRANSACTIONS_HEADER = (
-    "transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location",
-    "transaction_type", "related_transaction_id",
+    "transaction_id",
+    "card_id",
+    "merchant_name",
+    "timestamp",
+    "amount",
+    "location",
+    "transaction_type",
+    "related_transaction_id",
 )
 
 # The seed's card tiers, verbatim (reference/seed_dataset_22/input/credit_card_types.csv).
@@ -75,10 +99,11 @@ CARD_TYPES: tuple[tuple[str, ...], ...] = (
     ("5", "Black", "800", "850", "50000", "100000", "695", "0.05"),
 )
 
-CHUNK_ROWS = 100_000          # transactions per independently seeded chunk (fixed: part of the output)
-SPAN_SECONDS = 30 * 86_400    # transactions cover ~30 days from config.start
+CHUNK_ROWS = 100_000  # transactions per independently seeded chunk (fixed: part of the output)
+SPAN_SECONDS = 30 * 86_400  # transactions cover ~30 days from config.start
 MAX_DEFAULT_CUSTOMERS = 100_000
 PROGRESS_EVERY = 1_000_000
+
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
@@ -150,11 +175,32 @@ _REGIONS: dict[str, tuple[tuple[str, int, int, tuple[str, ...]], ...]] = {
         ("VT", 5001, 5907, ("Burlington", "Montpelier", "Rutland")),
     ),
     "1": (
-        ("NY", 10001, 14925, (
-            "New York", "Brooklyn", "Queens", "Bronx", "Staten Island", "Buffalo", "Rochester",
-            "Yonkers", "Syracuse", "Albany", "New Rochelle", "Schenectady", "Utica", "White Plains",
-            "Troy", "Niagara Falls", "Binghamton", "Cheektowaga", "Ithaca",
-        )),
+        (
+            "NY",
+            10001,
+            14925,
+            (
+                "New York",
+                "Brooklyn",
+                "Queens",
+                "Bronx",
+                "Staten Island",
+                "Buffalo",
+                "Rochester",
+                "Yonkers",
+                "Syracuse",
+                "Albany",
+                "New Rochelle",
+                "Schenectady",
+                "Utica",
+                "White Plains",
+                "Troy",
+                "Niagara Falls",
+                "Binghamton",
+                "Cheektowaga",
+                "Ithaca",
+            ),
+        ),
         ("PA", 15001, 19640, ("Philadelphia", "Pittsburgh", "Allentown", "Erie", "Scranton")),
     ),
     "2": (
@@ -200,31 +246,36 @@ _REGIONS: dict[str, tuple[tuple[str, int, int, tuple[str, ...]], ...]] = {
     ),
 }
 _DIGITS = "0123456789"
-_CUSTOMER_FAR_DIGITS = "0023456789"   # out-of-state customers: NJ/CT/MA more often than the rest
+_CUSTOMER_FAR_DIGITS = "0023456789"  # out-of-state customers: NJ/CT/MA more often than the rest
 _OUT_OF_STATE_CUSTOMERS = 0.08
-_NO_CARD_SHARE = 0.03                 # customers without any card (at least one when >= 10)
+_NO_CARD_SHARE = 0.03  # customers without any card (at least one when >= 10)
 _NO_ZIP_LOCATIONS = ("Online", "Online", "Online", "Mobile App", "Online Store")
 
 # Transaction type codes: 0 refund, 1 cancellation, 2..6 positive types; 7..11 are the positive
 # types again for edge-case rows (never the target of a refund). Weights out of 1024.
 _TYPE_NAMES = (
-    "refund", "cancellation", "purchase", "bill_payment", "atm_withdrawal", "p2p_transfer",
+    "refund",
+    "cancellation",
+    "purchase",
+    "bill_payment",
+    "atm_withdrawal",
+    "p2p_transfer",
     "wire_transfer",
 )
 _TYPE_WEIGHTS = (150, 32, 242, 150, 150, 150, 150)
 _TYPE_BITS = 10
 _EDGE_TYPE_OFFSET = 5
 
-_LOCATION_BITS = 12           # 4096 location strings per zip digit
-_FAR_SHARE = 0.06             # share of a card's transactions made at a far zip (other first digit)
-_MERCHANT_BITS = 13           # 8192 merchant names
-_DOLLAR_BITS = 9              # usual amounts: $5 .. $499 (512 steps) ...
-_CENT_BITS = 7                # ... and .00 .. .99 (128 steps)
-_LARGE_RATE = 0.035           # amounts x2..x15 the usual size, like the seed's large ones
-_EDGE_RATE = 0.004            # random edge-case rows (half limit, over half, short zip, no zip)
-_TIE_RATE = 0.004             # rows that copy the previous row's timestamp
-_SAME_CARD_TIE = 0.4          # ... and also its card
-_PARTIAL_REFUND = 0.4         # refunds of part of the original amount (else all of it)
+_LOCATION_BITS = 12  # 4096 location strings per zip digit
+_FAR_SHARE = 0.06  # share of a card's transactions made at a far zip (other first digit)
+_MERCHANT_BITS = 13  # 8192 merchant names
+_DOLLAR_BITS = 9  # usual amounts: $5 .. $499 (512 steps) ...
+_CENT_BITS = 7  # ... and .00 .. .99 (128 steps)
+_LARGE_RATE = 0.035  # amounts x2..x15 the usual size, like the seed's large ones
+_EDGE_RATE = 0.004  # random edge-case rows (half limit, over half, short zip, no zip)
+_TIE_RATE = 0.004  # rows that copy the previous row's timestamp
+_SAME_CARD_TIE = 0.4  # ... and also its card
+_PARTIAL_REFUND = 0.4  # refunds of part of the original amount (else all of it)
 
 _EDGE_HALF, _EDGE_OVER, _EDGE_SHORT_ZIP, _EDGE_NO_ZIP = 1, 2, 3, 4
 _FORCED_MIN_ROWS = 20
@@ -235,8 +286,8 @@ class GeneratorConfig:
     """What to generate. ``customers``/``cards`` default from ``transactions`` (see ``resolved``)."""
 
     transactions: int
-    customers: int | None = None   # default: max(30, transactions // 40), at most 100,000
-    cards: int | None = None       # default: ~1.8 cards per customer
+    customers: int | None = None  # default: max(30, transactions // 40), at most 100,000
+    cards: int | None = None  # default: ~1.8 cards per customer
     seed: int = 42
     start: datetime = datetime(2025, 4, 1)
 
@@ -346,13 +397,11 @@ def _merchant(rng: _Rng) -> str:
 
 def _credit_score(rng: _Rng) -> int:
     if rng.random() < 0.04:
-        return rng.rint(300, 579)             # sub-prime: no tier fits, they get a Basic card
+        return rng.rint(300, 579)  # sub-prime: no tier fits, they get a Basic card
     return max(300, min(850, round(rng.gauss(730, 60))))
 
 
-_ELIGIBLE = [
-    [i for i, t in enumerate(CARD_TYPES) if int(t[2]) <= score] or [0] for score in range(851)
-]
+_ELIGIBLE = [[i for i, t in enumerate(CARD_TYPES) if int(t[2]) <= score] or [0] for score in range(851)]
 
 
 # Card number heads: Visa 4xxx, Mastercard 51xx-55xx, Amex 34xx/37xx, Discover 6011/644x-649x/65xx.
@@ -360,7 +409,9 @@ _CARD_HEADS = (
     [f"4{k:03d}" for k in range(1000)]
     + [f"5{k:03d}" for k in range(100, 600)] * 2
     + [f"3{d}{k:02d}" for d in "47" for k in range(100)] * 2
-    + ["6011"] * 200 + [f"64{k}" for k in range(40, 100)] + [f"65{k:02d}" for k in range(100)]
+    + ["6011"] * 200
+    + [f"64{k}" for k in range(40, 100)]
+    + [f"65{k:02d}" for k in range(100)]
 )
 
 
@@ -376,11 +427,11 @@ def _card_number(rng: _Rng) -> str:
 class _Plan:
     """Who is where, who holds which cards (the numbers the text pass and the rules depend on)."""
 
-    customer_digit: list[str]     # first zip digit of each customer's address
+    customer_digit: list[str]  # first zip digit of each customer's address
     scores: list[int]
-    card_owner: list[int]         # per card (card_id - 1): customer index
-    card_type: list[int]          # index into CARD_TYPES
-    card_limit: list[int]         # dollars, a multiple of 100
+    card_owner: list[int]  # per card (card_id - 1): customer index
+    card_type: list[int]  # index into CARD_TYPES
+    card_limit: list[int]  # dollars, a multiple of 100
 
 
 @dataclass
@@ -388,15 +439,15 @@ class _Context:
     """Everything a transaction chunk needs; per-card data is indexed by card_id."""
 
     n_cards: int
-    limit_cents: list[int]        # per card_id (index 0 unused)
-    loc_flat: list[str]           # location pools (with the comma) of zip digits 0..9, one after another
-    loc_base: array               # per card_id: start of its owner's zip digit's pool in loc_flat
-    short_zip: list[list[str]]    # per zip digit: locations with a 4-digit zip
-    card_pool: array              # card_ids drawn by activity weight, length 2**card_pool_bits
+    limit_cents: list[int]  # per card_id (index 0 unused)
+    loc_flat: list[str]  # location pools (with the comma) of zip digits 0..9, one after another
+    loc_base: array  # per card_id: start of its owner's zip digit's pool in loc_flat
+    short_zip: list[list[str]]  # per zip digit: locations with a 4-digit zip
+    card_pool: array  # card_ids drawn by activity weight, length 2**card_pool_bits
     card_pool_bits: int
-    merchants: list[str]          # CSV-escaped, between commas: ",Barrett LLC,"
-    day_prefix: list[str]         # "2025-04-01 " per day offset from start's midnight
-    start_second: int             # seconds from start's midnight to start
+    merchants: list[str]  # CSV-escaped, between commas: ",Barrett LLC,"
+    day_prefix: list[str]  # "2025-04-01 " per day offset from start's midnight
+    start_second: int  # seconds from start's midnight to start
 
 
 def _plan(config: GeneratorConfig, customers: int, cards: int) -> tuple[_Plan, _Context]:
@@ -404,10 +455,9 @@ def _plan(config: GeneratorConfig, customers: int, cards: int) -> tuple[_Plan, _
     rng = _Rng(f"cardpipe-generate:{config.seed}:plan")
     rnd, rint, pick = rng.random, rng.rint, rng.pick
 
-    digits = [pick(_CUSTOMER_FAR_DIGITS) if rnd() < _OUT_OF_STATE_CUSTOMERS else "1"
-              for _ in range(customers)]
+    digits = [pick(_CUSTOMER_FAR_DIGITS) if rnd() < _OUT_OF_STATE_CUSTOMERS else "1" for _ in range(customers)]
     if customers >= 10 and digits.count("1") == customers:
-        digits[int(rnd() * customers)] = "0"        # at least one out-of-state zip ("07302")
+        digits[int(rnd() * customers)] = "0"  # at least one out-of-state zip ("07302")
     scores = [_credit_score(rng) for _ in range(customers)]
 
     # Who holds how many cards: a few customers (>= 1 when customers >= 10) hold none.
@@ -437,7 +487,7 @@ def _plan(config: GeneratorConfig, customers: int, cards: int) -> tuple[_Plan, _
             plan.card_owner.append(h)
             plan.card_type.append(t)
             plan.card_limit.append(rint(*limit_range[t]) * 100)
-            weights.append(0.15 + 3.0 * rnd() ** 2)         # skewed activity per card
+            weights.append(0.15 + 3.0 * rnd() ** 2)  # skewed activity per card
 
     # Location pools per zip digit: mostly near (same first digit), _FAR_SHARE far.
     size = 1 << _LOCATION_BITS
@@ -521,8 +571,7 @@ def _write_people(config: GeneratorConfig, plan: _Plan, out_dir: Path) -> None:
             issued, issued_month = issue_days[int(rnd() * len(issue_days))]
             months = issued_month + 36 + int(rnd() * 12)
             expiry = f"{months % 12 + 1:02d}/{(months // 12) % 100:02d}"
-            w.writerow((card_id, owner + 1, type_ids[t], number, expiry, f"{limit}.0",
-                        _cents(balance), issued))
+            w.writerow((card_id, owner + 1, type_ids[t], number, expiry, f"{limit}.0", _cents(balance), issued))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,7 +595,7 @@ def _tables() -> dict[str, list]:
         assert len(codes) == 1 << _TYPE_BITS
         _TABLES["type_code"] = codes
         tails = [f"{name},\n" for name in _TYPE_NAMES]
-        _TABLES["type_tail"] = tails + tails[2:]        # codes 7..11: edge-case positives
+        _TABLES["type_tail"] = tails + tails[2:]  # codes 7..11: edge-case positives
     return _TABLES
 
 
@@ -586,8 +635,7 @@ def _id_strings(first: int, n: int, thousands: list[str]) -> list[str]:
     return out
 
 
-def _chunk(ctx: _Context, seed: int, index: int, first_id: int, n: int, sec_lo: int, sec_hi: int
-           ) -> bytes:
+def _chunk(ctx: _Context, seed: int, index: int, first_id: int, n: int, sec_lo: int, sec_hi: int) -> bytes:
     """CSV lines of rows first_id .. first_id+n-1, timestamps in [sec_lo, sec_hi) after start.
 
     Built column by column with C-level map/list operations, then interleaved and joined.
@@ -604,7 +652,7 @@ def _chunk(ctx: _Context, seed: int, index: int, first_id: int, n: int, sec_lo: 
     cum = list(accumulate(map(log, map((1.0).__sub__, islice(iter(rnd, None), n + 1)))))
     scale = width / (cum.pop() or -1.0)
     offsets = map(int, map(scale.__mul__, cum))
-    if width <= n:                     # dense: label every second of the range once
+    if width <= n:  # dense: label every second of the range once
         labels = [days[t // 86_400] + hms[t % 86_400] for t in range(base, base + width + 1)]
         stamps = list(map(labels.__getitem__, offsets))
     else:
@@ -614,8 +662,8 @@ def _chunk(ctx: _Context, seed: int, index: int, first_id: int, n: int, sec_lo: 
     types = list(map(tables["type_code"].__getitem__, map(bits, repeat(_TYPE_BITS, n))))
     dollar_idx = list(map(bits, repeat(_DOLLAR_BITS, n)))
     cent_idx = list(map(bits, repeat(_CENT_BITS, n)))
-    amount_hi = list(map(tables["dollar_text"].__getitem__, dollar_idx))    # "131."
-    amount_lo = list(map(tables["cent_text"].__getitem__, cent_idx))        # "76,"
+    amount_hi = list(map(tables["dollar_text"].__getitem__, dollar_idx))  # "131."
+    amount_lo = list(map(tables["cent_text"].__getitem__, cent_idx))  # "76,"
     dollar_cents, cents_of = tables["dollar_cents"], tables["cents"]
 
     # Edge cases: forced once each per chunk (distinct rows), plus small random rates.
@@ -626,19 +674,19 @@ def _chunk(ctx: _Context, seed: int, index: int, first_id: int, n: int, sec_lo: 
         edges = {p[0]: _EDGE_HALF, p[1]: _EDGE_OVER, p[2]: _EDGE_SHORT_ZIP, p[3]: _EDGE_NO_ZIP}
         ties = {p[4]: False, p[5]: True}
         if p[4] + 1 < n:
-            ties[p[4] + 1] = True      # a triple: three rows at one second, two of them on one card
+            ties[p[4] + 1] = True  # a triple: three rows at one second, two of them on one card
     for i in rng.sample(range(n), int(n * _EDGE_RATE)):
         edges.setdefault(i, 1 + int(rnd() * 4))
     if n > 1:
         for i in rng.sample(range(1, n), int(n * _TIE_RATE)):
             ties.setdefault(i, rnd() < _SAME_CARD_TIE)
-    for i in sorted(ties):             # ties copy the previous row's second (and maybe its card)
+    for i in sorted(ties):  # ties copy the previous row's second (and maybe its card)
         stamps[i] = stamps[i - 1]
         if ties[i]:
             cards[i] = cards[i - 1]
     limits = ctx.limit_cents
     for i, kind in edges.items():
-        if kind in (_EDGE_HALF, _EDGE_OVER):    # exactly half / above half the limit, never refunded
+        if kind in (_EDGE_HALF, _EDGE_OVER):  # exactly half / above half the limit, never refunded
             types[i] = 2 + int(rnd() * 5) + _EDGE_TYPE_OFFSET
             lim = limits[cards[i]]
             cents = lim // 2 if kind == _EDGE_HALF else lim // 2 + 1 + int(rnd() * lim * 0.45)
@@ -652,7 +700,7 @@ def _chunk(ctx: _Context, seed: int, index: int, first_id: int, n: int, sec_lo: 
 
     # Refunds and cancellations: negative, linked to the card's latest earlier positive row
     # (each original at most once).
-    tails = list(map(tables["type_tail"].__getitem__, types))       # "purchase,\n"
+    tails = list(map(tables["type_tail"].__getitem__, types))  # "purchase,\n"
     last = array("i", repeat(-1, ctx.n_cards + 1))
     for i, c, t in zip(range(n), cards, types, strict=True):
         if t >= 2:
@@ -671,15 +719,19 @@ def _chunk(ctx: _Context, seed: int, index: int, first_id: int, n: int, sec_lo: 
         tails[i] = f"{_TYPE_NAMES[t]},{first_id + j}\n"
 
     # Where: the card owner's region mostly (pool per zip digit), and the location edge cases.
-    locs = list(map(ctx.loc_flat.__getitem__, map(
-        add, map(ctx.loc_base.__getitem__, cards), map(bits, repeat(_LOCATION_BITS, n)))))
+    locs = list(
+        map(
+            ctx.loc_flat.__getitem__,
+            map(add, map(ctx.loc_base.__getitem__, cards), map(bits, repeat(_LOCATION_BITS, n))),
+        )
+    )
     for i, kind in edges.items():
         if kind == _EDGE_SHORT_ZIP:
             locs[i] = ctx.short_zip[ctx.loc_base[cards[i]] >> _LOCATION_BITS][bits(4)]
         elif kind == _EDGE_NO_ZIP:
             locs[i] = _NO_ZIP_LOCATIONS[int(rnd() * len(_NO_ZIP_LOCATIONS))] + ","
 
-    parts: list[str] = [","] * (9 * n)           # parts[1::9] stay ","
+    parts: list[str] = [","] * (9 * n)  # parts[1::9] stay ","
     parts[0::9] = _id_strings(first_id, n, tables["thousands"])
     parts[2::9] = map(str, cards)
     parts[3::9] = map(ctx.merchants.__getitem__, map(bits, repeat(_MERCHANT_BITS, n)))

@@ -65,8 +65,7 @@ def _start_private_mariadb() -> dict[str, str]:
         )
         if proc.returncode != 0:
             pytest.fail(
-                f"`bash scripts/mariadb.sh {action}` failed (exit {proc.returncode}):\n"
-                f"{proc.stdout}{proc.stderr}",
+                f"`bash scripts/mariadb.sh {action}` failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}",
                 pytrace=False,
             )
     env: dict[str, str] = {}
@@ -120,8 +119,7 @@ def mysql_database(mysql_url: URL) -> Iterator[URL]:
     except Exception as exc:
         admin.dispose()
         pytest.fail(
-            f"cannot create a database on MariaDB at {mysql_url.host}:{mysql_url.port} "
-            f"as {mysql_url.username}: {exc}",
+            f"cannot create a database on MariaDB at {mysql_url.host}:{mysql_url.port} as {mysql_url.username}: {exc}",
             pytrace=False,
         )
     try:

@@ -111,30 +111,46 @@ class LambdaModel:
             totals[c["customer_id"]][0] += self.settled_balances[i]
             totals[c["customer_id"]][1] += c["credit_limit"]
         changes = {cid: _score_change(b, lim) for cid, (b, lim) in totals.items()}
-        self.scores = {cid: max(300, min(850, c["credit_score"] + changes[cid])) if cid in changes
-                       else c["credit_score"] for cid, c in self.customers.items()}
+        self.scores = {
+            cid: max(300, min(850, c["credit_score"] + changes[cid])) if cid in changes else c["credit_score"]
+            for cid, c in self.customers.items()
+        }
         self.limits = {i: _new_limit(c["credit_limit"], changes[c["customer_id"]]) for i, c in self.cards.items()}
         return True
 
     # ----------------------------------------------------------------------------------------- views
 
     def card_view(self, card_id: int) -> dict[str, Any]:
-        pending = [d for d in self.decided.values()
-                   if d.tx["card_id"] == card_id and d.status == "pending" and d.settlement_id is None]
+        pending = [
+            d
+            for d in self.decided.values()
+            if d.tx["card_id"] == card_id and d.status == "pending" and d.settlement_id is None
+        ]
         amount = sum((d.tx["amount"] for d in pending), Decimal("0.00"))
         limit, settled = self.limits[card_id], self.settled_balances[card_id]
-        return {"credit_limit": limit, "settled_balance": settled, "pending_amount": amount,
-                "pending_count": len(pending), "available_credit": limit - settled - amount,
-                "settlement_id": self.settlement_id}
+        return {
+            "credit_limit": limit,
+            "settled_balance": settled,
+            "pending_amount": amount,
+            "pending_count": len(pending),
+            "available_credit": limit - settled - amount,
+            "settlement_id": self.settlement_id,
+        }
 
     def customer_view(self, customer_id: int) -> dict[str, Any]:
-        return {"credit_score": self.scores[customer_id],
-                "card_ids": sorted(i for i, c in self.cards.items() if c["customer_id"] == customer_id),
-                "settlement_id": self.settlement_id}
+        return {
+            "credit_score": self.scores[customer_id],
+            "card_ids": sorted(i for i, c in self.cards.items() if c["customer_id"] == customer_id),
+            "settlement_id": self.settlement_id,
+        }
 
     def transaction_view(self, transaction_id: int) -> dict[str, Any]:
         d = self.decided[transaction_id]
         status = "approved" if d.status == "pending" and d.settlement_id is not None else d.status
-        return {"status": status, "decline_reason": d.reason,
-                "pending_balance": d.pending_balance if d.status != "rejected" else None,
-                "credit_limit": d.credit_limit, "settlement_id": d.settlement_id}
+        return {
+            "status": status,
+            "decline_reason": d.reason,
+            "pending_balance": d.pending_balance if d.status != "rejected" else None,
+            "credit_limit": d.credit_limit,
+            "settlement_id": d.settlement_id,
+        }

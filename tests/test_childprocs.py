@@ -81,3 +81,24 @@ def test_exits_are_described_in_one_line() -> None:
     assert describe_exit(-signal.SIGTERM) == "was killed (SIGTERM) before finishing"
     assert describe_exit(-99) == "was killed (signal 99) before finishing"
     assert describe_exit(3) == "exited (status 3) without a result"
+
+
+def test_a_signal_held_by_signals_deferred_is_delivered_on_the_way_out():
+    import signal
+
+    from cardpipe.childprocs import signals_deferred
+
+    seen: list[str] = []
+
+    def handler(signum, _frame):
+        seen.append("handled")
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with signals_deferred(signal.SIGUSR1):
+            signal.raise_signal(signal.SIGUSR1)
+            seen.append("inside")
+        assert seen == ["inside", "handled"]
+        assert signal.getsignal(signal.SIGUSR1) is handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

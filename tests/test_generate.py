@@ -21,16 +21,14 @@ SPEC_HEADERS = {
     "customers.csv": "customer_id,name,phone_number,address,email,credit_score,annual_income",
     "credit_card_types.csv": "card_type_id,name,credit_score_min,credit_score_max,credit_limit_min,"
     "credit_limit_max,annual_fee,rewards_rate",
-    "cards.csv": "card_id,customer_id,card_type_id,card_number,expiration_date,credit_limit,"
-    "current_balance,issue_date",
+    "cards.csv": "card_id,customer_id,card_type_id,card_number,expiration_date,credit_limit,current_balance,issue_date",
     "transactions.csv": "transaction_id,card_id,merchant_name,timestamp,amount,location,"
     "transaction_type,related_transaction_id",
 }
 SEED_INPUT = Path("/work/shared/reference/seed_dataset_22/input")
 SAMPLE_DIR = Path(generate.__file__).parent / "sample_data"
 SAMPLE_CONFIG = GeneratorConfig(transactions=600, customers=40, cards=70, seed=7)
-TYPES = {"purchase", "bill_payment", "atm_withdrawal", "p2p_transfer", "wire_transfer", "refund",
-         "cancellation"}
+TYPES = {"purchase", "bill_payment", "atm_withdrawal", "p2p_transfer", "wire_transfer", "refund", "cancellation"}
 
 
 def read(folder: Path, name: str) -> list[dict[str, str]]:
@@ -110,8 +108,9 @@ def test_csv_quoting_is_the_csv_modules_minimal_quoting(ds2000: tuple[Path, dict
 
 def test_card_types_are_the_seeds(ds2000: tuple[Path, dict[str, int]]) -> None:
     out, _ = ds2000
-    expected = SPEC_HEADERS["credit_card_types.csv"] + "\n" + "\n".join(
-        ",".join(row) for row in generate.CARD_TYPES) + "\n"
+    expected = (
+        SPEC_HEADERS["credit_card_types.csv"] + "\n" + "\n".join(",".join(row) for row in generate.CARD_TYPES) + "\n"
+    )
     assert (out / "credit_card_types.csv").read_text() == expected
     if SEED_INPUT.exists():
         assert expected == (SEED_INPUT / "credit_card_types.csv").read_text()
@@ -120,8 +119,7 @@ def test_card_types_are_the_seeds(ds2000: tuple[Path, dict[str, int]]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Determinism
 # ---------------------------------------------------------------------------------------------
-def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path,
-                                                     ds2000: tuple[Path, dict[str, int]]) -> None:
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, ds2000: tuple[Path, dict[str, int]]) -> None:
     first, _ = ds2000
     again, other = tmp_path / "again", tmp_path / "other"
     generate_dataset(again, GeneratorConfig(transactions=2000))
@@ -132,9 +130,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path,
         assert (first / name).read_bytes() != (other / name).read_bytes(), name
 
 
-def test_output_does_not_depend_on_the_number_of_processes(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(generate, "CHUNK_ROWS", 700)            # 5 chunks
+def test_output_does_not_depend_on_the_number_of_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generate, "CHUNK_ROWS", 700)  # 5 chunks
     config = GeneratorConfig(transactions=3000, seed=11)
     monkeypatch.setattr(generate, "_worker_count", lambda chunks: 1)
     generate_dataset(tmp_path / "one", config)
@@ -145,7 +142,7 @@ def test_output_does_not_depend_on_the_number_of_processes(tmp_path: Path,
     for name in FILES:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert seen == [1400, 2800, 3000]
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(FILES)   # no part files left
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(FILES)  # no part files left
     tx = read(tmp_path / "two", "transactions.csv")
     assert [int(t["transaction_id"]) for t in tx] == list(range(1, 3001))
     assert all(a["timestamp"] <= b["timestamp"] for a, b in zip(tx, tx[1:], strict=False))
@@ -171,14 +168,13 @@ def test_referential_integrity(tables: dict[str, list[dict[str, str]]]) -> None:
     assert len({c["card_number"] for c in cards.values()}) == len(cards)
 
 
-def test_transactions_in_timestamp_order_with_increasing_ids(
-        tables: dict[str, list[dict[str, str]]]) -> None:
+def test_transactions_in_timestamp_order_with_increasing_ids(tables: dict[str, list[dict[str, str]]]) -> None:
     tx = tables["transactions"]
     assert [int(t["transaction_id"]) for t in tx] == list(range(1, len(tx) + 1))
     stamps = [t["timestamp"] for t in tx]
     assert stamps == sorted(stamps)
     assert stamps[0] >= "2025-04-01 00:00:00" and stamps[-1] <= "2025-05-01 00:00:00"
-    assert stamps[-1] >= "2025-04-25"                                   # spread over ~30 days
+    assert stamps[-1] >= "2025-04-25"  # spread over ~30 days
 
 
 def test_field_formats(tables: dict[str, list[dict[str, str]]]) -> None:

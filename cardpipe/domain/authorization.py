@@ -41,8 +41,14 @@ def location_ok(customer_zip: str | None, merchant_zip: str | None) -> bool:
     return head is not None and head == zip_head(merchant_zip)
 
 
-def _decline_reason(amount: Decimal, merchant_zip_head: str | None, credit_limit: Decimal, half_limit: Decimal,
-                    customer_zip_head: str | None, pending_balance: Decimal) -> str | None:
+def _decline_reason(
+    amount: Decimal,
+    merchant_zip_head: str | None,
+    credit_limit: Decimal,
+    half_limit: Decimal,
+    customer_zip_head: str | None,
+    pending_balance: Decimal,
+) -> str | None:
     """The rules, in SPEC order, on a card's terms as :class:`Authorizer` keeps them (computed once per card)
     and the zip head of the transaction's location."""
     if abs(amount) >= half_limit:

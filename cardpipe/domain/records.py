@@ -13,20 +13,44 @@ TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 CANONICAL_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 
 TRANSACTION_COLUMNS = (
-    "transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location",
-    "transaction_type", "related_transaction_id",
+    "transaction_id",
+    "card_id",
+    "merchant_name",
+    "timestamp",
+    "amount",
+    "location",
+    "transaction_type",
+    "related_transaction_id",
 )
 STREAM_COLUMNS = (*TRANSACTION_COLUMNS, "status", "pending_balance", "decline_reason")
 CUSTOMER_COLUMNS = (
-    "customer_id", "name", "phone_number", "address", "email", "credit_score", "annual_income",
+    "customer_id",
+    "name",
+    "phone_number",
+    "address",
+    "email",
+    "credit_score",
+    "annual_income",
 )
 CARD_TYPE_COLUMNS = (
-    "card_type_id", "name", "credit_score_min", "credit_score_max", "credit_limit_min",
-    "credit_limit_max", "annual_fee", "rewards_rate",
+    "card_type_id",
+    "name",
+    "credit_score_min",
+    "credit_score_max",
+    "credit_limit_min",
+    "credit_limit_max",
+    "annual_fee",
+    "rewards_rate",
 )
 CARD_COLUMNS = (
-    "card_id", "customer_id", "card_type_id", "card_number", "expiration_date", "credit_limit",
-    "current_balance", "issue_date",
+    "card_id",
+    "customer_id",
+    "card_type_id",
+    "card_number",
+    "expiration_date",
+    "credit_limit",
+    "current_balance",
+    "issue_date",
 )
 
 # Transaction statuses.
@@ -60,8 +84,16 @@ class Transaction:
 
     def values(self) -> tuple[int, int, str, datetime, Decimal, str, str, int | None]:
         """The fields in ``TRANSACTION_COLUMNS`` order (``Transaction(*tx.values()) == tx``)."""
-        return (self.transaction_id, self.card_id, self.merchant_name, self.timestamp, self.amount, self.location,
-                self.transaction_type, self.related_transaction_id)
+        return (
+            self.transaction_id,
+            self.card_id,
+            self.merchant_name,
+            self.timestamp,
+            self.amount,
+            self.location,
+            self.transaction_type,
+            self.related_transaction_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)

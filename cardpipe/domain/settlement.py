@@ -90,8 +90,7 @@ def settle(
     for t in settled:
         if t.status == APPROVED:
             approved[t.card_id] += t.amount
-    new_cards = [replace(c, current_balance=c.current_balance + approved.get(c.card_id, Decimal(0)))
-                 for c in cards]
+    new_cards = [replace(c, current_balance=c.current_balance + approved.get(c.card_id, Decimal(0))) for c in cards]
     balance: dict[int, Decimal] = defaultdict(Decimal)
     limit: dict[int, Decimal] = defaultdict(Decimal)
     for c in new_cards:
@@ -100,9 +99,9 @@ def settle(
     changes = {cid: score_change(balance[cid], limit[cid]) for cid in limit}
     new_customers = [
         replace(cu, credit_score=new_credit_score(cu.credit_score, changes[cu.customer_id]))
-        if cu.customer_id in changes else cu
+        if cu.customer_id in changes
+        else cu
         for cu in customers
     ]
-    final_cards = [replace(c, credit_limit=new_credit_limit(c.credit_limit, changes[c.customer_id]))
-                   for c in new_cards]
+    final_cards = [replace(c, credit_limit=new_credit_limit(c.credit_limit, changes[c.customer_id])) for c in new_cards]
     return Settlement(settled, final_cards, new_customers)

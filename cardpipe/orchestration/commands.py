@@ -384,7 +384,7 @@ def stream(
             # A small stream: publishing it here takes less than starting a producer process.
             published = produce(settings, runtime=rt)
             return published, consume(settings, options, progress=progress, workers=workers, runtime=rt)
-        publisher = rt.adopt(PublisherProcess(settings, rt.broker.bootstrap_servers))
+        publisher = rt.start(lambda: PublisherProcess(settings, rt.broker.bootstrap_servers))
         try:
             consumed = consume(
                 settings, options, progress=progress, workers=workers, publishing=publisher.publishing, runtime=rt

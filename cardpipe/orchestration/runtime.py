@@ -8,13 +8,15 @@ whatever it started, in the reverse order, whatever happened inside.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Protocol, TypeVar
 
 from sqlalchemy import Engine
 
+from cardpipe.childprocs import signals_deferred
 from cardpipe.config import Settings
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
 from cardpipe.serving.stream_store import StreamStore
@@ -182,6 +184,12 @@ class Runtime:
                 self._check_open()
             self._exit.callback(child.stop)
         return child
+
+    def start(self, factory: Callable[[], ChildT]) -> ChildT:
+        """Start a child (``factory()``) and own it, SIGTERM and SIGINT held meanwhile: a signal can no longer
+        land between the two and leave a started child that nobody stops."""
+        with signals_deferred(signal.SIGTERM, signal.SIGINT):
+            return self.adopt(factory())
 
     def release(self, child: Stoppable) -> None:
         """Stop an adopted child now (it is done with, or no longer wanted)."""

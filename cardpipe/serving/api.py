@@ -333,8 +333,9 @@ class _FastReads:
         self.app = app
         self.answers = answers
         self.on_database_error = on_database_error
-        self.routes = {name: _Route(path) for name, path in zip(("cards", "customers", "transactions"), _ROUTES,
-                                                                  strict=False)}
+        self.routes = {
+            name: _Route(path) for name, path in zip(("cards", "customers", "transactions"), _ROUTES, strict=False)
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":

@@ -39,8 +39,13 @@ def _none_safe(proc: Processor) -> bool:
         return False
 
 
-_DATETIME_SAMPLES = (datetime(1, 1, 1), datetime(999, 2, 3, 4, 5, 6, 7), datetime(2025, 4, 1, 1, 21, 9),
-                     datetime(2024, 2, 29, 23, 59, 59, 999999), datetime(9999, 12, 31, 23, 59, 59))
+_DATETIME_SAMPLES = (
+    datetime(1, 1, 1),
+    datetime(999, 2, 3, 4, 5, 6, 7),
+    datetime(2025, 4, 1, 1, 21, 9),
+    datetime(2024, 2, 29, 23, 59, 59, 999999),
+    datetime(9999, 12, 31, 23, 59, 59),
+)
 
 
 def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Processor | None:
@@ -49,8 +54,7 @@ def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Processor | Non
     and microseconds does (checked on samples here; anything else goes to SQLAlchemy's own processor)."""
     proc = type_._cached_bind_processor(dialect)  # noqa: SLF001
     impl = type_.dialect_impl(dialect)
-    if proc is None or not isinstance(impl, SQLITE_DATETIME) \
-            or impl._storage_format != SQLITE_DATETIME._storage_format:  # noqa: SLF001
+    if proc is None or not isinstance(impl, SQLITE_DATETIME) or impl._storage_format != SQLITE_DATETIME._storage_format:  # noqa: SLF001
         return proc
     slow = proc
 
@@ -76,8 +80,15 @@ def _dbapi_cursor(conn: Connection, sql: str) -> Iterator[Any]:
 
 # MySQL string literal escapes, as PyMySQL's ``escape_string`` (checked against it on each connection). Applied
 # one after the other to a whole column at once, the backslash first: no replacement makes another one's target.
-_MYSQL_ESCAPES = (("\\", "\\\\"), ("\x00", "\\0"), ("\n", "\\n"), ("\r", "\\r"), ("\x1a", "\\Z"), ('"', '\\"'),
-                  ("'", "\\'"))
+_MYSQL_ESCAPES = (
+    ("\\", "\\\\"),
+    ("\x00", "\\0"),
+    ("\n", "\\n"),
+    ("\r", "\\r"),
+    ("\x1a", "\\Z"),
+    ('"', '\\"'),
+    ("'", "\\'"),
+)
 _SEPARATOR = "\x01"  # joins a column's texts while they are escaped together (a text holding it: one by one)
 _SERVER_STATUS_NO_BACKSLASH_ESCAPES = 512
 _NONE = type(None)
@@ -85,10 +96,20 @@ _tzinfo = attrgetter("tzinfo")
 _MYSQL_SAMPLES: dict[type, list[Any]] = {
     int: [0, 1, -7, 2**63 - 1, -(2**63)],
     str: ["", "plain", "quote ' double \" back \\ nul \x00 nl \n cr \r sub \x1a tab \t", "é ✓ 😀 中文", "%s %(x)s"],
-    Decimal: [Decimal("0.00"), Decimal("-0.00"), Decimal("12.34"), Decimal("-9999999999.99"), Decimal("1E+3"),
-              Decimal("5E-7")],
-    datetime: [datetime(1, 1, 1), datetime(2025, 4, 1, 1, 21, 9), datetime(2024, 2, 29, 23, 59, 59, 999999),
-               datetime(9999, 12, 31, 23, 59, 59, 1)],
+    Decimal: [
+        Decimal("0.00"),
+        Decimal("-0.00"),
+        Decimal("12.34"),
+        Decimal("-9999999999.99"),
+        Decimal("1E+3"),
+        Decimal("5E-7"),
+    ],
+    datetime: [
+        datetime(1, 1, 1),
+        datetime(2025, 4, 1, 1, 21, 9),
+        datetime(2024, 2, 29, 23, 59, 59, 999999),
+        datetime(9999, 12, 31, 23, 59, 59, 1),
+    ],
     _NONE: [None],
 }
 
@@ -122,8 +143,11 @@ def _mysql_renderers(db: Any) -> dict[type, Callable[[list[Any]], list[str] | No
         return ["NULL"] * len(values)
 
     candidates = {int: integers, str: strings, Decimal: decimals, datetime: datetimes, _NONE: nones}
-    return {kind: render for kind, render in candidates.items()
-            if render(_MYSQL_SAMPLES[kind]) == [db.escape(v) for v in _MYSQL_SAMPLES[kind]]}
+    return {
+        kind: render
+        for kind, render in candidates.items()
+        if render(_MYSQL_SAMPLES[kind]) == [db.escape(v) for v in _MYSQL_SAMPLES[kind]]
+    }
 
 
 class _MySQLStatements:
@@ -192,8 +216,9 @@ class _MySQLStatements:
 class BulkWriter:
     """Insert (or upsert) tuples into ``table``'s ``columns`` in the caller's transaction."""
 
-    def __init__(self, dialect: Dialect, table: Table, columns: Sequence[str], *,
-                 upsert_keys: Sequence[str] | None = None):
+    def __init__(
+        self, dialect: Dialect, table: Table, columns: Sequence[str], *, upsert_keys: Sequence[str] | None = None
+    ):
         self.columns = tuple(columns)
         quote = dialect.identifier_preparer.quote
         names = ", ".join(quote(c) for c in self.columns)
@@ -204,16 +229,21 @@ class BulkWriter:
             if dialect.name == "mysql":
                 sql += " ON DUPLICATE KEY UPDATE " + ", ".join(f"{quote(c)} = VALUES({quote(c)})" for c in updates)
             else:
-                sql += (f" ON CONFLICT ({', '.join(quote(k) for k in upsert_keys)}) DO UPDATE SET "
-                        + ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in updates))
+                sql += f" ON CONFLICT ({', '.join(quote(k) for k in upsert_keys)}) DO UPDATE SET " + ", ".join(
+                    f"{quote(c)} = excluded.{quote(c)}" for c in updates
+                )
         self.sql = sql
         self.processors: list[tuple[int, Processor]] = [
-            (i, proc) for i, name in enumerate(self.columns)
+            (i, proc)
+            for i, name in enumerate(self.columns)
             if (proc := _bind_processor(table.c[name].type, dialect)) is not None
         ]
         self._none_safe = [_none_safe(proc) for _, proc in self.processors]
-        self._mysql = (_MySQLStatements(sql, len(self.columns))
-                       if dialect.name == "mysql" and dialect.driver == "pymysql" and not self.processors else None)
+        self._mysql = (
+            _MySQLStatements(sql, len(self.columns))
+            if dialect.name == "mysql" and dialect.driver == "pymysql" and not self.processors
+            else None
+        )
 
     def prepare(self, row: Sequence[Any]) -> tuple[Any, ...]:
         """One row's parameters (see :meth:`params` for many)."""
@@ -237,8 +267,7 @@ class BulkWriter:
             return [self.prepare(r) for r in rows]
         for (index, proc), none_safe in zip(self.processors, self._none_safe, strict=True):
             column = columns[index]
-            columns[index] = (list(map(proc, column)) if none_safe
-                              else [None if v is None else proc(v) for v in column])
+            columns[index] = list(map(proc, column)) if none_safe else [None if v is None else proc(v) for v in column]
         return list(zip(*columns, strict=True))
 
     def write(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
@@ -261,8 +290,9 @@ class KeyReader:
         self.columns = tuple(columns)
         self.chunk = chunk  # SQLite: stays under its bound-parameter limit
         quote = dialect.identifier_preparer.quote
-        self._select = (f"SELECT {', '.join(quote(c) for c in self.columns)} FROM {quote(table.name)} "
-                        f"WHERE {quote(key)} IN ")
+        self._select = (
+            f"SELECT {', '.join(quote(c) for c in self.columns)} FROM {quote(table.name)} WHERE {quote(key)} IN "
+        )
         self._mark = "?" if dialect.paramstyle == "qmark" else "%s"
         self._dialect = dialect
         self._types = [table.c[c].type for c in self.columns]
@@ -273,7 +303,7 @@ class KeyReader:
         """The rows (result-processed, as SQLAlchemy would return them) whose key is in ``keys``."""
         inline = self._inline_ints and set(map(type, keys)) <= {int}
         for start in range(0, len(keys), self.chunk):
-            chunk = tuple(keys[start:start + self.chunk])
+            chunk = tuple(keys[start : start + self.chunk])
             if inline:
                 sql, params = f"{self._select}({', '.join(map(str, chunk))})", None
             else:
@@ -284,7 +314,8 @@ class KeyReader:
                 if not rows:
                     continue
                 procs = [
-                    (i, proc) for i, (type_, desc) in enumerate(zip(self._types, cursor.description, strict=True))
+                    (i, proc)
+                    for i, (type_, desc) in enumerate(zip(self._types, cursor.description, strict=True))
                     if (proc := type_._cached_result_processor(self._dialect, desc[1])) is not None  # noqa: SLF001
                 ]
             for row in rows:

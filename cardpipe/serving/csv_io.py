@@ -157,8 +157,13 @@ def _open_reader(path: Path, handle: Any, table: Table, wanted: Sequence[str]) -
     if missing:
         raise InputFileError(f"{path}: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
     plan = [
-        _Column(name, header.index(name), converter_for(table.c[name].type), bool(table.c[name].nullable),
-                isinstance(table.c[name].type, String))
+        _Column(
+            name,
+            header.index(name),
+            converter_for(table.c[name].type),
+            bool(table.c[name].nullable),
+            isinstance(table.c[name].type, String),
+        )
         for name in wanted
     ]
     return reader, plan, len(header)
@@ -311,8 +316,9 @@ class NormalisedBatch:
     lines: Sequence[int] = field(default_factory=lambda: array("q"))  # a range when they follow each other
 
 
-def normalised_batches(path: Path, table: Table, columns: Sequence[str] | None = None,
-                       batch_rows: int = 500) -> Iterator[NormalisedBatch]:
+def normalised_batches(
+    path: Path, table: Table, columns: Sequence[str] | None = None, batch_rows: int = 500
+) -> Iterator[NormalisedBatch]:
     """The rows of ``path`` as canonical text for ``table``, in batches of ``batch_rows``.
 
     Accepts and rejects exactly the cells :func:`read_typed_rows` does, with the same errors (file,
@@ -406,9 +412,15 @@ def _column_check(column_type: Any, nullable: bool) -> _ColumnCheck | None:
     return None
 
 
-def _normalise_batch(path: Path, raw: list[list[str]], first_line: int, width: int, plan: Sequence[_Column],
-                     steps: Sequence[tuple[int, Normaliser]],
-                     checks: Sequence[_ColumnCheck | None]) -> NormalisedBatch:
+def _normalise_batch(
+    path: Path,
+    raw: list[list[str]],
+    first_line: int,
+    width: int,
+    plan: Sequence[_Column],
+    steps: Sequence[tuple[int, Normaliser]],
+    checks: Sequence[_ColumnCheck | None],
+) -> NormalisedBatch:
     """Normalise ``raw`` (the records from ``first_line`` on): column-wise when it can, else row by row."""
     if raw and set(map(len, raw)) == {width}:
         try:
@@ -463,8 +475,9 @@ def _non_empty(normalise: Normaliser) -> Normaliser:
     return checked
 
 
-def _diagnose(path: Path, line: int, plan: Sequence[_Column], steps: Sequence[tuple[int, Normaliser]],
-              cells: Sequence[str]) -> None:
+def _diagnose(
+    path: Path, line: int, plan: Sequence[_Column], steps: Sequence[tuple[int, Normaliser]], cells: Sequence[str]
+) -> None:
     """Raise the :class:`InputFileError` of the first bad cell of a row the fast path refused."""
     for column, (index, normalise) in zip(plan, steps, strict=True):
         cell = cells[index]
@@ -477,8 +490,9 @@ def _diagnose(path: Path, line: int, plan: Sequence[_Column], steps: Sequence[tu
             ) from None
 
 
-def insert_rows(conn: Connection, table: Table, rows: Iterable[dict[str, Any]],
-                progress: Callable[[int], None] | None = None) -> int:
+def insert_rows(
+    conn: Connection, table: Table, rows: Iterable[dict[str, Any]], progress: Callable[[int], None] | None = None
+) -> int:
     """Insert ``rows`` in chunks on ``conn`` (the caller owns the transaction). Returns the count.
 
     Every row has the keys of the first (as :func:`read_typed_rows` yields them); the chunks go to
@@ -522,7 +536,11 @@ def _format_none(_value: None) -> str:
 
 #: Exact type -> formatter: one dict lookup per cell instead of a chain of isinstance checks.
 _FORMATTERS: dict[type, Callable[[Any], str]] = {
-    type(None): _format_none, Decimal: _format_decimal, datetime: _format_datetime, int: str, str: str,
+    type(None): _format_none,
+    Decimal: _format_decimal,
+    datetime: _format_datetime,
+    int: str,
+    str: str,
 }
 
 
@@ -556,8 +574,9 @@ def _write_chunk(writer: Any, rows: list[Sequence[Any]]) -> int:
     return len(rows)
 
 
-def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]], *,
-                     chunks: Iterable[Sequence[Sequence[Any]]] = ()) -> int:
+def write_csv_atomic(
+    path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]], *, chunks: Iterable[Sequence[Sequence[Any]]] = ()
+) -> int:
     """Write a CSV to a temporary name and rename it onto ``path``. Returns the row count.
 
     ``rows`` are formatted by :func:`format_cell` where needed; ``chunks`` (lists of rows, written after

@@ -53,12 +53,14 @@ def make_engine(url: URL, *, create_database: bool = True) -> Engine:
     try:
         import pymysql  # noqa: F401
     except ImportError:
-        raise ConfigError("a MySQL/MariaDB serving database needs the mysql extra: pip install 'cardpipe[mysql]'") \
-            from None
+        raise ConfigError(
+            "a MySQL/MariaDB serving database needs the mysql extra: pip install 'cardpipe[mysql]'"
+        ) from None
     if create_database and url.database:
         _ensure_mysql_database(url)
-    return create_engine(url, pool_pre_ping=True, pool_recycle=3600,
-                         connect_args={"connect_timeout": 10, "local_infile": True})
+    return create_engine(
+        url, pool_pre_ping=True, pool_recycle=3600, connect_args={"connect_timeout": 10, "local_infile": True}
+    )
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

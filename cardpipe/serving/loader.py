@@ -49,8 +49,9 @@ def check_data_dir(data_dir: Path) -> None:
         raise ConfigError(f"data folder {data_dir} lacks {', '.join(missing)}")
 
 
-def load_inputs(engine: Engine, data_dir: Path, progress: Callable[[str, int], None] | None = None, *,
-                method: LoadMethod = "auto") -> LoadSummary:
+def load_inputs(
+    engine: Engine, data_dir: Path, progress: Callable[[str, int], None] | None = None, *, method: LoadMethod = "auto"
+) -> LoadSummary:
     """Replace the input tables' contents with the CSVs of ``data_dir``, in one transaction.
 
     A malformed row stops the load with an error naming file, line and column, and nothing of it
@@ -70,8 +71,13 @@ def load_inputs(engine: Engine, data_dir: Path, progress: Callable[[str, int], N
     return summary
 
 
-def _load_all(engine: Engine, data_dir: Path, progress: Callable[[str, int], None] | None, method: LoadMethod,
-              summary: LoadSummary) -> None:
+def _load_all(
+    engine: Engine,
+    data_dir: Path,
+    progress: Callable[[str, int], None] | None,
+    method: LoadMethod,
+    summary: LoadSummary,
+) -> None:
     mysql = engine.dialect.name == "mysql"
     with translated_errors(engine), engine.begin() as conn:
         # Empty the tables (children first); an empty table is left untouched, so that MariaDB can
@@ -85,8 +91,13 @@ def _load_all(engine: Engine, data_dir: Path, progress: Callable[[str, int], Non
         summary.method = bulk.used if bulk is not None else "rows"
 
 
-def _load_table(conn: Connection, bulk: MySqlBulkLoader | None, table: Table, data_dir: Path,
-                progress: Callable[[str, int], None] | None) -> int:
+def _load_table(
+    conn: Connection,
+    bulk: MySqlBulkLoader | None,
+    table: Table,
+    data_dir: Path,
+    progress: Callable[[str, int], None] | None,
+) -> int:
     path = data_dir / INPUT_FILES[table.name]
     report = (lambda n: progress(table.name, n)) if progress else None
     started = time.perf_counter()

@@ -76,8 +76,9 @@ class LoadRejected(Exception):
     ``parent`` names the table a missing id should be in.
     """
 
-    def __init__(self, code: int, message: str, line: int | None = None, column: str | None = None,
-                 parent: str | None = None):
+    def __init__(
+        self, code: int, message: str, line: int | None = None, column: str | None = None, parent: str | None = None
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -99,8 +100,9 @@ class MySqlBulkLoader:
     (no fallback: a refusal is an error) or ``"insert"`` (multi-row INSERTs only).
     """
 
-    def __init__(self, conn: Connection, tables: Sequence[Table], method: Method = "auto", *,
-                 temp_dir: Path | None = None):
+    def __init__(
+        self, conn: Connection, tables: Sequence[Table], method: Method = "auto", *, temp_dir: Path | None = None
+    ):
         if conn.dialect.name != "mysql":
             raise ValueError(f"MySqlBulkLoader needs a MySQL/MariaDB connection, not {conn.dialect.name}")
         if method not in ("auto", "load_data", "insert"):
@@ -115,7 +117,8 @@ class MySqlBulkLoader:
         # Every foreign key points at an integer key of a table loaded earlier: all checked here.
         self.checks_foreign_keys = all(
             fk.column.table in self.tables[:position] and _is_integer(fk.column)
-            for position, table in enumerate(self.tables) for fk in table.foreign_keys
+            for position, table in enumerate(self.tables)
+            for fk in table.foreign_keys
         )
 
     @contextlib.contextmanager
@@ -136,8 +139,13 @@ class MySqlBulkLoader:
             raise
         self.conn.exec_driver_sql(restore)
 
-    def load(self, table: Table, path: Path, columns: Sequence[str] | None = None,
-             progress: Callable[[int], None] | None = None) -> int:
+    def load(
+        self,
+        table: Table,
+        path: Path,
+        columns: Sequence[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Append the rows of ``path`` to ``table``; returns the row count.
 
         Raises :class:`~cardpipe.errors.InputFileError` for a malformed row, :class:`LoadRejected` for
@@ -162,11 +170,16 @@ class MySqlBulkLoader:
     def _checked(self, table: Table, names: Sequence[str], path: Path) -> Iterator[NormalisedBatch]:
         """The file's batches, with their foreign keys checked, keeping the keys later tables need."""
         referenced = {fk.column.name for t in self.tables for fk in t.foreign_keys if fk.column.table is table}
-        collect = [(names.index(name), self._keys.setdefault((table.name, name), set()))
-                   for name in sorted(referenced) if name in names and _is_integer(table.c[name])]
-        checks = [(names.index(fk.parent.name), fk.parent.name, self._keys[key], key[0])
-                  for fk in table.foreign_keys
-                  if fk.parent.name in names and (key := (fk.column.table.name, fk.column.name)) in self._keys]
+        collect = [
+            (names.index(name), self._keys.setdefault((table.name, name), set()))
+            for name in sorted(referenced)
+            if name in names and _is_integer(table.c[name])
+        ]
+        checks = [
+            (names.index(fk.parent.name), fk.parent.name, self._keys[key], key[0])
+            for fk in table.foreign_keys
+            if fk.parent.name in names and (key := (fk.column.table.name, fk.column.name)) in self._keys
+        ]
         for batch in normalised_batches(path, table, names):
             rows = batch.rows
             for index, keys in collect:
@@ -177,8 +190,13 @@ class MySqlBulkLoader:
                 for position, row in enumerate(rows):  # find the first row with an unknown id
                     text = row[index]
                     if text != "" and int(text) not in keys:
-                        raise LoadRejected(MISSING_PARENT, f"{name} {int(text)} is not in {parent}",
-                                           int(batch.lines[position]), name, parent)
+                        raise LoadRejected(
+                            MISSING_PARENT,
+                            f"{name} {int(text)} is not in {parent}",
+                            int(batch.lines[position]),
+                            name,
+                            parent,
+                        )
             yield batch
 
     # --- LOAD DATA LOCAL INFILE ---------------------------------------------------------------------
@@ -194,14 +212,21 @@ class MySqlBulkLoader:
                 targets.append(quote(name))
         # No backslash in the statement, so it means the same under NO_BACKSLASH_ESCAPES. Lines end
         # with "\n" (the default); every field is quoted, quotes doubled, no escape character.
-        sql = (f"LOAD DATA LOCAL INFILE %s INTO TABLE {quote(table.name)} CHARACTER SET utf8mb4 "
-               f"FIELDS TERMINATED BY ',' ENCLOSED BY '\"' ESCAPED BY '' ({', '.join(targets)})")
+        sql = (
+            f"LOAD DATA LOCAL INFILE %s INTO TABLE {quote(table.name)} CHARACTER SET utf8mb4 "
+            f"FIELDS TERMINATED BY ',' ENCLOSED BY '\"' ESCAPED BY '' ({', '.join(targets)})"
+        )
         if assignments:
             sql += " SET " + ", ".join(assignments)
         return sql
 
-    def _load_data(self, table: Table, names: Sequence[str], batches: Iterator[NormalisedBatch],
-                   progress: Callable[[int], None] | None) -> int:
+    def _load_data(
+        self,
+        table: Table,
+        names: Sequence[str],
+        batches: Iterator[NormalisedBatch],
+        progress: Callable[[int], None] | None,
+    ) -> int:
         # The header and the first rows are checked before the server sees anything.
         first = next(batches, None)
         if first is None:
@@ -232,9 +257,14 @@ class MySqlBulkLoader:
             raise LoadRejected(0, f"the server stored {stored} of {sent} rows")
         return sent
 
-    def _load_through_pipe(self, sql: str, path: Path, batches: Iterable[NormalisedBatch],
-                           lines: list[Sequence[int]],
-                           progress: Callable[[int], None] | None) -> tuple[_Statement, int]:
+    def _load_through_pipe(
+        self,
+        sql: str,
+        path: Path,
+        batches: Iterable[NormalisedBatch],
+        lines: list[Sequence[int]],
+        progress: Callable[[int], None] | None,
+    ) -> tuple[_Statement, int]:
         """Run the LOAD on a thread reading the named pipe ``path``; write the rows into it here."""
         statement = _Statement(self._execute_load, sql, path)
         statement.start()
@@ -278,12 +308,19 @@ class MySqlBulkLoader:
 
     # --- multi-row INSERT ---------------------------------------------------------------------------
 
-    def _insert(self, table: Table, names: Sequence[str], batches: Iterable[NormalisedBatch],
-                progress: Callable[[int], None] | None) -> int:
+    def _insert(
+        self,
+        table: Table,
+        names: Sequence[str],
+        batches: Iterable[NormalisedBatch],
+        progress: Callable[[int], None] | None,
+    ) -> int:
         dialect = self.conn.dialect
         quote = dialect.identifier_preparer.quote
-        sql = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
-               f"VALUES ({', '.join(['%s'] * len(names))})")
+        sql = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
+            f"VALUES ({', '.join(['%s'] * len(names))})"
+        )
         nullable = [i for i, name in enumerate(names) if table.c[name].nullable]
         cursor = self.conn.connection.cursor()
         total = reported = 0
@@ -346,8 +383,12 @@ def _is_integer(column: Column) -> bool:
     return isinstance(column.type, Integer | BigInteger)
 
 
-def _write_rows(handle: IO[str], batches: Iterable[NormalisedBatch], lines: list[Sequence[int]],
-                progress: Callable[[int], None] | None) -> int:
+def _write_rows(
+    handle: IO[str],
+    batches: Iterable[NormalisedBatch],
+    lines: list[Sequence[int]],
+    progress: Callable[[int], None] | None,
+) -> int:
     sent = reported = 0
     for batch in batches:
         handle.write(_csv_text(batch.rows))

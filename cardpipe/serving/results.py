@@ -14,8 +14,16 @@ from cardpipe.serving.database import translated_errors
 
 STREAM_RESULTS_FILE = "stream_transactions.csv"
 REJECTED_FILE = "rejected_transactions.csv"
-REJECTED_COLUMNS = ("rejection_id", "topic", "kafka_partition", "kafka_offset", "transaction_id", "reason",
-                    "detail", "recorded_at")
+REJECTED_COLUMNS = (
+    "rejection_id",
+    "topic",
+    "kafka_partition",
+    "kafka_offset",
+    "transaction_id",
+    "reason",
+    "detail",
+    "recorded_at",
+)
 #: Batch outputs: table -> (file name, columns).
 BATCH_OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "batch_transactions": ("batch_transactions.csv", STREAM_COLUMNS),
@@ -28,10 +36,12 @@ def export_stream_results(engine: Engine, results_dir: Path) -> dict[str, int]:
     """Write ``stream_transactions.csv`` and ``rejected_transactions.csv`` from the database."""
     with translated_errors(engine), engine.connect() as conn:
         return {
-            STREAM_RESULTS_FILE: export_table(conn, schema.stream_transactions, results_dir / STREAM_RESULTS_FILE,
-                                              STREAM_COLUMNS),
-            REJECTED_FILE: export_table(conn, schema.rejected_transactions, results_dir / REJECTED_FILE,
-                                        REJECTED_COLUMNS),
+            STREAM_RESULTS_FILE: export_table(
+                conn, schema.stream_transactions, results_dir / STREAM_RESULTS_FILE, STREAM_COLUMNS
+            ),
+            REJECTED_FILE: export_table(
+                conn, schema.rejected_transactions, results_dir / REJECTED_FILE, REJECTED_COLUMNS
+            ),
         }
 
 
@@ -63,5 +73,7 @@ def batch_table_counts(engine: Engine) -> dict[str, int]:
         in_force = conn.execute(select(schema.serving_state.c.settlement_id)).scalar()
         if in_force is None:
             raise CardpipeError("no settlement has been published yet: run `cardpipe batch` first")
-        return {name: int(conn.execute(select(func.count()).select_from(text(name))).scalar() or 0)
-                for name in BATCH_OUTPUTS}
+        return {
+            name: int(conn.execute(select(func.count()).select_from(text(name))).scalar() or 0)
+            for name in BATCH_OUTPUTS
+        }

@@ -36,6 +36,7 @@ from cardpipe.domain.records import (
 
 metadata = MetaData()
 
+
 # Money: DECIMAL(12,2), read back as Decimal.
 def _money(name: str, nullable: bool = False) -> Column:
     return Column(name, Numeric(12, 2, asdecimal=True), nullable=nullable)
@@ -116,8 +117,7 @@ transactions = Table(
     "transactions",
     metadata,
     *[
-        Column("card_id", BigInteger, ForeignKey("cards.card_id"), nullable=False)
-        if c.name == "card_id" else c
+        Column("card_id", BigInteger, ForeignKey("cards.card_id"), nullable=False) if c.name == "card_id" else c
         for c in _transaction_columns()
     ],
     Index("ix_transactions_timestamp_id", "timestamp", "transaction_id"),
@@ -232,8 +232,10 @@ settled_cards = Table(
     "settled_cards",
     metadata,
     Column("settlement_id", BigInteger, primary_key=True, autoincrement=False),
-    *[c if c.name != "card_id" else Column("card_id", BigInteger, primary_key=True, autoincrement=False)
-      for c in _card_columns(foreign_keys=False)],
+    *[
+        c if c.name != "card_id" else Column("card_id", BigInteger, primary_key=True, autoincrement=False)
+        for c in _card_columns(foreign_keys=False)
+    ],
 )
 settled_customers = Table(
     "settled_customers",
@@ -264,15 +266,19 @@ def view_selects() -> dict[str, Select]:
     status = case((s.c.status == PENDING, literal(APPROVED)), else_=s.c.status).label("status")
     batch = (
         select(*[s.c[c] for c in TRANSACTION_COLUMNS], status, s.c.pending_balance, s.c.decline_reason)
-        .select_from(s.join(p, in_force).join(w, (w.c.settlement_id == p.c.settlement_id)
-                                              & (w.c.kafka_partition == s.c.kafka_partition)))
+        .select_from(
+            s.join(p, in_force).join(
+                w, (w.c.settlement_id == p.c.settlement_id) & (w.c.kafka_partition == s.c.kafka_partition)
+            )
+        )
         .where(s.c.checkpoint_seq <= w.c.checkpoint_seq)
     )
 
     def settled(table: Table, columns: tuple[str, ...]) -> Select:
         t = table.alias("t")
         return select(*[t.c[c] for c in columns]).select_from(
-            t.join(p, in_force & (t.c.settlement_id == p.c.settlement_id)))
+            t.join(p, in_force & (t.c.settlement_id == p.c.settlement_id))
+        )
 
     return {
         BATCH_TRANSACTIONS: batch,

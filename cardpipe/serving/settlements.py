@@ -34,8 +34,16 @@ log = logging.getLogger(__name__)
 STALE_SECONDS = 20.0
 HEARTBEAT_SECONDS = 2.0
 #: Counts a settlement records (the columns of ``settlements`` of the same names).
-COUNT_COLUMNS = ("transactions", "approved", "declined", "rejected", "cards", "customers", "cards_limit_lowered",
-                 "customers_score_down")
+COUNT_COLUMNS = (
+    "transactions",
+    "approved",
+    "declined",
+    "rejected",
+    "cards",
+    "customers",
+    "cards_limit_lowered",
+    "customers_score_down",
+)
 
 
 class SettlementRunning(CardpipeError):
@@ -75,32 +83,56 @@ class SettlementStore:
         with self.engine.begin() as conn:
             # Serialises claims (and the consumers' checkpoints, for the instant this takes): a row lock on
             # MySQL, the write lock on SQLite.
-            conn.execute(ss.update().where(ss.c.id == schema.SERVING_STATE_ID)
-                         .values(settlement_id=ss.c.settlement_id))
+            conn.execute(ss.update().where(ss.c.id == schema.SERVING_STATE_ID).values(settlement_id=ss.c.settlement_id))
             now = time.time()
-            for sid, holder, beat in conn.execute(select(st.c.settlement_id, st.c.owner, st.c.heartbeat_at)
-                                                  .where(st.c.status == schema.SETTLEMENT_RUNNING)):
+            for sid, holder, beat in conn.execute(
+                select(st.c.settlement_id, st.c.owner, st.c.heartbeat_at).where(
+                    st.c.status == schema.SETTLEMENT_RUNNING
+                )
+            ):
                 if beat > now - STALE_SECONDS and not holder_is_dead(holder):
                     raise SettlementRunning(
                         f"settlement {sid} is running (by {holder}, last heard {now - beat:.0f} s ago); "
-                        "wait for it to finish")
+                        "wait for it to finish"
+                    )
                 log.warning("settlement %s (by %s) stopped without finishing; marking it failed", sid, holder)
-                conn.execute(st.update().where(st.c.settlement_id == sid).values(
-                    status=schema.SETTLEMENT_FAILED, finished_at=_now(),
-                    error=f"abandoned: {holder} stopped before publishing it"))
+                conn.execute(
+                    st.update()
+                    .where(st.c.settlement_id == sid)
+                    .values(
+                        status=schema.SETTLEMENT_FAILED,
+                        finished_at=_now(),
+                        error=f"abandoned: {holder} stopped before publishing it",
+                    )
+                )
             previous = conn.execute(select(ss.c.settlement_id).where(ss.c.id == schema.SERVING_STATE_ID)).scalar()
             so = schema.stream_offsets
-            watermark = {p: seq for p, seq in conn.execute(
-                select(so.c.kafka_partition, so.c.checkpoint_seq).where(so.c.topic == self.topic)) if seq > 0}
+            watermark = {
+                p: seq
+                for p, seq in conn.execute(
+                    select(so.c.kafka_partition, so.c.checkpoint_seq).where(so.c.topic == self.topic)
+                )
+                if seq > 0
+            }
             if previous is not None and watermark == _watermark_of(conn, previous):
                 return NothingNew(previous)
-            settlement_id = conn.execute(st.insert().values(
-                status=schema.SETTLEMENT_RUNNING, owner=owner, engine=engine_name, started_at=_now(),
-                heartbeat_at=now)).inserted_primary_key[0]
+            settlement_id = conn.execute(
+                st.insert().values(
+                    status=schema.SETTLEMENT_RUNNING,
+                    owner=owner,
+                    engine=engine_name,
+                    started_at=_now(),
+                    heartbeat_at=now,
+                )
+            ).inserted_primary_key[0]
             if watermark:
-                conn.execute(schema.settlement_watermarks.insert(), [
-                    {"settlement_id": settlement_id, "kafka_partition": p, "checkpoint_seq": seq}
-                    for p, seq in sorted(watermark.items())])
+                conn.execute(
+                    schema.settlement_watermarks.insert(),
+                    [
+                        {"settlement_id": settlement_id, "kafka_partition": p, "checkpoint_seq": seq}
+                        for p, seq in sorted(watermark.items())
+                    ],
+                )
         return Claim(int(settlement_id), watermark, previous)
 
     def heartbeat(self, settlement_id: int) -> None:
@@ -128,16 +160,18 @@ class SettlementStore:
             stop.set()
             thread.join()
 
-    def store_rows(self, settlement_id: int, cards: Iterable[dict[str, Any]],
-                   customers: Iterable[dict[str, Any]]) -> dict[str, int]:
+    def store_rows(
+        self, settlement_id: int, cards: Iterable[dict[str, Any]], customers: Iterable[dict[str, Any]]
+    ) -> dict[str, int]:
         """Write the settlement's cards and customers (small transactions: the consumer keeps committing)."""
         return {
             schema.CARDS_UPDATED: self._insert_chunked(schema.settled_cards, settlement_id, cards),
             schema.CUSTOMERS_UPDATED: self._insert_chunked(schema.settled_customers, settlement_id, customers),
         }
 
-    def _insert_chunked(self, table: Table, settlement_id: int, rows: Iterable[dict[str, Any]],
-                        chunk: int = 5000) -> int:
+    def _insert_chunked(
+        self, table: Table, settlement_id: int, rows: Iterable[dict[str, Any]], chunk: int = 5000
+    ) -> int:
         total = 0
         pending: list[dict[str, Any]] = []
 
@@ -159,9 +193,16 @@ class SettlementStore:
         """Put the settlement in force: every view and every later decision sees it from this commit on."""
         st, ss = schema.settlements, schema.serving_state
         with self.engine.begin() as conn:
-            conn.execute(st.update().where(st.c.settlement_id == settlement_id).values(
-                status=schema.SETTLEMENT_PUBLISHED, finished_at=_now(), heartbeat_at=time.time(),
-                **{k: int(counts[k]) for k in COUNT_COLUMNS if k in counts}))
+            conn.execute(
+                st.update()
+                .where(st.c.settlement_id == settlement_id)
+                .values(
+                    status=schema.SETTLEMENT_PUBLISHED,
+                    finished_at=_now(),
+                    heartbeat_at=time.time(),
+                    **{k: int(counts[k]) for k in COUNT_COLUMNS if k in counts},
+                )
+            )
             conn.execute(ss.update().where(ss.c.id == schema.SERVING_STATE_ID).values(settlement_id=settlement_id))
 
     def fail(self, settlement_id: int, error: str) -> None:
@@ -169,8 +210,11 @@ class SettlementStore:
         st = schema.settlements
         try:
             with self.engine.begin() as conn:
-                conn.execute(st.update().where(st.c.settlement_id == settlement_id).values(
-                    status=schema.SETTLEMENT_FAILED, finished_at=_now(), error=error[:1024]))
+                conn.execute(
+                    st.update()
+                    .where(st.c.settlement_id == settlement_id)
+                    .values(status=schema.SETTLEMENT_FAILED, finished_at=_now(), error=error[:1024])
+                )
             self.prune()
         except DBAPIError as exc:
             log.warning("could not record settlement %s as failed: %s", settlement_id, exc)
@@ -181,10 +225,12 @@ class SettlementStore:
         st, ss = schema.settlements, schema.serving_state
         with self.engine.connect() as conn:
             in_force = conn.execute(select(ss.c.settlement_id).where(ss.c.id == schema.SERVING_STATE_ID)).scalar()
-            running = set(conn.execute(select(st.c.settlement_id).where(st.c.status == schema.SETTLEMENT_RUNNING))
-                          .scalars())
-            failed = set(conn.execute(select(st.c.settlement_id).where(st.c.status == schema.SETTLEMENT_FAILED))
-                         .scalars())
+            running = set(
+                conn.execute(select(st.c.settlement_id).where(st.c.status == schema.SETTLEMENT_RUNNING)).scalars()
+            )
+            failed = set(
+                conn.execute(select(st.c.settlement_id).where(st.c.status == schema.SETTLEMENT_FAILED)).scalars()
+            )
         keep = running | ({in_force} if in_force is not None else set())
         for table in (schema.settled_cards, schema.settled_customers):
             with self.engine.begin() as conn:
@@ -198,8 +244,15 @@ class SettlementStore:
         """The ``settlements`` row in force, as a dict (None before any)."""
         st, ss = schema.settlements, schema.serving_state
         with self.engine.connect() as conn:
-            row = conn.execute(select(st).join(ss, ss.c.settlement_id == st.c.settlement_id)
-                               .where(ss.c.id == schema.SERVING_STATE_ID)).mappings().first()
+            row = (
+                conn.execute(
+                    select(st)
+                    .join(ss, ss.c.settlement_id == st.c.settlement_id)
+                    .where(ss.c.id == schema.SERVING_STATE_ID)
+                )
+                .mappings()
+                .first()
+            )
             return dict(row) if row is not None else None
 
     def count(self) -> int:
@@ -209,8 +262,9 @@ class SettlementStore:
 
 def _watermark_of(conn: Connection, settlement_id: int) -> dict[int, int]:
     sw = schema.settlement_watermarks
-    return dict(conn.execute(select(sw.c.kafka_partition, sw.c.checkpoint_seq)
-                             .where(sw.c.settlement_id == settlement_id)).all())
+    return dict(
+        conn.execute(select(sw.c.kafka_partition, sw.c.checkpoint_seq).where(sw.c.settlement_id == settlement_id)).all()
+    )
 
 
 def _now() -> datetime:

@@ -32,8 +32,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _LOOKUP_CHUNK = 900  # stays under SQLite's bound-parameter limit
-REJECTION_COLUMNS = ("topic", "kafka_partition", "kafka_offset", "transaction_id", "reason", "detail",
-                     "message_key", "message_value", "recorded_at")
+REJECTION_COLUMNS = (
+    "topic",
+    "kafka_partition",
+    "kafka_offset",
+    "transaction_id",
+    "reason",
+    "detail",
+    "message_key",
+    "message_value",
+    "recorded_at",
+)
 CARD_STATE_COLUMNS = ("card_id", "pending_balance")
 DECISION_COLUMNS = (*STREAM_COLUMNS, "credit_limit", "kafka_partition", "checkpoint_seq")
 #: How long a consumer's claim on a partition lasts without a renewal (each checkpoint renews it, and an
@@ -57,8 +66,7 @@ class StreamStore:
     partition leases, and checks that the settlement it decided with is still the one in force.
     """
 
-    def __init__(self, engine: Engine, topic: str, *, owner: str | None = None,
-                 lease_seconds: float = LEASE_SECONDS):
+    def __init__(self, engine: Engine, topic: str, *, owner: str | None = None, lease_seconds: float = LEASE_SECONDS):
         self.engine = engine
         self.topic = topic
         self.owner = owner or unique_owner()
@@ -70,21 +78,28 @@ class StreamStore:
         self._decisions = BulkWriter(dialect, schema.stream_transactions, DECISION_COLUMNS)
         self._rejections = BulkWriter(dialect, schema.rejected_transactions, REJECTION_COLUMNS)
         self._card_states = BulkWriter(dialect, schema.card_states, CARD_STATE_COLUMNS, upsert_keys=["card_id"])
-        self._offsets = BulkWriter(dialect, schema.stream_offsets,
-                                   ("topic", "kafka_partition", "next_offset", "checkpoint_seq"),
-                                   upsert_keys=["topic", "kafka_partition"])
-        self._decided = KeyReader(dialect, schema.stream_transactions, TRANSACTION_COLUMNS, "transaction_id",
-                                  chunk=_LOOKUP_CHUNK)
+        self._offsets = BulkWriter(
+            dialect,
+            schema.stream_offsets,
+            ("topic", "kafka_partition", "next_offset", "checkpoint_seq"),
+            upsert_keys=["topic", "kafka_partition"],
+        )
+        self._decided = KeyReader(
+            dialect, schema.stream_transactions, TRANSACTION_COLUMNS, "transaction_id", chunk=_LOOKUP_CHUNK
+        )
 
-    def settlement_in_force(self, *, give_up_after: float = 300.0,
-                            sleep: Callable[[float], None] = time.sleep) -> int | None:
+    def settlement_in_force(
+        self, *, give_up_after: float = 300.0, sleep: Callable[[float], None] = time.sleep
+    ) -> int | None:
         """The id of the settlement in force (None before any); retried while the database is unreachable."""
+
         def read() -> int | None:
             with self.engine.connect() as conn:
                 return _settlement_in_force(conn)
 
-        return self._retry_while_unavailable(read, "reading the settlement in force", give_up_after=give_up_after,
-                                             sleep=sleep)
+        return self._retry_while_unavailable(
+            read, "reading the settlement in force", give_up_after=give_up_after, sleep=sleep
+        )
 
     def card_profiles(self, settlement_id: int | None = None) -> dict[int, CardProfile]:
         """Every card's limit (settlement ``settlement_id``'s, else the original) and its owner's zip."""
@@ -97,7 +112,8 @@ class StreamStore:
             }
             if settlement_id is not None:
                 for card_id, limit in conn.execute(
-                        select(sc.c.card_id, sc.c.credit_limit).where(sc.c.settlement_id == settlement_id)):
+                    select(sc.c.card_id, sc.c.credit_limit).where(sc.c.settlement_id == settlement_id)
+                ):
                     old = profiles.get(card_id)
                     if old is not None:
                         profiles[card_id] = CardProfile(card_id, Decimal(limit), old.customer_zip)
@@ -133,18 +149,27 @@ class StreamStore:
         granted: list[int] = []
         held: dict[str, list[int]] = {}
         with self.engine.begin() as conn:
-            current = {p: (owner, expires) for p, owner, expires in conn.execute(
-                select(sl.c.kafka_partition, sl.c.owner, sl.c.expires_at)
-                .where(sl.c.topic == self.topic, sl.c.kafka_partition.in_(wanted)).with_for_update())}
+            current = {
+                p: (owner, expires)
+                for p, owner, expires in conn.execute(
+                    select(sl.c.kafka_partition, sl.c.owner, sl.c.expires_at)
+                    .where(sl.c.topic == self.topic, sl.c.kafka_partition.in_(wanted))
+                    .with_for_update()
+                )
+            }
             for p in wanted:
                 lease = current.get(p)
                 expires = now + self.lease_seconds
                 if lease is None:
-                    conn.execute(sl.insert().values(topic=self.topic, kafka_partition=p, owner=self.owner,
-                                                    expires_at=expires))
+                    conn.execute(
+                        sl.insert().values(topic=self.topic, kafka_partition=p, owner=self.owner, expires_at=expires)
+                    )
                 elif lease[0] == self.owner or lease[1] < now or holder_is_dead(lease[0]):
-                    conn.execute(sl.update().where(sl.c.topic == self.topic, sl.c.kafka_partition == p)
-                                 .values(owner=self.owner, expires_at=expires))
+                    conn.execute(
+                        sl.update()
+                        .where(sl.c.topic == self.topic, sl.c.kafka_partition == p)
+                        .values(owner=self.owner, expires_at=expires)
+                    )
                 else:
                     held.setdefault(lease[0], []).append(p)
                     continue
@@ -152,11 +177,16 @@ class StreamStore:
         if not granted:
             raise PartitionsHeld(
                 f"every partition of topic {self.topic!r} this consumer would decide is being decided by another "
-                f"consumer ({_describe_holders(held)}); stop it first, or let it finish")
+                f"consumer ({_describe_holders(held)}); stop it first, or let it finish"
+            )
         if held:
-            log.warning("partition(s) %s of %r are decided by another consumer (%s); this one takes %s",
-                        ", ".join(str(p) for ps in held.values() for p in ps), self.topic, _describe_holders(held),
-                        ", ".join(map(str, granted)))
+            log.warning(
+                "partition(s) %s of %r are decided by another consumer (%s); this one takes %s",
+                ", ".join(str(p) for ps in held.values() for p in ps),
+                self.topic,
+                _describe_holders(held),
+                ", ".join(map(str, granted)),
+            )
         self._owned = tuple(granted)
         self._renewed_at = time.monotonic()
         return granted
@@ -178,13 +208,16 @@ class StreamStore:
             return
         sl = schema.stream_leases
         result = conn.execute(
-            sl.update().where(sl.c.topic == self.topic, sl.c.owner == self.owner,
-                              sl.c.kafka_partition.in_(self._owned))
-            .values(expires_at=time.time() + self.lease_seconds))
+            sl.update()
+            .where(sl.c.topic == self.topic, sl.c.owner == self.owner, sl.c.kafka_partition.in_(self._owned))
+            .values(expires_at=time.time() + self.lease_seconds)
+        )
         if result.rowcount != len(self._owned):
-            raise LeaseLost(f"another consumer took over partition(s) of topic {self.topic!r} this one was "
-                            f"deciding (its lease had expired: was this consumer stopped for over "
-                            f"{self.lease_seconds:g} s?)")
+            raise LeaseLost(
+                f"another consumer took over partition(s) of topic {self.topic!r} this one was "
+                f"deciding (its lease had expired: was this consumer stopped for over "
+                f"{self.lease_seconds:g} s?)"
+            )
         self._renewed_at = time.monotonic()
 
     def release(self) -> None:
@@ -196,15 +229,20 @@ class StreamStore:
             with self.engine.begin() as conn:
                 conn.execute(sl.delete().where(sl.c.topic == self.topic, sl.c.owner == self.owner))
         except DBAPIError as exc:
-            log.warning("could not release partition leases (%s); they expire in %g s",
-                        describe_error(self.engine.url, exc), self.lease_seconds)
+            log.warning(
+                "could not release partition leases (%s); they expire in %g s",
+                describe_error(self.engine.url, exc),
+                self.lease_seconds,
+            )
         self._owned = ()
 
     def restore(self) -> tuple[dict[int, Decimal], dict[int, int]]:
         """Pending balances (checkpointed, else the card's current balance) and next offsets."""
         with self.engine.connect() as conn:
-            balances = {cid: Decimal(b) for cid, b in conn.execute(
-                select(schema.cards.c.card_id, schema.cards.c.current_balance))}
+            balances = {
+                cid: Decimal(b)
+                for cid, b in conn.execute(select(schema.cards.c.card_id, schema.cards.c.current_balance))
+            }
             st = schema.card_states
             for cid, balance in conn.execute(select(st.c.card_id, st.c.pending_balance)):
                 if balance is not None:
@@ -219,15 +257,17 @@ class StreamStore:
                     offsets[p] = next_offset
         return balances, offsets
 
-    def lookup_decided(self, transaction_ids: list[int], *, give_up_after: float = 300.0,
-                       sleep: Callable[[float], None] = time.sleep) -> Mapping[int, Transaction]:
+    def lookup_decided(
+        self, transaction_ids: list[int], *, give_up_after: float = 300.0, sleep: Callable[[float], None] = time.sleep
+    ) -> Mapping[int, Transaction]:
         """Already-decided transactions among ``transaction_ids`` (primary-key lookups, one query per chunk).
 
         Like :meth:`commit_durably`, retries with backoff while the database is unreachable: every polled
         batch starts with this lookup, and a restarting server must not stop the consumer here either.
         """
-        return self._retry_while_unavailable(lambda: self._lookup_decided(transaction_ids), "the lookup",
-                                             give_up_after=give_up_after, sleep=sleep)
+        return self._retry_while_unavailable(
+            lambda: self._lookup_decided(transaction_ids), "the lookup", give_up_after=give_up_after, sleep=sleep
+        )
 
     def _lookup_decided(self, transaction_ids: list[int]) -> Mapping[int, Transaction]:
         found: dict[int, Transaction] = {}
@@ -265,13 +305,15 @@ class StreamStore:
             crash_point("checkpoint.written")
         self._seq.update(seqs)
 
-    def commit_durably(self, batch: CheckpointBatch, *, give_up_after: float = 300.0,
-                       sleep: Callable[[float], None] = time.sleep) -> None:
+    def commit_durably(
+        self, batch: CheckpointBatch, *, give_up_after: float = 300.0, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         """:meth:`commit`, retrying with backoff while the database is unreachable.
 
         A commit whose acknowledgement was lost (the connection died after COMMIT) is recognised by the
         stored offsets and not written twice. Raises :class:`DatabaseUnavailable` after ``give_up_after``.
         """
+
         def attempt() -> None:
             try:
                 self.commit(batch)
@@ -285,12 +327,19 @@ class StreamStore:
             self._seq.update({p: self._seq.get(p, 0) + 1 for p in batch.next_offsets})
             return True
 
-        self._retry_while_unavailable(attempt, "the checkpoint", give_up_after=give_up_after, sleep=sleep,
-                                      done_anyway=committed_anyway)
+        self._retry_while_unavailable(
+            attempt, "the checkpoint", give_up_after=give_up_after, sleep=sleep, done_anyway=committed_anyway
+        )
 
-    def _retry_while_unavailable(self, attempt: Callable[[], T], what: str, *, give_up_after: float,
-                                 sleep: Callable[[float], None],
-                                 done_anyway: Callable[[], bool] | None = None) -> T | None:
+    def _retry_while_unavailable(
+        self,
+        attempt: Callable[[], T],
+        what: str,
+        *,
+        give_up_after: float,
+        sleep: Callable[[float], None],
+        done_anyway: Callable[[], bool] | None = None,
+    ) -> T | None:
         """``attempt()``, retried with backoff (0.2 s doubling to 5 s) while the database is unreachable.
 
         After a transient error, ``done_anyway()`` may say the attempt took effect after all (then None is
@@ -307,8 +356,12 @@ class StreamStore:
                     return None
                 if time.monotonic() - started > give_up_after:
                     raise DatabaseUnavailable(describe_error(self.engine.url, exc)) from None
-                log.warning("database unavailable (%s); retrying %s in %.1f s",
-                            describe_error(self.engine.url, exc), what, delay)
+                log.warning(
+                    "database unavailable (%s); retrying %s in %.1f s",
+                    describe_error(self.engine.url, exc),
+                    what,
+                    delay,
+                )
                 sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -319,8 +372,13 @@ class StreamStore:
         so = schema.stream_offsets
         try:
             with self.engine.connect() as conn:
-                stored = dict(conn.execute(select(so.c.kafka_partition, so.c.next_offset).where(
-                    so.c.topic == self.topic, so.c.kafka_partition.in_(list(batch.next_offsets)))).all())
+                stored = dict(
+                    conn.execute(
+                        select(so.c.kafka_partition, so.c.next_offset).where(
+                            so.c.topic == self.topic, so.c.kafka_partition.in_(list(batch.next_offsets))
+                        )
+                    ).all()
+                )
         except DBAPIError:
             return False
         return all((stored.get(p) or -1) >= o for p, o in batch.next_offsets.items())
@@ -339,8 +397,9 @@ class StreamStore:
         """Make the next consume start at ``offsets`` (a fresh run ignores what the topic held before)."""
         so = schema.stream_offsets
         with self.engine.begin() as conn:
-            seqs = dict(conn.execute(select(so.c.kafka_partition, so.c.checkpoint_seq)
-                                     .where(so.c.topic == self.topic)).all())
+            seqs = dict(
+                conn.execute(select(so.c.kafka_partition, so.c.checkpoint_seq).where(so.c.topic == self.topic)).all()
+            )
             self._offsets.write(conn, [(self.topic, p, o, seqs.get(p, 0)) for p, o in sorted(offsets.items())])
 
 

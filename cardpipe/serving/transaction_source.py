@@ -12,8 +12,9 @@ from cardpipe.serving import schema
 from cardpipe.serving.csv_io import read_typed_rows
 
 
-def transactions_from_database(engine: Engine, *, only_undecided: bool = True,
-                               chunk: int = 20_000) -> Iterator[Transaction]:
+def transactions_from_database(
+    engine: Engine, *, only_undecided: bool = True, chunk: int = 20_000
+) -> Iterator[Transaction]:
     """Stream the ``transactions`` table in timestamp order (ties by id) without loading it all.
 
     With ``only_undecided`` (the default) transactions already in ``stream_transactions`` are

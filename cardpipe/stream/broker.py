@@ -161,9 +161,7 @@ def _cmdline(pid: int) -> list[str]:
     except OSError:
         if _HAS_PROCFS:
             return []
-        result = subprocess.run(
-            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False
-        )
+        result = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False)
         return result.stdout.split()
     return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
 

@@ -112,8 +112,9 @@ class MemoryCheckpointStore:
     ``settlements`` maps a settlement id to its card profiles; :meth:`publish` puts one in force.
     """
 
-    def __init__(self, topic: str, cards: Mapping[int, CardProfile], balances: Mapping[int, Decimal], *,
-                 owner: str = "memory"):
+    def __init__(
+        self, topic: str, cards: Mapping[int, CardProfile], balances: Mapping[int, Decimal], *, owner: str = "memory"
+    ):
         self.topic = topic
         self.owner = owner
         self.cards = dict(cards)
@@ -169,8 +170,9 @@ class MemoryCheckpointStore:
         for row in batch.decided:
             self.decided[row[0]] = row
         self.rejected.extend(batch.rejected)
-        self.balances.update({c: s.pending_balance for c, s in batch.card_states.items()
-                              if s.pending_balance is not None})
+        self.balances.update(
+            {c: s.pending_balance for c, s in batch.card_states.items() if s.pending_balance is not None}
+        )
         self.offsets.update(batch.next_offsets)
         self.checkpoints += 1
 
@@ -182,5 +184,4 @@ class MemoryCheckpointStore:
         self.offsets.update(offsets)
 
 
-__all__ = ["CardState", "CheckpointBatch", "CheckpointStore", "DecisionRow", "MemoryCheckpointStore",
-           "decision_row"]
+__all__ = ["CardState", "CheckpointBatch", "CheckpointStore", "DecisionRow", "MemoryCheckpointStore", "decision_row"]

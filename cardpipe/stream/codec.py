@@ -142,9 +142,14 @@ def _fast_fields(value: bytes | None) -> TransactionFields | None:
     is 1024) takes twice as many bytes as ``_MAX_UNCHECKED_NESTING``: a longer message with more than one ``{``
     or any ``[`` (in a text, an extra field or a duplicate key) is left to the strict path.
     """
-    if (_fast_loads is None or type(value) is not bytes or not value or len(value) > MAX_MESSAGE_BYTES
-            or len(value) > _MAX_UNCHECKED_NESTING and (value.find(b"{", value.find(b"{") + 1) >= 0
-                                                         or value.find(b"[") >= 0)):  # nesting: see above
+    if (
+        _fast_loads is None
+        or type(value) is not bytes
+        or not value
+        or len(value) > MAX_MESSAGE_BYTES
+        or len(value) > _MAX_UNCHECKED_NESTING
+        and (value.find(b"{", value.find(b"{") + 1) >= 0 or value.find(b"[") >= 0)
+    ):  # nesting: see above
         return None
     if not value.isascii():
         try:
@@ -156,16 +161,30 @@ def _fast_fields(value: bytes | None) -> TransactionFields | None:
         tx_id, card_id, related = obj["transaction_id"], obj["card_id"], obj.get("related_transaction_id")
         merchant, location, kind = obj["merchant_name"], obj["location"], obj["transaction_type"]
         stamp, amount = obj["timestamp"], obj["amount"]
-        if (type(tx_id) is not int or not 0 < tx_id <= _MAX_ID or type(card_id) is not int
-                or not 0 < card_id <= _MAX_ID
-                or related is not None and (type(related) is not int or not 0 < related <= _MAX_ID)
-                or type(merchant) is not str or type(location) is not str or type(kind) is not str
-                or len(merchant) > _MAX_MERCHANT or len(location) > _MAX_LOCATION or len(kind) > _MAX_TYPE
-                or not kind.strip() or "\x00" in merchant or "\x00" in location or "\x00" in kind
-                or not (merchant.isascii() and location.isascii() and kind.isascii())
-                and not all(map(_encodable, (merchant, location, kind)))
-                or type(stamp) is not str or not _TIMESTAMP_SHAPE(stamp)
-                or type(amount) is not str and type(amount) is not int):
+        if (
+            type(tx_id) is not int
+            or not 0 < tx_id <= _MAX_ID
+            or type(card_id) is not int
+            or not 0 < card_id <= _MAX_ID
+            or related is not None
+            and (type(related) is not int or not 0 < related <= _MAX_ID)
+            or type(merchant) is not str
+            or type(location) is not str
+            or type(kind) is not str
+            or len(merchant) > _MAX_MERCHANT
+            or len(location) > _MAX_LOCATION
+            or len(kind) > _MAX_TYPE
+            or not kind.strip()
+            or "\x00" in merchant
+            or "\x00" in location
+            or "\x00" in kind
+            or not (merchant.isascii() and location.isascii() and kind.isascii())
+            and not all(map(_encodable, (merchant, location, kind)))
+            or type(stamp) is not str
+            or not _TIMESTAMP_SHAPE(stamp)
+            or type(amount) is not str
+            and type(amount) is not int
+        ):
             return None
         return tx_id, card_id, merchant, _fromisoformat(stamp), parse_money(amount), location, kind, related
     except Exception:
@@ -227,11 +246,14 @@ def _parse_id(raw: Any) -> int | None:
         return None
     if isinstance(raw, int):
         value = raw
-    elif isinstance(raw, str) and 0 < len(text := raw.strip()) <= _MAX_ID_DIGITS and text.isascii() \
-            and text.isdigit():
+    elif isinstance(raw, str) and 0 < len(text := raw.strip()) <= _MAX_ID_DIGITS and text.isascii() and text.isdigit():
         value = int(text)
-    elif isinstance(raw, Decimal) and raw.is_finite() and raw.adjusted() < _MAX_ID_DIGITS \
-            and raw == raw.to_integral_value():
+    elif (
+        isinstance(raw, Decimal)
+        and raw.is_finite()
+        and raw.adjusted() < _MAX_ID_DIGITS
+        and raw == raw.to_integral_value()
+    ):
         value = int(raw)  # the exponent check keeps 1e1000000 from becoming a million-digit int
     else:
         return None
@@ -308,4 +330,3 @@ def _show(raw: Any) -> str:
         return raw.text
     text = json.dumps(raw, default=str, ensure_ascii=True)
     return text if len(text) <= 40 else text[:37] + "..."
-

@@ -122,24 +122,31 @@ def consume(
     second commit fails on the primary key, and that consumer resumes from its last checkpoint, where
     the other's row is seen and its own copy rejected as ``duplicate_conflict``.
     """
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap_servers,
-        "logger": CLIENT_LOG,
-        "group.id": group_id,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "enable.partition.eof": True,
-        "auto.offset.reset": "earliest",
-        "fetch.wait.max.ms": 10,
-        "queued.max.messages.kbytes": 262_144,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "logger": CLIENT_LOG,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 10,
+            "queued.max.messages.kbytes": 262_144,
+        }
+    )
     dlq = make_producer(bootstrap_servers) if dead_letter_topic else None
     summary = ConsumeSummary()
     try:
         partitions = store.acquire(_topic_partitions(consumer, topic, options.partitions))
-        stop = StopPolicy(follow=options.follow, idle_seconds=options.idle_seconds,
-                          until_caught_up=options.until_caught_up, should_stop=should_stop, publishing=publishing,
-                          end_offsets=lambda: log_end_offsets(bootstrap_servers, topic, partitions))
+        stop = StopPolicy(
+            follow=options.follow,
+            idle_seconds=options.idle_seconds,
+            until_caught_up=options.until_caught_up,
+            should_stop=should_stop,
+            publishing=publishing,
+            end_offsets=lambda: log_end_offsets(bootstrap_servers, topic, partitions),
+        )
         stop.watch(partitions)
         processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
         conflicts = 0
@@ -188,9 +195,11 @@ def consume(
                         conflicts += 1
                         if conflicts > MAX_CHECKPOINT_CONFLICTS:
                             raise
-                        log.warning("partition(s) %s: a transaction id of this batch was decided meanwhile by "
-                                    "another consumer; resuming from the last checkpoint",
-                                    ", ".join(map(str, sorted(batch.next_offsets))))
+                        log.warning(
+                            "partition(s) %s: a transaction id of this batch was decided meanwhile by "
+                            "another consumer; resuming from the last checkpoint",
+                            ", ".join(map(str, sorted(batch.next_offsets))),
+                        )
                         summary.counts["checkpoint_conflicts"] += 1
                         processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
                         stop.rewound()
@@ -249,8 +258,9 @@ def _topic_partitions(consumer: Consumer, topic: str, wanted: tuple[int, ...] | 
     return sorted(wanted)
 
 
-def _resume(consumer: Consumer, bootstrap_servers: str, store: CheckpointStore, topic: str,
-            partitions: list[int]) -> StreamProcessor:
+def _resume(
+    consumer: Consumer, bootstrap_servers: str, store: CheckpointStore, topic: str, partitions: list[int]
+) -> StreamProcessor:
     """A processor with the balances of the last checkpoint and the limits of the settlement in force, and
     ``consumer`` positioned right after that checkpoint."""
     settlement_id, profiles = store.settled_profiles()
@@ -266,8 +276,9 @@ def _resume(consumer: Consumer, bootstrap_servers: str, store: CheckpointStore, 
     return processor
 
 
-def _start_positions(bootstrap_servers: str, store: CheckpointStore, topic: str, partitions: list[int],
-                     offsets: dict[int, int]) -> list[TopicPartition]:
+def _start_positions(
+    bootstrap_servers: str, store: CheckpointStore, topic: str, partitions: list[int], offsets: dict[int, int]
+) -> list[TopicPartition]:
     """Resume after the last checkpoint; start over on a partition the broker no longer has that far."""
     ends = log_end_offsets(bootstrap_servers, topic, [p for p in partitions if p in offsets])
     positions = []
@@ -277,8 +288,13 @@ def _start_positions(bootstrap_servers: str, store: CheckpointStore, topic: str,
         if stored is not None and stored > ends[p]:
             # The topic was recreated (e.g. an in-memory broker restarted): read it again from the
             # start; transaction ids already decided are recognised and skipped.
-            log.warning("partition %d: checkpoint offset %d is past the end of the log (%d); reading it "
-                        "again from the beginning", p, stored, ends[p])
+            log.warning(
+                "partition %d: checkpoint offset %d is past the end of the log (%d); reading it "
+                "again from the beginning",
+                p,
+                stored,
+                ends[p],
+            )
             reset.append(p)
             stored = None
         positions.append(TopicPartition(topic, p, OFFSET_BEGINNING if stored is None else stored))
@@ -295,11 +311,16 @@ def _raw(msg: Message) -> RawMessage:
 def _checkpoint(store: CheckpointStore, batch: CheckpointBatch, dlq, dead_letter_topic: str | None) -> None:  # type: ignore[no-untyped-def]
     if dlq is not None and dead_letter_topic and batch.rejected:
         for row in batch.rejected:
-            dlq.produce(dead_letter_topic, value=row["message_value"], key=row["message_key"], headers=[
-                ("reason", row["reason"].encode()),
-                ("detail", row["detail"].encode("utf-8", "replace")),
-                ("source", f"{row['topic']}/{row['kafka_partition']}/{row['kafka_offset']}".encode()),
-            ])
+            dlq.produce(
+                dead_letter_topic,
+                value=row["message_value"],
+                key=row["message_key"],
+                headers=[
+                    ("reason", row["reason"].encode()),
+                    ("detail", row["detail"].encode("utf-8", "replace")),
+                    ("source", f"{row['topic']}/{row['kafka_partition']}/{row['kafka_offset']}".encode()),
+                ],
+            )
         dlq.flush(30)
     store.commit_durably(batch)
 
@@ -314,25 +335,37 @@ def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int) -> 
             summary.latencies_ms.extend(decided_ms - t for t in batch.publish_times_ms)
 
 
-def log_end_offsets(bootstrap_servers: str, topic: str, partitions: list[int] | None = None,
-                    timeout: float = 30.0) -> dict[int, int]:
+def log_end_offsets(
+    bootstrap_servers: str, topic: str, partitions: list[int] | None = None, timeout: float = 30.0
+) -> dict[int, int]:
     """Each partition's log end offset (where a message published now would go).
 
     Measured by fetching, not by a ListOffsets query: Tansu 0.6 answers ListOffsets(latest) with the
     base offset of the last record batch + 1, not the log end. Reading starts at that (never too high)
     answer and goes on to the end, whose offset every fetch response reports correctly.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "cardpipe-offsets", "logger": CLIENT_LOG,
-                         "enable.auto.commit": False, "enable.partition.eof": True,
-                         "auto.offset.reset": "earliest",
-                         # An empty fetch answers at once instead of after the broker's default wait.
-                         "fetch.wait.max.ms": 10})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": "cardpipe-offsets",
+            "logger": CLIENT_LOG,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            # An empty fetch answers at once instead of after the broker's default wait.
+            "fetch.wait.max.ms": 10,
+        }
+    )
     try:
         wanted = _topic_partitions(consumer, topic, None if partitions is None else tuple(partitions))
         if not wanted:
             return {}
-        starts = [TopicPartition(topic, p, consumer.get_watermark_offsets(
-            TopicPartition(topic, p), timeout=10, cached=False)[1]) for p in wanted]
+        starts = [
+            TopicPartition(
+                topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+            )
+            for p in wanted
+        ]
         consumer.assign(starts)
         ends: dict[int, int] = {}
         deadline = time.monotonic() + timeout

@@ -88,9 +88,15 @@ class StreamProcessor:
                 if previous == result:
                     counts["duplicate_ignored"] = counts.get("duplicate_ignored", 0) + 1
                 else:
-                    self._reject(batch, message, Rejection(
-                        DUPLICATE_CONFLICT, f"transaction {tx_id} was already decided with different content", tx_id,
-                    ))
+                    self._reject(
+                        batch,
+                        message,
+                        Rejection(
+                            DUPLICATE_CONFLICT,
+                            f"transaction {tx_id} was already decided with different content",
+                            tx_id,
+                        ),
+                    )
                 continue
             known[tx_id] = result
             card_id = result[1]
@@ -104,31 +110,35 @@ class StreamProcessor:
             else:
                 decided.append(DecisionRow(result + (REJECTED, None, UNKNOWN_CARD)))
                 positions.append((message.partition, None))
-                self._reject(batch, message, Rejection(
-                    UNKNOWN_CARD, f"card {card_id} is not in the serving database", tx_id))
+                self._reject(
+                    batch, message, Rejection(UNKNOWN_CARD, f"card {card_id} is not in the serving database", tx_id)
+                )
                 touched[card_id] = False
             if message.timestamp_ms is not None:
                 publish_times.append(message.timestamp_ms)
         balances = self.authorizer.balances
-        batch.card_states = {cid: CardState(cid, balances[cid] if is_known else None)
-                             for cid, is_known in touched.items()}
+        batch.card_states = {
+            cid: CardState(cid, balances[cid] if is_known else None) for cid, is_known in touched.items()
+        }
         batch.counts.update(counts)
         return batch
 
     def _reject(self, batch: CheckpointBatch, message: RawMessage, rejection: Rejection) -> None:
         batch.counts[REJECTED] += 1
         batch.counts[f"rejected:{rejection.reason}"] += 1
-        batch.rejected.append({
-            "topic": self.topic,
-            "kafka_partition": message.partition,
-            "kafka_offset": message.offset,
-            "transaction_id": rejection.transaction_id,
-            "reason": rejection.reason,
-            "detail": rejection.detail[:1024],
-            "message_key": message.key,
-            "message_value": message.value,
-            "recorded_at": self.clock().replace(microsecond=0),
-        })
+        batch.rejected.append(
+            {
+                "topic": self.topic,
+                "kafka_partition": message.partition,
+                "kafka_offset": message.offset,
+                "transaction_id": rejection.transaction_id,
+                "reason": rejection.reason,
+                "detail": rejection.detail[:1024],
+                "message_key": message.key,
+                "message_value": message.value,
+                "recorded_at": self.clock().replace(microsecond=0),
+            }
+        )
 
 
 __all__ = ["CardState", "CheckpointBatch", "DecisionRow", "RawMessage", "StreamProcessor", "decision_row"]

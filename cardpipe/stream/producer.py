@@ -48,8 +48,14 @@ class PublishSummary:
 
 
 def make_producer(bootstrap_servers: str, **overrides: object) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap_servers, "logger": logging.getLogger("cardpipe.librdkafka"),
-                     **PRODUCER_DEFAULTS, **overrides})
+    return Producer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "logger": logging.getLogger("cardpipe.librdkafka"),
+            **PRODUCER_DEFAULTS,
+            **overrides,
+        }
+    )
 
 
 def publish(
@@ -120,5 +126,6 @@ def publish(
     summary.published = sent - summary.failed
     if errors:
         raise BrokerUnavailable(
-            f"{len(errors)} of {sent} messages were not acknowledged by the broker: {errors[0].str()}")
+            f"{len(errors)} of {sent} messages were not acknowledged by the broker: {errors[0].str()}"
+        )
     return summary

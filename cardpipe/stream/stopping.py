@@ -69,14 +69,21 @@ class StopPolicy:
         if self.follow:
             return False
         caught_up = self.at_end.keys() >= self.partitions
-        if (self.publishing is not None and self.stream_end is None and (caught_up or not decided)
-                and not self.publishing()):
+        if (
+            self.publishing is not None
+            and self.stream_end is None
+            and (caught_up or not decided)
+            and not self.publishing()
+        ):
             assert self.end_offsets is not None, "publishing given without end_offsets"
             self.stream_end = self.end_offsets()
         if self.publishing is not None and self.stream_end is None:
             return False  # more is coming
         end = self.stream_end
-        if self.until_caught_up and caught_up and (
-                end is None or all(self.at_end[p] >= end.get(p, 0) for p in self.partitions)):
+        if (
+            self.until_caught_up
+            and caught_up
+            and (end is None or all(self.at_end[p] >= end.get(p, 0) for p in self.partitions))
+        ):
             return True
         return not decided and now - self.last_message >= self.idle_seconds

@@ -27,28 +27,34 @@ def tx(amount: str, location: str = NEAR, tid: int = 1) -> Transaction:
     return Transaction(tid, 7, "Shop", datetime(2025, 4, 1, 12, 0, 0), D(amount), location, "purchase")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("4395 Brenda Lake, Queens, NY 10859", "10859"),
-    ("Online", "Online"),
-    ("a  b\t 1234 ", "1234"),
-    ("", None),
-    ("   ", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4395 Brenda Lake, Queens, NY 10859", "10859"),
+        ("Online", "Online"),
+        ("a  b\t 1234 ", "1234"),
+        ("", None),
+        ("   ", None),
+        (None, None),
+    ],
+)
 def test_zip_is_the_last_whitespace_token(text, expected):
     assert zip_of(text) == expected
 
 
-@pytest.mark.parametrize("customer, merchant, ok", [
-    ("11513", "10859", True),  # same first digit
-    ("11513", "20859", False),  # different first digit
-    ("11513", "1085", False),  # merchant zip too short
-    ("1151", "10859", False),  # customer zip too short
-    (None, "10859", False),
-    ("11513", None, False),
-    ("11513", "", False),
-    ("11513-1234", "1abcd", True),  # only length and first character matter
-])
+@pytest.mark.parametrize(
+    "customer, merchant, ok",
+    [
+        ("11513", "10859", True),  # same first digit
+        ("11513", "20859", False),  # different first digit
+        ("11513", "1085", False),  # merchant zip too short
+        ("1151", "10859", False),  # customer zip too short
+        (None, "10859", False),
+        ("11513", None, False),
+        ("11513", "", False),
+        ("11513-1234", "1abcd", True),  # only length and first character matter
+    ],
+)
 def test_location_ok(customer, merchant, ok):
     assert location_ok(customer, merchant) is ok
 
@@ -106,12 +112,14 @@ def test_decline_leaves_the_balance_unchanged():
 # --- the Authorizer's hot path (card terms computed once, zip heads remembered) decides as SPEC §3 -------------
 
 
-ZIPS = st.one_of(st.none(), st.sampled_from(["", "1151", "11513", "21513", "1abcd", "11513-1234", "٣1513"]),
-                 st.text(max_size=7))
+ZIPS = st.one_of(
+    st.none(), st.sampled_from(["", "1151", "11513", "21513", "1abcd", "11513-1234", "٣1513"]), st.text(max_size=7)
+)
 LOCATIONS = st.one_of(
     st.sampled_from(["", " ", NEAR, "1 Road, CO 80202", "a  b\t 1234 ", "x NY\u00a010001", "x 1abcd\n", "Online"]),
-    st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["10001", "20002", " ", "\t", "\u2003"])),
-             max_size=4).map(" ".join),
+    st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["10001", "20002", " ", "\t", "\u2003"])), max_size=4).map(
+        " ".join
+    ),
 )
 
 
@@ -121,8 +129,13 @@ def spec_reason(amount, location, card, pending):
         return AMOUNT_OVER_HALF_LIMIT
     tokens = location.split() if location else []
     merchant_zip, customer_zip = tokens[-1] if tokens else None, card.customer_zip
-    if not (customer_zip and merchant_zip and len(customer_zip) >= 5 and len(merchant_zip) >= 5
-            and customer_zip[0] == merchant_zip[0]):
+    if not (
+        customer_zip
+        and merchant_zip
+        and len(customer_zip) >= 5
+        and len(merchant_zip) >= 5
+        and customer_zip[0] == merchant_zip[0]
+    ):
         return LOCATION_TOO_FAR
     if pending + amount > card.credit_limit:
         return OVER_CREDIT_LIMIT
@@ -130,9 +143,13 @@ def spec_reason(amount, location, card, pending):
 
 
 @settings(max_examples=200, deadline=None)
-@given(cards=st.lists(st.tuples(st.integers(0, 10**8).map(lambda c: D(c).scaleb(-2)), ZIPS), min_size=1, max_size=3),
-       txs=st.lists(st.tuples(st.integers(0, 3), st.integers(-10**8, 10**8).map(lambda c: D(c).scaleb(-2)), LOCATIONS),
-                    max_size=30))
+@given(
+    cards=st.lists(st.tuples(st.integers(0, 10**8).map(lambda c: D(c).scaleb(-2)), ZIPS), min_size=1, max_size=3),
+    txs=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(-(10**8), 10**8).map(lambda c: D(c).scaleb(-2)), LOCATIONS),
+        max_size=30,
+    ),
+)
 def test_authorizer_decides_as_the_spec_with_a_running_balance(cards, txs):
     profiles = {i: CardProfile(i, limit, zip_code) for i, (limit, zip_code) in enumerate(cards)}
     balances = {i: D("0.00") for i in profiles}

@@ -5,8 +5,10 @@ import pytest
 from cardpipe.domain.money import MoneyError, format_money, parse_money, parse_money_lenient
 
 
-@pytest.mark.parametrize("raw, expected", [("131.76", "131.76"), ("-95.11", "-95.11"), (" 5 ", "5.00"),
-                                           (12, "12.00"), (D("1.5"), "1.50"), ("1.230", "1.23")])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("131.76", "131.76"), ("-95.11", "-95.11"), (" 5 ", "5.00"), (12, "12.00"), (D("1.5"), "1.50"), ("1.230", "1.23")],
+)
 def test_parse_money(raw, expected):
     assert parse_money(raw) == D(expected)
 

@@ -43,8 +43,19 @@ T0 = datetime(2025, 4, 1, 0, 0, 0)
 ZIPS = [None, "", "1", "1151", "11513", "10001", "19446", "20001", "90210", "11513-1234", "A1513"]
 # Transaction locations: the zip is the last whitespace token (missing, short, near, far, odd whitespace).
 LOCATIONS = [
-    "", "   ", "Online", "10001", "x, NY 1000", "4395 Brenda Lake, Queens, NY 10859", "x, NY 19446",
-    "x, DC 20001", "x, CA 90210", "x,\tNY\t11111", "x,\u00a0NY\u00a012345", "x, NY 11513-0000", "x, NY A1513",
+    "",
+    "   ",
+    "Online",
+    "10001",
+    "x, NY 1000",
+    "4395 Brenda Lake, Queens, NY 10859",
+    "x, NY 19446",
+    "x, DC 20001",
+    "x, CA 90210",
+    "x,\tNY\t11111",
+    "x,\u00a0NY\u00a012345",
+    "x, NY 11513-0000",
+    "x, NY A1513",
 ]
 
 limits = st.one_of(
@@ -97,8 +108,9 @@ def worlds(draw: st.DrawFn) -> World:
 
 
 @st.composite
-def transactions(draw: st.DrawFn, world: World, *, max_size: int = 25,
-                 unknown_cards: bool = False) -> list[Transaction]:
+def transactions(
+    draw: st.DrawFn, world: World, *, max_size: int = 25, unknown_cards: bool = False
+) -> list[Transaction]:
     """A stream in timestamp order (ties allowed), ids increasing, on the world's cards (and maybe an unknown one)."""
     card_ids = [c.card_id for c in world.cards] + ([UNKNOWN_CARD_ID] if unknown_cards else [])
     out = []
@@ -107,11 +119,18 @@ def transactions(draw: st.DrawFn, world: World, *, max_size: int = 25,
         card_id = draw(st.sampled_from(card_ids))
         limit = world.card(card_id).credit_limit if card_id != UNKNOWN_CARD_ID else D("1000.00")
         when += timedelta(seconds=draw(st.integers(0, 2)))
-        out.append(Transaction(
-            tid, card_id, draw(st.sampled_from(["Shop", 'Barrett "LLC"', "Ünïcode ✓"])), when,
-            draw(amounts(limit)), draw(st.sampled_from(LOCATIONS)),
-            draw(st.sampled_from(["purchase", "refund", "bill_payment"])), None,
-        ))
+        out.append(
+            Transaction(
+                tid,
+                card_id,
+                draw(st.sampled_from(["Shop", 'Barrett "LLC"', "Ünïcode ✓"])),
+                when,
+                draw(amounts(limit)),
+                draw(st.sampled_from(LOCATIONS)),
+                draw(st.sampled_from(["purchase", "refund", "bill_payment"])),
+                None,
+            )
+        )
     return out
 
 
@@ -127,8 +146,13 @@ def spec_decline_reason(tx: Transaction, limit: D, customer_zip: str | None, bal
     merchant_zip = spec_zip(tx.location)
     if abs(Fraction(tx.amount)) >= Fraction(limit) / 2:
         return AMOUNT_OVER_HALF_LIMIT
-    if (not customer_zip or not merchant_zip or len(customer_zip) < 5 or len(merchant_zip) < 5
-            or customer_zip[0] != merchant_zip[0]):
+    if (
+        not customer_zip
+        or not merchant_zip
+        or len(customer_zip) < 5
+        or len(merchant_zip) < 5
+        or customer_zip[0] != merchant_zip[0]
+    ):
         return LOCATION_TOO_FAR
     if Fraction(balance) + Fraction(tx.amount) > Fraction(limit):
         return OVER_CREDIT_LIMIT
@@ -191,21 +215,29 @@ def settled(rows: dict[int, dict]) -> list[SettledTransaction]:
 
 
 def settlement_key(result) -> tuple:
-    return (sorted((t.transaction_id, t.card_id, t.amount, t.status) for t in result.transactions),
-            sorted((c.card_id, c.customer_id, c.credit_limit, c.current_balance) for c in result.cards),
-            sorted((c.customer_id, c.credit_score) for c in result.customers))
+    return (
+        sorted((t.transaction_id, t.card_id, t.amount, t.status) for t in result.transactions),
+        sorted((c.card_id, c.customer_id, c.credit_limit, c.current_balance) for c in result.cards),
+        sorted((c.customer_id, c.credit_score) for c in result.customers),
+    )
 
 
 @settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_settlement_does_not_depend_on_the_order_of_its_inputs(data):
     world = data.draw(worlds())
-    txs = [SettledTransaction(t.transaction_id, t.card_id, t.amount, data.draw(st.sampled_from([PENDING, DECLINED,
-                                                                                              REJECTED])))
-           for t in data.draw(transactions(world, unknown_cards=True))]
+    txs = [
+        SettledTransaction(
+            t.transaction_id, t.card_id, t.amount, data.draw(st.sampled_from([PENDING, DECLINED, REJECTED]))
+        )
+        for t in data.draw(transactions(world, unknown_cards=True))
+    ]
     reference = settle(txs, world.cards, world.customers)
-    shuffled = settle(data.draw(st.permutations(txs)), data.draw(st.permutations(world.cards)),
-                      data.draw(st.permutations(world.customers)))
+    shuffled = settle(
+        data.draw(st.permutations(txs)),
+        data.draw(st.permutations(world.cards)),
+        data.draw(st.permutations(world.customers)),
+    )
     assert settlement_key(shuffled) == settlement_key(reference)
 
 
@@ -216,9 +248,25 @@ class MemoryStore:
         self.rows: dict[int, dict] = {}
 
     def lookup(self, ids: list[int]) -> dict[int, Transaction]:
-        return {i: Transaction(*(self.rows[i][k] for k in (
-            "transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location", "transaction_type",
-            "related_transaction_id"))) for i in ids if i in self.rows}
+        return {
+            i: Transaction(
+                *(
+                    self.rows[i][k]
+                    for k in (
+                        "transaction_id",
+                        "card_id",
+                        "merchant_name",
+                        "timestamp",
+                        "amount",
+                        "location",
+                        "transaction_type",
+                        "related_transaction_id",
+                    )
+                )
+            )
+            for i in ids
+            if i in self.rows
+        }
 
     def commit(self, batch) -> None:
         for row in batch.decided:
@@ -266,8 +314,9 @@ def test_stream_results_and_settlement_do_not_depend_on_batches_or_partitions(da
 
     assert split == one_batch
     assert sorted(one_batch) == [t.transaction_id for t in txs]
-    assert settlement_key(settle(settled(split), world.cards, world.customers)) == \
-        settlement_key(settle(settled(one_batch), world.cards, world.customers))
+    assert settlement_key(settle(settled(split), world.cards, world.customers)) == settlement_key(
+        settle(settled(one_batch), world.cards, world.customers)
+    )
 
 
 # --- (e): settlement invariants ---------------------------------------------------------------------------
@@ -277,9 +326,12 @@ def test_stream_results_and_settlement_do_not_depend_on_batches_or_partitions(da
 @given(data=st.data())
 def test_settlement_keeps_scores_in_range_and_only_lowers_limits_to_hundreds(data):
     world = data.draw(worlds())
-    txs = [SettledTransaction(t.transaction_id, t.card_id, t.amount, data.draw(st.sampled_from([PENDING, DECLINED,
-                                                                                              REJECTED])))
-           for t in data.draw(transactions(world, unknown_cards=True))]
+    txs = [
+        SettledTransaction(
+            t.transaction_id, t.card_id, t.amount, data.draw(st.sampled_from([PENDING, DECLINED, REJECTED]))
+        )
+        for t in data.draw(transactions(world, unknown_cards=True))
+    ]
     result = settle(txs, world.cards, world.customers)
 
     assert [t.status for t in result.transactions] == [APPROVED if t.status == PENDING else t.status for t in txs]

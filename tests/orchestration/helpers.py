@@ -21,17 +21,26 @@ COMPARE_TOOL = REPO_ROOT.parent / "shared" / "tools" / "compare_results.py"
 RESULT_TABLES = ("stream_transactions", "batch_transactions", "cards_updated", "customers_updated")
 
 
-def cardpipe(args: Sequence[str], env: dict[str, str], *, timeout: float = 600, check: bool = True,
-             cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+def cardpipe(
+    args: Sequence[str], env: dict[str, str], *, timeout: float = 600, check: bool = True, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m cardpipe ARGS`` in a subprocess."""
     return run_python(["-m", "cardpipe", *args], env, timeout=timeout, check=check, cwd=cwd)
 
 
-def run_python(args: Sequence[str], env: dict[str, str], *, timeout: float = 600, check: bool = True,
-               cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+def run_python(
+    args: Sequence[str], env: dict[str, str], *, timeout: float = 600, check: bool = True, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess[str]:
     full_env = {**env, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, *args], env=full_env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -39,15 +48,19 @@ def run_python(args: Sequence[str], env: dict[str, str], *, timeout: float = 600
 
 def compare_results(expected: Path, actual: Path) -> str:
     """Run the shared comparison tool; returns its output, raises with it on any mismatch."""
-    proc = subprocess.run([sys.executable, str(COMPARE_TOOL), str(expected), str(actual)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(COMPARE_TOOL), str(expected), str(actual)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout + proc.stderr
     return proc.stdout
 
 
 #: Each batch view and the table whose column types it has.
-VIEW_BASES = {"batch_transactions": schema.stream_transactions, "cards_updated": schema.settled_cards,
-              "customers_updated": schema.settled_customers}
+VIEW_BASES = {
+    "batch_transactions": schema.stream_transactions,
+    "cards_updated": schema.settled_cards,
+    "customers_updated": schema.settled_customers,
+}
 
 
 def table_matches_csv(database_url, table_name: str, path: Path) -> None:
@@ -74,8 +87,17 @@ def table_matches_csv(database_url, table_name: str, path: Path) -> None:
 
 
 def env_without_services(**extra: str) -> dict[str, str]:
-    drop = {"DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME", "DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS",
-            "CARDPIPE_RESULTS_DIR", "CARDPIPE_DATA_DIR"}
+    drop = {
+        "DB_HOST",
+        "DB_PORT",
+        "DB_USER",
+        "DB_PASSWORD",
+        "DB_NAME",
+        "DATABASE_URL",
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "CARDPIPE_RESULTS_DIR",
+        "CARDPIPE_DATA_DIR",
+    }
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
@@ -101,21 +123,32 @@ def reference_results(data_dir: Path):  # type: ignore[no-untyped-def]
     cards = read_csv_rows(data_dir / "cards.csv")
     transactions = read_csv_rows(data_dir / "transactions.csv")
     zips = {c["customer_id"]: zip_of(c["address"]) for c in customers}
-    profiles = {int(c["card_id"]): CardProfile(int(c["card_id"]), money(c["credit_limit"]), zips[c["customer_id"]])
-                for c in cards}
+    profiles = {
+        int(c["card_id"]): CardProfile(int(c["card_id"]), money(c["credit_limit"]), zips[c["customer_id"]])
+        for c in cards
+    }
     authorizer = Authorizer(profiles, {int(c["card_id"]): money(c["current_balance"]) for c in cards})
     decisions = {}
     for t in sorted(transactions, key=lambda t: (t["timestamp"], int(t["transaction_id"]))):
         related = int(t["related_transaction_id"]) if t["related_transaction_id"] else None
-        tx = Transaction(int(t["transaction_id"]), int(t["card_id"]), t["merchant_name"],
-                         datetime.fromisoformat(t["timestamp"]), money(t["amount"]), t["location"],
-                         t["transaction_type"], related)
+        tx = Transaction(
+            int(t["transaction_id"]),
+            int(t["card_id"]),
+            t["merchant_name"],
+            datetime.fromisoformat(t["timestamp"]),
+            money(t["amount"]),
+            t["location"],
+            t["transaction_type"],
+            related,
+        )
         decision = authorizer.authorize(tx)
         decisions[tx.transaction_id] = (tx, decision.status, decision.pending_balance, decision.reason)
     settlement = settle(
         [SettledTransaction(k, v[0].card_id, v[0].amount, v[1]) for k, v in decisions.items()],
-        [Card(int(c["card_id"]), int(c["customer_id"]), money(c["credit_limit"]), money(c["current_balance"]))
-         for c in cards],
+        [
+            Card(int(c["card_id"]), int(c["customer_id"]), money(c["credit_limit"]), money(c["current_balance"]))
+            for c in cards
+        ],
         [Customer(int(c["customer_id"]), int(c["credit_score"])) for c in customers],
     )
     return decisions, settlement
@@ -126,13 +159,17 @@ def assert_results_match_reference(results: Path, data_dir: Path) -> None:
     from decimal import Decimal
 
     decisions, settlement = reference_results(data_dir)
-    stream = {int(r["transaction_id"]): (r["status"], Decimal(r["pending_balance"]), r["decline_reason"] or None)
-              for r in read_csv_rows(results / "stream_transactions.csv")}
+    stream = {
+        int(r["transaction_id"]): (r["status"], Decimal(r["pending_balance"]), r["decline_reason"] or None)
+        for r in read_csv_rows(results / "stream_transactions.csv")
+    }
     assert stream == {k: v[1:] for k, v in decisions.items()}
     batch = {int(r["transaction_id"]): r["status"] for r in read_csv_rows(results / "batch_transactions.csv")}
     assert batch == {t.transaction_id: t.status for t in settlement.transactions}
-    cards = {int(r["card_id"]): (Decimal(r["credit_limit"]), Decimal(r["current_balance"]))
-             for r in read_csv_rows(results / "cards_updated.csv")}
+    cards = {
+        int(r["card_id"]): (Decimal(r["credit_limit"]), Decimal(r["current_balance"]))
+        for r in read_csv_rows(results / "cards_updated.csv")
+    }
     assert cards == {c.card_id: (c.credit_limit, c.current_balance) for c in settlement.cards}
     scores = {int(r["customer_id"]): int(r["credit_score"]) for r in read_csv_rows(results / "customers_updated.csv")}
     assert scores == {c.customer_id: c.credit_score for c in settlement.customers}

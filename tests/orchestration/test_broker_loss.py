@@ -29,8 +29,10 @@ def expected_stream(data):
 
 
 def actual_stream(results):
-    return {int(r["transaction_id"]): (r["status"], r["pending_balance"], r["decline_reason"])
-            for r in read_csv_rows(results / "stream_transactions.csv")}
+    return {
+        int(r["transaction_id"]): (r["status"], r["pending_balance"], r["decline_reason"])
+        for r in read_csv_rows(results / "stream_transactions.csv")
+    }
 
 
 def test_broker_killed_mid_stream_is_replaced_and_nothing_is_lost(dataset, tmp_path):
@@ -50,8 +52,12 @@ def test_broker_killed_mid_stream_is_replaced_and_nothing_is_lost(dataset, tmp_p
     try:
         commands.produce(settings, broker=broker)
         # progress_every=0: the callback runs after every poll; the first call kills the broker.
-        summary = commands.consume(settings, ConsumeOptions(until_caught_up=True, batch_size=1000, progress_every=0),
-                                   broker=broker, progress=kill_once)
+        summary = commands.consume(
+            settings,
+            ConsumeOptions(until_caught_up=True, batch_size=1000, progress_every=0),
+            broker=broker,
+            progress=kill_once,
+        )
     finally:
         stop_broker(results)
     assert killed, "the broker was never killed"

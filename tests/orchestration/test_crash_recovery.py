@@ -77,6 +77,7 @@ PRODUCER_KILLS = (3, 15, 27, 36, 45)
 
 # --------------------------------------------------------------------------------------------- processes
 
+
 @dataclass
 class Proc:
     """A ``python -m cardpipe`` subprocess; its output goes to files (no pipe to fill up)."""
@@ -121,8 +122,14 @@ class Processes:
         self.logs.mkdir(parents=True, exist_ok=True)
         out, err = self.logs / f"{name}.out", self.logs / f"{name}.err"
         with out.open("wb") as out_fh, err.open("wb") as err_fh:
-            popen = subprocess.Popen([sys.executable, "-m", "cardpipe", *args], env=full_env, cwd=REPO_ROOT,
-                                     stdin=subprocess.DEVNULL, stdout=out_fh, stderr=err_fh)
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "cardpipe", *args],
+                env=full_env,
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out_fh,
+                stderr=err_fh,
+            )
         proc = Proc(name, popen, out, err)
         self.started.append(proc)
         return proc
@@ -186,6 +193,7 @@ def wait_for(condition, what: str, proc: Proc | None = None, timeout: float = WA
 
 # --------------------------------------------------------------------------------------------- expected
 
+
 @dataclass(frozen=True)
 class Expected:
     decisions: dict[int, tuple[str, Decimal | None, str | None]]  # id -> (status, pending_balance, reason)
@@ -214,6 +222,7 @@ def expected(dataset: Path) -> Expected:
 
 # --------------------------------------------------------------------------------------------- database
 
+
 def count_rows(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(schema.stream_transactions)).scalar_one())
@@ -229,8 +238,10 @@ def offsets_total(engine: Engine) -> int:
 def stream_table(engine: Engine) -> dict[int, tuple[str, Decimal | None, str | None]]:
     t = schema.stream_transactions
     with engine.connect() as conn:
-        return {r.transaction_id: (r.status, r.pending_balance, r.decline_reason)
-                for r in conn.execute(select(t.c.transaction_id, t.c.status, t.c.pending_balance, t.c.decline_reason))}
+        return {
+            r.transaction_id: (r.status, r.pending_balance, r.decline_reason)
+            for r in conn.execute(select(t.c.transaction_id, t.c.status, t.c.pending_balance, t.c.decline_reason))
+        }
 
 
 def card_states(engine: Engine) -> dict[int, Decimal]:
@@ -243,8 +254,14 @@ def stream_outcome(engine: Engine, results: Path, expected: Expected) -> dict[st
     table = stream_table(engine)
     rows = read_csv_rows(results / "stream_transactions.csv")
     ids = Counter(int(r["transaction_id"]) for r in rows)
-    from_csv = {int(r["transaction_id"]): (r["status"], Decimal(r["pending_balance"]) if r["pending_balance"] else None,
-                                           r["decline_reason"] or None) for r in rows}
+    from_csv = {
+        int(r["transaction_id"]): (
+            r["status"],
+            Decimal(r["pending_balance"]) if r["pending_balance"] else None,
+            r["decline_reason"] or None,
+        )
+        for r in rows
+    }
     want = expected.decisions
     return {
         "table_rows": len(table),
@@ -263,8 +280,17 @@ def stream_outcome(engine: Engine, results: Path, expected: Expected) -> dict[st
 def assert_stream_exact(engine: Engine, results: Path, expected: Expected) -> dict[str, int]:
     outcome = stream_outcome(engine, results, expected)
     n = len(expected.decisions)
-    assert outcome == {"table_rows": n, "table_lost": 0, "table_extra": 0, "table_wrong": 0, "csv_rows": n,
-                       "csv_lost": 0, "csv_duplicated": 0, "csv_wrong": 0, "card_states_wrong": 0}, outcome
+    assert outcome == {
+        "table_rows": n,
+        "table_lost": 0,
+        "table_extra": 0,
+        "table_wrong": 0,
+        "csv_rows": n,
+        "csv_lost": 0,
+        "csv_duplicated": 0,
+        "csv_wrong": 0,
+        "card_states_wrong": 0,
+    }, outcome
     # Belt and braces: the exact equalities the counts summarise.
     assert stream_table(engine) == expected.decisions
     assert card_states(engine) == expected.balances
@@ -287,9 +313,11 @@ def topic_size(bootstrap: str, topic: str) -> int:
 
 # --------------------------------------------------------------------------------------------- 1. consumer
 
+
 @pytest.mark.mysql
-def test_consumer_sigkilled_at_many_points_resumes_exactly(dataset, expected, tmp_path, mysql_env, mysql_database,
-                                                           processes):
+def test_consumer_sigkilled_at_many_points_resumes_exactly(
+    dataset, expected, tmp_path, mysql_env, mysql_database, processes
+):
     """14 SIGKILLs over a 50,000-transaction stream (11 crash points, 3 external): 0 lost, 0 duplicated."""
     results = tmp_path / "results"
     settings = Settings.from_env(env=mysql_env, results_dir=results, data_dir=dataset)
@@ -335,15 +363,19 @@ def test_consumer_sigkilled_at_many_points_resumes_exactly(dataset, expected, tm
         outcome = assert_stream_exact(engine, results, expected)
     finally:
         engine.dispose()
-    print(f"\nconsumer kills (point, rows committed when it died): {kills}; final run decided {messages} "
-          f"messages; outcome {outcome}")
+    print(
+        f"\nconsumer kills (point, rows committed when it died): {kills}; final run decided {messages} "
+        f"messages; outcome {outcome}"
+    )
 
 
 # --------------------------------------------------------------------------------------------- 2. producer
 
+
 @pytest.mark.mysql
-def test_producer_sigkilled_at_five_points_duplicates_are_absorbed(dataset, expected, tmp_path, mysql_env,
-                                                                   mysql_database, processes):
+def test_producer_sigkilled_at_five_points_duplicates_are_absorbed(
+    dataset, expected, tmp_path, mysql_env, mysql_database, processes
+):
     """`produce` dies 5 times part-way (re-publishing from the start each time); every duplicate is ignored."""
     results = tmp_path / "results"
     settings = Settings.from_env(env=mysql_env, results_dir=results, data_dir=dataset)
@@ -355,8 +387,9 @@ def test_producer_sigkilled_at_five_points_duplicates_are_absorbed(dataset, expe
     sizes = []
     try:
         for n in PRODUCER_KILLS:
-            proc = processes.run(["produce", "--results-dir", str(results)], env, f"produce-{n}",
-                                 crash=f"produce.acked:{n}")
+            proc = processes.run(
+                ["produce", "--results-dir", str(results)], env, f"produce-{n}", crash=f"produce.acked:{n}"
+            )
             assert proc.popen.returncode == SIGKILLED, proc.describe()
             assert "published" not in proc.stdout()
             sizes.append(topic_size(broker.bootstrap_servers, settings.kafka_topic))
@@ -381,21 +414,25 @@ def test_producer_sigkilled_at_five_points_duplicates_are_absorbed(dataset, expe
         outcome = assert_stream_exact(engine, results, expected)
     finally:
         engine.dispose()
-    print(f"\nproducer kills after {[n * 1000 for n in PRODUCER_KILLS]} messages acknowledged; "
-          f"topic size after each: {sizes}; "
-          f"after the full produce {in_topic}; consumer: {messages} messages, {duplicates} duplicates ignored; "
-          f"outcome {outcome}")
+    print(
+        f"\nproducer kills after {[n * 1000 for n in PRODUCER_KILLS]} messages acknowledged; "
+        f"topic size after each: {sizes}; "
+        f"after the full produce {in_topic}; consumer: {messages} messages, {duplicates} duplicates ignored; "
+        f"outcome {outcome}"
+    )
 
 
 # --------------------------------------------------------------------------------------------- 3. batch
+
 
 def table_cells(url: URL, name: str) -> list[tuple[str, ...]]:
     """A table's or view's rows as text, in key order."""
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return [tuple(format_cell(v) for v in row)
-                    for row in conn.execute(text(f"SELECT * FROM {name} ORDER BY 1"))]
+            return [
+                tuple(format_cell(v) for v in row) for row in conn.execute(text(f"SELECT * FROM {name} ORDER BY 1"))
+            ]
     finally:
         engine.dispose()
 
@@ -424,17 +461,35 @@ def decide_more(url: URL, count: int) -> list[int]:
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            partition, seq = conn.execute(text("SELECT kafka_partition, checkpoint_seq FROM stream_offsets "
-                                               "ORDER BY kafka_partition LIMIT 1")).one()
+            partition, seq = conn.execute(
+                text("SELECT kafka_partition, checkpoint_seq FROM stream_offsets ORDER BY kafka_partition LIMIT 1")
+            ).one()
             top = conn.execute(text("SELECT MAX(transaction_id) FROM stream_transactions")).scalar_one()
-            template = conn.execute(select(schema.stream_transactions).where(
-                schema.stream_transactions.c.status == "pending").limit(1)).mappings().one()
+            template = (
+                conn.execute(
+                    select(schema.stream_transactions).where(schema.stream_transactions.c.status == "pending").limit(1)
+                )
+                .mappings()
+                .one()
+            )
             ids = list(range(top + 1, top + 1 + count))
-            conn.execute(insert(schema.stream_transactions), [
-                {**template, "transaction_id": i, "amount": Decimal("1.00"), "kafka_partition": partition,
-                 "checkpoint_seq": seq + 1} for i in ids])
-            conn.execute(text("UPDATE stream_offsets SET checkpoint_seq = :s WHERE kafka_partition = :p"),
-                         {"s": seq + 1, "p": partition})
+            conn.execute(
+                insert(schema.stream_transactions),
+                [
+                    {
+                        **template,
+                        "transaction_id": i,
+                        "amount": Decimal("1.00"),
+                        "kafka_partition": partition,
+                        "checkpoint_seq": seq + 1,
+                    }
+                    for i in ids
+                ],
+            )
+            conn.execute(
+                text("UPDATE stream_offsets SET checkpoint_seq = :s WHERE kafka_partition = :p"),
+                {"s": seq + 1, "p": partition},
+            )
         return ids
     finally:
         engine.dispose()
@@ -449,18 +504,22 @@ def settlement_statuses(url: URL) -> dict[int, str]:
         engine.dispose()
 
 
-def _killed_settlements_leave_the_previous_in_force(url: URL, results: Path, env: dict[str, str],
-                                                   processes: Processes, engine_name: str) -> None:
+def _killed_settlements_leave_the_previous_in_force(
+    url: URL, results: Path, env: dict[str, str], processes: Processes, engine_name: str
+) -> None:
     """Two settlements killed (after computing, after storing their rows): views, files and the settlement in
     force stay as they were; the next `batch` publishes the new decisions."""
     complete = snapshot(results, url, RESULT_TABLES)
     new_ids = decide_more(url, 25)
     for point in ("batch.computed:1", "batch.staged:1"):
-        crashed = processes.run(["batch", "--results-dir", str(results), "--engine", engine_name], env,
-                                f"batch-crash-{point}", crash=point)
+        crashed = processes.run(
+            ["batch", "--results-dir", str(results), "--engine", engine_name], env, f"batch-crash-{point}", crash=point
+        )
         assert crashed.popen.returncode == SIGKILLED, crashed.describe()
-        assert_same(snapshot(results, url, RESULT_TABLES), {k: v for k, v in complete.items()
-                                                            if not k.startswith("stream_transactions")})
+        assert_same(
+            snapshot(results, url, RESULT_TABLES),
+            {k: v for k, v in complete.items() if not k.startswith("stream_transactions")},
+        )
         assert settlement_statuses(url)[1] == "published"
     rerun = processes.run(["batch", "--results-dir", str(results), "--engine", engine_name], env, "batch-again")
     assert rerun.popen.returncode == 0, rerun.describe()
@@ -502,8 +561,9 @@ def test_killed_settlements_keep_the_previous_one_in_force_sqlite(seed_dataset, 
 @pytest.mark.slow
 @pytest.mark.mysql
 @pytest.mark.spark
-def test_killed_spark_settlements_keep_the_previous_one_in_force_mariadb(seed_dataset, tmp_path, mysql_env,
-                                                                         mysql_database, processes):
+def test_killed_spark_settlements_keep_the_previous_one_in_force_mariadb(
+    seed_dataset, tmp_path, mysql_env, mysql_database, processes
+):
     """MariaDB, the Spark engine: killed settlements (and their Spark JVM) change nothing; the rerun publishes."""
     data = seed_dataset / "input"
     results = tmp_path / "results"

@@ -55,10 +55,21 @@ class PrivateMariaDB:
     password: str
 
     def ctl(self, action: str) -> str:
-        env = {**os.environ, "CARDPIPE_MARIADB_DIR": str(self.state_dir), "CARDPIPE_MARIADB_PORT": str(self.port),
-               "CARDPIPE_MARIADB_PASSWORD": self.password}
-        proc = subprocess.run(["bash", str(MARIADB_SCRIPT), action], env=env, cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=180, stdin=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "CARDPIPE_MARIADB_DIR": str(self.state_dir),
+            "CARDPIPE_MARIADB_PORT": str(self.port),
+            "CARDPIPE_MARIADB_PASSWORD": self.password,
+        }
+        proc = subprocess.run(
+            ["bash", str(MARIADB_SCRIPT), action],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
+        )
         assert proc.returncode == 0, f"mariadb.sh {action} exited {proc.returncode}: {proc.stderr}"
         return proc.stdout
 
@@ -82,8 +93,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def private_mariadb() -> Iterator[PrivateMariaDB]:
     # A short path under /tmp: the server's Unix socket lives in it (at most ~107 characters).
-    server = PrivateMariaDB(Path(tempfile.mkdtemp(prefix="cardpipe-mdb-")), _free_port(),
-                            f"pw-{secrets.token_hex(12)}")
+    server = PrivateMariaDB(Path(tempfile.mkdtemp(prefix="cardpipe-mdb-")), _free_port(), f"pw-{secrets.token_hex(12)}")
     try:
         server.ctl("start")
         yield server
@@ -126,8 +136,11 @@ def test_consumer_rides_out_a_database_restart(dataset, expected, tmp_path, priv
     broker = ensure_broker(None, results)
     try:
         assert commands.produce(settings, broker=broker).published == N_TRANSACTIONS
-        consumer = processes.start(["consume", "--results-dir", str(results), "--batch-size", "500",
-                                    "--idle-seconds", "5"], env_without_services(**db_env), "consume")
+        consumer = processes.start(
+            ["consume", "--results-dir", str(results), "--batch-size", "500", "--idle-seconds", "5"],
+            env_without_services(**db_env),
+            "consume",
+        )
         wait_for(lambda: count_rows(engine) >= 3_000, "3,000 decisions", consumer)
         before = count_rows(engine)
         engine.dispose()
@@ -150,12 +163,15 @@ def test_consumer_rides_out_a_database_restart(dataset, expected, tmp_path, priv
     assert "database unavailable" in consumer.stderr(), consumer.describe()
     assert private_mariadb.password not in output, "the consumer printed the database password"
     retries = consumer.stderr().count("database unavailable")
-    print(f"\ndatabase restarted after {before} decisions; the consumer retried {retries} times and decided "
-          f"{messages} messages, {duplicates} duplicates; outcome {outcome}")
+    print(
+        f"\ndatabase restarted after {before} decisions; the consumer retried {retries} times and decided "
+        f"{messages} messages, {duplicates} duplicates; outcome {outcome}"
+    )
 
 
-def test_messages_arriving_while_the_database_is_down_wait_for_it(dataset, expected, tmp_path, private_mariadb,
-                                                                   processes):
+def test_messages_arriving_while_the_database_is_down_wait_for_it(
+    dataset, expected, tmp_path, private_mariadb, processes
+):
     """The consumer idles when the server stops; messages arrive during the outage: it waits, then decides them."""
     db_env = private_mariadb.db_env()
     results = tmp_path / "results"
@@ -168,8 +184,11 @@ def test_messages_arriving_while_the_database_is_down_wait_for_it(dataset, expec
     broker = ensure_broker(None, results)
     try:
         publish(transactions[:first], broker.bootstrap_servers, settings.kafka_topic)
-        consumer = processes.start(["consume", "--results-dir", str(results), "--batch-size", "1000", "--follow"],
-                                   env_without_services(**db_env), "consume")
+        consumer = processes.start(
+            ["consume", "--results-dir", str(results), "--batch-size", "1000", "--follow"],
+            env_without_services(**db_env),
+            "consume",
+        )
         wait_for(lambda: count_rows(engine) == first, f"the first {first:,} decisions", consumer)
         engine.dispose()
         private_mariadb.ctl("stop")
@@ -189,6 +208,7 @@ def test_messages_arriving_while_the_database_is_down_wait_for_it(dataset, expec
     finally:
         engine.dispose()
     # The first database access of a polled batch is reading the settlement in force, then the lookup.
-    assert "database unavailable" in consumer.stderr() and "retrying reading the settlement in force" in \
-        consumer.stderr(), consumer.describe()
+    assert (
+        "database unavailable" in consumer.stderr() and "retrying reading the settlement in force" in consumer.stderr()
+    ), consumer.describe()
     assert private_mariadb.password not in consumer.stdout() + consumer.stderr()

@@ -23,8 +23,9 @@ pytestmark = [pytest.mark.kafka]
 
 def test_run_on_seed_dataset_with_embedded_defaults(seed_dataset, tmp_path):
     results = tmp_path / "results"
-    proc = cardpipe(["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
-                    env_without_services())
+    proc = cardpipe(
+        ["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)], env_without_services()
+    )
     compare_results(seed_dataset / "expected", results)
     db = URL.create("sqlite", database=str(results / "cardpipe.db"))
     for table in RESULT_TABLES:
@@ -58,8 +59,10 @@ def test_run_settles_with_the_embedded_engine_and_the_views_show_the_settlement(
 @pytest.mark.spark
 def test_run_with_the_spark_engine_gives_the_same_results(seed_dataset, tmp_path):
     results = tmp_path / "results"
-    proc = cardpipe(["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
-                    env_without_services(CARDPIPE_BATCH_ENGINE="spark"))
+    proc = cardpipe(
+        ["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
+        env_without_services(CARDPIPE_BATCH_ENGINE="spark"),
+    )
     assert "spark engine" in proc.stdout
     compare_results(seed_dataset / "expected", results)
 
@@ -80,8 +83,10 @@ def test_run_on_seed_dataset_against_mariadb(seed_dataset, tmp_path, mysql_env, 
     watcher = threading.Thread(target=watch_process_list, daemon=True)
     watcher.start()
     try:
-        proc = cardpipe(["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
-                        env_without_services(**mysql_env, CARDPIPE_BATCH_ENGINE="spark"))
+        proc = cardpipe(
+            ["run", "--data-dir", str(seed_dataset / "input"), "--results-dir", str(results)],
+            env_without_services(**mysql_env, CARDPIPE_BATCH_ENGINE="spark"),
+        )
     finally:
         done.set()
         watcher.join()
@@ -98,15 +103,29 @@ def test_run_on_seed_dataset_against_mariadb(seed_dataset, tmp_path, mysql_env, 
 def test_seed_commands_in_order_against_mariadb(seed_dataset, tmp_path, mysql_env, mysql_database):
     """The seed README's flow: setup, load, consume and produce in two terminals, batch, persist; then main.py."""
     results = tmp_path / "results"
-    env = env_without_services(**mysql_env, CARDPIPE_RESULTS_DIR=str(results),
-                               CARDPIPE_DATA_DIR=str(seed_dataset / "input"), CONSUMER_IDLE_SECONDS="8")
-    run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True,  # noqa: E731
-                                       text=True, timeout=600)
+    env = env_without_services(
+        **mysql_env,
+        CARDPIPE_RESULTS_DIR=str(results),
+        CARDPIPE_DATA_DIR=str(seed_dataset / "input"),
+        CONSUMER_IDLE_SECONDS="8",
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+
     for args in (["db_setup.py"], ["serving_processor.py", "initial"]):
         assert run(*args).returncode == 0
     # The consumer starts first (as in a second terminal) and waits for the producer.
-    consumer = subprocess.Popen([sys.executable, "stream_processor.py", "consume"], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    consumer = subprocess.Popen(
+        [sys.executable, "stream_processor.py", "consume"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(2)
         produced = run("stream_processor.py", "produce")

@@ -42,8 +42,11 @@ def test_broker_unreachable(tmp_path, seed_dataset):
 
 
 def test_missing_data_folder(tmp_path):
-    proc = cardpipe(["run", "--data-dir", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path / "r")],
-                    env_without_services(), check=False)
+    proc = cardpipe(
+        ["run", "--data-dir", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path / "r")],
+        env_without_services(),
+        check=False,
+    )
     assert_one_line_error(proc, "nowhere", "does not exist")
 
 
@@ -52,12 +55,14 @@ def test_csv_with_a_missing_column(tmp_path, seed_dataset):
     shutil.copytree(seed_dataset / "input", data)
     text = (data / "customers.csv").read_text().replace("credit_score,", "score,", 1)
     (data / "customers.csv").write_text(text)
-    proc = cardpipe(["load", "--data-dir", str(data), "--results-dir", str(tmp_path / "r")],
-                    env_without_services(), check=False)
+    proc = cardpipe(
+        ["load", "--data-dir", str(data), "--results-dir", str(tmp_path / "r")], env_without_services(), check=False
+    )
     assert_one_line_error(proc, "customers.csv", "missing column(s) credit_score")
 
 
 def test_bad_setting_value(tmp_path):
-    proc = cardpipe(["setup", "--results-dir", str(tmp_path)], env_without_services(KAFKA_PARTITIONS="many"),
-                    check=False)
+    proc = cardpipe(
+        ["setup", "--results-dir", str(tmp_path)], env_without_services(KAFKA_PARTITIONS="many"), check=False
+    )
     assert_one_line_error(proc, "KAFKA_PARTITIONS must be an integer")

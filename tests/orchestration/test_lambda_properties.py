@@ -37,8 +37,9 @@ from tests.lambda_model import LambdaModel
 
 PARTITIONS = 4
 Step = tuple[str, int]
-steps = st.lists(st.one_of(st.tuples(st.just("consume"), st.integers(1, 120)), st.just(("settle", 0))),
-                 min_size=1, max_size=8)
+steps = st.lists(
+    st.one_of(st.tuples(st.just("consume"), st.integers(1, 120)), st.just(("settle", 0))), min_size=1, max_size=8
+)
 
 
 class Harness:
@@ -68,11 +69,12 @@ class Harness:
     def _resume(self) -> StreamProcessor:
         settlement_id, profiles = self.store.settled_profiles()
         balances, _ = self.store.restore()
-        return StreamProcessor(self.store.topic, profiles, balances, self.store.lookup_decided,
-                               settlement_id=settlement_id)
+        return StreamProcessor(
+            self.store.topic, profiles, balances, self.store.lookup_decided, settlement_id=settlement_id
+        )
 
     def consume(self, count: int) -> None:
-        chunk = self.messages[self.position:self.position + count]
+        chunk = self.messages[self.position : self.position + count]
         if not chunk:
             return
         settlement_id = self.store.settlement_in_force()
@@ -83,8 +85,9 @@ class Harness:
         except SettlementChanged:  # cannot happen here (nothing settles concurrently): the test must say so
             raise AssertionError("a settlement was published while deciding, with no settlement running") from None
         for t, _ in chunk:
-            self.model.decide({"transaction_id": t.transaction_id, "card_id": t.card_id, "amount": t.amount,
-                               "location": t.location})
+            self.model.decide(
+                {"transaction_id": t.transaction_id, "card_id": t.card_id, "amount": t.amount, "location": t.location}
+            )
         self.position += len(chunk)
 
     def settle(self) -> None:
@@ -109,7 +112,7 @@ class Harness:
                 assert got is not None
                 want = m.transaction_view(transaction_id)
                 assert {k: got[k] for k in want} == want, f"transaction {transaction_id}"
-            undecided = [t.transaction_id for t, _ in self.messages[self.position:self.position + 3]]
+            undecided = [t.transaction_id for t, _ in self.messages[self.position : self.position + 3]]
             assert all(views.transaction_view(conn, i) is None for i in undecided)
 
     def run(self, plan: list[Step]) -> None:
@@ -141,22 +144,30 @@ def _run(url_for: Any, data: Path, plan: list[Step], scale: int) -> None:
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=steps, scale=st.sampled_from([1, 3, 8]))
 def test_views_equal_the_model_whatever_the_interleaving_sqlite(seed_dataset, plan, scale):
-    _run(lambda folder: URL.create("sqlite", database=str(folder / "cardpipe.db")), seed_dataset / "input", plan,
-         scale)
+    _run(lambda folder: URL.create("sqlite", database=str(folder / "cardpipe.db")), seed_dataset / "input", plan, scale)
 
 
 @pytest.mark.mysql
 def test_views_equal_the_model_on_mariadb_fixed_plan(seed_dataset, mysql_database):
-    plan: list[Step] = [("consume", 50), ("settle", 0), ("consume", 7), ("settle", 0), ("settle", 0),
-                        ("consume", 120), ("consume", 1), ("settle", 0)]
+    plan: list[Step] = [
+        ("consume", 50),
+        ("settle", 0),
+        ("consume", 7),
+        ("settle", 0),
+        ("settle", 0),
+        ("consume", 120),
+        ("consume", 1),
+        ("settle", 0),
+    ]
     _run(lambda _folder: mysql_database, seed_dataset / "input", plan, 8)
 
 
 def test_the_model_lowers_limits_that_later_decisions_feel(seed_dataset):
     """The plans above are only meaningful if settlements change later decisions: check the data does that."""
     with tempfile.TemporaryDirectory() as folder:
-        harness = Harness(URL.create("sqlite", database=str(Path(folder) / "c.db")), Path(folder) / "r",
-                          seed_dataset / "input", 8)
+        harness = Harness(
+            URL.create("sqlite", database=str(Path(folder) / "c.db")), Path(folder) / "r", seed_dataset / "input", 8
+        )
         try:
             harness.consume(100)
             harness.settle()
@@ -165,7 +176,11 @@ def test_the_model_lowers_limits_that_later_decisions_feel(seed_dataset):
             assert lowered, "no limit lowered: the property test would not exercise adopted limits"
             harness.consume(len(harness.messages))
             judged = {d.credit_limit for d in harness.model.decided.values() if d.tx["card_id"] in lowered}
-            assert any(limit < D(harness.model.cards[c]["credit_limit"]) for c in lowered for limit in judged
-                       if limit is not None)
+            assert any(
+                limit < D(harness.model.cards[c]["credit_limit"])
+                for c in lowered
+                for limit in judged
+                if limit is not None
+            )
         finally:
             harness.close()

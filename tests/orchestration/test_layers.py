@@ -33,8 +33,14 @@ N_TRANSACTIONS = 20_000
 
 def read_topic(bootstrap: str, topic: str) -> dict[int, list]:
     """Every message of every partition, read independently of cardpipe's consumer."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False,
-                         "enable.partition.eof": True})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "test-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     try:
         partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -112,16 +118,20 @@ def test_each_layer_against_mariadb_and_the_broker(dataset, tmp_path, mysql_env,
     engine = create_engine(mysql_database)
     try:
         with engine.connect() as conn:
-            stream = {r.transaction_id: (r.status, r.pending_balance, r.decline_reason)
-                      for r in conn.execute(select(schema.stream_transactions))}
+            stream = {
+                r.transaction_id: (r.status, r.pending_balance, r.decline_reason)
+                for r in conn.execute(select(schema.stream_transactions))
+            }
         assert stream == {k: v[1:] for k, v in decisions.items()}
 
         # Batch, in its own process as a user runs it: equal to the pure-Python settlement.
         cardpipe(["batch", "--results-dir", str(results)], env_without_services(**mysql_env))
         assert_results_match_reference(results, dataset)
         with engine.connect() as conn:
-            cards = {r.card_id: (r.credit_limit, r.current_balance)
-                     for r in conn.execute(text("SELECT card_id, credit_limit, current_balance FROM cards_updated"))}
+            cards = {
+                r.card_id: (r.credit_limit, r.current_balance)
+                for r in conn.execute(text("SELECT card_id, credit_limit, current_balance FROM cards_updated"))
+            }
             scores = dict(conn.execute(text("SELECT customer_id, credit_score FROM customers_updated")).all())
     finally:
         engine.dispose()

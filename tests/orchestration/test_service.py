@@ -83,9 +83,14 @@ def start_serve(results: Path, env: dict[str, str], *extra: str) -> Served:
     log = results.parent / f"serve-{port}.log"
     results.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
-        popen = subprocess.Popen([sys.executable, "-m", "cardpipe", "serve", "--results-dir", str(results),
-                                  "--port", str(port), *extra], env={**env, "PYTHONPATH": str(REPO_ROOT)},
-                                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "cardpipe", "serve", "--results-dir", str(results), "--port", str(port), *extra],
+            env={**env, "PYTHONPATH": str(REPO_ROOT)},
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     served = Served(popen, port, log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -99,15 +104,22 @@ def start_serve(results: Path, env: dict[str, str], *extra: str) -> Served:
 
 
 def cardpipe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cardpipe", *args], env={**env, "PYTHONPATH": str(REPO_ROOT)},
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cardpipe", *args],
+        env={**env, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"cardpipe {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
 def write_half(source: Path, target: Path, first: bool) -> list[dict[str, str]]:
     rows = sorted(read_csv_rows(source), key=lambda r: (r["timestamp"], int(r["transaction_id"])))
-    half = rows[: len(rows) // 2] if first else rows[len(rows) // 2:]
+    half = rows[: len(rows) // 2] if first else rows[len(rows) // 2 :]
     with target.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -119,20 +131,36 @@ def model_of(data: Path) -> LambdaModel:
     def money(text: str) -> D:
         return D(text)
 
-    cards = {int(c["card_id"]): {"card_id": int(c["card_id"]), "customer_id": int(c["customer_id"]),
-                                 "credit_limit": money(c["credit_limit"]),
-                                 "current_balance": money(c["current_balance"])}
-             for c in read_csv_rows(data / "cards.csv")}
-    customers = {int(c["customer_id"]): {"customer_id": int(c["customer_id"]), "address": c["address"],
-                                         "credit_score": int(c["credit_score"])}
-                 for c in read_csv_rows(data / "customers.csv")}
+    cards = {
+        int(c["card_id"]): {
+            "card_id": int(c["card_id"]),
+            "customer_id": int(c["customer_id"]),
+            "credit_limit": money(c["credit_limit"]),
+            "current_balance": money(c["current_balance"]),
+        }
+        for c in read_csv_rows(data / "cards.csv")
+    }
+    customers = {
+        int(c["customer_id"]): {
+            "customer_id": int(c["customer_id"]),
+            "address": c["address"],
+            "credit_score": int(c["credit_score"]),
+        }
+        for c in read_csv_rows(data / "customers.csv")
+    }
     return LambdaModel(cards, customers)
 
 
 def decide_all(model: LambdaModel, rows: list[dict[str, str]]) -> None:
     for r in rows:
-        model.decide({"transaction_id": int(r["transaction_id"]), "card_id": int(r["card_id"]),
-                      "amount": D(r["amount"]), "location": r["location"]})
+        model.decide(
+            {
+                "transaction_id": int(r["transaction_id"]),
+                "card_id": int(r["card_id"]),
+                "amount": D(r["amount"]),
+                "location": r["location"],
+            }
+        )
 
 
 def assert_api_equals_model(served: Served, model: LambdaModel) -> None:
@@ -143,8 +171,9 @@ def assert_api_equals_model(served: Served, model: LambdaModel) -> None:
         status, got = served.get(f"/cards/{card_id}")
         want = model.card_view(card_id)
         assert status == 200, got
-        assert {k: got[k] for k in want} == {k: money(v) if isinstance(v, D) else v for k, v in want.items()}, \
+        assert {k: got[k] for k in want} == {k: money(v) if isinstance(v, D) else v for k, v in want.items()}, (
             f"card {card_id}"
+        )
     for customer_id in model.customers:
         status, got = served.get(f"/customers/{customer_id}")
         want = model.customer_view(customer_id)
@@ -153,8 +182,9 @@ def assert_api_equals_model(served: Served, model: LambdaModel) -> None:
         status, got = served.get(f"/transactions/{transaction_id}")
         want = model.transaction_view(transaction_id)
         assert status == 200, got
-        assert {k: got[k] for k in want} == {k: money(v) if isinstance(v, D) else v for k, v in want.items()}, \
+        assert {k: got[k] for k in want} == {k: money(v) if isinstance(v, D) else v for k, v in want.items()}, (
             f"transaction {transaction_id}"
+        )
 
 
 def two_cycles(data: Path, results: Path, env: dict[str, str]) -> None:
@@ -210,6 +240,7 @@ def test_two_cycles_through_the_api_on_mariadb_and_an_external_broker(seed_datas
 
 # --------------------------------------------------------------------------------------------- faults
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("service-data")
@@ -222,8 +253,10 @@ def stream_rows(url: Any) -> dict[int, tuple[str, Any, Any]]:
     try:
         with engine.connect() as conn:
             t = schema.stream_transactions
-            return {r[0]: tuple(r[1:]) for r in conn.execute(
-                select(t.c.transaction_id, t.c.status, t.c.pending_balance, t.c.decline_reason))}
+            return {
+                r[0]: tuple(r[1:])
+                for r in conn.execute(select(t.c.transaction_id, t.c.status, t.c.pending_balance, t.c.decline_reason))
+            }
     finally:
         engine.dispose()
 
@@ -268,8 +301,10 @@ def test_two_consumers_at_once_decide_as_one(dataset, tmp_path):
     try:
         cardpipe(["produce", "--results-dir", str(results)], env)
         args = [sys.executable, "-m", "cardpipe", "consume", "--results-dir", str(results), "--idle-seconds", "2"]
-        procs = [subprocess.Popen(args, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
+        procs = [
+            subprocess.Popen(args, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
         stop_broker(results)
@@ -290,13 +325,30 @@ def test_two_consumers_at_once_decide_as_one(dataset, tmp_path):
 
 def test_serve_refuses_a_public_address_without_a_token(tmp_path):
     env = {k: v for k, v in env_without_services().items() if k != "CARDPIPE_API_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "cardpipe", "serve", "--results-dir", str(tmp_path), "--host",
-                           "0.0.0.0", "--port", str(free_port())], env={**env, "PYTHONPATH": str(REPO_ROOT)},
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cardpipe",
+            "serve",
+            "--results-dir",
+            str(tmp_path),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+        ],
+        env={**env, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "cardpipe: error: refusing to serve on 0.0.0.0 without an API token: set CARDPIPE_API_TOKEN (clients send "
-        "it as 'Authorization: Bearer <token>'), or bind 127.0.0.1"]
+        "it as 'Authorization: Bearer <token>'), or bind 127.0.0.1"
+    ]
 
 
 def test_serve_on_a_public_address_requires_the_bearer_token(seed_dataset, tmp_path):
@@ -307,9 +359,25 @@ def test_serve_on_a_public_address_requires_the_bearer_token(seed_dataset, tmp_p
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        popen = subprocess.Popen([sys.executable, "-m", "cardpipe", "serve", "--results-dir", str(results), "--host",
-                                  "0.0.0.0", "--port", str(port)], env={**env, "PYTHONPATH": str(REPO_ROOT)},
-                                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cardpipe",
+                "serve",
+                "--results-dir",
+                str(results),
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(port),
+            ],
+            env={**env, "PYTHONPATH": str(REPO_ROOT)},
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     served = Served(popen, port, log)
     try:
         deadline = time.monotonic() + 60

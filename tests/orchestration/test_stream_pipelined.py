@@ -119,9 +119,13 @@ def test_consumer_waits_for_a_slow_producer_then_stops_at_the_end(dataset, expec
 
         def consumer() -> None:
             outcome["summary"] = consume(
-                broker.bootstrap_servers, settings.kafka_topic, store,
+                broker.bootstrap_servers,
+                settings.kafka_topic,
+                store,
                 options=ConsumeOptions(until_caught_up=True, idle_seconds=0.3, batch_size=500),
-                publishing=lambda: not done.is_set(), should_stop=lambda: False)
+                publishing=lambda: not done.is_set(),
+                should_stop=lambda: False,
+            )
 
         thread = threading.Thread(target=consumer, daemon=True)
         thread.start()
@@ -204,9 +208,15 @@ def test_sigterm_to_the_run_command_stops_everything_it_started(tmp_path, delay)
     generate_dataset(data, GeneratorConfig(transactions=300_000, customers=2_000, seed=707))
     results = tmp_path / "results"
     env = {**env_without_services(), "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "cardpipe", "run", "--data-dir", str(data), "--results-dir",
-                             str(results)], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cardpipe", "run", "--data-dir", str(data), "--results-dir", str(results)],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
     reader.start()
@@ -226,11 +236,13 @@ def test_sigterm_to_the_run_command_stops_everything_it_started(tmp_path, delay)
     stderr = "".join(lines)
     last = stderr.strip().splitlines()[-1]
     assert (proc.returncode, last) == (143, "cardpipe: terminated") or (
-        proc.returncode == 2 and last.startswith("cardpipe: error: stopped after deciding ")), stderr
+        proc.returncode == 2 and last.startswith("cardpipe: error: stopped after deciding ")
+    ), stderr
     assert "Traceback" not in stderr
     assert broker_status(results) is None and not is_alive(broker_pid), "the embedded broker was stopped"
-    assert not any(b"cardpipe-publish" in line or b"cardpipe" in line and b"spawn_main" in line
-                   for line in command_lines()), "no producer or worker process is left"
+    assert not any(
+        b"cardpipe-publish" in line or b"cardpipe" in line and b"spawn_main" in line for line in command_lines()
+    ), "no producer or worker process is left"
     decided = count_rows(URL.create("sqlite", database=str(results / "cardpipe.db")), schema.stream_transactions)
     assert decided < 300_000
     if (results / "stream_transactions.csv").exists():

@@ -51,8 +51,18 @@ def expected(dataset):
 
 
 def _row(tx, status, balance, reason):
-    return (tx.card_id, tx.merchant_name, tx.timestamp, tx.amount, tx.location, tx.transaction_type,
-            tx.related_transaction_id, status, balance, reason)
+    return (
+        tx.card_id,
+        tx.merchant_name,
+        tx.timestamp,
+        tx.amount,
+        tx.location,
+        tx.transaction_type,
+        tx.related_transaction_id,
+        status,
+        balance,
+        reason,
+    )
 
 
 def stream_rows(url) -> dict:
@@ -60,9 +70,21 @@ def stream_rows(url) -> dict:
     try:
         with engine.connect() as conn:
             t = schema.stream_transactions
-            return {r.transaction_id: (r.card_id, r.merchant_name, r.timestamp, r.amount, r.location,
-                                       r.transaction_type, r.related_transaction_id, r.status, r.pending_balance,
-                                       r.decline_reason) for r in conn.execute(select(t))}
+            return {
+                r.transaction_id: (
+                    r.card_id,
+                    r.merchant_name,
+                    r.timestamp,
+                    r.amount,
+                    r.location,
+                    r.transaction_type,
+                    r.related_transaction_id,
+                    r.status,
+                    r.pending_balance,
+                    r.decline_reason,
+                )
+                for r in conn.execute(select(t))
+            }
     finally:
         engine.dispose()
 
@@ -94,8 +116,10 @@ def test_two_workers_on_sqlite_decide_like_one_consumer(dataset, expected, tmp_p
     settings = Settings.from_env(env={}, results_dir=results, data_dir=dataset)
     try:
         prepared(settings)
-        proc = cardpipe(["consume", "--results-dir", str(results), "--workers", "2", "--until-caught-up",
-                         "--batch-size", "1000"], env_without_services())
+        proc = cardpipe(
+            ["consume", "--results-dir", str(results), "--workers", "2", "--until-caught-up", "--batch-size", "1000"],
+            env_without_services(),
+        )
         ends = log_end_offsets(ensure_broker(None, results).bootstrap_servers, settings.kafka_topic)
     finally:
         stop_broker(results)
@@ -118,15 +142,21 @@ def test_two_workers_on_mariadb_decide_like_one_consumer(dataset, expected, tmp_
     lines = []
     try:
         prepared(settings)
-        summary = commands.consume(settings, ConsumeOptions(until_caught_up=True, batch_size=1000, progress_every=0.5),
-                                   workers=2, progress=lines.append)
+        summary = commands.consume(
+            settings,
+            ConsumeOptions(until_caught_up=True, batch_size=1000, progress_every=0.5),
+            workers=2,
+            progress=lines.append,
+        )
     finally:
         stop_broker(results)
     assert stream_rows(mysql_database) == expected
     statuses = [row[7] for row in expected.values()]
     assert summary.messages == N_TRANSACTIONS
-    assert (summary.counts["pending"], summary.counts["declined"]) == (statuses.count("pending"),
-                                                                       statuses.count("declined"))
+    assert (summary.counts["pending"], summary.counts["declined"]) == (
+        statuses.count("pending"),
+        statuses.count("declined"),
+    )
     assert summary.seconds > 0 and len(summary.latencies_ms) == N_TRANSACTIONS
     assert {line.split(":")[0] for line in lines} <= {"worker 0", "worker 1"}
 
@@ -147,13 +177,18 @@ def test_a_worker_killed_fails_the_command_and_stops_the_other(dataset, tmp_path
     try:
         prepared(settings)
         with pytest.raises(WorkerFailed) as failure:
-            commands.consume(settings, ConsumeOptions(until_caught_up=True, batch_size=500, progress_every=0),
-                             workers=2, progress=kill_worker_1)
+            commands.consume(
+                settings,
+                ConsumeOptions(until_caught_up=True, batch_size=500, progress_every=0),
+                workers=2,
+                progress=kill_worker_1,
+            )
     finally:
         stop_broker(results)
     assert killed
-    assert str(failure.value) == ("consume worker 1 (partitions 1, 3, 5, 7) was killed (SIGKILL) before finishing; "
-                                  "the other worker was stopped")
+    assert str(failure.value) == (
+        "consume worker 1 (partitions 1, 3, 5, 7) was killed (SIGKILL) before finishing; the other worker was stopped"
+    )
     assert not multiprocessing.active_children(), "every worker is gone"
     decided = count_rows(settings.database_url, schema.stream_transactions)
     assert 0 < decided < N_TRANSACTIONS
@@ -176,12 +211,19 @@ def test_a_lost_broker_is_a_clear_error_with_workers(dataset, tmp_path):
 
     try:
         prepared(settings)
-        with pytest.raises(WorkerFailed, match=r"^consume worker [01] \(partitions [0-7, ]+\) failed: the broker at "
-                                               r"127\.0\.0\.1:\d+ stopped while consuming 'credit-card-transactions' "
-                                               r"\(with --workers above 1 a lost embedded broker is not replaced: "
-                                               r"run consume again.*; the other worker (was stopped|failed too)$"):
-            commands.consume(settings, ConsumeOptions(until_caught_up=True, batch_size=500, progress_every=0),
-                             workers=2, progress=kill_broker)
+        with pytest.raises(
+            WorkerFailed,
+            match=r"^consume worker [01] \(partitions [0-7, ]+\) failed: the broker at "
+            r"127\.0\.0\.1:\d+ stopped while consuming 'credit-card-transactions' "
+            r"\(with --workers above 1 a lost embedded broker is not replaced: "
+            r"run consume again.*; the other worker (was stopped|failed too)$",
+        ):
+            commands.consume(
+                settings,
+                ConsumeOptions(until_caught_up=True, batch_size=500, progress_every=0),
+                workers=2,
+                progress=kill_broker,
+            )
     finally:
         stop_broker(results)
 
@@ -195,8 +237,11 @@ def test_a_crashing_worker_exits_non_zero_with_one_line_and_a_rerun_completes(da
         crashed = cardpipe(args, env_without_services(CARDPIPE_CRASH_AT="consume.committed:3"), check=False)
         assert crashed.returncode == 2, crashed.stderr
         last = crashed.stderr.strip().splitlines()[-1]
-        assert re.fullmatch(r"cardpipe: error: consume worker [01] \(partitions [0-7, ]+\) was killed \(SIGKILL\) "
-                            r"before finishing; the other worker (was stopped|failed too)", last), crashed.stderr
+        assert re.fullmatch(
+            r"cardpipe: error: consume worker [01] \(partitions [0-7, ]+\) was killed \(SIGKILL\) "
+            r"before finishing; the other worker (was stopped|failed too)",
+            last,
+        ), crashed.stderr
         assert "Traceback" not in crashed.stderr
         assert 0 < count_rows(settings.database_url, schema.stream_transactions) < N_TRANSACTIONS
         # Each worker resumes after its partitions' checkpoints: nothing lost, nothing decided twice.
@@ -213,8 +258,12 @@ def test_sigterm_stops_every_worker_gracefully(tmp_path):
         prepared(settings)
         consumer = subprocess.Popen(
             [sys.executable, "-m", "cardpipe", "consume", "--results-dir", str(results), "--workers", "2", "--follow"],
-            cwd=REPO_ROOT, env={**env_without_services(), "PYTHONPATH": str(REPO_ROOT)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=REPO_ROOT,
+            env={**env_without_services(), "PYTHONPATH": str(REPO_ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while count_rows(settings.database_url, schema.stream_transactions) < 600 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -234,8 +283,15 @@ CONFLICTED = 900_003
 
 
 def _tx(transaction_id: int, card_id: int, cents: int, second: int) -> Transaction:
-    return Transaction(transaction_id, card_id, "Race Test LLC", datetime(2025, 6, 1, 12, 0, second),
-                       Decimal(cents) / 100, "1 Main St, Albany, NY 12207", "purchase")
+    return Transaction(
+        transaction_id,
+        card_id,
+        "Race Test LLC",
+        datetime(2025, 6, 1, 12, 0, second),
+        Decimal(cents) / 100,
+        "1 Main St, Albany, NY 12207",
+        "purchase",
+    )
 
 
 def _publish_to(bootstrap: str, topic: str, messages: list[tuple[int, Transaction]]) -> None:
@@ -263,8 +319,11 @@ class RacingStore(StreamStore):
 
 
 def _sample_settings(database_url, tmp_path) -> Settings:
-    return Settings.from_env(env={"DATABASE_URL": database_url.render_as_string(hide_password=False)},
-                             results_dir=tmp_path / "results", data_dir=SAMPLE_DATA_DIR).with_(kafka_partitions=2)
+    return Settings.from_env(
+        env={"DATABASE_URL": database_url.render_as_string(hide_password=False)},
+        results_dir=tmp_path / "results",
+        data_dir=SAMPLE_DATA_DIR,
+    ).with_(kafka_partitions=2)
 
 
 def test_a_commit_that_loses_the_race_restarts_from_its_checkpoint(database_url, tmp_path):
@@ -287,8 +346,9 @@ def test_a_commit_that_loses_the_race_restarts_from_its_checkpoint(database_url,
                 worker_a.append(consume(broker.bootstrap_servers, topic, store_a, options=options))
 
             store_b = RacingStore(engine, topic, run_a)
-            summary_b = consume(broker.bootstrap_servers, topic, store_b,
-                                options=ConsumeOptions(until_caught_up=True, partitions=(1,)))
+            summary_b = consume(
+                broker.bootstrap_servers, topic, store_b, options=ConsumeOptions(until_caught_up=True, partitions=(1,))
+            )
         profiles = store_a.card_profiles()
         balances, offsets = store_a.restore()
         with engine.connect() as conn:
@@ -301,7 +361,8 @@ def test_a_commit_that_loses_the_race_restarts_from_its_checkpoint(database_url,
     assert summary_b.messages == 3 and summary_b.counts["duplicate_ignored"] == 0
     assert summary_b.counts["rejected:duplicate_conflict"] == 1
     assert [(r.transaction_id, r.reason, r.kafka_partition, r.kafka_offset) for r in rejected] == [
-        (CONFLICTED, "duplicate_conflict", 1, 1)]
+        (CONFLICTED, "duplicate_conflict", 1, 1)
+    ]
     assert offsets == {0: 3, 1: 3}
     # Every decision, and each card's balance, as if each card's own transactions were decided in order once.
     authorizer = Authorizer(profiles, _initial_balances(settings))
@@ -319,8 +380,10 @@ def _initial_balances(settings: Settings) -> dict[int, Decimal]:
     engine = create_engine(settings.database_url)
     try:
         with engine.connect() as conn:
-            return {cid: Decimal(b) for cid, b in conn.execute(
-                select(schema.cards.c.card_id, schema.cards.c.current_balance))}
+            return {
+                cid: Decimal(b)
+                for cid, b in conn.execute(select(schema.cards.c.card_id, schema.cards.c.current_balance))
+            }
     finally:
         engine.dispose()
 
@@ -330,8 +393,9 @@ def test_ids_sent_to_two_workers_with_different_cards_are_decided_once(tmp_path)
     ids in opposite orders, segment by segment, in batches of 200, so they meet in the middle of segments (most
     runs see a checkpoint conflict; the test above forces one). Whichever copy wins an id, it is decided once
     and the other copy rejected once."""
-    settings = Settings.from_env(env={}, results_dir=tmp_path / "results", data_dir=SAMPLE_DATA_DIR) \
-        .with_(kafka_partitions=2)
+    settings = Settings.from_env(env={}, results_dir=tmp_path / "results", data_dir=SAMPLE_DATA_DIR).with_(
+        kafka_partitions=2
+    )
     commands.setup(settings)
     commands.load(settings)
     own_a = [_tx(tid, CARD_A, 1, 0) for tid in range(920_000, 930_000)]

@@ -33,11 +33,18 @@ datetimes = st.one_of(
     st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)),
     st.datetimes(timezones=st.just(timezone(timedelta(hours=5)))),
 )
-money = st.integers(-10**12 + 1, 10**12 - 1).map(lambda c: D(c).scaleb(-2))
+money = st.integers(-(10**12) + 1, 10**12 - 1).map(lambda c: D(c).scaleb(-2))
 rows = st.tuples(
-    st.integers(1, 2**63 - 1), st.integers(1, 2**63 - 1), st.text(max_size=5), datetimes, money, st.text(max_size=5),
-    st.sampled_from(["purchase", "refund"]), st.one_of(st.none(), st.integers(1, 2**63 - 1)),
-    st.sampled_from(["pending", "declined", "rejected"]), st.one_of(st.none(), money),
+    st.integers(1, 2**63 - 1),
+    st.integers(1, 2**63 - 1),
+    st.text(max_size=5),
+    datetimes,
+    money,
+    st.text(max_size=5),
+    st.sampled_from(["purchase", "refund"]),
+    st.one_of(st.none(), st.integers(1, 2**63 - 1)),
+    st.sampled_from(["pending", "declined", "rejected"]),
+    st.one_of(st.none(), money),
     st.one_of(st.none(), st.just("over_credit_limit")),
 ).map(DecisionRow)
 
@@ -80,11 +87,24 @@ def test_written_rows_read_back_as_sqlalchemy_reads_them(database_url):
         writer = BulkWriter(engine.dialect, t, DECISION_COLUMNS)
         reader = KeyReader(engine.dialect, t, TRANSACTION_COLUMNS, "transaction_id", chunk=700)
         base = datetime(2025, 4, 1, 1, 2, 3)
-        batch = [DecisionRow((i, i % 7 + 1, f"Shop {i} ✓", base + timedelta(seconds=i),
-                              D(i).scaleb(-2) - 5, f"x, NY {10000 + i}", "purchase", i - 1 if i % 2 else None,
-                              "pending" if i % 3 else "declined", D(i % 50) if i % 5 else None,
-                              None if i % 3 else "over_credit_limit"))
-                 for i in range(1, 2001)]
+        batch = [
+            DecisionRow(
+                (
+                    i,
+                    i % 7 + 1,
+                    f"Shop {i} ✓",
+                    base + timedelta(seconds=i),
+                    D(i).scaleb(-2) - 5,
+                    f"x, NY {10000 + i}",
+                    "purchase",
+                    i - 1 if i % 2 else None,
+                    "pending" if i % 3 else "declined",
+                    D(i % 50) if i % 5 else None,
+                    None if i % 3 else "over_credit_limit",
+                )
+            )
+            for i in range(1, 2001)
+        ]
         with engine.begin() as conn:
             writer.write(conn, [(*row, D(1000), i % 4, i) for i, row in enumerate(batch)])
         with engine.connect() as conn:
@@ -92,17 +112,26 @@ def test_written_rows_read_back_as_sqlalchemy_reads_them(database_url):
             wanted = list(range(0, 2500, 3))  # more ids than one chunk, some not stored
             read = {r[0]: r for r in reader.read(conn, wanted)}
         assert stored == {r[0]: tuple(r) for r in batch}
-        assert read == {i: stored[i][:len(TRANSACTION_COLUMNS)] for i in wanted if i in stored}
+        assert read == {i: stored[i][: len(TRANSACTION_COLUMNS)] for i in wanted if i in stored}
     finally:
         engine.dispose()
 
 
 # --- MariaDB: the fast statements are the very bytes PyMySQL's executemany sends --------------------------------
 
-TEXTS = st.text(st.one_of(st.sampled_from(list("'\"\\\x00\x01\n\r\x1a\t%é✓😀")), st.characters(codec="utf-8")),
-                max_size=12)
-ANY_VALUE = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), TEXTS, money, datetimes, st.booleans(),
-                      st.binary(max_size=6), st.sampled_from([D("1E+3"), D("5E-7"), D("-0.00"), D("12.345")]))
+TEXTS = st.text(
+    st.one_of(st.sampled_from(list("'\"\\\x00\x01\n\r\x1a\t%é✓😀")), st.characters(codec="utf-8")), max_size=12
+)
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**63 - 1),
+    TEXTS,
+    money,
+    datetimes,
+    st.booleans(),
+    st.binary(max_size=6),
+    st.sampled_from([D("1E+3"), D("5E-7"), D("-0.00"), D("12.345")]),
+)
 
 
 class Recorder:
@@ -150,16 +179,24 @@ COLUMN_KINDS = [TEXTS, money, st.integers(-(2**63), 2**63 - 1), datetimes, ANY_V
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kinds=st.lists(st.sampled_from(range(len(COLUMN_KINDS))), min_size=1, max_size=4), data=st.data(),
-       max_stmt_length=st.sampled_from([60, 300, 1024000]), no_backslash_escapes=st.booleans(), upsert=st.booleans())
-def test_mysql_statements_are_pymysqls(pymysql_connection, kinds, data, max_stmt_length, no_backslash_escapes,
-                                       upsert):
+@given(
+    kinds=st.lists(st.sampled_from(range(len(COLUMN_KINDS))), min_size=1, max_size=4),
+    data=st.data(),
+    max_stmt_length=st.sampled_from([60, 300, 1024000]),
+    no_backslash_escapes=st.booleans(),
+    upsert=st.booleans(),
+)
+def test_mysql_statements_are_pymysqls(pymysql_connection, kinds, data, max_stmt_length, no_backslash_escapes, upsert):
     db = pymysql_connection
-    names = list(STREAM_COLUMNS[:len(kinds)])
+    names = list(STREAM_COLUMNS[: len(kinds)])
     values = [st.one_of(st.none(), COLUMN_KINDS[k]) if data.draw(st.booleans()) else COLUMN_KINDS[k] for k in kinds]
     rows = data.draw(st.lists(st.tuples(*values), min_size=1, max_size=8))
-    writer = BulkWriter(DIALECTS["mysql"], schema.stream_transactions, names,
-                        upsert_keys=names[:1] if upsert and len(names) > 1 else None)
+    writer = BulkWriter(
+        DIALECTS["mysql"],
+        schema.stream_transactions,
+        names,
+        upsert_keys=names[:1] if upsert and len(names) > 1 else None,
+    )
     saved = db.server_status
     try:
         if no_backslash_escapes:

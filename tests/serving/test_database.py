@@ -100,8 +100,18 @@ def test_export_writes_sorted_csv_with_two_decimals(engine, seed_dataset, tmp_pa
     assert rows[0]["credit_limit"] == "2500.00" and rows[0]["issue_date"] == "2022-11-18"
 
 
-EDGE_AMOUNTS = [D("0.00"), D("-0.01"), D("0.10"), D("-95.11"), D("12.30"), D("1000000.00"), D("9999999999.99"),
-                D("-9999999999.99"), D("123456789.05"), D("7")]
+EDGE_AMOUNTS = [
+    D("0.00"),
+    D("-0.01"),
+    D("0.10"),
+    D("-95.11"),
+    D("12.30"),
+    D("1000000.00"),
+    D("9999999999.99"),
+    D("-9999999999.99"),
+    D("123456789.05"),
+    D("7"),
+]
 
 
 def test_export_formats_money_and_timestamps_in_sql_as_format_cell_does(engine, tmp_path):
@@ -111,16 +121,23 @@ def test_export_formats_money_and_timestamps_in_sql_as_format_cell_does(engine, 
 
     rows = []
     for i, amount in enumerate(EDGE_AMOUNTS, start=1):
-        rows.append({
-            "transaction_id": i, "card_id": i, "merchant_name": f"Shop, \"{i}\"", "location": "Town 00501",
-            "timestamp": datetime(2024, 2, 29, 23, 59, 59, 999999) if i % 2 else datetime(1999, 1, 1, 0, 0, i),
-            "amount": amount, "transaction_type": "refund" if amount < 0 else "purchase",
-            "related_transaction_id": i - 1 if i % 3 == 0 else None,
-            "status": "declined" if i % 4 == 0 else "pending",
-            "pending_balance": None if i % 4 == 0 else abs(amount),
-            "decline_reason": "over_limit" if i % 4 == 0 else None,
-            "kafka_partition": i % 3, "checkpoint_seq": i,
-        })
+        rows.append(
+            {
+                "transaction_id": i,
+                "card_id": i,
+                "merchant_name": f'Shop, "{i}"',
+                "location": "Town 00501",
+                "timestamp": datetime(2024, 2, 29, 23, 59, 59, 999999) if i % 2 else datetime(1999, 1, 1, 0, 0, i),
+                "amount": amount,
+                "transaction_type": "refund" if amount < 0 else "purchase",
+                "related_transaction_id": i - 1 if i % 3 == 0 else None,
+                "status": "declined" if i % 4 == 0 else "pending",
+                "pending_balance": None if i % 4 == 0 else abs(amount),
+                "decline_reason": "over_limit" if i % 4 == 0 else None,
+                "kafka_partition": i % 3,
+                "checkpoint_seq": i,
+            }
+        )
     with engine.begin() as conn:
         conn.execute(schema.stream_transactions.insert(), rows)
     with engine.connect() as conn:

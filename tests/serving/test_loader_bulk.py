@@ -48,8 +48,7 @@ CARDS = [
     ["5", "5", "2", "5", "01/31", " 12.5 ", "1.005", "1999-12-31"],
 ]
 TRANSACTIONS = [
-    ["1", "1", "Frazier-Bailey", "2025-04-01 00:00:02", "98.33", "8877 Anna Crest, New York, NY 11378",
-     "purchase", ""],
+    ["1", "1", "Frazier-Bailey", "2025-04-01 00:00:02", "98.33", "8877 Anna Crest, New York, NY 11378", "purchase", ""],
     ["2", "2", 'Café "Ünïcode", Ltd.', "2025-04-01 00:00:03", "-95.11000000000001", "Zürich, CH", "refund", "1"],
     ["3", "3", 'comma, and ""quote""', "2025-4-1 0:0:4", "1e2", "multi\nline", "purchase", ""],
     ["4", "4", "NULL", "2025-12-31 23:59:59", "0.015", "\\N", "purchase", "9223372036854775807"],
@@ -194,10 +193,14 @@ def test_malformed_row_keeps_the_previous_load(engine, generated, tmp_path):
 
 def test_unknown_card_names_line_and_column_and_loads_nothing(engine, generated, tmp_path):
     data = _copy(generated, tmp_path / "bad")
-    _replace_line(data / "transactions.csv", 15_000, lambda text: ",".join([text.split(",")[0], "999999",
-                                                                             *text.split(",")[2:]]))
-    with pytest.raises(InputFileError, match=r"transactions\.csv, line 15000, column card_id: a row references an "
-                                             r"id that is not in cards\.csv"):
+    _replace_line(
+        data / "transactions.csv", 15_000, lambda text: ",".join([text.split(",")[0], "999999", *text.split(",")[2:]])
+    )
+    with pytest.raises(
+        InputFileError,
+        match=r"transactions\.csv, line 15000, column card_id: a row references an "
+        r"id that is not in cards\.csv",
+    ):
         load_inputs(engine, data)
     assert _counts(engine) == EMPTY
 
@@ -259,25 +262,81 @@ def test_insert_path_reports_errors_like_the_others(engine, tricky_data):
 # --- the canonical text against the typed values (no database) ----------------------------------------
 
 ODD_CELLS = {
-    "transaction_id": ["1", "-5", "0007", " 8 ", "+9", "1_000", "685.0", "1e3", "1.5", "x", "", "nan", "inf",
-                       "9223372036854775807", "9223372036854775808", "-9223372036854775809", "1e999999999",
-                       "٣", "9" * 5000],
+    "transaction_id": [
+        "1",
+        "-5",
+        "0007",
+        " 8 ",
+        "+9",
+        "1_000",
+        "685.0",
+        "1e3",
+        "1.5",
+        "x",
+        "",
+        "nan",
+        "inf",
+        "9223372036854775807",
+        "9223372036854775808",
+        "-9223372036854775809",
+        "1e999999999",
+        "٣",
+        "9" * 5000,
+    ],
     "credit_score": ["720", "2147483647", "2147483648", "-2147483649", "12.0"],
-    "amount": ["98.33", "4700.0", "-0", "-0.00", "1e2", ".5", "5.", " 1.5 ", "-95.11000000000001", "0.005",
-               "0.015", "9999999999.99", "9999999999.994", "9999999999.995", "10000000000", "1_0", "abc",
-               "NaN", "-Infinity", "", "١", "1e-7"],
+    "amount": [
+        "98.33",
+        "4700.0",
+        "-0",
+        "-0.00",
+        "1e2",
+        ".5",
+        "5.",
+        " 1.5 ",
+        "-95.11000000000001",
+        "0.005",
+        "0.015",
+        "9999999999.99",
+        "9999999999.994",
+        "9999999999.995",
+        "10000000000",
+        "1_0",
+        "abc",
+        "NaN",
+        "-Infinity",
+        "",
+        "١",
+        "1e-7",
+    ],
     "rewards_rate": ["0.005", "0.0225", "1e-5", "999.99999", "1000", "0.000005", "0.000015", "x"],
-    "timestamp": ["2025-04-01 00:00:02", "2025-4-1 0:0:2", " 2025-04-01 00:00:02 ", "2025-04-01T00:00:02",
-                  "2025-02-29 00:00:00", "2024-02-29 23:59:59", "2025-04-01 24:00:00", "2025-04-01 00:00:60",
-                  "0000-01-01 00:00:00", "2025-04-01", "2025-04-01 00:00:02.5", "", "２０２５-04-01 00:00:02"],
+    "timestamp": [
+        "2025-04-01 00:00:02",
+        "2025-4-1 0:0:2",
+        " 2025-04-01 00:00:02 ",
+        "2025-04-01T00:00:02",
+        "2025-02-29 00:00:00",
+        "2024-02-29 23:59:59",
+        "2025-04-01 24:00:00",
+        "2025-04-01 00:00:60",
+        "0000-01-01 00:00:00",
+        "2025-04-01",
+        "2025-04-01 00:00:02.5",
+        "",
+        "２０２５-04-01 00:00:02",
+    ],
     "issue_date": ["2023-01-30", "2023-02-30", " 2023-01-30 ", "20230130", "2023-1-3", ""],
     "merchant_name": ["", "a" * 255, "a" * 256, "é" * 255, "NULL"],
     "related_transaction_id": ["", "3", "3.0", "x"],
 }
 COLUMN_TABLE = {
-    "transaction_id": schema.transactions, "credit_score": schema.customers, "amount": schema.transactions,
-    "rewards_rate": schema.credit_card_types, "timestamp": schema.transactions, "issue_date": schema.cards,
-    "merchant_name": schema.transactions, "related_transaction_id": schema.transactions,
+    "transaction_id": schema.transactions,
+    "credit_score": schema.customers,
+    "amount": schema.transactions,
+    "rewards_rate": schema.credit_card_types,
+    "timestamp": schema.transactions,
+    "issue_date": schema.cards,
+    "merchant_name": schema.transactions,
+    "related_transaction_id": schema.transactions,
 }
 
 
@@ -365,13 +424,20 @@ def test_column_wise_batches_equal_the_typed_rows_whatever_the_header_order(tmp_
         got = [row for batch in batches for row in batch.rows]
         lines = [line for batch in batches for line in batch.lines]
         assert len(got) == len(typed) == 21 and lines[4:6] == [6, 8]
-        columns = [_Column(name, i, converter_for(schema.transactions.c[name].type),
-                           bool(schema.transactions.c[name].nullable),
-                           isinstance(schema.transactions.c[name].type, String))
-                   for i, name in enumerate(TRANSACTION_COLUMNS)]
+        columns = [
+            _Column(
+                name,
+                i,
+                converter_for(schema.transactions.c[name].type),
+                bool(schema.transactions.c[name].nullable),
+                isinstance(schema.transactions.c[name].type, String),
+            )
+            for i, name in enumerate(TRANSACTION_COLUMNS)
+        ]
         for text_row, typed_row in zip(got, typed, strict=True):
-            assert [_canonical(_typed_cell(path, 0, c, text)) for c, text in zip(columns, text_row, strict=True)] \
-                == [_canonical(typed_row[c.name]) for c in columns]
+            assert [_canonical(_typed_cell(path, 0, c, text)) for c, text in zip(columns, text_row, strict=True)] == [
+                _canonical(typed_row[c.name]) for c in columns
+            ]
 
 
 def test_pipe_text_is_what_csv_writer_writes():

@@ -47,6 +47,7 @@ def processor(store: StreamStore) -> StreamProcessor:
 
 # --------------------------------------------------------------------------------------------- leases
 
+
 def test_a_second_consumer_takes_only_free_partitions_and_refuses_when_none_is(engine):
     first = StreamStore(engine, "t", owner="hostA:1")
     second = StreamStore(engine, "t", owner="hostB:2")
@@ -84,13 +85,17 @@ def test_checkpoints_renew_leases_and_count_per_partition(engine):
     store.commit(proc.process(messages([tx(1), tx(2)], partition=0)))
     store.commit(proc.process(messages([tx(3)], partition=0, start=2) + messages([tx(4)], partition=1)))
     with engine.connect() as conn:
-        seqs = dict(conn.execute(select(schema.stream_offsets.c.kafka_partition,
-                                        schema.stream_offsets.c.checkpoint_seq)).all())
-        rows = conn.execute(select(schema.stream_transactions.c.transaction_id,
-                                   schema.stream_transactions.c.kafka_partition,
-                                   schema.stream_transactions.c.checkpoint_seq,
-                                   schema.stream_transactions.c.credit_limit)
-                            .order_by(schema.stream_transactions.c.transaction_id)).all()
+        seqs = dict(
+            conn.execute(select(schema.stream_offsets.c.kafka_partition, schema.stream_offsets.c.checkpoint_seq)).all()
+        )
+        rows = conn.execute(
+            select(
+                schema.stream_transactions.c.transaction_id,
+                schema.stream_transactions.c.kafka_partition,
+                schema.stream_transactions.c.checkpoint_seq,
+                schema.stream_transactions.c.credit_limit,
+            ).order_by(schema.stream_transactions.c.transaction_id)
+        ).all()
     assert seqs == {0: 2, 1: 1}
     assert [tuple(r[:3]) for r in rows] == [(1, 0, 1), (2, 0, 1), (3, 0, 2), (4, 1, 1)]
     with engine.connect() as conn:
@@ -101,11 +106,18 @@ def test_checkpoints_renew_leases_and_count_per_partition(engine):
     assert store.restore()[1] == {}
     store.commit(proc.process(messages([tx(5)], partition=0)))
     with engine.connect() as conn:
-        assert conn.execute(select(schema.stream_transactions.c.checkpoint_seq)
-                            .where(schema.stream_transactions.c.transaction_id == 5)).scalar() == 3
+        assert (
+            conn.execute(
+                select(schema.stream_transactions.c.checkpoint_seq).where(
+                    schema.stream_transactions.c.transaction_id == 5
+                )
+            ).scalar()
+            == 3
+        )
 
 
 # --------------------------------------------------------------------------------------------- settlements
+
 
 def publish_settlement(engine, limit: str) -> int:
     """A settlement of the current decisions that sets every card's limit to ``limit``."""
@@ -174,8 +186,11 @@ def test_a_dead_settlement_is_marked_failed_and_leaves_the_previous_one_in_force
         cards = [dict(r) for r in conn.execute(select(schema.cards)).mappings()]
     settlements.store_rows(dead.settlement_id, [{**c, "credit_limit": D("1.00")} for c in cards[:3]], [])
     with engine.begin() as conn:  # its heartbeat stopped long ago
-        conn.execute(schema.settlements.update().where(schema.settlements.c.settlement_id == dead.settlement_id)
-                     .values(heartbeat_at=time.time() - 3600))
+        conn.execute(
+            schema.settlements.update()
+            .where(schema.settlements.c.settlement_id == dead.settlement_id)
+            .values(heartbeat_at=time.time() - 3600)
+        )
     with engine.connect() as conn:
         assert conn.execute(text("SELECT DISTINCT credit_limit FROM cards_updated")).scalars().all() == [D("100.00")]
     claim = settlements.claim(process_owner(), "embedded")
@@ -183,8 +198,9 @@ def test_a_dead_settlement_is_marked_failed_and_leaves_the_previous_one_in_force
     settlements.fail(claim.settlement_id, "boom")
     with engine.connect() as conn:
         statuses = dict(conn.execute(select(schema.settlements.c.settlement_id, schema.settlements.c.status)).all())
-        leftovers = conn.execute(text("SELECT COUNT(*) FROM settled_cards WHERE settlement_id <> :s"),
-                                 {"s": first}).scalar()
+        leftovers = conn.execute(
+            text("SELECT COUNT(*) FROM settled_cards WHERE settlement_id <> :s"), {"s": first}
+        ).scalar()
         in_force = conn.execute(select(schema.serving_state.c.settlement_id)).scalar()
     assert statuses == {first: "published", dead.settlement_id: "failed", claim.settlement_id: "failed"}
     assert leftovers == 0 and in_force == first

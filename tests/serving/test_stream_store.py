@@ -29,8 +29,16 @@ def messages(txs, partition=0, start=0):
     return [RawMessage(partition, start + i, *encode_transaction(t), None) for i, t in enumerate(txs)]
 
 
-TX1 = Transaction(1, 26, "Shop 'A', \"B\"", datetime(2025, 4, 1, 1, 21, 9), D("131.76"),
-                  "4395 Brenda Lake, Queens, NY 10859", "bill_payment", None)
+TX1 = Transaction(
+    1,
+    26,
+    "Shop 'A', \"B\"",
+    datetime(2025, 4, 1, 1, 21, 9),
+    D("131.76"),
+    "4395 Brenda Lake, Queens, NY 10859",
+    "bill_payment",
+    None,
+)
 TX2 = Transaction(2, 26, "Ünïcode ✓", datetime(2025, 4, 1, 2, 0, 0), D("-5.01"), "x, NY 10001", "refund", 1)
 
 

@@ -7,17 +7,30 @@ import pytest
 from cardpipe.domain.records import Transaction
 from cardpipe.stream.codec import MAX_MESSAGE_BYTES, Rejection, decode_transaction, encode_transaction
 
-TX = Transaction(1, 26, 'Barrett "LLC", Inc.', datetime(2025, 4, 1, 1, 21, 9), D("-95.11"),
-                 "4395 Brenda Lake, Queens, NY 10859", "refund", 7)
+TX = Transaction(
+    1,
+    26,
+    'Barrett "LLC", Inc.',
+    datetime(2025, 4, 1, 1, 21, 9),
+    D("-95.11"),
+    "4395 Brenda Lake, Queens, NY 10859",
+    "refund",
+    7,
+)
 
 
 def test_message_format_is_readable_by_any_client():
     key, value = encode_transaction(TX)
     assert key == b"26"
     assert json.loads(value) == {
-        "transaction_id": 1, "card_id": 26, "merchant_name": 'Barrett "LLC", Inc.',
-        "timestamp": "2025-04-01 01:21:09", "amount": "-95.11", "location": "4395 Brenda Lake, Queens, NY 10859",
-        "transaction_type": "refund", "related_transaction_id": 7,
+        "transaction_id": 1,
+        "card_id": 26,
+        "merchant_name": 'Barrett "LLC", Inc.',
+        "timestamp": "2025-04-01 01:21:09",
+        "amount": "-95.11",
+        "location": "4395 Brenda Lake, Queens, NY 10859",
+        "transaction_type": "refund",
+        "related_transaction_id": 7,
     }
     assert decode_transaction(value) == TX
 
@@ -25,19 +38,45 @@ def test_message_format_is_readable_by_any_client():
 def test_ids_as_strings_and_empty_related_id_are_accepted():
     obj = json.loads(encode_transaction(TX)[1])
     obj.update(transaction_id="1", card_id="26", related_transaction_id="")
-    assert decode_transaction(json.dumps(obj).encode()) == Transaction(*[*list(TX.__getattribute__(f) for f in (
-        "transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location", "transaction_type")), None])
+    assert decode_transaction(json.dumps(obj).encode()) == Transaction(
+        *[
+            *list(
+                TX.__getattribute__(f)
+                for f in (
+                    "transaction_id",
+                    "card_id",
+                    "merchant_name",
+                    "timestamp",
+                    "amount",
+                    "location",
+                    "transaction_type",
+                )
+            ),
+            None,
+        ]
+    )
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"amount": "abc"}, "bad_amount"), ({"amount": 1e400}, "bad_amount"), ({"amount": "1.001"}, "bad_amount"),
-    ({"amount": True}, "bad_amount"), ({"amount": None}, "bad_amount"),
-    ({"timestamp": "2025-04-01T01:21:09"}, "bad_timestamp"), ({"timestamp": "2025-02-30 00:00:00"}, "bad_timestamp"),
-    ({"timestamp": 5}, "bad_timestamp"), ({"transaction_id": -1}, "bad_transaction_id"),
-    ({"transaction_id": 1.5}, "bad_transaction_id"), ({"card_id": "x"}, "bad_card_id"),
-    ({"merchant_name": 5}, "bad_field"), ({"location": "x" * 600}, "bad_field"),
-    ({"transaction_type": ""}, "bad_field"), ({"related_transaction_id": "abc"}, "bad_field"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"amount": "abc"}, "bad_amount"),
+        ({"amount": 1e400}, "bad_amount"),
+        ({"amount": "1.001"}, "bad_amount"),
+        ({"amount": True}, "bad_amount"),
+        ({"amount": None}, "bad_amount"),
+        ({"timestamp": "2025-04-01T01:21:09"}, "bad_timestamp"),
+        ({"timestamp": "2025-02-30 00:00:00"}, "bad_timestamp"),
+        ({"timestamp": 5}, "bad_timestamp"),
+        ({"transaction_id": -1}, "bad_transaction_id"),
+        ({"transaction_id": 1.5}, "bad_transaction_id"),
+        ({"card_id": "x"}, "bad_card_id"),
+        ({"merchant_name": 5}, "bad_field"),
+        ({"location": "x" * 600}, "bad_field"),
+        ({"transaction_type": ""}, "bad_field"),
+        ({"related_transaction_id": "abc"}, "bad_field"),
+    ],
+)
 def test_invalid_fields_are_rejected_with_a_reason(change, reason):
     obj = json.loads(encode_transaction(TX)[1])
     obj.update(change)
@@ -50,17 +89,27 @@ def test_oversized_message_is_rejected_unread():
     assert isinstance(result, Rejection) and result.reason == "oversized_message"
 
 
-@pytest.mark.parametrize("merchant", ['Café "Zoë", l\'Étoile', "tab\tnew\nline \\ back \u2028", "\U0001F600",
-                                      "x" * 255])
-@pytest.mark.parametrize("timestamp", [datetime(2024, 2, 29, 23, 59, 59), datetime(1999, 1, 1),
-                                       datetime(2024, 1, 2, 3, 4, 5, 999)])
+@pytest.mark.parametrize(
+    "merchant", ['Café "Zoë", l\'Étoile', "tab\tnew\nline \\ back \u2028", "\U0001f600", "x" * 255]
+)
+@pytest.mark.parametrize(
+    "timestamp", [datetime(2024, 2, 29, 23, 59, 59), datetime(1999, 1, 1), datetime(2024, 1, 2, 3, 4, 5, 999)]
+)
 def test_encoding_is_the_compact_standard_json_and_round_trips(merchant, timestamp):
     tx = Transaction(10, 20, merchant, timestamp, D("-1234.50"), "Springfield, IL 62701", "refund", 9)
     key, value = encode_transaction(tx)
-    expected = {"transaction_id": 10, "card_id": 20, "merchant_name": merchant,
-                "timestamp": timestamp.strftime("%Y-%m-%d %H:%M:%S"), "amount": "-1234.50",
-                "location": "Springfield, IL 62701", "transaction_type": "refund", "related_transaction_id": 9}
+    expected = {
+        "transaction_id": 10,
+        "card_id": 20,
+        "merchant_name": merchant,
+        "timestamp": timestamp.strftime("%Y-%m-%d %H:%M:%S"),
+        "amount": "-1234.50",
+        "location": "Springfield, IL 62701",
+        "transaction_type": "refund",
+        "related_transaction_id": 9,
+    }
     assert key == b"20"
     assert value == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode()
-    assert decode_transaction(value) == Transaction(10, 20, merchant, timestamp.replace(microsecond=0), D("-1234.50"),
-                                                    "Springfield, IL 62701", "refund", 9)
+    assert decode_transaction(value) == Transaction(
+        10, 20, merchant, timestamp.replace(microsecond=0), D("-1234.50"), "Springfield, IL 62701", "refund", 9
+    )

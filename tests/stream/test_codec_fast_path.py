@@ -28,8 +28,17 @@ def test_the_fast_path_is_available():
     """orjson is a declared dependency: without it every test below would compare the strict path to itself."""
     assert codec._fast_loads is not None  # noqa: SLF001
 
-TX = Transaction(7, 26, "Smith, Jones and Williams", datetime(2025, 4, 1, 1, 21, 9), D("131.76"),
-                 "4395 Brenda Lake Apt. 123, Queens, NY 10859", "purchase", None)
+
+TX = Transaction(
+    7,
+    26,
+    "Smith, Jones and Williams",
+    datetime(2025, 4, 1, 1, 21, 9),
+    D("131.76"),
+    "4395 Brenda Lake Apt. 123, Queens, NY 10859",
+    "purchase",
+    None,
+)
 
 
 def strict(value: bytes | None) -> Any:
@@ -56,34 +65,37 @@ def test_the_producers_messages_take_the_fast_path():
         assert decode_transaction(value) == tx
 
 
-@pytest.mark.parametrize("value", [
-    b'{"transaction_id":1,"transaction_id":"x","card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
-    b'"amount":"1.00","location":"l","transaction_type":"t"}',  # the last of duplicate keys counts
-    b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-    b'"location":"l","transaction_type":"t","transaction_id":3}',
-    b'{"transaction_id":1,"card_id":2,"merchant_name":"\\ud800","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-    b'"location":"l","transaction_type":"t"}',  # lone surrogate: orjson refuses, strict says bad_field
-    b'{"transaction_id":1,"card_id":2,"merchant_name":"\\u0000","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-    b'"location":"l","transaction_type":"t"}',
-    b'{"transaction_id":18446744073709551616,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
-    b'"amount":"1.00","location":"l","transaction_type":"t"}',  # orjson: a float; strict: out of range
-    b'{"transaction_id":9223372036854775808,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
-    b'"amount":"1.00","location":"l","transaction_type":"t"}',
-    b'{"transaction_id":1.0,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":1.5,'
-    b'"location":"l","transaction_type":"t"}',  # numbers with fractions: strict reads them as Decimal
-    b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":1E400,'
-    b'"location":"l","transaction_type":"t"}',
-    b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-    b'"location":"l","transaction_type":"t","extra":' + b"[" * 1010 + b"]" * 1010 + b"}",  # deep: strict decides
-    b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-    b'"location":"l","transaction_type":"t","x":NaN}',
-    b'\xef\xbb\xbf{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
-    b'"amount":"1.00","location":"l","transaction_type":"t"}',
-    b' \n{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":12,'
-    b'"location":"l","transaction_type":"t","related_transaction_id":null}\t',
-    b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":" 1.5 ",'
-    b'"location":"l","transaction_type":"t","related_transaction_id":""}',
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"transaction_id":1,"transaction_id":"x","card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
+        b'"amount":"1.00","location":"l","transaction_type":"t"}',  # the last of duplicate keys counts
+        b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
+        b'"location":"l","transaction_type":"t","transaction_id":3}',
+        b'{"transaction_id":1,"card_id":2,"merchant_name":"\\ud800","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
+        b'"location":"l","transaction_type":"t"}',  # lone surrogate: orjson refuses, strict says bad_field
+        b'{"transaction_id":1,"card_id":2,"merchant_name":"\\u0000","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
+        b'"location":"l","transaction_type":"t"}',
+        b'{"transaction_id":18446744073709551616,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
+        b'"amount":"1.00","location":"l","transaction_type":"t"}',  # orjson: a float; strict: out of range
+        b'{"transaction_id":9223372036854775808,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
+        b'"amount":"1.00","location":"l","transaction_type":"t"}',
+        b'{"transaction_id":1.0,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":1.5,'
+        b'"location":"l","transaction_type":"t"}',  # numbers with fractions: strict reads them as Decimal
+        b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":1E400,'
+        b'"location":"l","transaction_type":"t"}',
+        b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
+        b'"location":"l","transaction_type":"t","extra":' + b"[" * 1010 + b"]" * 1010 + b"}",  # deep: strict decides
+        b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
+        b'"location":"l","transaction_type":"t","x":NaN}',
+        b'\xef\xbb\xbf{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
+        b'"amount":"1.00","location":"l","transaction_type":"t"}',
+        b' \n{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":12,'
+        b'"location":"l","transaction_type":"t","related_transaction_id":null}\t',
+        b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":" 1.5 ",'
+        b'"location":"l","transaction_type":"t","related_transaction_id":""}',
+    ],
+)
 def test_edge_cases_decide_as_the_strict_path(value):
     assert_same_as_strict(value)
 
@@ -110,11 +122,30 @@ def test_bad_messages_decide_as_the_strict_path(kind, data):
 
 
 JSON_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.text(max_size=8),
     st.sampled_from(["1.00", "-0.00", "1.5", "007.00", "1e2", "1_0.00", "１.00", "2025-04-01 00:00:00", "", " "]),
 )
-RAW_LITERALS = ["1.0", "1e2", "-0", "0.10", "NaN", "1E400", "-1.5e-3", "[]", "{}", "[1,[2]]", '"\\ud800"',
-                '"\\u0000"', '"\\u00e9"', '"\\ud83d\\ude00"', "18446744073709551615", "12345678901234567890123"]
+RAW_LITERALS = [
+    "1.0",
+    "1e2",
+    "-0",
+    "0.10",
+    "NaN",
+    "1E400",
+    "-1.5e-3",
+    "[]",
+    "{}",
+    "[1,[2]]",
+    '"\\ud800"',
+    '"\\u0000"',
+    '"\\u00e9"',
+    '"\\ud83d\\ude00"',
+    "18446744073709551615",
+    "12345678901234567890123",
+]
 
 
 @st.composite
@@ -140,8 +171,9 @@ def mutated_messages(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         parts.append(f'"extra":{draw(st.sampled_from(RAW_LITERALS))}')
     body = draw(st.sampled_from([",", ", ", ",\t"])).join(parts)
-    return (draw(st.sampled_from(["", " ", "\n"])) + "{" + body + "}" + draw(st.sampled_from(["", " ", "\r\n"]))
-            ).encode("utf-8", "surrogatepass")
+    return (
+        draw(st.sampled_from(["", " ", "\n"])) + "{" + body + "}" + draw(st.sampled_from(["", " ", "\r\n"]))
+    ).encode("utf-8", "surrogatepass")
 
 
 @settings(max_examples=400, deadline=None)
@@ -151,11 +183,13 @@ def test_mutated_messages_decide_as_the_strict_path(value):
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.one_of(
-    st.from_regex(r"-?[0-9]{1,12}\.[0-9]{1,3}", fullmatch=True),
-    st.from_regex(r"\s?[+-]?[0-9_]{0,11}(\.[0-9]{0,3})?([eE][+-]?[0-9]{1,3})?\s?", fullmatch=True),
-    st.text(max_size=14),
-))
+@given(
+    text=st.one_of(
+        st.from_regex(r"-?[0-9]{1,12}\.[0-9]{1,3}", fullmatch=True),
+        st.from_regex(r"\s?[+-]?[0-9_]{0,11}(\.[0-9]{0,3})?([eE][+-]?[0-9]{1,3})?\s?", fullmatch=True),
+        st.text(max_size=14),
+    )
+)
 def test_money_fast_path_is_the_general_path(text):
     class Text(str):  # a str subclass skips the fast path: the general path as reference
         pass

@@ -59,18 +59,34 @@ from cardpipe.stream.codec import (
 from cardpipe.stream.consumer import ConsumeOptions
 from cardpipe.stream.processing import CheckpointBatch, RawMessage, StreamProcessor
 
-CARDS = {1: CardProfile(1, D("1000.00"), "11513"), 2: CardProfile(2, D("500.00"), "20001"),
-         3: CardProfile(3, D("20000.00"), "90210")}
+CARDS = {
+    1: CardProfile(1, D("1000.00"), "11513"),
+    2: CardProfile(2, D("500.00"), "20001"),
+    3: CardProfile(3, D("20000.00"), "90210"),
+}
 BALANCES = {1: D("0.00"), 2: D("100.00"), 3: D("-50.00")}
 PARTITION_OF_CARD = {1: 0, 2: 1, 3: 0}  # partition 2 gets bad messages only
 PARTITIONS = (0, 1, 2)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 4, 1, 0, 0, 0)
-STREAM_FIELDS = ("transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location", "transaction_type",
-                 "related_transaction_id")
+STREAM_FIELDS = (
+    "transaction_id",
+    "card_id",
+    "merchant_name",
+    "timestamp",
+    "amount",
+    "location",
+    "transaction_type",
+    "related_transaction_id",
+)
 FIELD_REASON = {
-    "transaction_id": BAD_TRANSACTION_ID, "card_id": BAD_CARD_ID, "merchant_name": BAD_FIELD,
-    "timestamp": BAD_TIMESTAMP, "amount": BAD_AMOUNT, "location": BAD_FIELD, "transaction_type": BAD_FIELD,
+    "transaction_id": BAD_TRANSACTION_ID,
+    "card_id": BAD_CARD_ID,
+    "merchant_name": BAD_FIELD,
+    "timestamp": BAD_TIMESTAMP,
+    "amount": BAD_AMOUNT,
+    "location": BAD_FIELD,
+    "transaction_type": BAD_FIELD,
     "related_transaction_id": BAD_FIELD,
 }
 REQUIRED_FIELDS = [f for f in STREAM_FIELDS if f != "related_transaction_id"]
@@ -102,9 +118,16 @@ def dumps(obj: Any) -> bytes:
 
 def template(tid: int, card_id: int = 1) -> dict[str, Any]:
     """A valid transaction object; bad messages are this with one defect."""
-    return {"transaction_id": tid, "card_id": card_id, "merchant_name": 'Shop "Q" ✓',
-            "timestamp": "2025-04-02 00:00:00", "amount": "1.00", "location": "x, NY 10001",
-            "transaction_type": "purchase", "related_transaction_id": None}
+    return {
+        "transaction_id": tid,
+        "card_id": card_id,
+        "merchant_name": 'Shop "Q" ✓',
+        "timestamp": "2025-04-02 00:00:00",
+        "amount": "1.00",
+        "location": "x, NY 10001",
+        "transaction_type": "purchase",
+        "related_transaction_id": None,
+    }
 
 
 def as_object(tx: Transaction) -> dict[str, Any]:
@@ -139,9 +162,18 @@ def encode_variant(tx: Transaction, variant: str) -> bytes:
     return dumps(obj)
 
 
-GOOD_VARIANTS = ["canonical", "canonical", "amount_number", "ids_as_strings", "id_as_decimal_number",
-                 "amount_trailing_zero", "amount_spaces", "related_missing_or_empty", "ascii_escaped",
-                 "padded_to_the_limit"]
+GOOD_VARIANTS = [
+    "canonical",
+    "canonical",
+    "amount_number",
+    "ids_as_strings",
+    "id_as_decimal_number",
+    "amount_trailing_zero",
+    "amount_spaces",
+    "related_missing_or_empty",
+    "ascii_escaped",
+    "padded_to_the_limit",
+]
 
 
 @dataclass(frozen=True)
@@ -154,8 +186,9 @@ class Bad:
 
 def _field_value(kind: str, param: tuple[str, Any], tid: int) -> Bad:
     field, value = param
-    return Bad(kind, dumps({**template(tid), field: value}), FIELD_REASON[field],
-               None if field == "transaction_id" else tid)
+    return Bad(
+        kind, dumps({**template(tid), field: value}), FIELD_REASON[field], None if field == "transaction_id" else tid
+    )
 
 
 def _missing(kind: str, field: str, tid: int) -> Bad:
@@ -170,14 +203,14 @@ def _truncated(kind: str, param: tuple[int, bool], tid: int) -> Bad:
     cut, bytewise = param
     full = dumps(template(tid))
     if bytewise:
-        value = full[:1 + cut % (len(full) - 1)]
+        value = full[: 1 + cut % (len(full) - 1)]
         try:
             value.decode()
         except UnicodeDecodeError:
             return Bad(kind, value, NOT_UTF8, None)
         return Bad(kind, value, NOT_JSON, None)
     text = full.decode()
-    return Bad(kind, text[:1 + cut % (len(text) - 1)].encode(), NOT_JSON, None)
+    return Bad(kind, text[: 1 + cut % (len(text) - 1)].encode(), NOT_JSON, None)
 
 
 def _oversized(kind: str, param: tuple[str, int], tid: int) -> Bad:
@@ -227,13 +260,30 @@ NESTED = {"nested": {"deeper": [1, {"x": None}], "amount": "1.00"}}
 KINDS: dict[str, tuple[list[Any], st.SearchStrategy[Any] | None, Any]] = {
     "empty": ([None, b""], None, _constant(EMPTY_MESSAGE)),
     "not_json": (
-        [b"not json", b"{oops", b"{'single': 'quotes'}", b"\x00garbage", b'{"a":1,}', b"undefined", b"tru", b"  ",
-         b'{"transaction_id": 1', b'"unterminated', b"[" * 30_000, b"{} {}", b"\xef\xbb\xbf{}", b'{"amount": 01}'],
+        [
+            b"not json",
+            b"{oops",
+            b"{'single': 'quotes'}",
+            b"\x00garbage",
+            b'{"a":1,}',
+            b"undefined",
+            b"tru",
+            b"  ",
+            b'{"transaction_id": 1',
+            b'"unterminated',
+            b"[" * 30_000,
+            b"{} {}",
+            b"\xef\xbb\xbf{}",
+            b'{"amount": 01}',
+        ],
         st.text(st.characters(codec="utf-8"), max_size=30).map(lambda t: ("<" + t).encode()),
         _constant(NOT_JSON),
     ),
-    "truncated_json": ([(5, False), (40, False), (130, False), (17, True), (73, True), (5000, True)],
-                       st.tuples(st.integers(0, 10_000), st.booleans()), _truncated),
+    "truncated_json": (
+        [(5, False), (40, False), (130, False), (17, True), (73, True), (5000, True)],
+        st.tuples(st.integers(0, 10_000), st.booleans()),
+        _truncated,
+    ),
     "wrong_type": (
         [("transaction_id", v) for v in ([], "abc", "1.5", Raw("1.5"), "", None, "0x10", "1e3", " ", "1 2")]
         + [("card_id", v) for v in ([], "abc", Raw("2.5"), None, "", "１")]
@@ -243,64 +293,162 @@ KINDS: dict[str, tuple[list[Any], st.SearchStrategy[Any] | None, Any]] = {
         + [("location", v) for v in (123, [], None)]
         + [("transaction_type", v) for v in (7, [], None)]
         + [("related_transaction_id", v) for v in ("abc", Raw("1.5"), [], "1.5")],
-        None, _field_value,
+        None,
+        _field_value,
     ),
     "missing_field": (["*", *REQUIRED_FIELDS], None, _missing),
-    "unknown_card": ([424_242, 999, 2**63 - 1, "777"], None,
-                     lambda kind, card, tid: Bad(kind, dumps({**template(tid), "card_id": card}), UNKNOWN_CARD, tid)),
+    "unknown_card": (
+        [424_242, 999, 2**63 - 1, "777"],
+        None,
+        lambda kind, card, tid: Bad(kind, dumps({**template(tid), "card_id": card}), UNKNOWN_CARD, tid),
+    ),
     "non_finite_amount": (
-        [("amount", v) for v in (Raw("NaN"), Raw("Infinity"), Raw("-Infinity"), "NaN", "Infinity", "-Infinity", "inf",
-                                 "-inf", "sNaN", "nan")],
-        None, _field_value,
+        [
+            ("amount", v)
+            for v in (
+                Raw("NaN"),
+                Raw("Infinity"),
+                Raw("-Infinity"),
+                "NaN",
+                "Infinity",
+                "-Infinity",
+                "inf",
+                "-inf",
+                "sNaN",
+                "nan",
+            )
+        ],
+        None,
+        _field_value,
     ),
     "huge_amount": (
-        [("amount", v) for v in ("10000000000.00", "-10000000000", "99999999999.99", Raw("1e400"), Raw("-1e400"),
-                                 Raw("12345678901234567890"), "1e12", "1E+999999")],
-        st.integers(10**12, 10**30).map(lambda c: ("amount", str(D(c).scaleb(-2)))), _field_value,
+        [
+            ("amount", v)
+            for v in (
+                "10000000000.00",
+                "-10000000000",
+                "99999999999.99",
+                Raw("1e400"),
+                Raw("-1e400"),
+                Raw("12345678901234567890"),
+                "1e12",
+                "1E+999999",
+            )
+        ],
+        st.integers(10**12, 10**30).map(lambda c: ("amount", str(D(c).scaleb(-2)))),
+        _field_value,
     ),
     "over_two_decimals": (
-        [("amount", v) for v in ("1.001", "0.005", "-5.999", "12.3450001", Raw("1.001"), Raw("0.125"),
-                                 Raw("-0.001"), "1e-3")],
-        st.integers(-10**7, 10**7).filter(lambda m: m % 10).map(lambda m: ("amount", str(D(m).scaleb(-3)))),
+        [
+            ("amount", v)
+            for v in ("1.001", "0.005", "-5.999", "12.3450001", Raw("1.001"), Raw("0.125"), Raw("-0.001"), "1e-3")
+        ],
+        st.integers(-(10**7), 10**7).filter(lambda m: m % 10).map(lambda m: ("amount", str(D(m).scaleb(-3)))),
         _field_value,
     ),
     "bad_timestamp": (
-        [("timestamp", v) for v in ("2025-04-01T00:00:00", "2025-04-01", "2025/04/01 00:00:00", "2025-13-01 00:00:00",
-                                    "2025-02-30 00:00:00", "2025-04-01 24:00:00", "2025-04-01 00:00:60",
-                                    " 2025-04-01 00:00:00", "2025-04-01 00:00:00 ", "２０２５-04-01 00:00:00", "",
-                                    "yesterday", "2025-04-01 00:00:00.000", "1743465600", "2025-4-1 0:0:0")],
+        [
+            ("timestamp", v)
+            for v in (
+                "2025-04-01T00:00:00",
+                "2025-04-01",
+                "2025/04/01 00:00:00",
+                "2025-13-01 00:00:00",
+                "2025-02-30 00:00:00",
+                "2025-04-01 24:00:00",
+                "2025-04-01 00:00:60",
+                " 2025-04-01 00:00:00",
+                "2025-04-01 00:00:00 ",
+                "２０２５-04-01 00:00:00",
+                "",
+                "yesterday",
+                "2025-04-01 00:00:00.000",
+                "1743465600",
+                "2025-4-1 0:0:0",
+            )
+        ],
         st.text(max_size=25).filter(lambda t: not _valid_timestamp(t)).map(lambda t: ("timestamp", t)),
         _field_value,
     ),
-    "oversized": ([("pad", 1), ("pad", 700), ("merchant", 40_000), ("raw", 1)],
-                  st.tuples(st.just("pad"), st.integers(1, 5000)), _oversized),
+    "oversized": (
+        [("pad", 1), ("pad", 700), ("merchant", 40_000), ("raw", 1)],
+        st.tuples(st.just("pad"), st.integers(1, 5000)),
+        _oversized,
+    ),
     "not_an_object": (
-        [b"[1,2]", b"[]", b'"string"', b"42", b"true", b"false", b"null", b"1.5", b"-0", b"NaN", b"1e999999",
-         b'"{\\"transaction_id\\": 1}"', b"[" + dumps(template(1)) + b"]"],
-        None, _constant(NOT_AN_OBJECT),
+        [
+            b"[1,2]",
+            b"[]",
+            b'"string"',
+            b"42",
+            b"true",
+            b"false",
+            b"null",
+            b"1.5",
+            b"-0",
+            b"NaN",
+            b"1e999999",
+            b'"{\\"transaction_id\\": 1}"',
+            b"[" + dumps(template(1)) + b"]",
+        ],
+        None,
+        _constant(NOT_AN_OBJECT),
     ),
     "not_utf8": (
-        [b"\xff\xfe", b"\xff", b"\x80", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf5\x80\x80\x80", b'{"a":"\xe2\x82"}',
-         b"latin-1", b"utf-16"],
-        st.binary(min_size=1, max_size=40).filter(_not_utf8_bytes), _not_utf8,
+        [
+            b"\xff\xfe",
+            b"\xff",
+            b"\x80",
+            b"\xc0\xaf",
+            b"\xed\xa0\x80",
+            b"\xf5\x80\x80\x80",
+            b'{"a":"\xe2\x82"}',
+            b"latin-1",
+            b"utf-16",
+        ],
+        st.binary(min_size=1, max_size=40).filter(_not_utf8_bytes),
+        _not_utf8,
     ),
     "nested_object": ([(f, NESTED) for f in STREAM_FIELDS], None, _field_value),
     "non_positive_or_out_of_range_id": (
         [("transaction_id", v) for v in (0, -1, "-7", "0", 2**63, "9223372036854775808", -(2**63), "+5")]
         + [("card_id", v) for v in (0, -3, "0", 2**63)]
         + [("related_transaction_id", v) for v in (0, -1, "-3", 2**63)],
-        None, _field_value,
+        None,
+        _field_value,
     ),
     "boolean_as_number": (
-        [(f, b) for f in ("transaction_id", "card_id", "amount", "related_transaction_id", "timestamp",
-                          "merchant_name", "location", "transaction_type") for b in (True, False)],
-        None, _field_value,
+        [
+            (f, b)
+            for f in (
+                "transaction_id",
+                "card_id",
+                "amount",
+                "related_transaction_id",
+                "timestamp",
+                "merchant_name",
+                "location",
+                "transaction_type",
+            )
+            for b in (True, False)
+        ],
+        None,
+        _field_value,
     ),
     "bad_text": (
-        [("merchant_name", "a" * 256), ("merchant_name", "é" * 256), ("merchant_name", "nul\x00byte"),
-         ("location", "x" * 509 + " 10001"), ("location", "\x00 NY 10001"), ("transaction_type", ""),
-         ("transaction_type", "   "), ("transaction_type", "x" * 33), ("transaction_type", "\t\n")],
-        None, _field_value,
+        [
+            ("merchant_name", "a" * 256),
+            ("merchant_name", "é" * 256),
+            ("merchant_name", "nul\x00byte"),
+            ("location", "x" * 509 + " 10001"),
+            ("location", "\x00 NY 10001"),
+            ("transaction_type", ""),
+            ("transaction_type", "   "),
+            ("transaction_type", "x" * 33),
+            ("transaction_type", "\t\n"),
+        ],
+        None,
+        _field_value,
     ),
 }
 assert len(KINDS) >= 15
@@ -318,9 +466,35 @@ def build_bad(kind: str, param: Any, tid: int) -> Bad:
 
 # --- good transactions: unicode- and quote-heavy text, boundary amounts ------------------------------------
 
-QUOTEY = ['"', "'", "\\", '\\"', "\\u0000", "{", "}", "[]", ",", ":", '{"amount": "999.00"}', "</script>",
-          "'); DROP TABLE cards;--", "\u202e", "\u2028", "😀", "𝕊", "ñ", "中文", "\t", "\r\n", "%s", "${x}", "NULL",
-          "\ufeff", "\x7f", "e\u0301"]
+QUOTEY = [
+    '"',
+    "'",
+    "\\",
+    '\\"',
+    "\\u0000",
+    "{",
+    "}",
+    "[]",
+    ",",
+    ":",
+    '{"amount": "999.00"}',
+    "</script>",
+    "'); DROP TABLE cards;--",
+    "\u202e",
+    "\u2028",
+    "😀",
+    "𝕊",
+    "ñ",
+    "中文",
+    "\t",
+    "\r\n",
+    "%s",
+    "${x}",
+    "NULL",
+    "\ufeff",
+    "\x7f",
+    "e\u0301",
+]
 heavy_text = st.lists(
     st.one_of(st.sampled_from(QUOTEY), st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=6)),
     max_size=6,
@@ -339,8 +513,10 @@ def amounts(card_id: int) -> st.SearchStrategy[D]:
     half = limit / 2
     specials = [half, -half, half - D("0.01"), -half + D("0.01"), D("0.00"), D("-0.00"), D("0.01"), limit]
     cents = int(limit * 100) + 10_000
-    return st.one_of(st.sampled_from([s.quantize(D("0.01")) for s in specials]),
-                     st.integers(-cents, cents).map(lambda c: D(c).scaleb(-2)))
+    return st.one_of(
+        st.sampled_from([s.quantize(D("0.01")) for s in specials]),
+        st.integers(-cents, cents).map(lambda c: D(c).scaleb(-2)),
+    )
 
 
 @st.composite
@@ -350,10 +526,18 @@ def good_transactions(draw: st.DrawFn, max_size: int = 12) -> list[Transaction]:
     for tid in range(1, draw(st.integers(0, max_size)) + 1):
         card_id = draw(st.sampled_from(sorted(CARDS)))
         when += timedelta(seconds=draw(st.integers(0, 2)))
-        out.append(Transaction(
-            tid, card_id, draw(heavy_text), when, draw(amounts(card_id)), draw(locations), draw(transaction_types),
-            draw(st.one_of(st.none(), st.integers(1, 2**63 - 1))),
-        ))
+        out.append(
+            Transaction(
+                tid,
+                card_id,
+                draw(heavy_text),
+                when,
+                draw(amounts(card_id)),
+                draw(locations),
+                draw(transaction_types),
+                draw(st.one_of(st.none(), st.integers(1, 2**63 - 1))),
+            )
+        )
     return out
 
 
@@ -420,8 +604,9 @@ def test_malformed_messages_are_rejected_one_by_one_and_never_disturb_the_good_o
     queues: dict[int, list[Item]] = {p: [] for p in PARTITIONS}
     for tx in goods:
         variant = data.draw(st.sampled_from(GOOD_VARIANTS))
-        queues[PARTITION_OF_CARD[tx.card_id]].append(Item("good", str(tx.card_id).encode(),
-                                                          encode_variant(tx, variant), tx))
+        queues[PARTITION_OF_CARD[tx.card_id]].append(
+            Item("good", str(tx.card_id).encode(), encode_variant(tx, variant), tx)
+        )
 
     def insert_after_original(item: Item) -> None:
         queue = queues[PARTITION_OF_CARD[item.tx.card_id]]
@@ -431,13 +616,24 @@ def test_malformed_messages_are_rejected_one_by_one_and_never_disturb_the_good_o
     if goods:
         for _ in range(data.draw(st.integers(0, 3))):  # exact re-deliveries, possibly in another encoding
             tx = data.draw(st.sampled_from(goods))
-            insert_after_original(Item("redelivery", str(tx.card_id).encode(),
-                                       encode_variant(tx, data.draw(st.sampled_from(GOOD_VARIANTS))), tx))
+            insert_after_original(
+                Item(
+                    "redelivery",
+                    str(tx.card_id).encode(),
+                    encode_variant(tx, data.draw(st.sampled_from(GOOD_VARIANTS))),
+                    tx,
+                )
+            )
         for _ in range(data.draw(st.integers(0, 3))):  # same id, card and timestamp; other content
             tx = data.draw(st.sampled_from(goods))
             other = conflicting(tx, data.draw(st.sampled_from(CONFLICT_CHANGES)))
-            item = Item("conflict", str(tx.card_id).encode(), encode_transaction(other)[1], tx,
-                        Bad("duplicate_conflict", None, DUPLICATE_CONFLICT, tx.transaction_id))
+            item = Item(
+                "conflict",
+                str(tx.card_id).encode(),
+                encode_transaction(other)[1],
+                tx,
+                Bad("duplicate_conflict", None, DUPLICATE_CONFLICT, tx.transaction_id),
+            )
             insert_after_original(item)
 
     next_tid = 100_000
@@ -446,8 +642,10 @@ def test_malformed_messages_are_rejected_one_by_one_and_never_disturb_the_good_o
             bad = build_bad(kind, param, next_tid)
             next_tid += 1
             queue = queues[data.draw(st.sampled_from(PARTITIONS))]
-            queue.insert(data.draw(st.integers(0, len(queue))),
-                         Item("bad", data.draw(st.sampled_from(BAD_KEYS)), bad.value, bad=bad))
+            queue.insert(
+                data.draw(st.integers(0, len(queue))),
+                Item("bad", data.draw(st.sampled_from(BAD_KEYS)), bad.value, bad=bad),
+            )
 
     # Interleave the partitions at random, number the offsets, cut into polled batches of random sizes.
     labels = data.draw(st.permutations([p for p, q in queues.items() for _ in q]))
@@ -540,15 +738,24 @@ def test_an_id_with_an_enormous_exponent_is_rejected_at_once():
     # 20-byte id (1e10000000 never finishes; 1e999999999999999999 raises MemoryError), for any of the three ids.
     fields = ["transaction_id", "card_id", "related_transaction_id"]
     values = [dumps({**template(1), field: Raw("1e1000000")}) for field in fields]
-    script = ("import json, sys\nfrom cardpipe.stream.codec import decode_transaction\n"
-              "for value in json.load(sys.stdin):\n    print(decode_transaction(value.encode()).reason, flush=True)\n")
+    script = (
+        "import json, sys\nfrom cardpipe.stream.codec import decode_transaction\n"
+        "for value in json.load(sys.stdin):\n    print(decode_transaction(value.encode()).reason, flush=True)\n"
+    )
     try:
-        done = subprocess.run([sys.executable, "-c", script], input=json.dumps([v.decode() for v in values]).encode(),
-                              capture_output=True, timeout=5, cwd=REPO_ROOT)
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            input=json.dumps([v.decode() for v in values]).encode(),
+            capture_output=True,
+            timeout=5,
+            cwd=REPO_ROOT,
+        )
     except subprocess.TimeoutExpired as exc:
         decided = (exc.stdout or b"").decode().split()
-        pytest.fail(f"decoding three ~220-byte messages with an id of 1e1000000 took more than 5 s "
-                    f"(done in time: {decided}; stuck on {fields[len(decided)]})")
+        pytest.fail(
+            f"decoding three ~220-byte messages with an id of 1e1000000 took more than 5 s "
+            f"(done in time: {decided}; stuck on {fields[len(decided)]})"
+        )
     assert done.stdout.decode().split() == [FIELD_REASON[f] for f in fields], done.stderr.decode()[-500:]
 
 
@@ -625,8 +832,14 @@ def test_a_conflicting_duplicate_in_a_later_batch_is_rejected_not_decided_again(
 
 
 def read_all(bootstrap: str, topic: str) -> list:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fuzz-reader", "enable.auto.commit": False,
-                         "enable.partition.eof": True})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "fuzz-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     try:
         partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -645,8 +858,15 @@ def read_all(bootstrap: str, topic: str) -> list:
 
 def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
     # murmur2 as the product's producer: a message keyed by a card id lands in that card's partition, after it.
-    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "enable.idempotence": True,
-                         "acks": "all", "message.max.bytes": 2_000_000})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "partitioner": "murmur2_random",
+            "enable.idempotence": True,
+            "acks": "all",
+            "message.max.bytes": 2_000_000,
+        }
+    )
     for key, value in messages:
         producer.produce(topic, key=key, value=value)
     assert producer.flush(30) == 0
@@ -654,8 +874,9 @@ def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes
 
 @pytest.mark.mysql
 @pytest.mark.kafka
-def test_end_to_end_bad_messages_go_to_the_table_and_the_dead_letter_topic(tmp_path, seed_dataset, mysql_env,
-                                                                         mysql_database):
+def test_end_to_end_bad_messages_go_to_the_table_and_the_dead_letter_topic(
+    tmp_path, seed_dataset, mysql_env, mysql_database
+):
     results = tmp_path / "results"
     settings = Settings.from_env(env=mysql_env, results_dir=results, data_dir=seed_dataset / "input")
     commands.setup(settings)
@@ -670,26 +891,37 @@ def test_end_to_end_bad_messages_go_to_the_table_and_the_dead_letter_topic(tmp_p
     before, after = bads[::2], bads[1::2]
     # After the seed: conflicting duplicates and exact re-deliveries of seed transactions (keyed: same partition),
     # and new unicode- and quote-heavy transactions that must be accepted.
-    conflicts = [conflicting(seed[5], "amount"), conflicting(seed[7], "merchant_name"),
-                 conflicting(seed[11], "location")]
+    conflicts = [
+        conflicting(seed[5], "amount"),
+        conflicting(seed[7], "merchant_name"),
+        conflicting(seed[11], "location"),
+    ]
     redeliveries = [encode_variant(seed[3], "amount_number"), encode_variant(seed[9], "canonical")]
-    extras = [Transaction(800_000 + i, 26, name, datetime(2026, 1, 1, 0, 0, i), D(amount), location, kind)
-              for i, (name, amount, location, kind) in enumerate([
-                  ('Barrett "LLC", Inc. \\ \'quoted\'', "0.00", "4395 Brenda Lake, Queens, NY 10859", "purchase"),
-                  ("Ünïcode ✓ 😀 中文 \u202e", "1.00", "x, \"Queens\", NY 10001", "refund"),
-                  ("{\"amount\": \"999.00\"}", "-2.50", "'); DROP TABLE cards;-- 10001", "p2p_transfer"),
-                  ("\t\r\n e\u0301 𝕊", "3.00", "far away, CA 90210", "wire_transfer"),
-              ])]
+    extras = [
+        Transaction(800_000 + i, 26, name, datetime(2026, 1, 1, 0, 0, i), D(amount), location, kind)
+        for i, (name, amount, location, kind) in enumerate(
+            [
+                ("Barrett \"LLC\", Inc. \\ 'quoted'", "0.00", "4395 Brenda Lake, Queens, NY 10859", "purchase"),
+                ("Ünïcode ✓ 😀 中文 \u202e", "1.00", 'x, "Queens", NY 10001', "refund"),
+                ('{"amount": "999.00"}', "-2.50", "'); DROP TABLE cards;-- 10001", "p2p_transfer"),
+                ("\t\r\n e\u0301 𝕊", "3.00", "far away, CA 90210", "wire_transfer"),
+            ]
+        )
+    ]
 
     with broker_session(None, results) as broker:
         bootstrap, topic = broker.bootstrap_servers, settings.kafka_topic
         ensure_topic(bootstrap, topic, settings.kafka_partitions)
         publish(bootstrap, topic, [(key, bad.value) for key, bad in before])
         assert commands.produce(settings, broker=broker).published == len(seed)
-        publish(bootstrap, topic, [(key, bad.value) for key, bad in after]
-                + [encode_transaction(t) for t in conflicts]
-                + [(str(seed[3].card_id).encode(), redeliveries[0]), (str(seed[9].card_id).encode(), redeliveries[1])]
-                + [encode_transaction(t) for t in extras])
+        publish(
+            bootstrap,
+            topic,
+            [(key, bad.value) for key, bad in after]
+            + [encode_transaction(t) for t in conflicts]
+            + [(str(seed[3].card_id).encode(), redeliveries[0]), (str(seed[9].card_id).encode(), redeliveries[1])]
+            + [encode_transaction(t) for t in extras],
+        )
 
         summary = commands.consume(settings, ConsumeOptions(until_caught_up=True), broker=broker)
         dead_letters = read_all(bootstrap, settings.dead_letter_topic)
@@ -715,8 +947,9 @@ def test_end_to_end_bad_messages_go_to_the_table_and_the_dead_letter_topic(tmp_p
 
     # The dead-letter topic holds the same messages, each with its reason.
     assert len(dead_letters) == len(rejected)
-    assert Counter((dict(m.headers() or [])["reason"].decode(), m.value() or b"") for m in dead_letters) == \
-        Counter((reason, value) for reason, value, _ in expected.elements())
+    assert Counter((dict(m.headers() or [])["reason"].decode(), m.value() or b"") for m in dead_letters) == Counter(
+        (reason, value) for reason, value, _ in expected.elements()
+    )
     assert all({"reason", "detail", "source"} <= {k for k, _ in m.headers()} for m in dead_letters)
 
     # The seed's transactions are decided exactly as the seed system did, untouched by the noise around them.
@@ -729,7 +962,11 @@ def test_end_to_end_bad_messages_go_to_the_table_and_the_dead_letter_topic(tmp_p
         assert abs(row.pending_balance - D(ref["pending_balance"])) <= D("0.005"), tid
         assert abs(row.amount - D(ref["amount"])) <= D("0.005"), tid
         assert (row.card_id, row.merchant_name, row.location, row.transaction_type) == (
-            int(ref["card_id"]), ref["merchant_name"], ref["location"], ref["transaction_type"]), tid
+            int(ref["card_id"]),
+            ref["merchant_name"],
+            ref["location"],
+            ref["transaction_type"],
+        ), tid
         assert row.timestamp == datetime.fromisoformat(ref["timestamp"]), tid
     for tx in extras:  # unicode and quotes are accepted and stored exactly
         row = stream[tx.transaction_id]

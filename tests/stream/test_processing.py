@@ -43,9 +43,21 @@ class Store:
 
     def commit(self, batch):
         for row in batch.decided:
-            self.decided[row["transaction_id"]] = Transaction(*[row[k] for k in (
-                "transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location",
-                "transaction_type", "related_transaction_id")])
+            self.decided[row["transaction_id"]] = Transaction(
+                *[
+                    row[k]
+                    for k in (
+                        "transaction_id",
+                        "card_id",
+                        "merchant_name",
+                        "timestamp",
+                        "amount",
+                        "location",
+                        "transaction_type",
+                        "related_transaction_id",
+                    )
+                ]
+            )
 
 
 def processor(store, balances=None):
@@ -56,7 +68,10 @@ def test_decides_in_order_and_tracks_pending_balance():
     store = Store()
     batch = processor(store).process(messages([tx(1, 1, "100.00"), tx(2, 2, "250.00"), tx(3, 1, "-30.50", 1)]))
     assert [(r["transaction_id"], r["status"], r["pending_balance"]) for r in batch.decided] == [
-        (1, PENDING, D("100.00")), (2, DECLINED, D("100.00")), (3, PENDING, D("69.50"))]
+        (1, PENDING, D("100.00")),
+        (2, DECLINED, D("100.00")),
+        (3, PENDING, D("69.50")),
+    ]
     assert batch.decided[1]["decline_reason"] == "amount_over_half_limit"
     assert batch.next_offsets == {0: 3}
     assert batch.card_states[1].pending_balance == D("69.50")
@@ -103,13 +118,26 @@ def test_duplicates_are_recognised_after_a_restart_from_the_checkpoint():
 
 def test_bad_messages_are_rejected_with_reasons_and_never_stop_the_batch():
     good = tx(5, 1, "10.00")
-    bad = [b"", b"not json", b"[1,2]", json.dumps({"transaction_id": 6}).encode(),
-           encode_transaction(good)[1].replace(b'"10.00"', b"NaN"), b"\xff\xfe",
-           encode_transaction(tx(7, 99, "1.00"))[1]]
+    bad = [
+        b"",
+        b"not json",
+        b"[1,2]",
+        json.dumps({"transaction_id": 6}).encode(),
+        encode_transaction(good)[1].replace(b'"10.00"', b"NaN"),
+        b"\xff\xfe",
+        encode_transaction(tx(7, 99, "1.00"))[1],
+    ]
     batch = processor(Store()).process(messages([*bad, good]))
     reasons = [r["reason"] for r in batch.rejected]
-    assert reasons == ["empty_message", "not_json", "not_an_object", "missing_field", "bad_amount", "not_utf8",
-                       "unknown_card"]
+    assert reasons == [
+        "empty_message",
+        "not_json",
+        "not_an_object",
+        "missing_field",
+        "bad_amount",
+        "not_utf8",
+        "unknown_card",
+    ]
     assert [r["status"] for r in batch.decided] == [REJECTED, PENDING]  # unknown card is recorded by id
     assert batch.rejected[3]["transaction_id"] == 6 and batch.rejected[1]["message_value"] == b"not json"
     assert batch.next_offsets == {0: 8}
@@ -122,6 +150,7 @@ def test_amount_as_json_number_is_accepted():
 
 
 # --- the tuple-based hot path decides as the plain per-message algorithm ------------------------------------
+
 
 class ReferenceProcessor:
     """process() as first written: a Transaction and a Decision per message, a dict per row."""
@@ -154,20 +183,40 @@ class ReferenceProcessor:
             known[r.transaction_id] = r
             if self.authorizer.knows(r.card_id):
                 d = self.authorizer.authorize(r)
-                decided.append({**{k: getattr(r, k) for k in FIELDS}, "status": d.status,
-                                "pending_balance": d.pending_balance, "decline_reason": d.reason})
+                decided.append(
+                    {
+                        **{k: getattr(r, k) for k in FIELDS},
+                        "status": d.status,
+                        "pending_balance": d.pending_balance,
+                        "decline_reason": d.reason,
+                    }
+                )
                 counts[d.status] += 1
                 states[r.card_id] = self.authorizer.balances[r.card_id]
             else:
-                decided.append({**{k: getattr(r, k) for k in FIELDS}, "status": REJECTED, "pending_balance": None,
-                                "decline_reason": "unknown_card"})
+                decided.append(
+                    {
+                        **{k: getattr(r, k) for k in FIELDS},
+                        "status": REJECTED,
+                        "pending_balance": None,
+                        "decline_reason": "unknown_card",
+                    }
+                )
                 reject(m, "unknown_card", r.transaction_id)
                 states[r.card_id] = None
         return decided, rejected, states, offsets, counts
 
 
-FIELDS = ("transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location", "transaction_type",
-          "related_transaction_id")
+FIELDS = (
+    "transaction_id",
+    "card_id",
+    "merchant_name",
+    "timestamp",
+    "amount",
+    "location",
+    "transaction_type",
+    "related_transaction_id",
+)
 
 
 @st.composite
@@ -202,8 +251,9 @@ def test_processor_decides_as_the_plain_algorithm(items, cuts):
         batch = new.process(msgs[a:b])
         decided, rejected, states, offsets, counts = ref.process(msgs[a:b])
         assert [dict(r) for r in batch.decided] == decided
-        assert [(r["kafka_partition"], r["kafka_offset"], r["reason"], r["transaction_id"]) for r in batch.rejected] \
-            == rejected
+        assert [
+            (r["kafka_partition"], r["kafka_offset"], r["reason"], r["transaction_id"]) for r in batch.rejected
+        ] == rejected
         assert {c: s.pending_balance for c, s in batch.card_states.items()} == states
         assert batch.next_offsets == offsets and batch.counts == counts
         new_store.commit(batch)

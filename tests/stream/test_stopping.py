@@ -40,8 +40,7 @@ def test_until_caught_up_needs_every_partition_at_its_end_and_a_message_resets_i
 
 def test_follow_never_stops_by_itself_but_a_request_or_should_stop_does():
     asked = []
-    stop = StopPolicy(follow=True, idle_seconds=0, until_caught_up=True, should_stop=lambda: bool(asked),
-                      clock=Clock())
+    stop = StopPolicy(follow=True, idle_seconds=0, until_caught_up=True, should_stop=lambda: bool(asked), clock=Clock())
     stop.watch([0])
     stop.end_of_partition(0, 0)
     assert not stop.done_after(decided=False) and not stop.stop_requested()
@@ -55,8 +54,13 @@ def test_follow_never_stops_by_itself_but_a_request_or_should_stop_does():
 def test_while_publishing_nothing_counts_then_the_end_offsets_decide():
     publishing = [True]
     ends = []
-    stop = StopPolicy(until_caught_up=True, idle_seconds=60, publishing=lambda: publishing[0],
-                      end_offsets=lambda: ends.append(1) or {0: 5}, clock=Clock())
+    stop = StopPolicy(
+        until_caught_up=True,
+        idle_seconds=60,
+        publishing=lambda: publishing[0],
+        end_offsets=lambda: ends.append(1) or {0: 5},
+        clock=Clock(),
+    )
     stop.watch([0])
     stop.end_of_partition(0, 3)
     assert not stop.done_after(decided=False)  # caught up and idle, but the producer is still publishing
