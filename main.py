@@ -1,8 +1,12 @@
-"""Seed command: all layers end to end. Same as ``cardpipe run``."""
+"""Seed command: all layers end to end. Same as ``cardpipe run``.
+
+The embedded broker it uses is stopped when it is done (also one that ``stream_processor.py produce`` left).
+Runs with any ``python3`` (see ``_seed_entry.py``).
+"""
 
 import sys
 
-from cardpipe.cli import main
+from _seed_entry import STOP_WHEN_DONE, run_seed_command
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    run_seed_command(["run", *sys.argv[1:]], broker=STOP_WHEN_DONE)

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cardpipe import __version__
-from cardpipe.config import Settings
-from cardpipe.errors import CardpipeError
+from cardpipe.config import MAX_CONSUMER_BATCH_SIZE, Settings
+from cardpipe.errors import (
+    DEBUG_VARIABLE,
+    EXIT_ERROR,
+    EXIT_INTERNAL,
+    ErrorContext,
+    internal_error_line,
+    user_message,
+)
+
+if TYPE_CHECKING:
+    from cardpipe.orchestration.commands import BatchResult
+    from cardpipe.stream.consumer import ConsumeSummary
 
 log = logging.getLogger("cardpipe")
 
@@ -21,7 +36,12 @@ def _say(message: str) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(results_dir=args.results_dir, data_dir=getattr(args, "data_dir", None))
+    """The command's settings; the results folder is checked writable first when the command writes in it."""
+    settings = Settings.from_env(results_dir=args.results_dir, data_dir=getattr(args, "data_dir", None))
+    args.settings = settings  # named in error messages (database, broker, folder)
+    if args.writes_results and not (args.func is cmd_broker and args.action != "start"):
+        settings.check_results_dir()
+    return settings
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
@@ -67,27 +87,27 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
-def _consume_line(summary: object) -> str:
-    counts = summary.counts  # type: ignore[attr-defined]
+def _consume_line(summary: ConsumeSummary) -> str:
+    counts = summary.counts
     reasons = sorted((k.split(":", 1)[1], v) for k, v in counts.items() if k.startswith("rejected:"))
     rejected = f" ({', '.join(f'{r} {n}' for r, n in reasons)})" if reasons else ""
     return (
-        f"decided {summary.messages:,} messages in {summary.seconds:.1f} s: "  # type: ignore[attr-defined]
+        f"decided {summary.messages:,} messages in {summary.seconds:.1f} s: "
         f"{counts['pending']:,} pending, {counts['declined']:,} declined, "
         f"{counts['rejected']:,} rejected{rejected}, {counts['duplicate_ignored']:,} duplicates ignored"
     )
 
 
-def _batch_line(result: object) -> str:
-    if result.nothing_new:  # type: ignore[attr-defined]
+def _batch_line(result: BatchResult) -> str:
+    if result.nothing_new:
         return (
-            f"nothing to settle: no decision was committed after settlement "  # type: ignore[attr-defined]
+            f"nothing to settle: no decision was committed after settlement "
             f"{result.settlement_id}'s watermark; it stays in force"
         )
     return (
-        f"settlement {result.settlement_id} published ({result.engine} engine, "  # type: ignore[attr-defined]
+        f"settlement {result.settlement_id} published ({result.engine} engine, "
         f"{result.seconds:.1f} s): {result.summary.describe()}"
-    )  # type: ignore[attr-defined]
+    )
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -106,6 +126,14 @@ def cmd_persist(args: argparse.Namespace) -> int:
         "in the database (batch writes its tables when it publishes a settlement): "
         + ", ".join(f"{t} {n:,}" for t, n in counts.items())
     )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cardpipe.orchestration import commands
+
+    run_json, report_html = commands.report(_settings(args))
+    print(f"wrote {report_html} (open it in a browser; it needs no network) and {run_json}")
     return 0
 
 
@@ -141,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"published {summary.publish.published:,} transactions ({summary.publish.rate:,.0f}/s)")
     print(_consume_line(summary.consume))
     print(_batch_line(summary.batch))
-    print(f"results in {settings.results_dir}; total {summary.seconds:.1f} s")
+    print(f"results in {settings.results_dir} (report.html: charts and checks); total {summary.seconds:.1f} s")
     return 0
 
 
@@ -174,23 +202,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,}, got {value:,}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
+_positive_int = _int_between(1)
+_batch_size = _int_between(1, MAX_CONSUMER_BATCH_SIZE)
+
+
+def _float_from(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float_from(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float_from(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
     return value
 
 
@@ -219,9 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func, help_: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help_: str,
+        *parents: argparse.ArgumentParser,
+        writes_results: bool = True,
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common, *parents], help=help_, description=help_)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, writes_results=writes_results)
         return p
 
     add("setup", cmd_setup, "(re)create a clean schema in the serving database")
@@ -233,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep running until interrupted (Ctrl-C)")
     p.add_argument(
         "--idle-seconds",
-        type=float,
+        type=_non_negative_float,
         default=None,
         help="stop after this long without a message (default 5, CONSUMER_IDLE_SECONDS)",
     )
@@ -242,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop as soon as every partition is read to its end (no idle wait)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="messages per poll and checkpoint")
+    p.add_argument("--batch-size", type=_batch_size, default=None, help="messages per poll and checkpoint")
     p.add_argument(
         "--workers",
         type=_positive_int,
@@ -258,7 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch engine (default: CARDPIPE_BATCH_ENGINE or auto: Spark only when SPARK_MASTER names "
         "a cluster or SPARK_REMOTE is set, else the embedded DuckDB engine)",
     )
-    add("persist", cmd_persist, "check that the latest settlement is in the serving database (the seed's 'updated')")
+    add(
+        "persist",
+        cmd_persist,
+        "check that the latest settlement is in the serving database (the seed's 'updated')",
+        writes_results=False,
+    )
+    add("report", cmd_report, "write results/report.html (charts, reconciliation) and results/run.json again")
     p = add("serve", cmd_serve, "run the stream consumer and the HTTP API (merged views) until Ctrl-C")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs CARDPIPE_API_TOKEN)"
@@ -273,7 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="consumer processes (default 1)")
     for kind in ("card", "customer", "transaction"):
-        p = add(kind, cmd_view, f"show a {kind}'s current view (latest settlement merged with the live stream)")
+        p = add(
+            kind,
+            cmd_view,
+            f"show a {kind}'s current view (latest settlement merged with the live stream)",
+            writes_results=False,
+        )
         p.add_argument("id", type=_positive_int, help=f"the {kind} id")
         p.add_argument("--json", action="store_true", help="one JSON object, as the HTTP API answers")
     p = add("run", cmd_run, "all layers end to end on a clean schema", data)
@@ -292,12 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="write a synthetic dataset in the four-CSV shape",
     )
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--transactions", type=int, required=True)
-    p.add_argument("--customers", type=int, default=None)
-    p.add_argument("--cards", type=int, default=None)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--transactions", type=_positive_int, required=True)
+    p.add_argument("--customers", type=_positive_int, default=None)
+    p.add_argument("--cards", type=_positive_int, default=None)
+    p.add_argument("--seed", type=_int_between(-(2**63)), default=42)
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, writes_results=False)
     return parser
 
 
@@ -310,11 +380,34 @@ def _terminate(_signum: int, _frame: object) -> None:
     raise Terminated
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+def _error_context(args: argparse.Namespace) -> ErrorContext:
+    """What the command was working with, for messages whose exception does not name it."""
+    settings: Settings | None = getattr(args, "settings", None)
+    if settings is None:
+        return ErrorContext(folder=getattr(args, "out_dir", None))
+    return ErrorContext(
+        database_url=settings.database_url,
+        kafka_servers=settings.kafka_bootstrap_servers,
+        folder=settings.results_dir,
+    )
+
+
+def _report(exc: Exception, args: argparse.Namespace) -> int:
+    """Print one line for ``exc`` (the traceback too with CARDPIPE_DEBUG=1); return the exit status."""
+    context = _error_context(args)
+    if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
+        traceback.print_exception(exc, file=sys.stderr)
+    message = user_message(exc, context)
+    if message is None:
+        print(f"cardpipe: {internal_error_line(exc, context)}", file=sys.stderr)
+        return EXIT_INTERNAL
+    print(f"cardpipe: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _configure_logging(quiet: bool) -> None:
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="cardpipe: %(message)s", stream=sys.stderr
+        level=logging.WARNING if quiet else logging.INFO, format="cardpipe: %(message)s", stream=sys.stderr
     )
     for noisy in ("py4j", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -323,16 +416,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
     logging.getLogger("cardpipe.librdkafka").setLevel(logging.CRITICAL)  # cardpipe reports broker trouble itself
     logging.getLogger("cardpipe.stream.broker.librdkafka").setLevel(logging.CRITICAL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure ends as one line on stderr and an exit status:
+    2 an error the user can act on (or bad usage), 70 a bug, 130 Ctrl-C, 143 SIGTERM."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    args = argparse.Namespace()
     try:
-        return args.func(args)
-    except CardpipeError as exc:
-        print(f"cardpipe: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cardpipe: interrupted", file=sys.stderr)
-        return 130
+        try:
+            args = build_parser().parse_args(argv)
+            _configure_logging(args.quiet)
+            return int(args.func(args))
+        except KeyboardInterrupt:
+            print("cardpipe: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
+        except Terminated:
+            print("cardpipe: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        except Exception as exc:
+            return _report(exc, args)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first failure was reported
+        return 128 + signal.SIGINT
     except Terminated:
-        print("cardpipe: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)

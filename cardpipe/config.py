@@ -6,21 +6,26 @@ defaults: a SQLite file inside the results folder, an embedded Kafka-protocol br
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import URL, make_url
+from cardpipe.errors import ConfigError, os_error_advice
 
-from cardpipe.errors import ConfigError
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 DEFAULT_TOPIC = "credit-card-transactions"
 SQLITE_FILENAME = "cardpipe.db"
+MAX_CONSUMER_BATCH_SIZE = 1_000_000  # confluent-kafka refuses to consume more messages per call
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -30,6 +35,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:,}, got {value:,}")
     return value
 
 
@@ -80,6 +87,19 @@ class Settings:
         """The database URL with the password hidden, safe for logs and errors."""
         return self.database_url.render_as_string(hide_password=True)
 
+    def check_results_dir(self) -> None:
+        """Create the results folder if needed and make sure files can be written in it, before any work is done
+        (a command must not commit decisions and then fail writing their CSVs)."""
+        try:
+            self.results_dir.mkdir(parents=True, exist_ok=True)
+            _probe_writable(self.results_dir)
+        except OSError as exc:
+            what, todo = os_error_advice(exc)
+            raise ConfigError(
+                f"results folder {self.results_dir} cannot be written ({what}): {todo} "
+                "(--results-dir or CARDPIPE_RESULTS_DIR)"
+            ) from None
+
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
@@ -114,14 +134,35 @@ class Settings:
             kafka_group_id=(env.get("KAFKA_GROUP_ID") or "cardpipe").strip(),
             spark_master=(env.get("SPARK_MASTER") or "local[*]").strip(),
             consumer_idle_seconds=_float(env, "CONSUMER_IDLE_SECONDS", 5.0),
-            consumer_batch_size=_int(env, "CONSUMER_BATCH_SIZE", 5000),
+            consumer_batch_size=_int(env, "CONSUMER_BATCH_SIZE", 5000, maximum=MAX_CONSUMER_BATCH_SIZE),
             spark_shuffle_partitions=_int(env, "SPARK_SHUFFLE_PARTITIONS", 0, minimum=0),
             batch_engine=(env.get("CARDPIPE_BATCH_ENGINE") or "auto").strip().lower(),
             spark_remote=(env.get("SPARK_REMOTE") or "").strip() or None,
         )
 
 
+_PROBE_BYTES = 1 << 20  # a full disk is found before the work, not by the first CSV
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create, fill and remove a probe file in ``folder``; raise the OSError that stops it."""
+    fd, name = tempfile.mkstemp(prefix=".cardpipe-probe-", dir=folder)
+    fallocate = getattr(os, "posix_fallocate", None)  # not on macOS
+    try:
+        if fallocate is not None:
+            try:
+                fallocate(fd, 0, _PROBE_BYTES)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it
+                    raise
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
 def _database_url(env: Mapping[str, str], results_dir: Path) -> URL:
+    from sqlalchemy.engine import URL, make_url  # here: the CLI starts (and answers Ctrl-C) without SQLAlchemy
+
     raw = (env.get("DATABASE_URL") or "").strip()
     if raw:
         try:

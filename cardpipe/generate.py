@@ -30,14 +30,20 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 from array import array
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import accumulate, islice, repeat
 from math import log
 from operator import add
 from pathlib import Path
+from typing import BinaryIO
+
+from cardpipe.errors import CardpipeError
 
 __all__ = [
     "CARDS_HEADER",
@@ -603,6 +609,10 @@ _WORKER: dict[str, object] = {}
 
 
 def _init_worker(config: GeneratorConfig, plan: _Plan, ctx: _Context, out_dir: Path) -> None:
+    # The parent handles Ctrl-C (it stops the pool); SIGTERM ends a worker at once, without the handler it may
+    # have inherited from the CLI (which would print a traceback from the worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER.update(config=config, plan=plan, ctx=ctx, out_dir=out_dir)
     _tables()
 
@@ -760,7 +770,7 @@ def _worker_count(chunks: int) -> int:
     return max(1, min(2, usable, chunks))
 
 
-def _append_file(dst, src_path: str) -> None:
+def _append_file(dst: BinaryIO, src_path: str) -> None:
     """Append a part file to the open binary file ``dst`` (in the kernel where possible)."""
     with open(src_path, "rb") as src:
         size = os.fstat(src.fileno()).st_size
@@ -780,6 +790,40 @@ def _append_file(dst, src_path: str) -> None:
         if done < size:
             src.seek(done)
             shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def _chunks_in_workers(
+    out: BinaryIO,
+    jobs: list[tuple[int, int, int, int, int, int]],
+    workers: int,
+    init_args: tuple[GeneratorConfig, _Plan, _Context, Path],
+    advance: Callable[[int], None],
+) -> None:
+    """Write the customer/card files and the chunks on ``workers`` processes; append the chunks' part files to
+    ``out`` in order. A worker that dies (killed, out of memory) fails the whole run with a :class:`CardpipeError`.
+    """
+    out_dir = init_args[3]
+    methods = multiprocessing.get_all_start_methods()
+    mp = multiprocessing.get_context("fork" if "fork" in methods else None)
+    pool = ProcessPoolExecutor(workers, mp_context=mp, initializer=_init_worker, initargs=init_args)
+    try:
+        people = pool.submit(_people_job)
+        parts = [pool.submit(_chunk_job, job) for job in jobs]
+        for job, part in zip(jobs, parts, strict=True):
+            path = part.result()
+            _append_file(out, path)
+            os.unlink(path)
+            advance(job[3])
+        people.result()
+    except BrokenProcessPool:
+        raise CardpipeError(
+            f"a generator worker process died (killed, or out of memory?): {out_dir} is incomplete; "
+            "run `cardpipe generate` again"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # at most the chunks being written: well under a second
+        for job in jobs:
+            _part_path(out_dir, job[1]).unlink(missing_ok=True)
 
 
 def generate_dataset(
@@ -812,30 +856,16 @@ def generate_dataset(
             progress(written)
             reported = written
 
-    with open(out_dir / "transactions.csv", "wb") as f:
-        f.write((",".join(TRANSACTIONS_HEADER) + "\n").encode())
+    with open(out_dir / "transactions.csv", "wb") as out:
+        out.write((",".join(TRANSACTIONS_HEADER) + "\n").encode())
         workers = _worker_count(len(jobs))
         if workers == 1:
             _write_people(config, plan, out_dir)
             for job in jobs:
-                f.write(_chunk(ctx, *job))
+                out.write(_chunk(ctx, *job))
                 advance(job[3])
         else:
-            # Two processes: the customer/card text and the chunks share them; chunks come back
-            # in order as part files that are appended to transactions.csv.
-            methods = multiprocessing.get_all_start_methods()
-            mp = multiprocessing.get_context("fork" if "fork" in methods else None)
-            try:
-                with mp.Pool(workers, _init_worker, (config, plan, ctx, out_dir)) as pool:
-                    people = pool.apply_async(_people_job)
-                    for job, part in zip(jobs, pool.imap(_chunk_job, jobs), strict=True):
-                        _append_file(f, part)
-                        os.unlink(part)
-                        advance(job[3])
-                    people.get()
-            finally:
-                for job in jobs:
-                    _part_path(out_dir, job[1]).unlink(missing_ok=True)
+            _chunks_in_workers(out, jobs, workers, (config, plan, ctx, out_dir), advance)
     if progress is not None:
         progress(total)
     return {

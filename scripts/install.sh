@@ -3,7 +3,7 @@
 #
 #   scripts/install.sh          Java (for Spark) and .venv with `pip install -e .`
 #   scripts/install.sh --test   also Debian's mariadb-server and libmariadb-java (JDBC driver),
-#                               and `pip install -e '.[test]'`
+#                               chromium and chromium-driver (report tests), and `pip install -e '.[test]'`
 #
 # Runs from any working directory. Debian packages are installed with apt-get (run it as
 # root); `apt-get update` runs only when something has to be installed.
@@ -48,6 +48,13 @@ if [ "$WITH_TEST" = 1 ]; then
     fi
     if ! have_deb libmariadb-java || [ ! -f /usr/share/java/mariadb-java-client.jar ]; then
         missing+=(libmariadb-java)
+    fi
+    # The report's browser tests: headless chromium driven by selenium.
+    if ! have_deb chromium || ! command -v chromium >/dev/null 2>&1; then
+        missing+=(chromium)
+    fi
+    if ! have_deb chromium-driver || ! command -v chromedriver >/dev/null 2>&1; then
+        missing+=(chromium-driver)
     fi
 fi
 

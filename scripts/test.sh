@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The project's test command: installs what is missing, starts the private MariaDB,
-# runs ruff and pytest against it, stops MariaDB again.
+# runs ruff (lint and format), mypy and pytest against it, stops MariaDB again.
 #
 #   scripts/test.sh                         the whole suite
 #   scripts/test.sh tests/serving -k foo    any pytest arguments
 #
-# Exits non-zero when ruff or pytest fails, and when pytest collected no test (its exit 5).
+# Exits non-zero when ruff, mypy or pytest fails, and when pytest collected no test (its exit 5).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,9 +55,13 @@ eval "$(bash scripts/mariadb.sh env)"
 export DB_HOST DB_PORT DB_USER DB_PASSWORD DB_NAME
 export CARDPIPE_TEST_MYSQL=1
 
-ruff_rc=0
+lint_rc=0
 echo "== ruff check ."
-.venv/bin/ruff check . || ruff_rc=$?
+.venv/bin/ruff check . || lint_rc=$?
+echo "== ruff format --check ."
+.venv/bin/ruff format --check . || lint_rc=$?
+echo "== mypy (pyproject.toml: the domain core and the stream layer strict)"
+.venv/bin/mypy || lint_rc=$?
 
 echo "== pytest"
 pytest_rc=0
@@ -67,10 +71,10 @@ if [ "$pytest_rc" = 5 ]; then
     pytest_rc=1
 fi
 
-if [ "$ruff_rc" != 0 ]; then
-    echo "test.sh: ruff check failed (exit $ruff_rc)" >&2
+if [ "$lint_rc" != 0 ]; then
+    echo "test.sh: ruff check, ruff format --check or mypy failed (see above)" >&2
 fi
 if [ "$pytest_rc" != 0 ]; then
     exit "$pytest_rc"
 fi
-exit "$ruff_rc"
+exit "$lint_rc"

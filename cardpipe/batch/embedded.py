@@ -19,19 +19,25 @@ which DuckDB's own writer would quote, stays bare).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cardpipe.batch import rules_sql as rules
-from cardpipe.batch.outputs import BATCH_TRANSACTIONS, CARDS_UPDATED, CUSTOMERS_UPDATED, OUTPUTS, SettlementSummary
+from cardpipe.batch.outputs import (
+    BATCH_TRANSACTIONS,
+    CARDS_UPDATED,
+    CUSTOMERS_UPDATED,
+    OUTPUTS,
+    SettlementSummary,
+    timed,
+)
 from cardpipe.domain.records import (
     APPROVED,
     CARD_COLUMNS,
@@ -289,15 +295,6 @@ def _copy_options() -> str:
 # --------------------------------------------------------------------------------------------- the engine
 
 
-@contextlib.contextmanager
-def _timed(steps: dict[str, float], name: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        steps[name] = round(time.perf_counter() - started, 3)
-
-
 def settle_embedded(
     database_url: URL, watermark: Mapping[int, int], out_dir: Path, *, threads: int | None = None
 ) -> SettlementSummary:
@@ -320,20 +317,20 @@ def settle_embedded(
     try:
         conn = connect(database_url, threads=threads, temp_dir=work / "spill")
         try:
-            with _timed(steps, "read"):
+            with timed(steps, "read"):
                 conn.execute(_decisions_sql(watermark))
-            with _timed(steps, "settle"):
+            with timed(steps, "settle"):
                 for statement in _settle_sql():
                     conn.execute(statement)
             for name, (key, columns) in OUTPUTS.items():
                 staged = work / f"{name}.csv"
-                with _timed(steps, f"csv:{name}"):
+                with timed(steps, f"csv:{name}"):
                     conn.execute(
                         f"COPY ({_output_select(columns, _TABLES[name], key)}) "
                         f"TO {rules.sql_string(str(staged))} ({_copy_options()})"
                     )
                 written.append(staged)
-            with _timed(steps, "summary"):
+            with timed(steps, "summary"):
                 row = conn.execute(_SUMMARY_SQL).fetchone()
                 names = [d[0] for d in conn.description or ()]
         except duckdb.Error as exc:

@@ -86,31 +86,57 @@ def run_engine(
 @contextlib.contextmanager
 def spark_session(settings: Settings, progress: Progress | None = None) -> Iterator[SparkSession]:
     """The Spark session of ``settings`` (Spark Connect when ``spark_remote`` is set), stopped afterwards; a
-    classic session already active in this process is used as it is and left running."""
+    classic session already active in this process is used as it is and left running.
+
+    On MySQL/MariaDB the JDBC driver's jar is looked for before the JVM starts (:class:`ConfigError` naming
+    it when missing). Interrupted (Ctrl-C, SIGTERM: any ``BaseException`` that is not an ``Exception``), the
+    session's jobs are cancelled and it is stopped without a word from the JVM; the interrupt is what is
+    raised, also when a call made while unwinding from it failed (py4j's lost connection).
+    """
     try:
         from pyspark.sql import SparkSession
     except ImportError:
         raise ConfigError("the Spark batch engine needs pyspark: pip install 'cardpipe[spark]'") from None
-    from cardpipe.batch.spark import build_connect_session, build_spark_session, describe_remote
+    from cardpipe.batch.spark import (
+        build_connect_session,
+        build_spark_session,
+        describe_remote,
+        interruption,
+        jdbc_driver_jar,
+        remove_scratch_dir,
+        stop_spark_session,
+    )
 
+    spark: SparkSession | None = None
     if settings.spark_remote:
         if progress:
             progress(f"connecting to Spark Connect ({describe_remote(settings.spark_remote)})")
         spark = build_connect_session(settings.spark_remote)
         owned = True
     else:
-        active = SparkSession.getActiveSession()
-        owned = active is None
-        if owned and progress:
-            progress(f"starting Spark ({settings.spark_master})")
-        spark = active or build_spark_session(
-            settings.spark_master, shuffle_partitions=settings.spark_shuffle_partitions
-        )
+        spark = SparkSession.getActiveSession()
+        owned = spark is None
+    interrupted = False
     try:
+        if spark is None:
+            jars = [str(jdbc_driver_jar())] if settings.is_mysql else []
+            if progress:
+                progress(f"starting Spark ({settings.spark_master})")
+            spark = build_spark_session(
+                settings.spark_master, shuffle_partitions=settings.spark_shuffle_partitions, jars=jars
+            )
         yield spark
+    except BaseException as exc:
+        interrupt = interruption(exc)
+        interrupted = interrupt is not None
+        if interrupt is not None and interrupt is not exc:
+            raise interrupt from None  # not the failure of a call made while unwinding from it
+        raise
     finally:
-        if owned:
-            spark.stop()
+        if owned and spark is not None:
+            stop_spark_session(spark, interrupted=interrupted)
+        elif owned:  # the session did not start
+            remove_scratch_dir()
 
 
 def jdbc_partitions(spark_master: str) -> int:

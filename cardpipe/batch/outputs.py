@@ -1,11 +1,14 @@
 """What a settlement produces, independent of the engine that computes it (no pyspark here).
 
 The three result files of SPEC §5 (:data:`OUTPUTS`) and the counts an engine reports
-(:class:`SettlementSummary`).
+(:class:`SettlementSummary`), and :func:`timed`, how both engines time their stages.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
@@ -53,3 +56,13 @@ class SettlementSummary:
             f"{self.rejected} rejected); {self.cards} cards ({self.cards_limit_lowered} limits lowered), "
             f"{self.customers} customers ({self.customers_score_down} scores down) in {self.seconds:.1f}s"
         )
+
+
+@contextlib.contextmanager
+def timed(steps: dict[str, float], name: str) -> Iterator[None]:
+    """Record the seconds the block takes (rounded to the millisecond) as ``steps[name]``, even when it fails."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        steps[name] = round(time.perf_counter() - started, 3)

@@ -53,6 +53,7 @@ from cardpipe.batch.outputs import (  # re-exported: the job's users import them
     CUSTOMERS_UPDATED,
     OUTPUTS,
     SettlementSummary,
+    timed,
 )
 from cardpipe.domain.records import (
     APPROVED,
@@ -761,19 +762,19 @@ def run_settlement(spark: SparkSession, inputs: SettlementInputs, results_dir: P
         with _redacting(inputs.secrets):
             # The first job reads the transactions (filling their cache, if any) and aggregates them per card.
             assert outputs.transaction_stats is not None
-            with _timed(steps, "read+aggregate"):
+            with timed(steps, "read+aggregate"):
                 transactions_in_order = _transactions_in_id_order(outputs.transaction_stats)
             for name, (key, columns) in OUTPUTS.items():
                 # Cards and customers (projections of persisted frames) are checked by write_csv.
                 in_order = transactions_in_order if name == BATCH_TRANSACTIONS else None
-                with _timed(steps, f"csv:{name}"):
+                with timed(steps, f"csv:{name}"):
                     sorted_globally = write_csv(
                         csv_frames[name], key, results_dir / f"{name}.csv", columns, partitions_in_order=in_order
                     )
                 if sorted_globally:
                     globally.append(name)
                     log.debug("%s: partitions not in %s order, sorted globally", name, key)
-            with _timed(steps, "summary"):
+            with timed(steps, "summary"):
                 summary = _summarize(outputs, started)
     finally:
         for df in cached:
@@ -795,15 +796,6 @@ def run_settlement(spark: SparkSession, inputs: SettlementInputs, results_dir: P
     log.info("%s", summary.describe())
     log.debug("settlement steps (s): %s", steps)
     return summary
-
-
-@contextlib.contextmanager
-def _timed(steps: dict[str, float], name: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        steps[name] = round(time.perf_counter() - started, 3)
 
 
 def _summarize(outputs: SettlementOutputs, started: float) -> SettlementSummary:

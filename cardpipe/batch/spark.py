@@ -3,22 +3,35 @@
 ``build_spark_session`` tunes a session for this workload (small dimension tables, one large fact table,
 a machine with few cores): quiet logging, no UI, no console progress bars, adaptive execution, UTC
 everywhere (so DATETIME columns and CSV timestamps are never shifted), the throughput (parallel) garbage
-collector and a driver heap sized for 10M transactions, and the Debian MariaDB JDBC driver on the class
-path when it is installed. :func:`build_connect_session` opens a Spark Connect session instead (a remote
-``sc://host:port``). :func:`job_conf` sizes file splits and shuffle partitions per job.
+collector and a driver heap sized for 10M transactions, and the MariaDB JDBC driver on the class path when
+it is installed (:func:`jdbc_driver_jar`). :func:`build_connect_session` opens a Spark Connect session
+instead (a remote ``sc://host:port``). :func:`job_conf` sizes file splits and shuffle partitions per job.
+
+Files: what is worth keeping between runs (the class-data archive, the log4j2 settings) lives in the cache
+folder (:func:`cache_dir`, size-capped); the JVM's and Spark's temporary files go to a scratch folder of
+this process in the temporary directory (``$TMPDIR/cardpipe-spark-<pid>``), removed by
+:func:`stop_spark_session` (and at exit; a killed process's is removed by the next session).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cardpipe.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
@@ -27,6 +40,16 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Debian's ``libmariadb-java``.
 MARIADB_JAR = Path("/usr/share/java/mariadb-java-client.jar")
 MARIADB_DRIVER = "org.mariadb.jdbc.Driver"
+#: Another MariaDB Connector/J jar to use instead of :data:`MARIADB_JAR`.
+JDBC_JAR_ENV = "CARDPIPE_JDBC_JAR"
+#: The cache folder (default ``$XDG_CACHE_HOME/cardpipe``, else ``~/.cache/cardpipe``).
+CACHE_DIR_ENV = "CARDPIPE_CACHE_DIR"
+#: Most megabytes of class-data archives kept in the cache (least recently used dropped first; the archive
+#: in use is always kept).
+CDS_MAX_MB_ENV = "CARDPIPE_SPARK_CDS_MAX_MB"
+DEFAULT_CDS_MAX_MB = 1024
+#: Prefix of a process's scratch folder in the temporary directory (``<prefix><pid>``).
+SCRATCH_PREFIX = "cardpipe-spark-"
 #: Driver heap (local mode: the executors' too). 10M transactions read over JDBC are cached (~0.6 GB
 #: columnar); a heap of 3 GB spent ~3x more time collecting garbage than 4 GB (measured at 10M). The heap
 #: only grows as needed (a small job stays well below it).
@@ -121,14 +144,94 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """cardpipe's cache folder: ``CARDPIPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/cardpipe``, else
+    ``~/.cache/cardpipe``; ``None`` when there is no home folder to put it in."""
+    env = os.environ if environ is None else environ
+    if env.get(CACHE_DIR_ENV):
+        return Path(env[CACHE_DIR_ENV]).expanduser()
+    xdg = env.get("XDG_CACHE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "cardpipe"
+    try:
+        return Path.home() / ".cache" / "cardpipe"
+    except (RuntimeError, KeyError):  # no HOME and no password entry
+        return None
+
+
+def _spark_cache(sub: str = "") -> Path | None:
+    """``<cache>/spark[/sub]``, created (private); ``None`` when it cannot be."""
+    root = cache_dir()
+    if root is None:
+        return None
+    folder = root / "spark" / sub if sub else root / "spark"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK | os.X_OK) else None
+
+
 def _log4j2_config_file() -> Path:
+    """The log4j2 settings (:data:`_LOG4J2_PROPERTIES`), in the cache folder (a stable path: it is part of the
+    JVM options that key the class-data archive), else in this process's scratch folder."""
     digest = hashlib.sha1(_LOG4J2_PROPERTIES.encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"cardpipe-spark-log4j2-{digest}.properties"
+    path = (_spark_cache() or scratch_dir()) / f"log4j2-{digest}.properties"
     if not path.exists():
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(_LOG4J2_PROPERTIES, encoding="utf-8")
         os.replace(tmp, path)
     return path
+
+
+# --------------------------------------------------------------------------------- temporary files
+
+
+_scratch_lock = threading.Lock()
+_scratch_registered = False
+
+
+def scratch_dir() -> Path:
+    """This process's scratch folder for Spark and its JVM (``java.io.tmpdir``, ``spark.local.dir``):
+    ``$TMPDIR/cardpipe-spark-<pid>``, created when missing; removed by :func:`remove_scratch_dir`."""
+    global _scratch_registered
+    folder = Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}{os.getpid()}"
+    with _scratch_lock:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if not _scratch_registered:
+            atexit.register(remove_scratch_dir)
+            _scratch_registered = True
+    return folder
+
+
+def remove_scratch_dir() -> None:
+    """Remove this process's scratch folder (a later session creates it again)."""
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}{os.getpid()}", ignore_errors=True)
+
+
+def remove_stale_temporary_files() -> None:
+    """Remove what killed cardpipe processes left in the temporary directory (their scratch folders), and
+    the class-data archives and log4j2 settings that earlier versions kept there."""
+    tmp = Path(tempfile.gettempdir())
+    uid = os.getuid()
+    try:
+        entries = list(tmp.glob(f"{SCRATCH_PREFIX}*"))
+    except OSError:
+        return
+    for entry in entries:
+        suffix = entry.name[len(SCRATCH_PREFIX) :]
+        try:
+            owned = entry.lstat().st_uid == uid
+        except OSError:
+            continue
+        if not owned:
+            continue
+        dead_process = suffix.isdigit() and int(suffix) != os.getpid() and not _alive(suffix)
+        if dead_process or suffix == f"cds-{uid}":  # a scratch folder; the archive folder of earlier versions
+            shutil.rmtree(entry, ignore_errors=True)
+        elif suffix.startswith("log4j2-") and suffix.endswith(".properties"):
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 #: A JDK dynamic class-data-sharing archive's first bytes (its header, which the JVM writes last).
@@ -143,10 +246,11 @@ def class_data_sharing_options(java_options: str) -> list[str]:
     the CPU (two cores: 15 -> 8 CPU seconds, 5 s less wall time). None when ``CARDPIPE_SPARK_CDS=0`` or the
     archive folder is not usable.
 
-    One archive per pyspark installation, java executable and ``java_options``, in a private folder of the
-    temporary directory. Without one, this JVM dumps it at exit (unless another JVM is dumping it now);
-    the next session renames a finished dump (its JVM gone and its header written) into place. The JVM
-    ignores an archive it cannot use (other JDK, other class path) without a word.
+    One archive per pyspark installation, java executable and ``java_options``, in the cache folder
+    (``<cache>/spark/cds``, :func:`cache_dir`). Without one, this JVM dumps it at exit (unless another JVM is
+    dumping it now); the next session renames a finished dump (its JVM gone and its header written) into
+    place, and drops the least recently used archives beyond ``CARDPIPE_SPARK_CDS_MAX_MB`` (default 1024).
+    The JVM ignores an archive it cannot use (other JDK, other class path) without a word.
     """
     if os.environ.get("CARDPIPE_SPARK_CDS", "1") == "0":
         return []
@@ -166,10 +270,14 @@ def class_data_sharing_options(java_options: str) -> list[str]:
             java_options,
         ]
         key = hashlib.sha1("\0".join(identity).encode()).hexdigest()[:16]
-        folder = Path(tempfile.gettempdir()) / f"cardpipe-spark-cds-{os.getuid()}"
-        folder.mkdir(mode=0o700, exist_ok=True)
+        folder = _spark_cache("cds")
+        if folder is None:
+            return []
         archive = folder / f"{key}.jsa"
         dumping = _settle_dumps(folder, key, archive)
+        if archive.is_file():
+            os.utime(archive)  # recently used: the last one the size cap drops
+        _cap_archives(folder, keep=archive)
     except OSError:
         return []
     quiet = ["-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
@@ -200,6 +308,27 @@ def _settle_dumps(folder: Path, key: str, archive: Path) -> bool:
     return dumping
 
 
+def _cap_archives(folder: Path, keep: Path) -> None:
+    """Drop the least recently used archives of ``folder`` while they hold more than the size cap
+    (``CARDPIPE_SPARK_CDS_MAX_MB``); ``keep`` stays."""
+    try:
+        cap = int(float(os.environ.get(CDS_MAX_MB_ENV) or DEFAULT_CDS_MAX_MB) * 1024 * 1024)
+    except ValueError:
+        cap = DEFAULT_CDS_MAX_MB * 1024 * 1024
+    archives = []
+    for path in folder.glob("*.jsa"):
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            archives.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in archives)
+    for _, size, path in sorted(archives, key=lambda a: a[0]):
+        if total <= cap:
+            break
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total -= size
+
+
 def _alive(pid: str) -> bool:
     """Whether the (python) process that started a dumping JVM still runs; its JVM exits after it."""
     try:
@@ -220,25 +349,33 @@ def build_spark_session(
     driver_memory: str = DEFAULT_DRIVER_MEMORY,
     extra_java_options: str = "",
 ) -> SparkSession:
-    """A SparkSession tuned for the settlement job.
+    """A SparkSession tuned for the settlement job; stop it with :func:`stop_spark_session`.
 
     ``shuffle_partitions`` 0 chooses automatically (two per core for ``local`` masters). ``jars`` are
     added to ``spark.jars``, after the MariaDB JDBC driver when that is installed. If a session already
     runs in this process it is reused and its SQL settings are updated (static settings cannot change).
+    The JVM's temporary files go to :func:`scratch_dir`; py4j's log records are silenced; Ctrl-C and
+    SIGTERM wait until the session is up (then it is stopped), and afterwards reach this process's own
+    handlers again (not pyspark's, which calls the JVM from the signal handler while the interrupted call
+    waits for it).
     """
     from pyspark.sql import SparkSession
 
     if shuffle_partitions < 0:
         raise ValueError("shuffle_partitions must be 0 (auto) or positive")
+    quiet_py4j_logging()
     cores = local_cores(master)
     if cores is not None:
         # Bind to loopback: no host-name lookup, no "resolves to a loopback address" warning.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     partitions = shuffle_partitions or default_shuffle_partitions(master)
 
-    all_jars = [str(MARIADB_JAR)] if MARIADB_JAR.is_file() else []
+    installed = _installed_jdbc_jar()
+    all_jars = [str(installed)] if installed else []
     all_jars += [j for j in (jars or []) if j not in all_jars]
 
+    remove_stale_temporary_files()
+    scratch = scratch_dir()
     java_options = " ".join(
         [
             "-Duser.timezone=UTC",  # JDBC DATETIME values are converted in the JVM's zone
@@ -246,17 +383,21 @@ def build_spark_session(
             # cores it costs ~20-25% less CPU than G1 (measured with bench/batch_bench.py).
             "-XX:+UseParallelGC",
             "-XX:MetaspaceSize=256m",  # no full collections while Spark loads its classes
+            "-XX:-UsePerfData",  # no /tmp/hsperfdata_<user>/<pid> file (jps/jstat do not see the JVM)
             f"-Dlog4j2.configurationFile={_log4j2_config_file().as_uri()}",
             *extra_java_options.split(),
         ]
     )
+    # The temporary folder (also spark.local.dir's default: shuffle and spill files) is left out of the options
+    # that key the class-data archive (it varies by pid).
+    driver_options = [java_options, f"-Djava.io.tmpdir={scratch}", *class_data_sharing_options(java_options)]
     builder = (
         SparkSession.builder.master(master)
         .appName(app_name)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.memory", driver_memory)
-        .config("spark.driver.extraJavaOptions", " ".join([java_options, *class_data_sharing_options(java_options)]))
+        .config("spark.driver.extraJavaOptions", " ".join(driver_options))
         .config("spark.executor.extraJavaOptions", java_options)
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.adaptive.enabled", "true")
@@ -278,7 +419,13 @@ def build_spark_session(
     if all_jars:
         builder = builder.config("spark.jars", ",".join(all_jars))
 
-    spark = builder.getOrCreate()
+    try:
+        with _signals_held():
+            spark = builder.getOrCreate()
+    except BaseException as exc:  # interrupted (held until the JVM was up), or the session failed to start
+        if not isinstance(exc, Exception):
+            _stop_active_context()
+        raise
     spark.sparkContext.setLogLevel("WARN")
     # getOrCreate may return a running session: make the runtime SQL settings hold anyway.
     spark.conf.set("spark.sql.session.timeZone", "UTC")
@@ -287,6 +434,149 @@ def build_spark_session(
         spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
     spark.conf.set(AUTO_SHUFFLE_PARTITIONS, "true" if shuffle_partitions == 0 else "false")
     return spark
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM over the block, then restore this process's handlers and give them what came.
+
+    Interrupted while pyspark starts its JVM, Python gives up waiting for it but the JVM then runs on with
+    nobody to stop it; once pyspark's context is up it installs its own SIGINT handler (cancel the jobs,
+    ``KeyboardInterrupt``), which is replaced by this process's own again at the end of the block.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[signal.Signals] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda received, _frame: held.append(signal.Signals(received)))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        if held:
+            handler = previous[held[0]]
+            if callable(handler):
+                handler(held[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), held[0])
+
+
+def _stop_active_context() -> None:
+    """Stop this process's SparkContext, if one started, without a word from its JVM."""
+    from pyspark import SparkContext
+
+    context = SparkContext._active_spark_context
+    if context is not None:
+        with contextlib.suppress(Exception):
+            context.setLogLevel("OFF")
+            context.stop()
+
+
+def stop_spark_session(spark: SparkSession, *, interrupted: bool = False) -> None:
+    """Stop ``spark`` and remove this process's scratch folder.
+
+    ``interrupted`` (Ctrl-C or SIGTERM while a job may still run): the JVM's logging is turned off and the
+    jobs cancelled first, so that stopping prints none of the aborted jobs' errors; when the JVM no longer
+    answers (an interrupted call can leave the gateway unusable) it is killed, never left running.
+    """
+    try:
+        if not interrupted:
+            spark.stop()
+            return
+        with contextlib.suppress(Exception):  # Spark Connect has no SparkContext; the gateway may be gone
+            context = spark.sparkContext
+            context.setLogLevel("OFF")
+            context.cancelAllJobs()
+        try:
+            spark.stop()
+        except Exception:
+            _kill_gateway_jvm()
+    finally:
+        remove_scratch_dir()
+
+
+def _kill_gateway_jvm() -> None:
+    """Kill the JVM pyspark started in this process (its gateway does not answer any more)."""
+    from pyspark import SparkContext
+
+    process = getattr(SparkContext._gateway, "proc", None)
+    if process is not None and process.poll() is None:
+        process.kill()
+        with contextlib.suppress(Exception):
+            process.wait(10)
+
+
+def interruption(exc: BaseException) -> BaseException | None:
+    """The interrupt (``KeyboardInterrupt``, SIGTERM's exception: any ``BaseException`` that is not an
+    ``Exception``) that ``exc`` is or that it happened while handling (a py4j call made while unwinding from
+    Ctrl-C fails with ``Py4JNetworkError``), else ``None``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if not isinstance(current, Exception):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return None
+
+
+class _Py4jRootRecords(logging.Filter):
+    """Drops the records py4j logs on the root logger (``logging.exception(...)`` with a traceback, when a
+    call is interrupted or the JVM is gone); the exception itself reaches the caller anyway."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and record.pathname.startswith(self.folder))
+
+
+def quiet_py4j_logging() -> None:
+    """Silence py4j (the Java gateway): its own loggers, and its records on the root logger. Idempotent."""
+    logging.getLogger("py4j").setLevel(logging.CRITICAL)
+    try:
+        import py4j
+    except ImportError:  # pragma: no cover - pyspark depends on it
+        return
+    folder = os.path.dirname(os.path.abspath(py4j.__file__)) + os.sep
+    root = logging.getLogger()
+    if not any(isinstance(f, _Py4jRootRecords) for f in root.filters):
+        root.addFilter(_Py4jRootRecords(folder))
+
+
+def _installed_jdbc_jar() -> Path | None:
+    try:
+        return jdbc_driver_jar()
+    except ConfigError:
+        return None
+
+
+def jdbc_driver_jar(environ: Mapping[str, str] | None = None) -> Path:
+    """The MariaDB JDBC driver's jar: ``CARDPIPE_JDBC_JAR``, else :data:`MARIADB_JAR` (Debian's
+    ``libmariadb-java``). :class:`~cardpipe.errors.ConfigError` naming the path looked at and how to get it
+    when there is none (check it before starting a JVM)."""
+    env = os.environ if environ is None else environ
+    configured = (env.get(JDBC_JAR_ENV) or "").strip()
+    if configured:
+        path = Path(configured).expanduser()
+        if path.is_file():
+            return path
+        raise ConfigError(
+            f"{JDBC_JAR_ENV}={configured}: no such file; point it at a MariaDB Connector/J jar, or unset it "
+            f"to use {MARIADB_JAR} (apt-get install libmariadb-java)"
+        )
+    if MARIADB_JAR.is_file():
+        return MARIADB_JAR
+    raise ConfigError(
+        f"Spark reads MySQL/MariaDB over JDBC and needs the MariaDB JDBC driver, which is not installed "
+        f"(no {MARIADB_JAR}): install it with `apt-get install libmariadb-java`, set {JDBC_JAR_ENV} to a "
+        "MariaDB Connector/J jar, or use the embedded engine (--engine embedded)"
+    )
 
 
 class JdbcOptions(dict):
@@ -310,8 +600,6 @@ def jdbc_options_from_url(url: URL) -> JdbcOptions:
     dialect (backtick quoting) while the MariaDB driver serves it (SPEC §7). The password is only in the
     ``password`` option, never in the URL, and the mapping's repr hides it.
     """
-    from cardpipe.errors import ConfigError
-
     backend = url.get_backend_name()
     if backend not in ("mysql", "mariadb"):
         raise ConfigError(f"Spark JDBC needs a MySQL/MariaDB database, not {backend!r}")
@@ -367,8 +655,6 @@ def build_connect_session(remote: str, *, app_name: str = "cardpipe-batch") -> S
     :class:`~cardpipe.errors.ConfigError` when ``remote`` is no ``sc://`` URL or the client's packages are
     missing (naming them and ``pip install 'pyspark[connect]'``).
     """
-    from cardpipe.errors import ConfigError
-
     if not remote.startswith("sc://"):
         raise ConfigError(f"SPARK_REMOTE must be a Spark Connect URL sc://host:port, got {describe_remote(remote)!r}")
     missing = missing_connect_packages()

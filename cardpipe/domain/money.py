@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from cardpipe.domain.checks import CheckError, parse_decimal
 
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
@@ -15,7 +17,7 @@ MAX_MONEY = Decimal("9999999999.99")
 _PLAIN_CENTS = re.compile(r"-?[0-9]{1,10}\.[0-9]{2}").fullmatch
 
 
-class MoneyError(ValueError):
+class MoneyError(CheckError):
     """A value is not a valid amount of money."""
 
 
@@ -34,13 +36,10 @@ def parse_money(value: object) -> Decimal:
     elif isinstance(value, int):
         amount = Decimal(value)
     elif isinstance(value, str):
-        text = value.strip()
-        if not text.isascii() or "_" in text:  # Decimal() also takes "1_000" and non-ASCII digits
-            raise MoneyError(f"amount {value[:40]!r} is not a plain decimal number")
         try:
-            amount = Decimal(text)
-        except InvalidOperation:
-            raise MoneyError(f"amount {value[:40]!r} is not a number") from None
+            amount = parse_decimal(value)  # plain ASCII decimal: not "1_000", not other scripts' digits
+        except CheckError as exc:
+            raise MoneyError(f"amount {value[:40]!r} is {exc.reason}") from None
     else:
         raise MoneyError(f"amount must be a decimal string or number, not {type(value).__name__}")
     if not amount.is_finite():
@@ -56,15 +55,19 @@ def parse_money(value: object) -> Decimal:
 def parse_money_lenient(text: str) -> Decimal:
     """Parse money written by a float-based system (``-95.11000000000001``): round half-even to cents.
 
-    Used for CSV inputs whose money columns came from floats; raises :class:`MoneyError` on garbage.
+    Used for CSV inputs whose money columns came from floats; raises :class:`MoneyError` (its message the
+    reason alone, as :class:`~cardpipe.domain.checks.CheckError`'s) on anything else.
     """
     try:
-        amount = Decimal(text.strip())
-    except InvalidOperation:
-        raise MoneyError(f"{text[:40]!r} is not a number") from None
-    if not amount.is_finite() or abs(amount) > MAX_MONEY:
-        raise MoneyError(f"{text[:40]!r} is out of range")
-    return amount.quantize(CENT, rounding=ROUND_HALF_EVEN)
+        amount = parse_decimal(text)
+    except CheckError as exc:
+        raise MoneyError(exc.reason) from None
+    if amount.adjusted() > MAX_MONEY.adjusted() or abs(amount) > MAX_MONEY:  # exponent first: 1e999999999
+        raise MoneyError("out of range for DECIMAL(12,2)")
+    cents = amount.quantize(CENT, rounding=ROUND_HALF_EVEN)
+    if abs(cents) > MAX_MONEY:  # half-even rounding can carry 9999999999.995 over the top
+        raise MoneyError("out of range for DECIMAL(12,2)")
+    return cents
 
 
 def round_to_hundred_half_even(amount: Decimal) -> Decimal:

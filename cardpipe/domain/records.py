@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+from cardpipe.domain.checks import CANONICAL_TIMESTAMP as CANONICAL_TIMESTAMP  # re-exported
+
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
-#: ``TIMESTAMP_FORMAT``'s canonical text, ``YYYY-MM-DD HH:MM:SS`` in ASCII digits (use ``fullmatch``): on it,
+#: ``CANONICAL_TIMESTAMP`` (``TIMESTAMP_FORMAT``'s canonical text in ASCII digits, for ``fullmatch``): on it,
 #: ``datetime.fromisoformat`` (several times faster) parses exactly as ``strptime(TIMESTAMP_FORMAT)`` does.
-CANONICAL_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 
 TRANSACTION_COLUMNS = (
     "transaction_id",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import func, select
 from sqlalchemy.exc import SAWarning
 
 from cardpipe.config import Settings
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS
-from cardpipe.errors import BrokerLost, ConfigError, first_line
+from cardpipe.errors import BrokerLost, BrokerUnavailable, CardpipeError, ConfigError, first_line
 from cardpipe.faults import crash_point
+from cardpipe.orchestration.locks import EXCLUSIVE, SHARED
 from cardpipe.orchestration.publisher import PublisherProcess, StreamStopped
 from cardpipe.orchestration.runtime import Runtime, open_stream_store
 from cardpipe.serving import results as serving_results
@@ -33,9 +36,9 @@ from cardpipe.serving.csv_io import read_typed_rows
 from cardpipe.serving.loader import LoadSummary, check_data_dir, load_inputs
 from cardpipe.serving.settlements import COUNT_COLUMNS
 from cardpipe.serving.stream_store import StreamStore
-from cardpipe.serving.transaction_source import transactions_from_csv, transactions_from_database
+from cardpipe.serving.transaction_source import count_undecided, transactions_from_csv, transactions_from_database
 from cardpipe.stream.broker import BrokerHandle, is_alive
-from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, log_end_offsets
+from cardpipe.stream.consumer import CLIENT_LOG, ConsumeOptions, ConsumeSummary, log_end_offsets, signal_handled
 from cardpipe.stream.consumer import consume as consume_topic
 from cardpipe.stream.producer import PublishSummary, publish
 
@@ -52,30 +55,50 @@ MAX_BROKER_RECOVERIES = 3
 #: Where ``batch`` writes its three result files (``<this>-<settlement id>``) until the settlement is published.
 BATCH_STAGING_DIR = ".batch-staging"
 
+#: How many times one ``consume`` publishes again, and decides, transactions that are neither decided nor on
+#: the topic once it is drained (each time the rest of them; a second time only if the first did not finish).
+MAX_FINISH_ROUNDS = 2
+
+
+class StreamIncomplete(CardpipeError):
+    """A stream stopped with transactions of the database not decided (the command to finish it is named)."""
+
 
 @contextmanager
-def _runtime(settings: Settings, runtime: Runtime | None, broker: BrokerHandle | None = None) -> Iterator[Runtime]:
-    """``runtime`` if given (left open: its owner closes it), else a runtime of this command's own (on ``broker``)."""
+def _runtime(
+    settings: Settings,
+    runtime: Runtime | None,
+    broker: BrokerHandle | None = None,
+    *,
+    lock: str = SHARED,
+    command: str | None = None,
+) -> Iterator[Runtime]:
+    """``runtime`` if given (left open: its owner closes it), else a runtime of this command's own (on ``broker``),
+    holding the results folder and the database as ``lock`` says (see :mod:`cardpipe.orchestration.locks`)."""
     if runtime is not None:
         if broker is not None and broker != runtime.broker:
             raise ValueError("give a broker or a runtime, not both")
         yield runtime
         return
-    with Runtime(settings, broker=broker) as own:
+    with Runtime(settings, broker=broker, lock=lock, command=command) as own:
+        if lock == EXCLUSIVE:
+            own.hold()  # at once; a shared hold comes with the engine (after checking there is a database)
         yield own
 
 
 def setup(settings: Settings, *, runtime: Runtime | None = None) -> None:
-    """(Re)create a clean schema, like the seed's ``db_setup.py``."""
+    """(Re)create a clean schema, like the seed's ``db_setup.py``; refused while another command uses the folder
+    or the database."""
     settings.results_dir.mkdir(parents=True, exist_ok=True)
-    with _runtime(settings, runtime) as rt:
+    with _runtime(settings, runtime, lock=EXCLUSIVE, command="cardpipe setup") as rt:
         rt.clean_schema()
 
 
 def load(settings: Settings, progress: Progress | None = None, *, runtime: Runtime | None = None) -> LoadSummary:
-    """Load the four input CSVs of ``settings.data_dir`` into the serving database."""
+    """Load the four input CSVs of ``settings.data_dir`` into the serving database (refused while another
+    command uses the folder or the database: it replaces their rows)."""
     check_data_dir(settings.data_dir)
-    with _runtime(settings, runtime) as rt:
+    with _runtime(settings, runtime, lock=EXCLUSIVE, command="cardpipe load") as rt:
         report = (lambda table, n: progress(f"loading {table}: {n:,} rows")) if progress else None
         return load_inputs(rt.ensure_schema(), settings.data_dir, report)
 
@@ -89,12 +112,14 @@ def produce(
     progress: Progress | None = None,
     runtime: Runtime | None = None,
 ) -> PublishSummary:
-    """Publish transactions (from the database, or a CSV) to the topic in timestamp order."""
-    with _runtime(settings, runtime, broker) as rt:
+    """Publish transactions (from the database, or a CSV) to the topic in timestamp order (the database set up
+    and loaded first: :class:`~cardpipe.orchestration.locks.NotReady` otherwise)."""
+    with _runtime(settings, runtime, broker, command="cardpipe produce") as rt:
+        engine = rt.loaded_engine("cardpipe produce") if runtime is None else rt.ensure_schema()
         if from_csv is not None:
             transactions: Any = transactions_from_csv(from_csv)
         else:
-            transactions = transactions_from_database(rt.ensure_schema(), only_undecided=not republish_all)
+            transactions = transactions_from_database(engine, only_undecided=not republish_all)
         rt.ensure_topics()
         report = (lambda n: progress(f"published {n:,} transactions")) if progress else None
         return publish(transactions, rt.broker.bootstrap_servers, settings.kafka_topic, progress=report)
@@ -149,22 +174,157 @@ def consume(
     recovered; running ``consume`` again re-publishes what is undecided.
 
     ``publishing``: a producer publishes the stream meanwhile (see :func:`stream`).
+
+    **Finishing the stream** (not following, no producer, no ``should_stop``: ``cardpipe consume``): the database
+    is the record of what must be decided. When its undecided transactions outnumber the messages left on the
+    topic after the committed offsets (a run killed while publishing), they are all published again first; and
+    when the topic is drained with some still undecided (and others decided: a topic of other transactions than
+    the database's is left alone), they are published and decided again (up to :data:`MAX_FINISH_ROUNDS` times).
+    Re-published duplicates are absorbed by the idempotency key, and a card's transactions stay in order (its
+    earliest undecided ones come first, on its partition). A consume that stops with transactions undecided
+    (SIGTERM, or they never got decided) raises :class:`StreamIncomplete`, naming how many and the command to
+    run; one whose partitions other live consumers share leaves the rest to them.
     """
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     options = options or ConsumeOptions(
         idle_seconds=settings.consumer_idle_seconds, batch_size=settings.consumer_batch_size
     )
-    with _runtime(settings, runtime, broker) as rt:
+    finishing = publishing is None and should_stop is None and not options.follow and options.partitions is None
+    with _runtime(settings, runtime, broker, command="cardpipe consume") as rt:
+        if runtime is None:
+            rt.loaded_engine("cardpipe consume")
         store = rt.stream_store()
         stream_broker(rt)
         try:
-            if workers > 1:
-                return _consume_with_workers(rt, options, workers, progress, publishing, should_stop)
-            return _consume_recovering(rt, store, options, progress, publishing, should_stop)
+            if not finishing:
+                return _consume_leg(rt, store, options, workers, progress, publishing, should_stop)
+            terminated: list[bool] = []
+            with signal_handled(signal.SIGTERM, lambda *_: terminated.append(True)):
+                return _consume_to_the_end(rt, store, options, workers, progress, lambda: bool(terminated))
         finally:
             # Also on Ctrl-C, and when a worker failed: what was committed is exported.
             serving_results.export_stream_results(store.engine, settings.results_dir)
+
+
+def _consume_leg(
+    rt: Runtime,
+    store: StreamStore,
+    options: ConsumeOptions,
+    workers: int,
+    progress: Progress | None,
+    publishing: Callable[[], bool] | None,
+    should_stop: Callable[[], bool] | None,
+) -> ConsumeSummary:
+    if workers > 1:
+        return _consume_with_workers(rt, options, workers, progress, publishing, should_stop)
+    return _consume_recovering(rt, store, options, progress, publishing, should_stop)
+
+
+def _consume_to_the_end(
+    rt: Runtime,
+    store: StreamStore,
+    options: ConsumeOptions,
+    workers: int,
+    progress: Progress | None,
+    terminated: Callable[[], bool],
+) -> ConsumeSummary:
+    """Consume until every transaction of the database is decided (see :func:`consume`, finishing the stream).
+
+    ``terminated``: SIGTERM came (the single consumer then stops after its batch; workers stop on their own).
+    """
+    engine = store.engine
+    total = ConsumeSummary()
+    # With workers, SIGTERM is theirs to handle (``terminated`` does not see it): no stop request from here.
+    should_stop = terminated if workers == 1 else None
+    undecided = count_undecided(engine)
+    if undecided and not store.other_consumers():
+        left = messages_left(rt, store)
+        if undecided > left:
+            log.warning(
+                "%s transactions of the database are not decided, and %s messages are left on the topic: "
+                "publishing every undecided transaction again (duplicates are ignored)",
+                f"{undecided:,}",
+                f"{left:,}",
+            )
+            total.counts["republished"] += _publish_undecided(rt, terminated)
+    for round_ in range(MAX_FINISH_ROUNDS + 1):
+        total.add(_consume_leg(rt, store, options, workers, progress, None, should_stop))
+        undecided = count_undecided(engine)
+        if not undecided:
+            return total
+        others = store.other_consumers()
+        if others:
+            log.info(
+                "%s transactions are not decided yet: other consumers (%s) decide them",
+                f"{undecided:,}",
+                ", ".join(others),
+            )
+            return total
+        left = messages_left(rt, store)
+        if terminated() or left:
+            raise StreamIncomplete(
+                f"stopped with {undecided:,} transactions not decided yet ({left:,} messages left on the topic): "
+                "run `cardpipe consume` to finish the stream"
+            )
+        if undecided == _transactions_loaded(engine):
+            # The topic held other transactions than the database's (``produce --from-csv``): not its stream.
+            log.warning(
+                "none of the %s transactions of the database is decided: `cardpipe produce` publishes them",
+                f"{undecided:,}",
+            )
+            return total
+        if round_ == MAX_FINISH_ROUNDS:
+            break
+        log.warning(
+            "the topic is drained and %s transactions of the database are not decided: publishing them again",
+            f"{undecided:,}",
+        )
+        total.counts["republished"] += _publish_undecided(rt, terminated)
+    raise StreamIncomplete(
+        f"{undecided:,} transactions are still not decided after publishing them {MAX_FINISH_ROUNDS} times again "
+        "(see rejected_transactions); run `cardpipe consume` to try again"
+    )
+
+
+def _transactions_loaded(engine: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(schema.transactions)).scalar_one())
+
+
+def _publish_undecided(rt: Runtime, terminated: Callable[[], bool]) -> int:
+    """Publish every undecided transaction of the database (stopping early on SIGTERM); how many."""
+    rt.ensure_topics()
+    transactions = transactions_from_database(rt.ensure_schema())
+    summary = publish(transactions, rt.broker.bootstrap_servers, rt.settings.kafka_topic, should_stop=terminated)
+    log.info("published the %s undecided transactions again", f"{summary.published:,}")
+    return summary.published
+
+
+def messages_left(rt: Runtime, store: StreamStore) -> int:
+    """How many messages the topic holds after the committed offsets (the whole log of a partition without one,
+    or whose committed offset is past its end: the consumer reads those from the start)."""
+    rt.ensure_topics()
+    servers, topic = rt.broker.bootstrap_servers, rt.settings.kafka_topic
+    ends = log_end_offsets(servers, topic)
+    committed = store.committed_offsets()
+    starts = {p: committed.get(p) for p in ends}
+    from_start = [p for p, o in starts.items() if o is None or o > ends[p]]
+    firsts = log_start_offsets(servers, topic, from_start) if from_start else {}
+    return sum(max(0, end - (firsts[p] if p in firsts else starts[p] or 0)) for p, end in ends.items())
+
+
+def log_start_offsets(bootstrap_servers: str, topic: str, partitions: list[int]) -> dict[int, int]:
+    """Each partition's first offset still in the log (its low watermark)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "cardpipe-offsets", "logger": CLIENT_LOG})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[0] for p in partitions
+        }
+    except Exception as exc:  # confluent raises KafkaException with a KafkaError inside
+        raise BrokerUnavailable(f"cannot read the first offsets of topic {topic!r}: {exc}") from None
+    finally:
+        consumer.close()
 
 
 def _consume_recovering(
@@ -278,7 +438,9 @@ def batch(
 
     started = time.perf_counter()
     name = choose_engine(engine_name or settings.batch_engine, settings.spark_master, settings.spark_remote)
-    with _runtime(settings, runtime) as rt:
+    with _runtime(settings, runtime, command="cardpipe batch") as rt:
+        if runtime is None:
+            _warn_if_undecided(rt, rt.loaded_engine("cardpipe batch"))
         store = SettlementStore(rt.ensure_schema(), settings.kafka_topic)
         claim = store.claim(process_owner(), name)
         if isinstance(claim, NothingNew):
@@ -314,11 +476,23 @@ def batch(
         return BatchResult(summary, time.perf_counter() - started, settlement_id, name, claim.watermark)
 
 
+def _warn_if_undecided(rt: Runtime, engine: Any) -> None:
+    """A settlement settles what is decided; say so when transactions wait and no consumer decides them."""
+    undecided = count_undecided(engine)
+    if undecided and not rt.stream_store().other_consumers():
+        log.warning(
+            "%s transactions are not decided yet and no consumer is running: this settlement leaves them out "
+            "(`cardpipe consume` decides them, then `cardpipe batch` settles them)",
+            f"{undecided:,}",
+        )
+
+
 def persist(settings: Settings, *, runtime: Runtime | None = None) -> dict[str, int]:
     """The seed's ``serving_processor.py updated``: the batch already wrote its tables when it published its
     settlement; this checks they are there and returns their row counts."""
-    with _runtime(settings, runtime) as rt:
-        return serving_results.batch_table_counts(rt.ensure_schema())
+    with _runtime(settings, runtime, command="cardpipe persist") as rt:
+        engine = rt.loaded_engine("cardpipe persist") if runtime is None else rt.ensure_schema()
+        return serving_results.batch_table_counts(engine)
 
 
 @dataclass
@@ -403,12 +577,18 @@ def stream(
 
 def run(settings: Settings, progress: Progress | None = None, *, workers: int = 1) -> RunSummary:
     """All layers end to end over one runtime: clean schema, load, publish and authorize (``workers``
-    consumers), settle, persist. The embedded broker it starts is stopped once the stream is decided."""
+    consumers), settle, persist. The embedded broker it starts is stopped once the stream is decided.
+
+    It holds the results folder and the database exclusively (a second ``run``, a ``load``, a ``consume``…
+    refuses at once, naming it). Killed, it is run again as it was (it starts over from a clean schema), or
+    ``cardpipe consume`` then ``cardpipe batch`` finish it.
+    """
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
     settings.results_dir.mkdir(parents=True, exist_ok=True)
     check_data_dir(settings.data_dir)
-    with Runtime(settings, stop_broker_on_exit=True) as rt:
+    with Runtime(settings, stop_broker_on_exit=True, lock=EXCLUSIVE, command="cardpipe run") as rt:
+        rt.hold()
         say(f"serving: clean schema in {settings.describe_database()}")
         setup(settings, runtime=rt)
         say(f"serving: loading {settings.data_dir}")
@@ -416,7 +596,33 @@ def run(settings: Settings, progress: Progress | None = None, *, workers: int = 
         say(f"stream: publishing to {settings.kafka_topic!r} on {rt.broker.bootstrap_servers} and authorizing at once")
         _start_stream_here(rt)
         published, consumed = stream(settings, progress=progress, workers=workers, runtime=rt)
+        undecided = count_undecided(rt.ensure_schema())
+        if undecided:
+            raise StreamIncomplete(
+                f"the stream stopped with {undecided:,} transactions not decided: run `cardpipe consume` to "
+                "finish it, then `cardpipe batch`"
+            )
         rt.close_broker()  # its messages are decided: free it before settling
         say("batch: settling")
         settled = batch(settings, progress, runtime=rt)
+        steps = getattr(settled.summary, "steps", None) or {}
+        stages = {
+            "load": loaded.seconds,
+            "stream.publish": published.seconds,
+            "stream.consume": consumed.seconds,
+            "batch": settled.seconds,
+            **{f"batch.{name}": seconds for name, seconds in steps.items()},
+        }
+        report(settings, runtime=rt, stage_seconds={**stages, "run": time.perf_counter() - started})
     return RunSummary(loaded, published, consumed, settled, time.perf_counter() - started)
+
+
+def report(
+    settings: Settings, *, runtime: Runtime | None = None, stage_seconds: dict[str, float] | None = None
+) -> tuple[Path, Path]:
+    """Write ``run.json`` and the self-contained ``report.html`` from the database (see :mod:`cardpipe.report`);
+    without ``stage_seconds``, those of the last ``run.json`` are kept. Returns the two paths."""
+    from cardpipe.report import write_run_report
+
+    with _runtime(settings, runtime, command="cardpipe report") as rt:
+        return write_run_report(rt.loaded_engine("cardpipe report"), settings.results_dir, stage_seconds)

@@ -12,12 +12,14 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from sqlalchemy import Engine
 
 from cardpipe.childprocs import signals_deferred
 from cardpipe.config import Settings
+from cardpipe.orchestration.locks import RUN_SETUP, SHARED, DatabaseLock, FolderLock, NotReady, require_loaded
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
 from cardpipe.serving.stream_store import StreamStore
 from cardpipe.stream.broker import BrokerHandle, ensure_broker, ensure_topic, stop_broker
@@ -44,11 +46,26 @@ class Runtime:
     next command), then the engine is disposed of.
 
     ``broker``: a handle to use instead of ensuring one; the runtime never stops it.
+
+    ``lock``: how this runtime holds the results folder and the database (see :mod:`cardpipe.orchestration.locks`):
+    ``"shared"`` (the default), ``"exclusive"`` (``run``, ``setup``, ``load``: they wipe tables) or None. Taken on
+    first use of the engine (or by :meth:`hold`), released on exit; ``command`` names this holder to others.
     """
 
-    def __init__(self, settings: Settings, *, broker: BrokerHandle | None = None, stop_broker_on_exit: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        broker: BrokerHandle | None = None,
+        stop_broker_on_exit: bool = False,
+        lock: str | None = SHARED,
+        command: str | None = None,
+    ):
         self.settings = settings
         self.stop_broker_on_exit = stop_broker_on_exit
+        self.lock_mode = lock
+        self.command = command
+        self._folder_lock: FolderLock | None = None
         self._broker = broker
         self._started_broker = False  # a broker this runtime ensured was started by it
         self._engine: Engine | None = None
@@ -76,14 +93,28 @@ class Runtime:
         if self._closed:
             raise RuntimeError("the runtime is closed")
 
+    # ------------------------------------------------------------------------------------------ locks
+
+    def hold(self) -> None:
+        """Take this runtime's hold on the results folder now (the database's comes with the engine); raises
+        :class:`~cardpipe.orchestration.locks.PipelineBusy` naming the holder when another command excludes it."""
+        with self._lock:
+            if self.lock_mode is None or self._folder_lock is not None:
+                return
+            self._check_open()
+            folder_lock = FolderLock(self.settings.results_dir, self.lock_mode, self.command).acquire()
+            self._folder_lock = folder_lock
+            self._exit.callback(folder_lock.release)
+
     # ------------------------------------------------------------------------------------------ database
 
     @property
     def engine(self) -> Engine:
-        """The serving database's engine, its connection checked (opened on first use)."""
+        """The serving database's engine, its connection checked and the database's lock taken (on first use)."""
         with self._lock:
             if self._engine is None:
                 self._check_open()
+                self.hold()
                 engine = make_engine(self.settings.database_url)
                 try:
                     check_connection(engine)
@@ -92,7 +123,22 @@ class Runtime:
                     raise
                 self._engine = engine
                 self._exit.callback(self._dispose_engine)
+                if self.lock_mode is not None:
+                    command = self.command or (self._folder_lock.command if self._folder_lock else "cardpipe")
+                    where = self.settings.describe_database()
+                    db_lock = DatabaseLock(engine, self.lock_mode, command, where).acquire()
+                    self._exit.callback(db_lock.release)
             return self._engine
+
+    def loaded_engine(self, command: str) -> Engine:
+        """The engine of a database set up and loaded (schema ensured); else :class:`~cardpipe.orchestration.locks.
+        NotReady` saying what to run first (a missing SQLite file is not created)."""
+        url = self.settings.database_url
+        sqlite_file = url.database if url.get_backend_name() == "sqlite" and url.database != ":memory:" else None
+        if sqlite_file and not Path(sqlite_file).exists():
+            raise NotReady(f"{command}: nothing set up in {self.settings.results_dir}: {RUN_SETUP}")
+        require_loaded(self.engine, self.settings.describe_database(), command)
+        return self.ensure_schema()
 
     def ensure_schema(self) -> Engine:
         """The engine, with every cardpipe table and view there (created once when missing)."""

@@ -58,6 +58,7 @@ class ServiceStatus:
     """What the service knows of itself, for ``/health`` (read without any broker round trip)."""
 
     lag: int | None = None
+    lag_by_partition: dict[int, int] = field(default_factory=dict)
     consumer_error: str | None = None
     settlements: int = 0
     last_settlement_error: str | None = None
@@ -148,7 +149,8 @@ class Service:
                             )
                         ).all()
                     )
-                self.status.lag = sum(max(0, end - (done.get(p) or 0)) for p, end in ends.items())
+                by_partition = {p: max(0, end - (done.get(p) or 0)) for p, end in ends.items()}
+                self.status.lag_by_partition, self.status.lag = by_partition, sum(by_partition.values())
             except Exception as exc:  # the broker or database restarting: measured again next time
                 log.debug("lag not measured: %s", exc)
 
@@ -168,7 +170,11 @@ class Service:
                 log.error("settlement failed: %s", first_line(exc))
 
     def health(self) -> dict[str, Any]:
-        return {"lag": self.status.lag, "consumer_error": self.status.consumer_error}
+        return {
+            "lag": self.status.lag,
+            "lag_by_partition": self.status.lag_by_partition,
+            "consumer_error": self.status.consumer_error,
+        }
 
 
 @contextmanager

@@ -14,8 +14,9 @@ from typing import Any, TextIO
 from sqlalchemy import Connection
 
 from cardpipe.config import Settings
+from cardpipe.orchestration.runtime import Runtime
 from cardpipe.serving import views
-from cardpipe.serving.database import check_connection, ensure_schema, make_engine, translated_errors
+from cardpipe.serving.database import translated_errors
 
 #: kind -> the view that shows it.
 VIEWS: dict[str, Callable[[Connection, int], dict[str, Any] | None]] = {
@@ -33,14 +34,10 @@ def show(settings: Settings, kind: str, ident: int, *, as_json: bool, out: TextI
     """
     if kind not in VIEWS:
         raise ValueError(f"unknown view {kind!r} (one of {', '.join(VIEWS)})")
-    engine = make_engine(settings.database_url, create_database=False)
-    try:
-        check_connection(engine)
-        ensure_schema(engine)
+    with Runtime(settings, lock=None) as runtime:
+        engine = runtime.loaded_engine(f"cardpipe {kind}")  # NotReady (what to run first) on a database never loaded
         with translated_errors(engine), engine.connect() as conn:
             view = VIEWS[kind](conn, ident)
-    finally:
-        engine.dispose()
     if view is None:
         print(f"cardpipe: no {kind} {ident} in {settings.describe_database()}", file=sys.stderr)
         return 1

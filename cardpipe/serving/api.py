@@ -38,6 +38,7 @@ from cardpipe import __version__
 from cardpipe.errors import DatabaseUnavailable
 from cardpipe.serving import views
 from cardpipe.serving.database import describe_error
+from cardpipe.serving.metrics import StreamCollector
 
 __all__ = ["CardNumberLogFilter", "create_app", "docs_assets_dir"]
 
@@ -278,9 +279,10 @@ def _known(status: StatusFn | None) -> dict[str, Any]:
 
 
 class _ServingCollector(Collector):
-    """Gauges of the service's state: decided, settlement in force, lag, database reachability."""
+    """Gauges of the service's state: decided, settlement in force, database reachability (the lag, the decisions
+    and the settlements in detail: :class:`~cardpipe.serving.metrics.StreamCollector`)."""
 
-    NAMES = ("cardpipe_decided", "cardpipe_settlement_in_force", "cardpipe_lag_messages", "cardpipe_database_up")
+    NAMES = ("cardpipe_decided", "cardpipe_settlement_in_force", "cardpipe_database_up")
 
     def __init__(self, counts: _CountsCache, status: StatusFn | None) -> None:
         self.counts, self.status = counts, status
@@ -301,11 +303,7 @@ class _ServingCollector(Collector):
             yield GaugeMetricFamily(
                 self.NAMES[1], "The settlement in force (0: none yet).", value=known.get("settlement_id") or 0
             )
-        if known.get("lag") is not None:
-            yield GaugeMetricFamily(
-                self.NAMES[2], "Messages on the topic not yet decided, as last measured.", value=known["lag"]
-            )
-        yield GaugeMetricFamily(self.NAMES[3], "1 when the serving database answered the last count.", value=up)
+        yield GaugeMetricFamily(self.NAMES[2], "1 when the serving database answered the last count.", value=up)
 
 
 _ROUTES = ("/cards/{card_id}", "/customers/{customer_id}", "/transactions/{transaction_id}", "/health", "/metrics")
@@ -435,6 +433,8 @@ def create_app(
     database_warnings = _Throttled()
     serving = CollectorRegistry(auto_describe=False)
     serving.register(_ServingCollector(counts, status))
+    stream = CollectorRegistry(auto_describe=False)
+    stream.register(StreamCollector(engine, status))
     http = CollectorRegistry(auto_describe=False)
     requests = Counter(
         "cardpipe_api_requests", "HTTP requests answered, by route and status code.", ["route", "code"], registry=http
@@ -578,6 +578,8 @@ def create_app(
             taken = {m.name for m in registry.collect()}
         if not taken & set(_ServingCollector.NAMES):
             parts.append(generate_latest(serving))
+        if not any(name.startswith(("cardpipe_decisions", "cardpipe_consumer_lag")) for name in taken):
+            parts.append(generate_latest(stream))
         if not taken & {"cardpipe_api_requests", "cardpipe_api_request_seconds"}:
             parts.append(generate_latest(http))
         return Response(b"".join(parts), media_type=CONTENT_TYPE_LATEST)

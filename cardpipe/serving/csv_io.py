@@ -1,9 +1,14 @@
 """CSV in and out of the serving database: typed, validated, all-or-nothing, atomic files.
 
-Column types come from the schema (one source of truth): a CSV cell becomes the Python value its
-column needs, or an :class:`~cardpipe.errors.InputFileError` naming file, line and column.
-:func:`read_typed_rows` yields Python values; :func:`normalised_batches` accepts exactly the same cells
-and yields them as canonical text (what the server stores, for ``LOAD DATA``), several times faster.
+Column types come from the schema (one source of truth), the domain's value rules from
+:mod:`cardpipe.domain.checks` (one definition, which the topic's decoder uses too): a CSV cell becomes the
+Python value its column needs, or an :class:`~cardpipe.errors.InputFileError` naming file, physical line
+(the header and quoted line breaks counted), column and value. :func:`read_typed_rows` yields Python values;
+:func:`normalised_batches` accepts exactly the same cells and yields them as canonical text (what the server
+stores, for ``LOAD DATA``), several times faster.
+
+Files are read as UTF-8 with ``surrogateescape``: a byte that is not UTF-8 reaches its cell, which the text
+rule refuses with the line it is on (a decoding error would name the line the reader's buffer had reached).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from sqlalchemy import (
     CHAR,
     BigInteger,
+    Column,
     Connection,
     Date,
     DateTime,
@@ -37,8 +43,10 @@ from sqlalchemy import (
     type_coerce,
 )
 
-from cardpipe.domain.money import MAX_MONEY, MoneyError, parse_money_lenient
-from cardpipe.domain.records import CANONICAL_TIMESTAMP, TIMESTAMP_FORMAT
+from cardpipe.domain import checks
+from cardpipe.domain.checks import CheckError, Rule
+from cardpipe.domain.money import parse_money_lenient
+from cardpipe.domain.records import TIMESTAMP_FORMAT
 from cardpipe.errors import InputFileError
 from cardpipe.serving.bulk import BulkWriter
 
@@ -47,91 +55,94 @@ Normaliser = Callable[[str], str]
 CHUNK_ROWS = 20_000
 #: Signed ranges of the integer columns (MySQL INT and BIGINT; SQLite's INTEGER is 64-bit).
 INT_RANGES = {"int": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
-
-
-def _to_int(text: str) -> int:
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        # Integers written by float-based tools ("685.0").
-        value = Decimal(text)
-        if not value.is_finite() or value != value.to_integral_value():
-            raise ValueError(f"{text!r} is not an integer") from None
-        if value.adjusted() > 40:  # 1e999999999 would take int() ages; far beyond any column anyway
-            raise ValueError("out of range") from None
-        return int(value)
-
-
-def _to_timestamp(text: str) -> datetime:
-    """Parse ``TIMESTAMP_FORMAT``. The canonical text (every file cardpipe and the seed write) is parsed
-    by ``datetime.fromisoformat``, ~10x faster than ``strptime``, which parses everything else it accepts
-    (single-digit fields, say); the two agree on every canonical text, invalid dates included (both raise).
-    """
-    text = text.strip()
-    if CANONICAL_TIMESTAMP.fullmatch(text):
-        return datetime.fromisoformat(text)
-    return datetime.strptime(text, TIMESTAMP_FORMAT)
-
-
-def _to_date(text: str) -> date:
-    return date.fromisoformat(text.strip())
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: What a cell's message says when a converter raised something other than a CheckError (never its text).
+_INVALID = "not a valid value"
 
 
 def _int_range(column_type: Any) -> tuple[int, int]:
     return INT_RANGES["bigint" if isinstance(column_type, BigInteger) else "int"]
 
 
-def _to_bounded_int(low: int, high: int) -> Converter:
+def _rule_of(column: Column[Any]) -> Rule | None:
+    return checks.COLUMN_RULES.get(column.table.name, {}).get(column.name)
+
+
+def _is_id(column: Column[Any]) -> bool:
+    return column.name in checks.ID_COLUMNS and isinstance(column.type, Integer | BigInteger)
+
+
+def _with_rule(convert: Converter, rule: Rule | None) -> Converter:
+    if rule is None:
+        return convert
+    check = rule.check
+    return lambda text: check(convert(text))
+
+
+def _to_int(low: int, high: int, is_id: bool) -> Converter:
+    parse = checks.parse_id if is_id else checks.parse_integer
+
     def convert(text: str) -> int:
-        value = _to_int(text)
+        value = parse(text)
         if not low <= value <= high:
-            raise ValueError(f"out of range [{low}, {high}]")
+            raise CheckError(f"out of range [{low}, {high}]")
         return value
 
     return convert
 
 
-def _to_decimal(scale: int, precision: int | None = None) -> Converter:
+def _to_decimal(scale: int, precision: int | None) -> Converter:
     if scale == 2:  # money, DECIMAL(12,2)
         return parse_money_lenient
     quantum = Decimal(1).scaleb(-scale)
-    limit = Decimal(10) ** (precision - scale) if precision else None
+    digits = (precision or 38) - scale
+    limit = Decimal(10) ** digits
 
     def convert(text: str) -> Decimal:
-        value = Decimal(text.strip())
-        if not value.is_finite():
-            raise ValueError(f"{text!r} is not finite")
+        value = checks.parse_decimal(text)
+        if value and value.adjusted() >= digits:  # before quantize: 1e999999 would not fit its context
+            raise CheckError(f"out of range for DECIMAL({precision},{scale})")
         value = value.quantize(quantum)
-        if limit is not None and abs(value) >= limit:
-            raise ValueError(f"out of range for DECIMAL({precision},{scale})")
+        if abs(value) >= limit:
+            raise CheckError(f"out of range for DECIMAL({precision},{scale})")
         return value
 
     return convert
 
 
+def _to_timestamp(text: str) -> datetime:
+    """``TIMESTAMP_FORMAT`` as ``strptime`` reads it (one-digit fields too), in ASCII digits only."""
+    return checks.parse_timestamp(text, lenient=True)
+
+
 def _to_string(length: int | None) -> Converter:
+    check_text = checks.check_text
+
     def convert(text: str) -> str:
         if length is not None and len(text) > length:
-            raise ValueError(f"longer than {length} characters")
-        return text
+            raise CheckError(f"longer than {length} characters")
+        return check_text(text)
 
     return convert
 
 
-def converter_for(column_type: Any) -> Converter:
-    """The CSV-cell parser for a schema column type."""
-    if isinstance(column_type, Integer | BigInteger):
-        return _to_bounded_int(*_int_range(column_type))
-    if isinstance(column_type, Numeric):
-        return _to_decimal(column_type.scale or 0, column_type.precision)
-    if isinstance(column_type, DateTime):
-        return _to_timestamp
-    if isinstance(column_type, Date):
-        return _to_date
-    if isinstance(column_type, String):
-        return _to_string(column_type.length)
-    raise TypeError(f"no CSV converter for {column_type!r}")
+def converter_for(column: Column[Any]) -> Converter:
+    """The CSV-cell parser of a schema column: its type's conversion, then the column's domain rule."""
+    kind = column.type
+    if isinstance(kind, Integer | BigInteger):
+        convert = _to_int(*_int_range(kind), _is_id(column))
+    elif isinstance(kind, Numeric):
+        convert = _to_decimal(kind.scale or 0, kind.precision)
+    elif isinstance(kind, DateTime):
+        convert = _to_timestamp
+    elif isinstance(kind, Date):
+        convert = checks.parse_date
+    elif isinstance(kind, String):
+        convert = _to_string(kind.length)
+    else:
+        raise TypeError(f"no CSV converter for {kind!r}")
+    return _with_rule(convert, _rule_of(column))
 
 
 @dataclass(frozen=True)
@@ -143,30 +154,70 @@ class _Column:
     is_string: bool
 
 
-def _open_reader(path: Path, handle: Any, table: Table, wanted: Sequence[str]) -> tuple[Any, list[_Column], int]:
-    """A csv reader past the header of ``path``, the plan of ``wanted`` columns and the header's width."""
-    reader = csv.reader(handle)
+def plan_column(column: Column[Any], index: int) -> _Column:
+    """How the cells of ``column`` (at ``index`` in the header) are read."""
+    return _Column(column.name, index, converter_for(column), bool(column.nullable), isinstance(column.type, String))
+
+
+def _shown(cell: str) -> str:
+    """A cell as an error message shows it: quoted, escapes for control characters, at most 40 characters."""
+    return repr(_SURROGATE.sub("\ufffd", cell[:40])) + ("..." if len(cell) > 40 else "")
+
+
+def cell_error(path: Path, line: int, column: str, cell: str, exc: Exception) -> InputFileError:
+    """The error of a refused cell: file, line, column, the value and the rule's reason (never a Python
+    exception's own text)."""
+    reason = exc.reason if isinstance(exc, CheckError) else _INVALID
+    if _SURROGATE.search(cell):  # a byte that is not UTF-8: say so, whatever the column
+        reason = checks.text_problem(cell) or reason
+    return InputFileError(f"{path}, line {line}, column {column}: invalid value {_shown(cell)} ({reason})")
+
+
+def _record_lines(cells: Sequence[str]) -> int:
+    """How many physical lines a record spans (quoted line breaks counted)."""
+    return 1 + sum(len(_LINE_BREAK.findall(cell)) for cell in cells if "\n" in cell or "\r" in cell)
+
+
+def _cell_line(start: int, cells: Sequence[str], index: int) -> int:
+    """The physical line where ``cells[index]`` of a record starting at line ``start`` begins."""
+    return start + _record_lines(cells[:index]) - 1
+
+
+def _header(path: Path, reader: Any, wanted: Sequence[str]) -> list[str]:
     try:
         header = next(reader)
     except StopIteration:
         raise InputFileError(f"{path}: empty file (expected a header: {', '.join(wanted)})") from None
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise InputFileError(f"{path}, line 1: unreadable header ({exc})") from None
-    header = [h.strip().lstrip("\ufeff") for h in header]
+    except csv.Error as exc:
+        raise InputFileError(f"{path}, line 1: unreadable header (malformed CSV: {exc})") from None
+    for cell in header:
+        problem = checks.text_problem(cell)
+        if problem is not None:
+            raise InputFileError(f"{path}, line 1: unreadable header ({problem})")
+    return [h.strip().lstrip("\ufeff") for h in header]
+
+
+def _open_reader(path: Path, handle: Any, table: Table, wanted: Sequence[str]) -> tuple[Any, list[_Column], int]:
+    """A csv reader past the header of ``path``, the plan of ``wanted`` columns and the header's width."""
+    reader = csv.reader(handle, strict=True)
+    header = _header(path, reader, wanted)
     missing = [c for c in wanted if c not in header]
     if missing:
         raise InputFileError(f"{path}: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
-    plan = [
-        _Column(
-            name,
-            header.index(name),
-            converter_for(table.c[name].type),
-            bool(table.c[name].nullable),
-            isinstance(table.c[name].type, String),
-        )
-        for name in wanted
-    ]
+    plan = [plan_column(table.c[name], header.index(name)) for name in wanted]
     return reader, plan, len(header)
+
+
+def _open(path: Path) -> Any:
+    if not path.is_file():
+        raise InputFileError(f"{path}: file not found")
+    return path.open(newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def _row_rules(table: Table, plan: Sequence[_Column]) -> list[tuple[tuple[str, ...], Callable[..., None]]]:
+    """The domain's row rules of ``table`` whose columns are all read."""
+    names = {column.name for column in plan}
+    return [(cols, rule) for cols, rule in checks.ROW_RULES.get(table.name, ()) if names.issuperset(cols)]
 
 
 def _typed_cell(path: Path, line: int, column: _Column, cell: str) -> Any:
@@ -178,10 +229,56 @@ def _typed_cell(path: Path, line: int, column: _Column, cell: str) -> Any:
         return None
     try:
         return column.convert(cell)
-    except (ValueError, ArithmeticError, MoneyError) as exc:
-        raise InputFileError(
-            f"{path}, line {line}, column {column.name}: invalid value {cell[:40]!r} ({exc})"
-        ) from None
+    except (ValueError, ArithmeticError) as exc:
+        raise cell_error(path, line, column.name, cell, exc) from None
+
+
+def _row_error(
+    path: Path, start: int, plan: Sequence[_Column], cells: Sequence[str], exc: CheckError
+) -> InputFileError:
+    """The error of a row rule, on the cell of the column it blames."""
+    column = next(c for c in plan if c.name == exc.column)
+    return cell_error(path, _cell_line(start, cells, column.index), column.name, cells[column.index], exc)
+
+
+def numbered_typed_rows(
+    path: Path, table: Table, columns: Sequence[str] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`read_typed_rows` with the physical line each row starts on."""
+    wanted = list(columns or table.columns.keys())
+    with _open(path) as handle:
+        reader, plan, width = _open_reader(path, handle, table, wanted)
+        steps = [(c.name, c.index, c.convert, c.nullable, c.nullable or not c.is_string) for c in plan]
+        row_rules = _row_rules(table, plan)
+        end = reader.line_num
+        try:
+            for cells in reader:
+                start, end = end + 1, reader.line_num
+                if not cells:
+                    continue
+                if len(cells) != width:
+                    raise InputFileError(f"{path}, line {start}: {len(cells)} fields, header has {width}")
+                row: dict[str, Any] = {}
+                for name, index, convert, nullable, empty_is_null in steps:
+                    cell = cells[index]
+                    if cell == "" and empty_is_null:
+                        if not nullable:
+                            line = _cell_line(start, cells, index)
+                            raise InputFileError(f"{path}, line {line}, column {name}: empty value")
+                        row[name] = None
+                        continue
+                    try:
+                        row[name] = convert(cell)
+                    except (ValueError, ArithmeticError) as exc:
+                        raise cell_error(path, _cell_line(start, cells, index), name, cell, exc) from None
+                for _names, rule in row_rules:
+                    try:
+                        rule(row)
+                    except CheckError as exc:
+                        raise _row_error(path, start, plan, cells, exc) from None
+                yield start, row
+        except csv.Error as exc:
+            raise InputFileError(f"{path}, line {end + 1}: malformed CSV ({exc})") from None
 
 
 def read_typed_rows(path: Path, table: Table, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -189,36 +286,8 @@ def read_typed_rows(path: Path, table: Table, columns: Sequence[str] | None = No
 
     ``columns`` (default: all of the table's) must be in the header; extra CSV columns are ignored.
     """
-    wanted = list(columns or table.columns.keys())
-    if not path.is_file():
-        raise InputFileError(f"{path}: file not found")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader, plan, width = _open_reader(path, handle, table, wanted)
-        steps = [(c.name, c.index, c.convert, c.nullable, c.nullable or not c.is_string) for c in plan]
-        line = 1
-        try:
-            for line, cells in enumerate(reader, start=2):  # noqa: B007 - line used in errors
-                if not cells:
-                    continue
-                if len(cells) != width:
-                    raise InputFileError(f"{path}, line {line}: {len(cells)} fields, header has {width}")
-                row: dict[str, Any] = {}
-                for name, index, convert, nullable, empty_is_null in steps:
-                    cell = cells[index]
-                    if cell == "" and empty_is_null:
-                        if not nullable:
-                            raise InputFileError(f"{path}, line {line}, column {name}: empty value")
-                        row[name] = None
-                        continue
-                    try:
-                        row[name] = convert(cell)
-                    except (ValueError, ArithmeticError, MoneyError) as exc:
-                        raise InputFileError(
-                            f"{path}, line {line}, column {name}: invalid value {cell[:40]!r} ({exc})"
-                        ) from None
-                yield row
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise InputFileError(f"{path}, line {line + 1}: malformed CSV ({exc})") from None
+    for _line, row in numbered_typed_rows(path, table, columns):
+        yield row
 
 
 # --- canonical text, for bulk loads -----------------------------------------------------------------
@@ -227,10 +296,11 @@ def read_typed_rows(path: Path, table: Table, columns: Sequence[str] | None = No
 # read_typed_rows uses, so both accept exactly the same cells) and is formatted. Empty text stands for
 # NULL in nullable columns (the bulk loaders turn it back into NULL).
 
+_ID_TEXT = re.compile(r"(?=[0-9]*[1-9])[0-9]{1,18}")  # a positive BIGINT
 _INT_TEXT = re.compile(r"-?[0-9]{1,18}")  # always within BIGINT
 _SMALL_INT_TEXT = re.compile(r"-?[0-9]{1,9}")  # always within INT
 _MONEY_TEXT = re.compile(r"-?[0-9]{1,10}(?:\.[0-9]{1,2})?")  # DECIMAL(12,2) exactly, no rounding
-_TIMESTAMP_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")  # TIMESTAMP_FORMAT
+_TIMESTAMP_TEXT = checks.CANONICAL_TIMESTAMP  # TIMESTAMP_FORMAT
 _DATE_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -240,68 +310,73 @@ def _values_of(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, 
     return (lambda row: (getter(row),)) if len(names) == 1 else getter
 
 
-def _format_decimal(value: Decimal) -> str:
+def _plain_decimal(value: Decimal) -> str:
     return format(value, "f")
 
 
-def normaliser_for(column_type: Any) -> Normaliser:
-    """The CSV-cell -> canonical text function of a schema column type (non-empty cells)."""
-    convert = converter_for(column_type)
-    if isinstance(column_type, Integer | BigInteger):
-        canonical = (_INT_TEXT if isinstance(column_type, BigInteger) else _SMALL_INT_TEXT).fullmatch
+def _canonical_int(column: Column[Any]) -> re.Pattern[str]:
+    if _is_id(column):
+        return _ID_TEXT
+    return _INT_TEXT if isinstance(column.type, BigInteger) else _SMALL_INT_TEXT
+
+
+def normaliser_for(column: Column[Any]) -> Normaliser:
+    """The CSV-cell -> canonical text function of a schema column (non-empty cells)."""
+    kind = column.type
+    convert = converter_for(column)
+    rule = _rule_of(column)
+    check: Callable[[Any], Any] = rule.check if rule is not None else (lambda value: value)
+    if isinstance(kind, Integer | BigInteger):
+        canonical = _canonical_int(column).fullmatch
 
         def normalise_int(text: str) -> str:
-            return text if canonical(text) else str(convert(text))
+            if canonical(text):
+                check(int(text))
+                return text
+            return str(convert(text))
 
         return normalise_int
-    if isinstance(column_type, Numeric) and (column_type.scale or 0) == 2:
+    if isinstance(kind, Numeric) and (kind.scale or 0) == 2:
         money = _MONEY_TEXT.fullmatch
 
         def normalise_money(text: str) -> str:
             if money(text):
+                check(Decimal(text))
                 return text
-            value = convert(text)
-            if abs(value) > MAX_MONEY:  # rounding half-even can carry 9999999999.995 over the top
-                raise MoneyError(f"{text[:40]!r} is out of range")
-            return _format_decimal(value)
+            return _plain_decimal(convert(text))
 
         return normalise_money
-    if isinstance(column_type, Numeric):
-        return lambda text: _format_decimal(convert(text))
-    if isinstance(column_type, DateTime):
+    if isinstance(kind, Numeric):
+        return lambda text: _plain_decimal(convert(text))
+    if isinstance(kind, DateTime):
         timestamp = _TIMESTAMP_TEXT.fullmatch
-        parse = datetime.fromisoformat
+        parse = checks.parse_timestamp
 
         def normalise_timestamp(text: str) -> str:
             if timestamp(text):
-                parse(text)  # validates the date and time; equals strptime(TIMESTAMP_FORMAT) on this form
+                parse(text)  # validates the date and time; equals the converter's reading of this form
                 return text
             return convert(text).isoformat(" ")
 
         return normalise_timestamp
-    if isinstance(column_type, Date):
+    if isinstance(kind, Date):
         day = _DATE_TEXT.fullmatch
-        parse_day = date.fromisoformat
 
         def normalise_date(text: str) -> str:
             if day(text):
-                parse_day(text)
+                checks.parse_date(text)
                 return text
             return convert(text).isoformat()
 
         return normalise_date
-    if isinstance(column_type, String):
-        length = column_type.length
-        if length is None:
-            return lambda text: text
+    if isinstance(kind, String):
 
         def normalise_string(text: str) -> str:
-            if len(text) > length:
-                raise ValueError(f"longer than {length} characters")
+            convert(text)  # length, text and rule
             return text
 
         return normalise_string
-    raise TypeError(f"no CSV normaliser for {column_type!r}")
+    raise TypeError(f"no CSV normaliser for {kind!r}")
 
 
 def _nullable(normalise: Normaliser) -> Normaliser:
@@ -316,6 +391,18 @@ class NormalisedBatch:
     lines: Sequence[int] = field(default_factory=lambda: array("q"))  # a range when they follow each other
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`_normalise_batch` needs to know about a file and its table."""
+
+    path: Path
+    width: int
+    columns: Sequence[_Column]
+    steps: Sequence[tuple[int, Normaliser]]
+    checks: Sequence[_ColumnCheck | None]
+    row_rules: Sequence[tuple[tuple[str, ...], Callable[..., None]]]
+
+
 def normalised_batches(
     path: Path, table: Table, columns: Sequence[str] | None = None, batch_rows: int = 500
 ) -> Iterator[NormalisedBatch]:
@@ -325,40 +412,47 @@ def normalised_batches(
     line, column), and gives the text of the values it would give.
 
     A batch is checked column by column first (C-level loops: a regular expression over a column,
-    ``max(map(len, ...))``); only a column with an unusual cell goes through the per-cell normaliser,
+    ``max(map(len, ...))``, one search for control characters in a column's joined text, a rule's
+    ``min``/``max`` or set inclusion); only a column with an unusual cell goes through the per-cell normaliser,
     and only a batch with a bad cell (or a short, long or blank record) through the row-by-row path
     that finds the first error in file order. Small batches are faster: fewer objects alive at once
     for the garbage collector to walk.
     """
     wanted = list(columns or table.columns.keys())
-    if not path.is_file():
-        raise InputFileError(f"{path}: file not found")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader, plan, width = _open_reader(path, handle, table, wanted)
+    with _open(path) as handle:
+        reader, columns_plan, width = _open_reader(path, handle, table, wanted)
         steps = []
-        for column in plan:
-            normalise = normaliser_for(table.c[column.name].type)
+        for column in columns_plan:
+            normalise = normaliser_for(table.c[column.name])
             if column.nullable:
                 normalise = _nullable(normalise)
             elif not column.is_string:
                 normalise = _non_empty(normalise)
             steps.append((column.index, normalise))
-        checks = [_column_check(table.c[column.name].type, column.nullable) for column in plan]
+        plan = _Plan(
+            path,
+            width,
+            columns_plan,
+            steps,
+            [_column_check(table.c[column.name]) for column in columns_plan],
+            _row_rules(table, columns_plan),
+        )
         raw: list[list[str]] = []
-        first_line = line = 2
+        first_line = reader.line_num + 1
         try:
-            for line, cells in enumerate(reader, start=2):  # noqa: B007 - line used in errors
+            for cells in reader:
                 raw.append(cells)
                 if len(raw) >= batch_rows:
-                    batch = _normalise_batch(path, raw, first_line, width, plan, steps, checks)
-                    raw, first_line = [], line + 1
+                    batch = _normalise_batch(plan, raw, first_line, reader.line_num)
+                    raw, first_line = [], reader.line_num + 1
                     if batch.rows:
                         yield batch
-        except (csv.Error, UnicodeDecodeError) as exc:
-            _normalise_batch(path, raw, first_line, width, plan, steps, checks)  # an earlier bad cell comes first
-            raise InputFileError(f"{path}, line {first_line + len(raw)}: malformed CSV ({exc})") from None
+        except csv.Error as exc:
+            _normalise_batch(plan, raw, first_line, None)  # an earlier bad cell comes first
+            line = first_line + sum(map(_record_lines, raw))
+            raise InputFileError(f"{path}, line {line}: malformed CSV ({exc})") from None
         if raw:
-            batch = _normalise_batch(path, raw, first_line, width, plan, steps, checks)
+            batch = _normalise_batch(plan, raw, first_line, reader.line_num)
             if batch.rows:
                 yield batch
 
@@ -371,27 +465,28 @@ class _Unusual(Exception):
 _ColumnCheck = Callable[[Sequence[str]], None]
 
 
-def _regex_check(pattern: re.Pattern[str]) -> _ColumnCheck:
+def _regex_check(pattern: re.Pattern[str], rule: Rule | None, parse: Callable[[str], Any]) -> _ColumnCheck:
     match = pattern.fullmatch
+    holds = rule.holds_for_all if rule is not None else None
 
     def check(values: Sequence[str]) -> None:
-        if not all(map(match, values)):
+        if not all(map(match, values)) or holds is not None and not holds(map(parse, filter(None, values))):
             raise _Unusual
 
     return check
 
 
-def _column_check(column_type: Any, nullable: bool) -> _ColumnCheck | None:
-    """The whole-column check of a column type: passes when every cell is canonical and valid."""
+def _column_check(column: Column[Any]) -> _ColumnCheck | None:
+    """The whole-column check of a column: passes when every cell is canonical and valid."""
+    kind, nullable, rule = column.type, bool(column.nullable), _rule_of(column)
     optional = (lambda pattern: f"(?:{pattern})?") if nullable else (lambda pattern: pattern)
-    if isinstance(column_type, Integer | BigInteger):
-        pattern = _INT_TEXT if isinstance(column_type, BigInteger) else _SMALL_INT_TEXT
-        return _regex_check(re.compile(optional(pattern.pattern)))
-    if isinstance(column_type, Numeric) and (column_type.scale or 0) == 2:
-        return _regex_check(re.compile(optional(_MONEY_TEXT.pattern)))
-    if isinstance(column_type, DateTime | Date) and not nullable:
-        shape = _TIMESTAMP_TEXT.fullmatch if isinstance(column_type, DateTime) else _DATE_TEXT.fullmatch
-        parse = datetime.fromisoformat if isinstance(column_type, DateTime) else date.fromisoformat
+    if isinstance(kind, Integer | BigInteger):
+        return _regex_check(re.compile(optional(_canonical_int(column).pattern)), rule, int)
+    if isinstance(kind, Numeric) and (kind.scale or 0) == 2:
+        return _regex_check(re.compile(optional(_MONEY_TEXT.pattern)), rule, Decimal)
+    if isinstance(kind, DateTime | Date) and not nullable:
+        shape = _TIMESTAMP_TEXT.fullmatch if isinstance(kind, DateTime) else _DATE_TEXT.fullmatch
+        parse = datetime.fromisoformat if isinstance(kind, DateTime) else date.fromisoformat
 
         def check_time(values: Sequence[str]) -> None:
             if not all(map(shape, values)):
@@ -399,33 +494,48 @@ def _column_check(column_type: Any, nullable: bool) -> _ColumnCheck | None:
             deque(map(parse, values), maxlen=0)  # validates every date and time (ValueError: unusual)
 
         return check_time
-    if isinstance(column_type, String):
-        length = column_type.length
-        if length is None:
-            return lambda values: None
+    if isinstance(kind, String):
+        length = kind.length or 0
+        forbidden = checks.FORBIDDEN_IN_TEXT.search
+        holds = rule.holds_for_all if rule is not None else None
 
-        def check_length(values: Sequence[str]) -> None:
-            if max(map(len, values), default=0) > length:
+        def check_text(values: Sequence[str]) -> None:
+            if (
+                length
+                and max(map(len, values), default=0) > length
+                or forbidden("".join(values))
+                or holds is not None
+                and not holds(filter(None, values) if nullable else values)
+            ):
                 raise _Unusual
 
-        return check_length
+        return check_text
     return None
 
 
-def _normalise_batch(
-    path: Path,
-    raw: list[list[str]],
-    first_line: int,
-    width: int,
-    plan: Sequence[_Column],
-    steps: Sequence[tuple[int, Normaliser]],
-    checks: Sequence[_ColumnCheck | None],
-) -> NormalisedBatch:
-    """Normalise ``raw`` (the records from ``first_line`` on): column-wise when it can, else row by row."""
-    if raw and set(map(len, raw)) == {width}:
+def _row_rules_hold(plan: _Plan, rows: Sequence[Sequence[str]]) -> bool:
+    """Whether the row rules hold for ``rows`` of canonical text."""
+    for names, rule in plan.row_rules:
+        positions = [
+            (name, i, plan.columns[i].convert) for name in names for i, c in enumerate(plan.columns) if c.name == name
+        ]
+        for row in rows:
+            try:
+                rule({name: convert(row[i]) for name, i, convert in positions})
+            except (ValueError, ArithmeticError):
+                return False
+    return True
+
+
+def _normalise_batch(plan: _Plan, raw: list[list[str]], first_line: int, last_line: int | None) -> NormalisedBatch:
+    """Normalise ``raw`` (the records from physical line ``first_line`` to ``last_line``): column-wise when it
+    can, else row by row."""
+    width, steps = plan.width, plan.steps
+    single_lines = last_line is not None and last_line - first_line + 1 == len(raw)
+    if raw and single_lines and set(map(len, raw)) == {width}:
         try:
             changed: list[tuple[int, list[str]]] = []
-            for position, ((index, normalise), check) in enumerate(zip(steps, checks, strict=True)):
+            for position, ((index, normalise), check) in enumerate(zip(steps, plan.checks, strict=True)):
                 values = list(map(itemgetter(index), raw))
                 if check is not None:
                     try:
@@ -444,24 +554,30 @@ def _normalise_batch(
             for position, normalised in changed:
                 for row, value in zip(rows, normalised, strict=True):
                     row[position] = value
-            return NormalisedBatch(rows, range(first_line, first_line + len(raw)))
+            if not plan.row_rules or _row_rules_hold(plan, rows):
+                return NormalisedBatch(rows, range(first_line, first_line + len(raw)))
         except Exception:  # a bad cell: the row-by-row path below names the first one in file order
             pass
     batch = NormalisedBatch()
     lines = array("q")
     batch.lines = lines
-    for line, cells in enumerate(raw, start=first_line):
+    next_line = first_line
+    for cells in raw:
+        line, next_line = next_line, next_line + _record_lines(cells)
         try:
-            batch.rows.append([normalise(cells[index]) for index, normalise in steps])
+            row = [normalise(cells[index]) for index, normalise in steps]
         except Exception:  # diagnosed below (or re-raised)
             if not cells:
                 continue
             if len(cells) != width:
-                raise InputFileError(f"{path}, line {line}: {len(cells)} fields, header has {width}") from None
-            _diagnose(path, line, plan, steps, cells)
+                raise InputFileError(f"{plan.path}, line {line}: {len(cells)} fields, header has {width}") from None
+            _diagnose(plan, line, cells)
             raise
         if len(cells) != width:
-            raise InputFileError(f"{path}, line {line}: {len(cells)} fields, header has {width}")
+            raise InputFileError(f"{plan.path}, line {line}: {len(cells)} fields, header has {width}")
+        if plan.row_rules and not _row_rules_hold(plan, [row]):
+            _diagnose(plan, line, cells)
+        batch.rows.append(row)
         lines.append(line)
     return batch
 
@@ -475,19 +591,22 @@ def _non_empty(normalise: Normaliser) -> Normaliser:
     return checked
 
 
-def _diagnose(
-    path: Path, line: int, plan: Sequence[_Column], steps: Sequence[tuple[int, Normaliser]], cells: Sequence[str]
-) -> None:
+def _diagnose(plan: _Plan, line: int, cells: Sequence[str]) -> None:
     """Raise the :class:`InputFileError` of the first bad cell of a row the fast path refused."""
-    for column, (index, normalise) in zip(plan, steps, strict=True):
+    row: dict[str, Any] = {}
+    for column, (index, normalise) in zip(plan.columns, plan.steps, strict=True):
         cell = cells[index]
-        _typed_cell(path, line, column, cell)  # the reference: raises the same error read_typed_rows does
+        # The reference: raises the same error read_typed_rows does.
+        row[column.name] = _typed_cell(plan.path, _cell_line(line, cells, index), column, cell)
         try:
             normalise(cell)
-        except (ValueError, ArithmeticError, MoneyError) as exc:
-            raise InputFileError(
-                f"{path}, line {line}, column {column.name}: invalid value {cell[:40]!r} ({exc})"
-            ) from None
+        except (ValueError, ArithmeticError) as exc:
+            raise cell_error(plan.path, _cell_line(line, cells, index), column.name, cell, exc) from None
+    for _names, rule in plan.row_rules:
+        try:
+            rule(row)
+        except CheckError as exc:
+            raise _row_error(plan.path, line, plan.columns, cells, exc) from None
 
 
 def insert_rows(
@@ -564,7 +683,7 @@ def _write_chunk(writer: Any, rows: list[Sequence[Any]]) -> int:
     """Format ``rows`` a column at a time (only columns that need it) and write them."""
     if not rows:
         return 0
-    columns = []
+    columns: list[Iterable[Any]] = []
     for column in zip(*rows, strict=True):
         if set(map(type, column)) <= _WRITTEN_AS_IS:
             columns.append(column)
@@ -636,6 +755,7 @@ def _exported(column: Any, dialect: str) -> Any:
     :func:`format_cell`.
     """
     kind = column.type
+    text: Any
     if isinstance(kind, Numeric) and not isinstance(kind, (Integer, BigInteger)) and kind.scale == 2:
         if dialect == "sqlite":
             text = case((column.is_(None), None), else_=func.printf("%.2f", column))

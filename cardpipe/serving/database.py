@@ -5,38 +5,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from cardpipe.errors import ConfigError, DatabaseUnavailable
+from cardpipe.errors import ConfigError, DatabaseUnavailable, describe_database_error
 from cardpipe.serving import schema
 
 log = logging.getLogger(__name__)
 
-# MySQL client/server error numbers worth a specific message.
-_MYSQL_MESSAGES = {
-    1045: "access denied (wrong user or password)",
-    1044: "access denied to the database",
-    2003: "cannot connect (is the server running and the host/port right?)",
-    2005: "unknown host",
-    2013: "lost connection during query",
-}
-
-
-def describe_error(url: URL, exc: BaseException) -> str:
-    """A one-line explanation of a database failure, never containing the password."""
-    where = url.render_as_string(hide_password=True)
-    orig = getattr(exc, "orig", None)
-    code = orig.args[0] if orig is not None and getattr(orig, "args", None) else None
-    if isinstance(code, int) and code in _MYSQL_MESSAGES:
-        detail = f"{_MYSQL_MESSAGES[code]} [MySQL error {code}]"
-    else:
-        detail = str(orig if orig is not None else exc).splitlines()[0]
-        if url.password:
-            detail = detail.replace(str(url.password), "***")
-    return f"database {where}: {detail}"
+# MySQL client/server error numbers of a connection-level failure (the rest propagate as they are).
+_CONNECTION_ERRORS = frozenset({1044, 1045, 2003, 2005, 2013})
+#: A one-line explanation of a database failure, never containing the password (the one mapping in errors.py).
+describe_error = describe_database_error
 
 
 def make_engine(url: URL, *, create_database: bool = True) -> Engine:
@@ -63,7 +46,7 @@ def make_engine(url: URL, *, create_database: bool = True) -> Engine:
     )
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -72,12 +55,19 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 
 def _ensure_mysql_database(url: URL) -> None:
+    """Create the configured database unless it exists: a user granted rights on that database alone (without
+    CREATE on the server) can use it, since MariaDB checks the CREATE privilege even for ``IF NOT EXISTS``."""
+    assert url.database, "the caller checks that the URL names a database"
     server = create_engine(url._replace(database=None), connect_args={"connect_timeout": 10})
     try:
         with server.connect() as conn:
-            # The name is from configuration, never from data; quote it as an identifier.
-            quoted = server.dialect.identifier_preparer.quote_identifier(url.database)
-            conn.execute(text(f"CREATE DATABASE IF NOT EXISTS {quoted} CHARACTER SET utf8mb4"))
+            exists = conn.execute(
+                text("SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = :name"), {"name": url.database}
+            ).first()
+            if exists is None:
+                # The name is from configuration, never from data; quote it as an identifier.
+                quoted = server.dialect.identifier_preparer.quote_identifier(url.database)
+                conn.execute(text(f"CREATE DATABASE IF NOT EXISTS {quoted} CHARACTER SET utf8mb4"))
     except (OperationalError, DBAPIError) as exc:
         raise DatabaseUnavailable(describe_error(url, exc)) from None
     finally:
@@ -107,7 +97,7 @@ def translated_errors(engine: Engine) -> Iterator[None]:
 def _is_connection_error(exc: DBAPIError) -> bool:
     orig = getattr(exc, "orig", None)
     code = orig.args[0] if orig is not None and getattr(orig, "args", None) else None
-    return isinstance(code, int) and code in _MYSQL_MESSAGES or isinstance(exc, OperationalError)
+    return isinstance(code, int) and code in _CONNECTION_ERRORS or isinstance(exc, OperationalError)
 
 
 def create_clean_schema(engine: Engine) -> None:

@@ -2,7 +2,9 @@
 
 On MySQL/MariaDB the rows go in with ``LOAD DATA LOCAL INFILE`` (:mod:`cardpipe.serving.mysql_bulk`),
 or multi-row INSERTs when the server refuses it; on SQLite with ``executemany`` in chunks. Either
-way every row is validated first, and the whole load is one transaction.
+way every row is validated first (:mod:`cardpipe.domain.checks`' rules), and the whole load is one
+transaction. When the database refuses a duplicate id or an unknown parent id, the file is read again to
+name the line and the id (only then: a load that succeeds keeps no set of keys).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from sqlalchemy.exc import IntegrityError
 
 from cardpipe.errors import CardpipeError, ConfigError, InputFileError
 from cardpipe.serving import schema
-from cardpipe.serving.csv_io import insert_rows, read_typed_rows
+from cardpipe.serving.csv_io import insert_rows, numbered_typed_rows, read_typed_rows
 from cardpipe.serving.database import translated_errors
-from cardpipe.serving.mysql_bulk import MISSING_PARENT, LoadRejected, LocalInfileRefused, MySqlBulkLoader
+from cardpipe.serving.mysql_bulk import DUPLICATE_KEY, MISSING_PARENT, LoadRejected, LocalInfileRefused, MySqlBulkLoader
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,8 @@ def load_inputs(
     try:
         _load_all(engine, data_dir, progress, method, summary)
     except IntegrityError as exc:  # at COMMIT: a server that checks keys only then
-        raise InputFileError(f"{data_dir}: {_integrity_message('', str(exc.orig))}") from None
+        located = next(filter(None, (_key_error(data_dir, table) for table in schema.INPUT_TABLES)), None)
+        raise InputFileError(located or f"{data_dir}: {_integrity_message('', str(exc.orig))}") from None
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -107,13 +110,50 @@ def _load_table(
         else:
             count = insert_rows(conn, table, read_typed_rows(path, table), progress=report)
     except IntegrityError as exc:
-        raise InputFileError(f"{path}: {_integrity_message(table.name, str(exc.orig))}") from None
+        located = _key_error(data_dir, table)
+        raise InputFileError(located or f"{path}: {_integrity_message(table.name, str(exc.orig))}") from None
     except LoadRejected as exc:
-        raise InputFileError(_rejection_message(table.name, path, exc)) from None
+        located = _key_error(data_dir, table) if exc.code == DUPLICATE_KEY else None
+        raise InputFileError(located or _rejection_message(table.name, path, exc)) from None
     except LocalInfileRefused as exc:
         raise CardpipeError(f"the database refused LOAD DATA LOCAL INFILE ({exc})") from None
     log.info("loaded %d rows into %s in %.1f s", count, table.name, time.perf_counter() - started)
     return count
+
+
+def _key_error(data_dir: Path, table: Table) -> str | None:
+    """The first duplicate id or unknown parent id of ``table``'s file, in file order, as an error message
+    naming file, line, column and id (None when there is none: the database refused something else)."""
+    path = data_dir / INPUT_FILES[table.name]
+    key = table.primary_key.columns.values()[0].name
+    parents = [
+        (fk.parent.name, fk.column.table, fk.column.name)
+        for fk in table.foreign_keys
+        if fk.column.table.name in INPUT_FILES
+    ]
+    try:
+        parent_keys = {
+            (parent.name, name): {
+                row[name] for row in read_typed_rows(data_dir / INPUT_FILES[parent.name], parent, [name])
+            }
+            for _, parent, name in parents
+        }
+    except InputFileError:
+        return None
+    seen: dict[object, int] = {}
+    try:
+        for line, row in numbered_typed_rows(path, table, [key, *(name for name, _, _ in parents)]):
+            value = row[key]
+            if value in seen:
+                return f"{path}, line {line}, column {key}: duplicate id {value} (first on line {seen[value]})"
+            seen[value] = line
+            for name, parent, parent_column in parents:
+                ref = row[name]
+                if ref is not None and ref not in parent_keys[parent.name, parent_column]:
+                    return f"{path}, line {line}, column {name}: {name} {ref} is not in {INPUT_FILES[parent.name]}"
+    except InputFileError:  # a malformed row before any key error: not what the database refused
+        return None
+    return None
 
 
 def _integrity_message(table: str, text: str) -> str:
@@ -130,7 +170,10 @@ def _rejection_message(table: str, path: Path, exc: LoadRejected) -> str:
     if exc.line is not None:
         where += f", line {exc.line}" + (f", column {exc.column}" if exc.column else "")
     if exc.code == MISSING_PARENT and exc.parent:
-        return f"{where}: a row references an id that is not in {INPUT_FILES.get(exc.parent, exc.parent)} ({exc})"
+        parent = INPUT_FILES.get(exc.parent, exc.parent)
+        if exc.column and exc.value is not None:
+            return f"{where}: {exc.column} {exc.value} is not in {parent}"
+        return f"{where}: a row references an id that is not in {parent} ({exc})"
     if exc.code in (1062, 1452, 1216):  # duplicate key, missing parent row
         return f"{where}: {_integrity_message(table, exc.message)}"
     return f"{where}: rejected by the database ({exc.message})"

@@ -58,6 +58,8 @@ INSERT_ROWS = 50_000
 PROGRESS_ROWS = 500_000
 #: ``LoadRejected.code`` of an id missing from the parent table (MySQL's ER_NO_REFERENCED_ROW_2).
 MISSING_PARENT = 1452
+#: ``LoadRejected.code`` of a duplicate key (MySQL's ER_DUP_ENTRY).
+DUPLICATE_KEY = 1062
 #: Server/client errors meaning "LOAD DATA LOCAL is not allowed here".
 LOCAL_INFILE_REFUSED = {
     1148,  # ER_NOT_ALLOWED_COMMAND (MariaDB, MySQL 5.x: local_infile off on the server or the client)
@@ -73,11 +75,17 @@ class LoadRejected(Exception):
     """Rows of a table were refused: duplicate key, missing parent, a value the server would not store.
 
     ``code`` is the MySQL error number (0: none); ``line``/``column`` locate the row when known;
-    ``parent`` names the table a missing id should be in.
+    ``parent`` names the table a missing id should be in, ``value`` the id.
     """
 
     def __init__(
-        self, code: int, message: str, line: int | None = None, column: str | None = None, parent: str | None = None
+        self,
+        code: int,
+        message: str,
+        line: int | None = None,
+        column: str | None = None,
+        parent: str | None = None,
+        value: int | None = None,
     ):
         super().__init__(message)
         self.code = code
@@ -85,6 +93,7 @@ class LoadRejected(Exception):
         self.line = line
         self.column = column
         self.parent = parent
+        self.value = value
 
 
 class LocalInfileRefused(Exception):
@@ -196,6 +205,7 @@ class MySqlBulkLoader:
                             int(batch.lines[position]),
                             name,
                             parent,
+                            int(text),
                         )
             yield batch
 

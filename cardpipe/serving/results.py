@@ -45,28 +45,6 @@ def export_stream_results(engine: Engine, results_dir: Path) -> dict[str, int]:
         }
 
 
-def export_for_batch(engine: Engine, staging_dir: Path, *, stream_results: Path | None = None) -> dict[str, Path]:
-    """Export what the batch job reads (stream results, cards, customers) as CSV into ``staging_dir``.
-
-    ``stream_results``: a ``stream_transactions.csv`` known to hold the table as it is now (``run`` has just
-    written it), used instead of exporting the table again.
-    """
-    sources = {
-        "stream_transactions": (schema.stream_transactions, STREAM_COLUMNS),
-        "cards": (schema.cards, CARD_COLUMNS),
-        "customers": (schema.customers, CUSTOMER_COLUMNS),
-    }
-    paths = {}
-    if stream_results is not None:
-        del sources["stream_transactions"]
-        paths["stream_transactions"] = stream_results
-    with translated_errors(engine), engine.connect() as conn:
-        for name, (table, columns) in sources.items():
-            paths[name] = staging_dir / f"{name}.csv"
-            export_table(conn, table, paths[name], columns)
-    return paths
-
-
 def batch_table_counts(engine: Engine) -> dict[str, int]:
     """Rows of each batch table (the views of the settlement in force); an error if none is published yet."""
     with translated_errors(engine), engine.connect() as conn:

@@ -175,6 +175,32 @@ stream_leases = Table(
     Column("expires_at", Double, nullable=False),  # seconds since the epoch
 )
 
+# What each committed checkpoint did, written in its transaction: the stream's history for the run report, the
+# dashboard and the metrics (decisions by status and reason over time, latency, lag).
+stream_checkpoint_log = Table(
+    "stream_checkpoint_log",
+    metadata,
+    Column("checkpoint_id", BigId, primary_key=True, autoincrement=True),
+    Column("topic", String(255), nullable=False),
+    Column("owner", String(255), nullable=False),  # the consumer process (host:pid:n)
+    Column("committed_ms", BigInteger, nullable=False, index=True),  # milliseconds since the epoch
+    Column("messages", Integer, nullable=False),  # read in the batch (decided, rejected, duplicates)
+    Column("pending", Integer, nullable=False),
+    Column("declined", Integer, nullable=False),
+    Column("rejected", Integer, nullable=False),
+    Column("duplicates", Integer, nullable=False),
+    Column("reasons", String(2048), nullable=False),  # JSON object: decline or rejection reason -> count
+    Column("latency_p50_ms", Double, nullable=True),  # publish (broker timestamp) to commit
+    Column("latency_p99_ms", Double, nullable=True),
+    Column("latency_max_ms", Double, nullable=True),
+    # JSON list: how many latencies fell in each bucket of stream.checkpoints.LATENCY_BUCKETS_MS (+ one over the last)
+    Column("latency_buckets", String(512), nullable=True),
+    Column("latency_sum_ms", Double, nullable=True),
+    Column("newest_publish_ms", BigInteger, nullable=True),  # broker timestamp of the newest message decided
+    Column("lag_messages", BigInteger, nullable=True),  # left on this consumer's partitions after the batch
+    Column("settlement_id", BigInteger, nullable=True),  # whose limits the batch was judged with
+)
+
 # The consumer's per-card state, committed with the decisions.
 card_states = Table(
     "card_states",

@@ -124,7 +124,7 @@ class SettlementStore:
                     started_at=_now(),
                     heartbeat_at=now,
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key[0]  # type: ignore[index]  # an INSERT's: set
             if watermark:
                 conn.execute(
                     schema.settlement_watermarks.insert(),

@@ -26,7 +26,7 @@ from cardpipe.serving import schema
 from cardpipe.serving.bulk import BulkWriter, KeyReader
 from cardpipe.serving.database import describe_error
 from cardpipe.serving.owners import holder_is_dead, unique_owner
-from cardpipe.stream.checkpoints import CheckpointBatch
+from cardpipe.stream.checkpoints import CheckpointBatch, checkpoint_log_row
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -265,9 +265,10 @@ class StreamStore:
         Like :meth:`commit_durably`, retries with backoff while the database is unreachable: every polled
         batch starts with this lookup, and a restarting server must not stop the consumer here either.
         """
-        return self._retry_while_unavailable(
+        found = self._retry_while_unavailable(
             lambda: self._lookup_decided(transaction_ids), "the lookup", give_up_after=give_up_after, sleep=sleep
         )
+        return found or {}  # never None: no ``done_anyway`` here
 
     def _lookup_decided(self, transaction_ids: list[int]) -> Mapping[int, Transaction]:
         found: dict[int, Transaction] = {}
@@ -297,6 +298,10 @@ class StreamStore:
             self._rejections.write(conn, rejected)
             self._card_states.write(conn, card_states)
             self._offsets.write(conn, offsets)
+            conn.execute(
+                schema.stream_checkpoint_log.insert(),
+                checkpoint_log_row(batch, self.topic, self.owner, int(time.time() * 1000)),
+            )
             self._renew(conn)
             # Last, under a shared lock: a settlement published meanwhile waits for this commit, or this
             # commit sees it and is decided again with its limits.
@@ -392,6 +397,30 @@ class StreamStore:
         with self.engine.begin() as conn:
             # The checkpoint sequence stays: settlements' watermarks count on it never going back.
             conn.execute(so.update().where(condition).values(next_offset=None))
+
+    def committed_offsets(self) -> dict[int, int | None]:
+        """Each partition's next offset to read as committed (None: from the beginning of the log)."""
+        so = schema.stream_offsets
+        with self.engine.connect() as conn:
+            return dict(
+                conn.execute(select(so.c.kafka_partition, so.c.next_offset).where(so.c.topic == self.topic)).all()
+            )
+
+    def other_consumers(self) -> dict[str, list[int]]:
+        """Live consumers other than this store's (unexpired leases of processes not known to be dead): owner ->
+        the partitions it holds."""
+        sl = schema.stream_leases
+        with self.engine.connect() as conn:
+            leases = conn.execute(
+                select(sl.c.owner, sl.c.kafka_partition)
+                .where(sl.c.topic == self.topic, sl.c.expires_at > time.time(), sl.c.owner != self.owner)
+                .order_by(sl.c.owner, sl.c.kafka_partition)
+            ).all()
+        held: dict[str, list[int]] = {}
+        for owner, p in leases:
+            if not holder_is_dead(owner):
+                held.setdefault(owner, []).append(p)
+        return held
 
     def start_at(self, offsets: Mapping[int, int]) -> None:
         """Make the next consume start at ``offsets`` (a fresh run ignores what the topic held before)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from cardpipe.domain.records import Transaction
 from cardpipe.serving import schema
@@ -28,6 +28,18 @@ def transactions_from_database(
     with engine.connect() as conn:
         for row in conn.execution_options(stream_results=True, yield_per=chunk).execute(query):
             yield Transaction(*row)
+
+
+def count_undecided(engine: Engine) -> int:
+    """How many transactions of the ``transactions`` table have no decision in ``stream_transactions`` yet."""
+    t, s = schema.transactions, schema.stream_transactions
+    query = (
+        select(func.count())
+        .select_from(t.outerjoin(s, s.c.transaction_id == t.c.transaction_id))
+        .where(s.c.transaction_id.is_(None))
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
 
 
 def transactions_from_csv(path: Path) -> list[Transaction]:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,21 +82,24 @@ class BrokerHandle:
 
 
 def _admin(bootstrap_servers: str) -> AdminClient:
-    return AdminClient(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "allow.auto.create.topics": False,
-            "reconnect.backoff.ms": 50,
-            "reconnect.backoff.max.ms": 500,
-            "logger": _client_log,
-        }
-    )
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "allow.auto.create.topics": False,
+        "reconnect.backoff.ms": 50,
+        "reconnect.backoff.max.ms": 500,
+        "logger": _client_log,
+    }
+    return AdminClient(config)
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         return exc.args[0].str()
     return str(exc) or type(exc).__name__
+
+
+def _running(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is None
 
 
 def _wait_ready(bootstrap_servers: str, timeout: float, alive: Callable[[], bool] | None = None) -> None:
@@ -314,7 +318,7 @@ def _start(work_dir: Path, timeout: float) -> dict[str, Any]:
         _children[proc.pid] = proc
         bootstrap = f"{HOST}:{port}"
         try:
-            _wait_ready(bootstrap, timeout, alive=lambda p=proc: p.poll() is None)
+            _wait_ready(bootstrap, timeout, alive=partial(_running, proc))
         except BrokerUnavailable as exc:
             failure = _last_log_line(log_path) or str(exc)
             _terminate(proc.pid, grace=1.0)
@@ -435,7 +439,7 @@ def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, *, timeout
                 futures[topic].result()
             except KafkaException as exc:
                 code = exc.args[0].code() if exc.args and isinstance(exc.args[0], KafkaError) else None
-                if code == KafkaError.INVALID_TOPIC_EXCEPTION:
+                if code == KafkaError.INVALID_TOPIC_EXCEPTION:  # type: ignore[attr-defined]  # not in the stubs
                     raise ConfigError(f"Invalid Kafka topic name {topic!r}: {_describe(exc)}") from None
                 if code != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise

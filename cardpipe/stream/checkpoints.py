@@ -8,13 +8,25 @@ and :class:`MemoryCheckpointStore` implements it in memory, so that the stream r
 
 from __future__ import annotations
 
+import json
+import math
+import time
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, NamedTuple, Protocol
 
-from cardpipe.domain.records import STREAM_COLUMNS, TRANSACTION_COLUMNS, CardProfile, Transaction
+from cardpipe.domain.records import (
+    DECLINED,
+    PENDING,
+    REJECTED,
+    STREAM_COLUMNS,
+    TRANSACTION_COLUMNS,
+    CardProfile,
+    Transaction,
+)
 from cardpipe.errors import PartitionsHeld, SettlementChanged
 
 
@@ -34,7 +46,7 @@ class DecisionRow(tuple):  # type: ignore[type-arg]
 
     __slots__ = ()
 
-    def __getitem__(self, key):  # type: ignore[no-untyped-def,override]
+    def __getitem__(self, key: Any) -> Any:
         return tuple.__getitem__(self, _STREAM_INDEX[key] if type(key) is str else key)
 
     def keys(self) -> tuple[str, ...]:
@@ -63,6 +75,57 @@ class CheckpointBatch:
     publish_times_ms: list[int] = field(default_factory=list)  # of decided messages, for latency
     #: The settlement whose credit limits decided this batch (None: the original limits).
     settlement_id: int | None = None
+    #: Messages left on the consumer's partitions after this batch (None: not known yet).
+    lag_messages: int | None = None
+
+
+#: Upper bounds (milliseconds, inclusive) of the decision-latency histogram kept per checkpoint.
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000)
+
+
+def checkpoint_log_row(batch: CheckpointBatch, topic: str, owner: str, committed_ms: int) -> dict[str, Any]:
+    """The ``stream_checkpoint_log`` row of ``batch``, committed at ``committed_ms``: what the run report, the
+    dashboard and the metrics read of the stream's history."""
+    counts = batch.counts
+    reasons = {key: n for key, n in sorted(counts.items()) if ":" in key}  # "declined:<reason>", "rejected:<reason>"
+    latencies = sorted(committed_ms - t for t in batch.publish_times_ms)
+    return {
+        "topic": topic,
+        "owner": owner,
+        "committed_ms": committed_ms,
+        "messages": sum(counts[k] for k in (PENDING, DECLINED, REJECTED, "duplicate_ignored")),
+        "pending": counts[PENDING],
+        "declined": counts[DECLINED],
+        "rejected": counts[REJECTED],
+        "duplicates": counts["duplicate_ignored"],
+        "reasons": json.dumps(reasons, separators=(",", ":")),
+        "latency_p50_ms": _percentile(latencies, 0.50),
+        "latency_p99_ms": _percentile(latencies, 0.99),
+        "latency_max_ms": float(latencies[-1]) if latencies else None,
+        "latency_buckets": json.dumps(_histogram(latencies)) if latencies else None,
+        "latency_sum_ms": float(sum(latencies)) if latencies else None,
+        "newest_publish_ms": max(batch.publish_times_ms) if batch.publish_times_ms else None,
+        "lag_messages": batch.lag_messages,
+        "settlement_id": batch.settlement_id,
+    }
+
+
+def _histogram(ordered: list[int]) -> list[int]:
+    """How many of an ascending list fall in each bucket of :data:`LATENCY_BUCKETS_MS`, and above the last."""
+    counts, below = [], 0
+    for bound in LATENCY_BUCKETS_MS:
+        upto = bisect_right(ordered, bound)
+        counts.append(upto - below)
+        below = upto
+    counts.append(len(ordered) - below)
+    return counts
+
+
+def _percentile(ordered: list[int], q: float) -> float | None:
+    """The nearest-rank ``q`` percentile of an ascending list (None for an empty one)."""
+    if not ordered:
+        return None
+    return float(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))])
 
 
 class CheckpointStore(Protocol):
@@ -119,6 +182,7 @@ class MemoryCheckpointStore:
         self.owner = owner
         self.cards = dict(cards)
         self.initial_balances = dict(balances)
+        self.checkpoint_log: list[dict[str, Any]] = []  # stream_checkpoint_log rows
         self.balances: dict[int, Decimal] = {}
         self.offsets: dict[int, int] = {}
         self.decided: dict[int, DecisionRow] = {}
@@ -175,6 +239,7 @@ class MemoryCheckpointStore:
         )
         self.offsets.update(batch.next_offsets)
         self.checkpoints += 1
+        self.checkpoint_log.append(checkpoint_log_row(batch, self.topic, self.owner, int(time.time() * 1000)))
 
     def reset_offsets(self, partitions: Iterable[int] | None = None) -> None:
         for p in list(self.offsets) if partitions is None else partitions:
@@ -184,4 +249,12 @@ class MemoryCheckpointStore:
         self.offsets.update(offsets)
 
 
-__all__ = ["CardState", "CheckpointBatch", "CheckpointStore", "DecisionRow", "MemoryCheckpointStore", "decision_row"]
+__all__ = [
+    "CardState",
+    "CheckpointBatch",
+    "CheckpointStore",
+    "DecisionRow",
+    "MemoryCheckpointStore",
+    "checkpoint_log_row",
+    "decision_row",
+]

@@ -19,6 +19,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from cardpipe.domain import checks
+from cardpipe.domain.checks import MAX_ID, TRANSACTION_TYPES, CheckError
 from cardpipe.domain.money import MoneyError, parse_money
 from cardpipe.domain.records import CANONICAL_TIMESTAMP, Transaction
 
@@ -26,15 +28,17 @@ try:
     from orjson import dumps as _fast_dumps
     from orjson import loads as _fast_loads
 except ImportError:  # pragma: no cover - orjson is a dependency; without it every message takes the strict path
-    _fast_dumps = None
-    _fast_loads = None
+    _fast_dumps = None  # type: ignore[assignment]
+    _fast_loads = None  # type: ignore[assignment]
 
 #: Messages larger than this are rejected unread (a transaction is a few hundred bytes).
 MAX_MESSAGE_BYTES = 64 * 1024
 _TEXT_LIMITS = {"merchant_name": 255, "location": 512, "transaction_type": 32}
-_MAX_ID = 2**63 - 1
+_MAX_ID = MAX_ID
 _MAX_ID_DIGITS = 19
-_MAX_MERCHANT, _MAX_LOCATION, _MAX_TYPE = (_TEXT_LIMITS[f] for f in ("merchant_name", "location", "transaction_type"))
+_MAX_MERCHANT, _MAX_LOCATION = _TEXT_LIMITS["merchant_name"], _TEXT_LIMITS["location"]
+#: A control character or a lone surrogate (checks.text_problem says which, on the strict path).
+_forbidden = checks.FORBIDDEN_IN_TEXT.search
 #: ``YYYY-MM-DD HH:MM:SS`` in ASCII digits, the only shape accepted (fromisoformat alone takes more).
 _TIMESTAMP_SHAPE = CANONICAL_TIMESTAMP.fullmatch
 _fromisoformat = datetime.fromisoformat
@@ -134,8 +138,9 @@ def _fast_fields(value: bytes | None) -> TransactionFields | None:
     for anything else (malformed, or valid in a less common form: the strict path decides those).
 
     Taken here: a JSON object (orjson) whose ids are JSON integers in range, texts are strings within their
-    limits without NUL, the timestamp has the one accepted shape, the amount is a string or integer that
-    :func:`parse_money` accepts, and the related id is an integer or null. Everything orjson reads, the
+    limits without control characters (:mod:`cardpipe.domain.checks`), the transaction type is one of SPEC's,
+    the timestamp has the one accepted shape, the amount is a string or integer that :func:`parse_money`
+    accepts, and the related id is an integer or null. Everything orjson reads, the
     standard decoder reads to the same values (both keep the last of duplicate keys); orjson is stricter
     (no NaN, lone surrogates or invalid UTF-8; integers beyond 64 bits and fractions come back as floats,
     which no field here takes). Nesting deep enough to exhaust the standard decoder's recursion limit (orjson's
@@ -170,16 +175,11 @@ def _fast_fields(value: bytes | None) -> TransactionFields | None:
             and (type(related) is not int or not 0 < related <= _MAX_ID)
             or type(merchant) is not str
             or type(location) is not str
-            or type(kind) is not str
+            or kind not in TRANSACTION_TYPES
             or len(merchant) > _MAX_MERCHANT
             or len(location) > _MAX_LOCATION
-            or len(kind) > _MAX_TYPE
-            or not kind.strip()
-            or "\x00" in merchant
-            or "\x00" in location
-            or "\x00" in kind
-            or not (merchant.isascii() and location.isascii() and kind.isascii())
-            and not all(map(_encodable, (merchant, location, kind)))
+            or not (merchant.isprintable() and location.isprintable())  # printable: no control character
+            and (_forbidden(merchant) or _forbidden(location))
             or type(stamp) is not str
             or not _TIMESTAMP_SHAPE(stamp)
             or type(amount) is not str
@@ -189,14 +189,6 @@ def _fast_fields(value: bytes | None) -> TransactionFields | None:
         return tx_id, card_id, merchant, _fromisoformat(stamp), parse_money(amount), location, kind, related
     except Exception:
         return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return True
 
 
 def _decode_strict(value: bytes | None) -> Transaction | Rejection:
@@ -228,7 +220,7 @@ def _decode_strict(value: bytes | None) -> Transaction | Rejection:
             timestamp=_timestamp(obj),
             amount=_amount(obj),
             location=_text(obj, "location"),
-            transaction_type=_text(obj, "transaction_type", allow_empty=False),
+            transaction_type=_transaction_type(obj),
             related_transaction_id=_optional_id(obj, "related_transaction_id"),
         )
     except _Invalid as exc:
@@ -241,78 +233,69 @@ def _field(obj: dict[str, Any], name: str) -> Any:
     return obj[name]
 
 
-def _parse_id(raw: Any) -> int | None:
+def _parse_id(raw: Any) -> int:
+    """An id: a JSON integer, an integral JSON number or text as :func:`checks.parse_id` reads it."""
     if isinstance(raw, bool):
-        return None
+        raise CheckError("not a positive integer")
     if isinstance(raw, int):
-        value = raw
-    elif isinstance(raw, str) and 0 < len(text := raw.strip()) <= _MAX_ID_DIGITS and text.isascii() and text.isdigit():
-        value = int(text)
-    elif (
+        return checks.check_id(raw)
+    if isinstance(raw, str):
+        return checks.parse_id(raw)
+    if (
         isinstance(raw, Decimal)
         and raw.is_finite()
         and raw.adjusted() < _MAX_ID_DIGITS
         and raw == raw.to_integral_value()
     ):
-        value = int(raw)  # the exponent check keeps 1e1000000 from becoming a million-digit int
-    else:
-        return None
-    return value if 0 < value <= _MAX_ID else None
+        return checks.check_id(int(raw))  # the exponent check keeps 1e1000000 from becoming a million-digit int
+    raise CheckError("not a positive integer")
 
 
 def _id(obj: dict[str, Any], name: str, reason: str) -> int:
     raw = _field(obj, name)
-    value = _parse_id(raw)
-    if value is None:
-        raise _Invalid(reason, f"{name} {_show(raw)} is not a positive integer")
-    return value
+    try:
+        return _parse_id(raw)
+    except CheckError as exc:
+        raise _Invalid(reason, f"{name} {_show(raw)} is {exc.reason}") from None
 
 
 def _optional_id(obj: dict[str, Any], name: str) -> int | None:
     raw = obj.get(name)
     if raw is None or raw == "":
         return None
-    value = _parse_id(raw)
-    if value is None:
-        raise _Invalid(BAD_FIELD, f"{name} {_show(raw)} is not a positive integer")
-    return value
+    return _id(obj, name, BAD_FIELD)
 
 
-def _text(obj: dict[str, Any], name: str, *, allow_empty: bool = True) -> str:
+def _text(obj: dict[str, Any], name: str) -> str:
     raw = _field(obj, name)
     if not isinstance(raw, str):
         raise _Invalid(BAD_FIELD, f"{name} {_show(raw)} is not a string")
-    if not allow_empty and not raw.strip():
-        raise _Invalid(BAD_FIELD, f"{name} is empty")
     if len(raw) > _TEXT_LIMITS[name]:
         raise _Invalid(BAD_FIELD, f"{name} is longer than {_TEXT_LIMITS[name]} characters")
-    if "\x00" in raw:
-        raise _Invalid(BAD_FIELD, f"{name} contains a NUL character")
     try:
-        raw.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
-        raise _Invalid(BAD_FIELD, f"{name} is not valid Unicode text") from None
-    return raw
+        return checks.check_text(raw)
+    except CheckError as exc:
+        raise _Invalid(BAD_FIELD, f"{name} is {exc.reason}") from None
+
+
+def _transaction_type(obj: dict[str, Any]) -> str:
+    raw = _field(obj, "transaction_type")
+    if not isinstance(raw, str):
+        raise _Invalid(BAD_FIELD, f"transaction_type {_show(raw)} is not a string")
+    try:
+        return checks.check_transaction_type(raw)
+    except CheckError as exc:
+        raise _Invalid(BAD_FIELD, f"transaction_type {_show(raw)} is {exc.reason}") from None
 
 
 def _timestamp(obj: dict[str, Any]) -> datetime:
     raw = _field(obj, "timestamp")
     if not isinstance(raw, str):
         raise _Invalid(BAD_TIMESTAMP, f"timestamp {_show(raw)} is not a string")
-    timestamp = _parse_timestamp(raw)
-    if timestamp is None:
-        raise _Invalid(BAD_TIMESTAMP, f"timestamp {_show(raw)} is not YYYY-MM-DD HH:MM:SS")
-    return timestamp
-
-
-def _parse_timestamp(raw: str) -> datetime | None:
-    # fromisoformat is fast; the shape check keeps it to exactly YYYY-MM-DD HH:MM:SS (no offset, no 'T').
-    if _TIMESTAMP_SHAPE(raw):
-        try:
-            return datetime.fromisoformat(raw)
-        except ValueError:  # 2025-02-30 00:00:00
-            pass
-    return None
+    try:
+        return checks.parse_timestamp(raw)  # exactly YYYY-MM-DD HH:MM:SS: no offset, no 'T'
+    except CheckError as exc:
+        raise _Invalid(BAD_TIMESTAMP, f"timestamp {_show(raw)} is {exc.reason}") from None
 
 
 def _amount(obj: dict[str, Any]) -> Decimal:

@@ -13,12 +13,12 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from sqlalchemy.exc import IntegrityError
 
 from cardpipe.errors import BrokerLost, BrokerUnavailable, SettlementChanged
@@ -164,9 +164,9 @@ def consume(
                     err = msg.error()
                     if err is None:
                         raw.append(_raw(msg))
-                        stop.message(msg.partition())
+                        stop.message(msg.partition())  # type: ignore[arg-type]  # a partition's message
                     elif err.code() == KafkaError._PARTITION_EOF:
-                        stop.end_of_partition(msg.partition(), msg.offset())
+                        stop.end_of_partition(msg.partition(), msg.offset())  # type: ignore[arg-type]
                     elif err.fatal():
                         raise BrokerUnavailable(f"consumer failed: {err.str()}")
                     else:
@@ -178,6 +178,7 @@ def consume(
                         processor.adopt(settlement_id, store.card_profiles(settlement_id))
                         log.info("deciding with the credit limits of settlement %s from now on", settlement_id)
                     batch = processor.process(raw)
+                    batch.lag_messages = _lag(consumer, topic, partitions)
                     crash_point("consume.decided")
                     try:
                         _checkpoint(store, batch, dlq, dead_letter_topic)
@@ -206,6 +207,7 @@ def consume(
                         continue
                     conflicts = 0
                     crash_point("consume.committed")
+                    _commit_to_group(consumer, topic, batch.next_offsets)
                     _account(summary, batch, len(raw))
                 else:
                     store.keep_leases()
@@ -223,6 +225,22 @@ def consume(
         store.release()
         if dlq is not None:
             dlq.flush(10)
+
+
+def _lag(consumer: Consumer, topic: str, partitions: list[int]) -> int | None:
+    """Messages on ``partitions`` after what this consumer has read, from the high watermarks of the last fetch
+    responses (no request to the broker); None until every partition has reported one."""
+    total = 0
+    for tp in consumer.position([TopicPartition(topic, p) for p in partitions]):
+        low, high = consumer.get_watermark_offsets(tp, cached=True)
+        if high < 0:
+            return None
+        if tp.offset < 0:  # nothing read from it yet: known only when empty
+            if high != low:
+                return None
+            continue
+        total += max(0, high - tp.offset)
+    return total
 
 
 def poll_ready(consumer: Consumer, batch_size: int, max_wait_seconds: float) -> list[Message]:
@@ -305,7 +323,8 @@ def _start_positions(
 
 def _raw(msg: Message) -> RawMessage:
     ts_type, ts = msg.timestamp()
-    return RawMessage(msg.partition(), msg.offset(), msg.key(), msg.value(), ts if ts_type else None)
+    # confluent-kafka types partition and offset as optional: they are set on every message from a partition.
+    return RawMessage(msg.partition(), msg.offset(), msg.key(), msg.value(), ts if ts_type else None)  # type: ignore[arg-type]
 
 
 def _checkpoint(store: CheckpointStore, batch: CheckpointBatch, dlq, dead_letter_topic: str | None) -> None:  # type: ignore[no-untyped-def]
@@ -323,6 +342,20 @@ def _checkpoint(store: CheckpointStore, batch: CheckpointBatch, dlq, dead_letter
             )
         dlq.flush(30)
     store.commit_durably(batch)
+
+
+def _commit_to_group(consumer: Consumer, topic: str, next_offsets: Mapping[int, int]) -> None:
+    """After the database checkpoint (the source of truth): the same offsets committed to the consumer group, so
+    that Kafka's own tools (``kafka-consumer-groups``, lag exporters) see this consumer. Asynchronous; a failure
+    costs nothing but a stale view in those tools (logged at debug level)."""
+    if not next_offsets:
+        return
+    try:
+        consumer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in sorted(next_offsets.items())], asynchronous=True
+        )
+    except KafkaException as exc:
+        log.debug("offsets not committed to the consumer group: %s", exc)
 
 
 def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int) -> None:
@@ -374,10 +407,11 @@ def log_end_offsets(
                 raise BrokerUnavailable(f"could not find the end of topic {topic!r} within {timeout:.0f} s")
             for msg in poll_ready(consumer, 10_000, 0.05):  # what is ready: consume(n) would wait for n
                 err = msg.error()
+                partition, offset = cast(int, msg.partition()), cast(int, msg.offset())
                 if err is not None and err.code() == KafkaError._PARTITION_EOF:
-                    ends[msg.partition()] = msg.offset()
+                    ends[partition] = offset
                 elif err is None:
-                    ends.pop(msg.partition(), None)
+                    ends.pop(partition, None)
         return ends
     finally:
         consumer.close()

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import NamedTuple
 
 from cardpipe.domain.authorization import Authorizer
-from cardpipe.domain.records import REJECTED, CardProfile, Transaction
+from cardpipe.domain.records import DECLINED, REJECTED, CardProfile, Transaction
 from cardpipe.stream.checkpoints import CardState, CheckpointBatch, DecisionRow, decision_row
 from cardpipe.stream.codec import DUPLICATE_CONFLICT, UNKNOWN_CARD, Rejection, TransactionFields, decode_fields
 
@@ -80,7 +80,7 @@ class StreamProcessor:
         for message, result in zip(messages, decoded, strict=True):
             next_offsets[message.partition] = message.offset + 1
             if type(result) is not tuple:
-                self._reject(batch, message, result)
+                self._reject(batch, message, result)  # type: ignore[arg-type]  # not a plain tuple: a Rejection
                 continue
             tx_id = result[0]
             previous = known.get(tx_id)
@@ -106,6 +106,9 @@ class StreamProcessor:
                 positions.append((message.partition, limit_of(card_id)))
                 status = outcome[0]
                 counts[status] = counts.get(status, 0) + 1
+                if outcome[2] is not None:  # a decline's reason
+                    key = f"{DECLINED}:{outcome[2]}"
+                    counts[key] = counts.get(key, 0) + 1
                 touched[card_id] = True
             else:
                 decided.append(DecisionRow(result + (REJECTED, None, UNKNOWN_CARD)))

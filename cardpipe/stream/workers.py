@@ -104,7 +104,7 @@ class _Stop:
             self.signalled = True
         if self.signalled and not self.event.is_set():
             self.event.set()
-        return self.event.is_set()
+        return bool(self.event.is_set())
 
     def set(self) -> None:
         self.event.set()

@@ -338,9 +338,10 @@ def test_class_data_sharing_archive_is_dumped_once_then_used(tmp_path, monkeypat
 
     from cardpipe.batch import spark as spark_module
 
-    monkeypatch.setattr(spark_module.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv(spark_module.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv("CARDPIPE_SPARK_CDS", raising=False)
-    folder = tmp_path / f"cardpipe-spark-cds-{os.getuid()}"
+    monkeypatch.delenv(spark_module.CDS_MAX_MB_ENV, raising=False)
+    folder = tmp_path / "cache" / "spark" / "cds"  # in the cache folder, no longer in the temporary directory
 
     first = spark_module.class_data_sharing_options("-Da=1")
     dump = Path(next(o for o in first if o.startswith("-XX:ArchiveClassesAtExit=")).split("=", 1)[1])

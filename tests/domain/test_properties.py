@@ -26,6 +26,7 @@ from cardpipe.domain.records import (
     OVER_CREDIT_LIMIT,
     PENDING,
     REJECTED,
+    TRANSACTION_COLUMNS,
     Card,
     CardProfile,
     Customer,
@@ -52,7 +53,7 @@ LOCATIONS = [
     "x, NY 19446",
     "x, DC 20001",
     "x, CA 90210",
-    "x,\tNY\t11111",
+    "x,  NY  11111",
     "x,\u00a0NY\u00a012345",
     "x, NY 11513-0000",
     "x, NY A1513",
@@ -248,25 +249,7 @@ class MemoryStore:
         self.rows: dict[int, dict] = {}
 
     def lookup(self, ids: list[int]) -> dict[int, Transaction]:
-        return {
-            i: Transaction(
-                *(
-                    self.rows[i][k]
-                    for k in (
-                        "transaction_id",
-                        "card_id",
-                        "merchant_name",
-                        "timestamp",
-                        "amount",
-                        "location",
-                        "transaction_type",
-                        "related_transaction_id",
-                    )
-                )
-            )
-            for i in ids
-            if i in self.rows
-        }
+        return {i: Transaction(*(self.rows[i][k] for k in TRANSACTION_COLUMNS)) for i in ids if i in self.rows}
 
     def commit(self, batch) -> None:
         for row in batch.decided:

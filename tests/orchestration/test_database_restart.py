@@ -162,6 +162,8 @@ def test_consumer_rides_out_a_database_restart(dataset, expected, tmp_path, priv
     output = consumer.stdout() + consumer.stderr()
     assert "database unavailable" in consumer.stderr(), consumer.describe()
     assert private_mariadb.password not in output, "the consumer printed the database password"
+    # Issue 12: the pool's "Exception during reset or similar" (or any other) traceback never reaches the user.
+    assert "Traceback" not in consumer.stderr(), consumer.describe()
     retries = consumer.stderr().count("database unavailable")
     print(
         f"\ndatabase restarted after {before} decisions; the consumer retried {retries} times and decided "
@@ -212,3 +214,4 @@ def test_messages_arriving_while_the_database_is_down_wait_for_it(
         "database unavailable" in consumer.stderr() and "retrying reading the settlement in force" in consumer.stderr()
     ), consumer.describe()
     assert private_mariadb.password not in consumer.stdout() + consumer.stderr()
+    assert "Traceback" not in consumer.stderr(), consumer.describe()

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal as D
 from pathlib import Path
@@ -33,6 +34,7 @@ from cardpipe.serving import schema
 from cardpipe.stream.broker import broker_session, stop_broker
 from tests.lambda_model import LambdaModel
 from tests.orchestration.helpers import REPO_ROOT, env_without_services, read_csv_rows, reference_results
+from tests.serving.test_api import parse_metrics
 
 pytestmark = pytest.mark.kafka
 
@@ -187,6 +189,28 @@ def assert_api_equals_model(served: Served, model: LambdaModel) -> None:
         )
 
 
+def assert_metrics_equal_the_model(served: Served, model: LambdaModel, messages: int) -> None:
+    """/metrics: decisions by status and reason as decided, no rejection, two settlements, lag 0 once drained."""
+    want: Counter[str] = Counter()
+    for decision in model.decided.values():
+        assert decision.status in ("pending", "declined"), "the seed data has no message to reject"
+        want[f"cardpipe_decisions_total{{reason={decision.reason or ''},status={decision.status}}}"] += 1
+    deadline = time.monotonic() + 10
+    while True:  # the lag is measured every second
+        samples = parse_metrics(served.get("/metrics")[1])
+        lags = {k: v for k, v in samples.items() if k.startswith("cardpipe_consumer_lag_messages")}
+        if lags and not any(lags.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {k: v for k, v in samples.items() if k.startswith("cardpipe_decisions_total")} == want
+    assert not any(k.startswith("cardpipe_rejected_total") for k in samples)
+    assert lags and not any(lags.values()), lags
+    assert samples["cardpipe_consumer_lag_seconds"] == 0
+    assert samples["cardpipe_settlements_total{status=published}"] == 2
+    assert samples["cardpipe_settlement_seconds_count"] == 2
+    assert samples["cardpipe_decision_seconds_count"] == messages
+
+
 def two_cycles(data: Path, results: Path, env: dict[str, str]) -> None:
     model = model_of(data)
     cardpipe(["setup", "--results-dir", str(results)], env)
@@ -213,6 +237,7 @@ def two_cycles(data: Path, results: Path, env: dict[str, str]) -> None:
         assert_api_equals_model(served, model)
         _, health = served.get("/health")
         assert health["decided"] == len(first) + len(second) and health["settlement_id"] == 2
+        assert_metrics_equal_the_model(served, model, len(first) + len(second))
         started = time.monotonic()
         served.popen.send_signal(signal.SIGTERM)
         assert served.popen.wait(10) == 0, served.describe()

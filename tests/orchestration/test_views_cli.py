@@ -11,7 +11,7 @@ import pytest
 from cardpipe.config import Settings
 from cardpipe.orchestration.views import format_table, show
 from cardpipe.serving.database import make_engine
-from tests.serving.test_views import Serving, phase_a, phase_b, phase_c
+from tests.serving.test_views import CARD_1_JSON, whole_scenario
 
 
 @pytest.fixture
@@ -19,10 +19,7 @@ def settings(tmp_path: Path) -> Settings:
     """Embedded defaults (SQLite in the results folder), holding the views tests' scenario."""
     settings = Settings.from_env(env={}, results_dir=tmp_path / "results", load_dotenv_file=False)
     engine = make_engine(settings.database_url)
-    s = Serving.create(engine)
-    phase_a(s)
-    phase_b(s)
-    phase_c(s)
+    whole_scenario(engine)
     engine.dispose()
     return settings
 
@@ -57,18 +54,7 @@ def test_card_table(settings, capsys):
 def test_json_is_the_apis(settings):
     code, text = run(settings, "card", 1, as_json=True)
     assert code == 0 and text.count("\n") == 1
-    assert json.loads(text) == {
-        "card_id": 1,
-        "customer_id": 2,
-        "card_type_id": 3,
-        "card_number": "****-****-****-7934",
-        "credit_limit": "14300.00",
-        "settled_balance": "536.68",
-        "pending_amount": "1.00",
-        "pending_count": 1,
-        "available_credit": "13762.32",
-        "settlement_id": 2,
-    }
+    assert json.loads(text) == CARD_1_JSON
     code, text = run(settings, "transaction", 8, as_json=True)
     assert json.loads(text)["status"] == "pending" and json.loads(text)["timestamp"] == "2025-04-01 10:00:08"
 
@@ -106,3 +92,12 @@ def test_unknown_kind(settings):
 
 def test_format_table():
     assert format_table({"a": 1, "long_key": None, "ids": [1, 2]}) == "a         1\nlong_key  -\nids       1, 2\n"
+
+
+def test_a_view_of_a_folder_never_set_up_says_what_to_run_first(tmp_path):
+    from cardpipe.orchestration.locks import NotReady
+
+    settings = Settings.from_env(env={}, results_dir=tmp_path / "never", load_dotenv_file=False)
+    with pytest.raises(NotReady, match=r"^cardpipe card: nothing set up in .*: run `cardpipe run`"):
+        run(settings, "card", 1)
+    assert not (tmp_path / "never").exists(), "no SQLite file (nor folder) created as a side effect"

@@ -82,7 +82,9 @@ def test_unknown_card_reference_is_a_clear_error(engine, seed_dataset, tmp_path)
     data = _copy_dataset(seed_dataset, tmp_path)
     text = (data / "transactions.csv").read_text().replace("\n1,26,", "\n1,9999,", 1)
     (data / "transactions.csv").write_text(text)
-    with pytest.raises(InputFileError, match="references an id that is not in cards.csv"):
+    with pytest.raises(
+        InputFileError, match=r"transactions\.csv, line 2, column card_id: card_id 9999 is not in cards\.csv"
+    ):
         load_inputs(engine, data)
 
 

@@ -124,3 +124,32 @@ def test_commit_durably_gives_up_with_a_clear_error(store):
     store._is_committed = lambda _b: False
     with pytest.raises(DatabaseUnavailable):
         store.commit_durably(batch, give_up_after=0.0, sleep=lambda _s: None)
+
+
+def test_committed_offsets_and_undecided_count(store):
+    """What `consume` compares to finish a stream: the committed offsets, and the transactions not decided yet."""
+    from cardpipe.serving.transaction_source import count_undecided
+
+    loaded = count_undecided(store.engine)
+    assert loaded > 0 and store.committed_offsets() == {}
+    store.commit(processor(store).process(messages([TX1])))
+    store.start_at({1: 7})
+    assert store.committed_offsets() == {0: 1, 1: 7}
+    store.reset_offsets([1])
+    assert store.committed_offsets() == {0: 1, 1: None}
+    assert count_undecided(store.engine) == loaded - 1  # transaction 1 is in the seed dataset
+
+
+def test_other_consumers_are_live_leases_of_others(store):
+    import socket
+    import subprocess
+    import sys
+
+    other = StreamStore(store.engine, "topic-a")
+    assert other.acquire([0, 1]) == [0, 1]
+    assert store.other_consumers() == {other.owner: [0, 1]}
+    assert other.other_consumers() == {}
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with store.engine.begin() as conn:
+        conn.execute(schema.stream_leases.update().values(owner=f"{socket.gethostname()}:{dead_pid.stdout.strip()}:1"))
+    assert store.other_consumers() == {}, "a dead process's leases are no one's"

@@ -238,6 +238,30 @@ def phase_c(s: Serving) -> None:
     s.reject(12346, "bad_amount", "amount 'x' is not a number")  # only rejected
 
 
+def whole_scenario(engine: Engine) -> Serving:
+    """The serving data after the three phases (for the API and CLI tests)."""
+    s = Serving.create(engine)
+    phase_a(s)
+    phase_b(s)
+    phase_c(s)
+    return s
+
+
+#: Card 1's view after the whole scenario, as JSON (the API's answer and ``cardpipe card 1 --json``).
+CARD_1_JSON = {
+    "card_id": 1,
+    "customer_id": 2,
+    "card_type_id": 3,
+    "card_number": "****-****-****-7934",
+    "credit_limit": "14300.00",
+    "settled_balance": "536.68",
+    "pending_amount": "1.00",
+    "pending_count": 1,
+    "available_credit": "13762.32",
+    "settlement_id": 2,
+}
+
+
 def check_scenario(s: Serving) -> None:
     """Every field of every view through the three phases (shared by the SQLite and MariaDB tests)."""
     phase_a(s)

@@ -84,13 +84,56 @@ def test_invalid_fields_are_rejected_with_a_reason(change, reason):
     assert isinstance(result, Rejection) and result.reason == reason, result
 
 
+@pytest.mark.parametrize(
+    "change, reason, detail",
+    [
+        ({"transaction_type": "teleport"}, "bad_field", 'transaction_type "teleport" is not one of atm_withdrawal,'),
+        ({"transaction_type": "Purchase"}, "bad_field", 'transaction_type "Purchase" is not one of'),
+        ({"transaction_id": -3}, "bad_transaction_id", "transaction_id -3 is not a positive integer"),
+        ({"transaction_id": "-3"}, "bad_transaction_id", 'transaction_id "-3" is not a positive integer'),
+        ({"card_id": "\u0662\u0666"}, "bad_card_id", "is not a positive integer"),  # Arabic-Indic digits
+        ({"card_id": "2_6"}, "bad_card_id", "is not a positive integer"),
+        ({"amount": "1_000.00"}, "bad_amount", "is not a plain decimal number"),
+        ({"amount": "\u0661\u0660.00"}, "bad_amount", "is not a plain decimal number"),
+        ({"merchant_name": "bell\x07"}, "bad_field", "merchant_name is not plain text: control character U+0007"),
+        ({"location": "x\x1b[31m, NY 10001"}, "bad_field", "location is not plain text: control character U+001B"),
+        ({"merchant_name": "tab\there"}, "bad_field", "control character U+0009"),
+        ({"merchant_name": "c1\x85"}, "bad_field", "control character U+0085"),
+    ],
+)
+def test_values_no_issuer_would_send_are_rejected_with_the_rule_they_break(change, reason, detail):
+    """Issue 12: the loader's value rules (cardpipe.domain.checks) hold for the topic's messages too."""
+    obj = json.loads(encode_transaction(TX)[1])
+    obj.update(change)
+    for ensure_ascii in (True, False):
+        result = decode_transaction(json.dumps(obj, ensure_ascii=ensure_ascii).encode())
+        assert isinstance(result, Rejection) and result.reason == reason, result
+        assert detail in result.detail and "decimal." not in result.detail, result
+
+
+def test_every_transaction_type_of_the_spec_is_accepted():
+    obj = json.loads(encode_transaction(TX)[1])
+    for kind in (
+        "purchase",
+        "bill_payment",
+        "atm_withdrawal",
+        "p2p_transfer",
+        "wire_transfer",
+        "refund",
+        "cancellation",
+    ):
+        obj["transaction_type"] = kind
+        result = decode_transaction(json.dumps(obj).encode())
+        assert isinstance(result, Transaction) and result.transaction_type == kind
+
+
 def test_oversized_message_is_rejected_unread():
     result = decode_transaction(b"{" + b" " * MAX_MESSAGE_BYTES + b"}")
     assert isinstance(result, Rejection) and result.reason == "oversized_message"
 
 
 @pytest.mark.parametrize(
-    "merchant", ['Café "Zoë", l\'Étoile', "tab\tnew\nline \\ back \u2028", "\U0001f600", "x" * 255]
+    "merchant", ['Café "Zoë", l\'Étoile', "back \\ slash, line separator \u2028", "\U0001f600", "x" * 255]
 )
 @pytest.mark.parametrize(
     "timestamp", [datetime(2024, 2, 29, 23, 59, 59), datetime(1999, 1, 1), datetime(2024, 1, 2, 3, 4, 5, 999)]

@@ -69,31 +69,34 @@ def test_the_producers_messages_take_the_fast_path():
     "value",
     [
         b'{"transaction_id":1,"transaction_id":"x","card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
-        b'"amount":"1.00","location":"l","transaction_type":"t"}',  # the last of duplicate keys counts
+        b'"amount":"1.00","location":"l","transaction_type":"purchase"}',  # the last of duplicate keys counts
         b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-        b'"location":"l","transaction_type":"t","transaction_id":3}',
+        b'"location":"l","transaction_type":"purchase","transaction_id":3}',
         b'{"transaction_id":1,"card_id":2,"merchant_name":"\\ud800","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-        b'"location":"l","transaction_type":"t"}',  # lone surrogate: orjson refuses, strict says bad_field
+        b'"location":"l","transaction_type":"purchase"}',  # lone surrogate: orjson refuses, strict says bad_field
         b'{"transaction_id":1,"card_id":2,"merchant_name":"\\u0000","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-        b'"location":"l","transaction_type":"t"}',
+        b'"location":"l","transaction_type":"purchase"}',
         b'{"transaction_id":18446744073709551616,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
-        b'"amount":"1.00","location":"l","transaction_type":"t"}',  # orjson: a float; strict: out of range
+        b'"amount":"1.00","location":"l","transaction_type":"purchase"}',  # orjson: a float; strict: out of range
         b'{"transaction_id":9223372036854775808,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
-        b'"amount":"1.00","location":"l","transaction_type":"t"}',
+        b'"amount":"1.00","location":"l","transaction_type":"purchase"}',
         b'{"transaction_id":1.0,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":1.5,'
-        b'"location":"l","transaction_type":"t"}',  # numbers with fractions: strict reads them as Decimal
+        b'"location":"l","transaction_type":"purchase"}',  # numbers with fractions: strict reads them as Decimal
         b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":1E400,'
-        b'"location":"l","transaction_type":"t"}',
+        b'"location":"l","transaction_type":"purchase"}',
         b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-        b'"location":"l","transaction_type":"t","extra":' + b"[" * 1010 + b"]" * 1010 + b"}",  # deep: strict decides
+        b'"location":"l","transaction_type":"purchase","extra":'
+        + b"[" * 1010
+        + b"]" * 1010
+        + b"}",  # deep: strict decides
         b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":"1.00",'
-        b'"location":"l","transaction_type":"t","x":NaN}',
+        b'"location":"l","transaction_type":"purchase","x":NaN}',
         b'\xef\xbb\xbf{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00",'
-        b'"amount":"1.00","location":"l","transaction_type":"t"}',
+        b'"amount":"1.00","location":"l","transaction_type":"purchase"}',
         b' \n{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":12,'
-        b'"location":"l","transaction_type":"t","related_transaction_id":null}\t',
+        b'"location":"l","transaction_type":"purchase","related_transaction_id":null}\t',
         b'{"transaction_id":1,"card_id":2,"merchant_name":"m","timestamp":"2025-04-01 00:00:00","amount":" 1.5 ",'
-        b'"location":"l","transaction_type":"t","related_transaction_id":""}',
+        b'"location":"l","transaction_type":"purchase","related_transaction_id":""}',
     ],
 )
 def test_edge_cases_decide_as_the_strict_path(value):

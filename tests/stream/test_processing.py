@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cardpipe.domain.authorization import Authorizer
-from cardpipe.domain.records import DECLINED, PENDING, REJECTED, CardProfile, Transaction
+from cardpipe.domain.records import DECLINED, PENDING, REJECTED, TRANSACTION_COLUMNS, CardProfile, Transaction
 from cardpipe.stream.codec import Rejection, decode_transaction, encode_transaction
 from cardpipe.stream.processing import RawMessage, StreamProcessor
 
@@ -43,21 +43,7 @@ class Store:
 
     def commit(self, batch):
         for row in batch.decided:
-            self.decided[row["transaction_id"]] = Transaction(
-                *[
-                    row[k]
-                    for k in (
-                        "transaction_id",
-                        "card_id",
-                        "merchant_name",
-                        "timestamp",
-                        "amount",
-                        "location",
-                        "transaction_type",
-                        "related_transaction_id",
-                    )
-                ]
-            )
+            self.decided[row["transaction_id"]] = Transaction(*[row[k] for k in TRANSACTION_COLUMNS])
 
 
 def processor(store, balances=None):
@@ -192,6 +178,8 @@ class ReferenceProcessor:
                     }
                 )
                 counts[d.status] += 1
+                if d.reason is not None:
+                    counts[f"declined:{d.reason}"] += 1
                 states[r.card_id] = self.authorizer.balances[r.card_id]
             else:
                 decided.append(
@@ -207,16 +195,7 @@ class ReferenceProcessor:
         return decided, rejected, states, offsets, counts
 
 
-FIELDS = (
-    "transaction_id",
-    "card_id",
-    "merchant_name",
-    "timestamp",
-    "amount",
-    "location",
-    "transaction_type",
-    "related_transaction_id",
-)
+FIELDS = TRANSACTION_COLUMNS
 
 
 @st.composite
