@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
 from cardpipe.errors import CardpipeError, first_line
+from cardpipe.logs import configure as configure_logs
 
 #: The start method of every cardpipe child process.
 CONTEXT = multiprocessing.get_context("spawn")
@@ -155,7 +156,7 @@ def prepare_child(log_level: int, log_format: str) -> Callable[[], bool]:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it stops this process itself
     parent = os.getppid()
-    logging.basicConfig(level=log_level, format=log_format, stream=sys.stderr)
+    configure_logs(log_level, log_format)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     for quiet in _QUIET_LOGGERS:
         logging.getLogger(quiet).setLevel(logging.CRITICAL)

@@ -26,6 +26,7 @@ from cardpipe.errors import (
 
 if TYPE_CHECKING:
     from cardpipe.orchestration.commands import BatchResult
+    from cardpipe.progress import Reporter
     from cardpipe.stream.consumer import ConsumeSummary
 
 log = logging.getLogger("cardpipe")
@@ -33,6 +34,16 @@ log = logging.getLogger("cardpipe")
 
 def _say(message: str) -> None:
     log.info(message)
+
+
+def _reporter(args: argparse.Namespace) -> Reporter:
+    """The command's progress display: bars on a terminal (text logs only), plain lines elsewhere, none when
+    info lines are not logged (``-q``, ``--log-level warning``)."""
+    from cardpipe.logs import FORMAT_ENV
+    from cardpipe.progress import Reporter
+
+    text_logs = (getattr(args, "log_format", None) or os.environ.get(FORMAT_ENV, "text")) == "text"
+    return Reporter(enabled=log.isEnabledFor(logging.INFO), bars=None if text_logs else False)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -57,7 +68,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     from cardpipe.orchestration import commands
 
     settings = _settings(args)
-    summary = commands.load(settings, _say)
+    with _reporter(args) as progress:
+        summary = commands.load(settings, progress)
     rows = ", ".join(f"{table} {count:,}" for table, count in summary.rows.items())
     print(f"loaded {settings.data_dir} in {summary.seconds:.1f} s: {rows}")
     return 0
@@ -66,7 +78,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     from cardpipe.orchestration import commands
 
-    summary = commands.produce(_settings(args), from_csv=args.from_csv, republish_all=args.all, progress=_say)
+    settings = _settings(args)
+    with _reporter(args) as progress:
+        summary = commands.produce(settings, from_csv=args.from_csv, republish_all=args.all, progress=progress)
     print(f"published {summary.published:,} transactions in {summary.seconds:.1f} s ({summary.rate:,.0f}/s)")
     return 0
 
@@ -82,7 +96,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
         until_caught_up=args.until_caught_up,
         batch_size=args.batch_size or settings.consumer_batch_size,
     )
-    summary = commands.consume(settings, options, progress=_say, workers=args.workers)
+    with _reporter(args) as progress:
+        summary = commands.consume(settings, options, progress=progress, workers=args.workers)
     print(_consume_line(summary))
     return 0
 
@@ -113,7 +128,9 @@ def _batch_line(result: BatchResult) -> str:
 def cmd_batch(args: argparse.Namespace) -> int:
     from cardpipe.orchestration import commands
 
-    result = commands.batch(_settings(args), _say, engine_name=args.engine)
+    settings = _settings(args)
+    with _reporter(args) as progress:
+        result = commands.batch(settings, progress, engine_name=args.engine)
     print(_batch_line(result))
     return 0
 
@@ -164,12 +181,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cardpipe.orchestration import commands
 
     settings = _settings(args)
-    summary = commands.run(settings, _say, workers=args.workers)
-    print(f"loaded: {', '.join(f'{t} {n:,}' for t, n in summary.load.rows.items())}")
-    print(f"published {summary.publish.published:,} transactions ({summary.publish.rate:,.0f}/s)")
-    print(_consume_line(summary.consume))
-    print(_batch_line(summary.batch))
-    print(f"results in {settings.results_dir} (report.html: charts and checks); total {summary.seconds:.1f} s")
+    with _reporter(args) as progress:
+        summary = commands.run(settings, progress, workers=args.workers)
+    if summary.report is not None:
+        from rich.console import Console
+
+        from cardpipe.progress import summary_table
+
+        Console(highlight=False).print(summary_table(summary.report))
+    else:  # no run.json to read back: the one-line summaries
+        print(_consume_line(summary.consume))
+        print(_batch_line(summary.batch))
+    print(
+        f"settlement {summary.batch.settlement_id} published ({summary.batch.engine} engine); results in "
+        f"{settings.results_dir} (report.html: charts and checks)"
+    )
     return 0
 
 
@@ -247,6 +273,21 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _add_log_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=None,
+        help="what to log on stderr (default info; warning with -q)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="text lines (default), or one JSON object per line (time, level, logger, message) for log collectors",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cardpipe",
@@ -262,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded broker's record (default: ./results or CARDPIPE_RESULTS_DIR)",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="only print the summary and errors")
+    _add_log_options(common)
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument(
         "--data-dir",
@@ -367,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cards", type=_positive_int, default=None)
     p.add_argument("--seed", type=_int_between(-(2**63)), default=42)
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_log_options(p)
     p.set_defaults(func=cmd_generate, writes_results=False)
     return parser
 
@@ -405,10 +448,13 @@ def _report(exc: Exception, args: argparse.Namespace) -> int:
     return EXIT_ERROR
 
 
-def _configure_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="cardpipe: %(message)s", stream=sys.stderr
-    )
+def _configure_logging(args: argparse.Namespace) -> None:
+    from cardpipe.logs import configure
+
+    level = logging.WARNING if args.quiet else logging.INFO
+    if args.log_level:
+        level = getattr(logging, args.log_level.upper())
+    configure(level, "cardpipe: %(message)s", args.log_format)
     for noisy in ("py4j", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A connection that cannot be reset (its server restarted, or the command was interrupted mid-statement) is
@@ -426,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)
-            _configure_logging(args.quiet)
+            _configure_logging(args)
             return int(args.func(args))
         except KeyboardInterrupt:
             print("cardpipe: interrupted", file=sys.stderr)

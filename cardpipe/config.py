@@ -10,7 +10,7 @@ import errno
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,23 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+#: cardpipe's own ``KAFKA_*`` settings; every other ``KAFKA_X_Y`` is the Kafka client's ``x.y`` (see below).
+OWN_KAFKA_SETTINGS = frozenset(
+    {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC", "KAFKA_PARTITIONS", "KAFKA_GROUP_ID", "KAFKA_REPLICATION_FACTOR"}
+)
+
+
+def kafka_client_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """Kafka client (librdkafka) settings passed through from the environment: ``KAFKA_SECURITY_PROTOCOL`` ->
+    ``security.protocol``, ``KAFKA_SASL_MECHANISM`` -> ``sasl.mechanism``, ``KAFKA_SSL_CA_LOCATION`` ->
+    ``ssl.ca.location``, and so on for every ``KAFKA_*`` that is not one of cardpipe's own."""
+    return {
+        name[len("KAFKA_") :].lower().replace("_", "."): value
+        for name, value in sorted(env.items())
+        if name.startswith("KAFKA_") and name not in OWN_KAFKA_SETTINGS and value.strip()
+    }
+
+
 @dataclass(frozen=True)
 class Settings:
     """All of cardpipe's settings. Build with :meth:`from_env`; change with :meth:`with_`."""
@@ -70,6 +87,22 @@ class Settings:
     spark_shuffle_partitions: int = 0  # 0: chosen from the data size
     batch_engine: str = "auto"  # auto | embedded | spark (cardpipe.batch.engines.choose_engine)
     spark_remote: str | None = None  # a Spark Connect URL, sc://host:port
+    #: librdkafka settings for every Kafka client (security, SASL, SSL...), from ``KAFKA_*`` (a configured cluster)
+    kafka_client: Mapping[str, str] = field(default_factory=dict)
+    #: replication factor of the topics cardpipe creates (None: 1 on the embedded broker, the cluster's default)
+    kafka_replication_factor: int | None = None
+
+    @property
+    def kafka_client_in_use(self) -> Mapping[str, str]:
+        """The passed-through client settings, for a configured cluster (the embedded broker takes none)."""
+        return {} if self.uses_embedded_broker else self.kafka_client
+
+    @property
+    def topic_replication_factor(self) -> int:
+        """What topics are created with: the setting, else 1 (embedded) or -1 (the cluster's default)."""
+        if self.kafka_replication_factor is not None:
+            return self.kafka_replication_factor
+        return 1 if self.uses_embedded_broker else -1
 
     @property
     def dead_letter_topic(self) -> str:
@@ -138,6 +171,8 @@ class Settings:
             spark_shuffle_partitions=_int(env, "SPARK_SHUFFLE_PARTITIONS", 0, minimum=0),
             batch_engine=(env.get("CARDPIPE_BATCH_ENGINE") or "auto").strip().lower(),
             spark_remote=(env.get("SPARK_REMOTE") or "").strip() or None,
+            kafka_client=kafka_client_settings(env),
+            kafka_replication_factor=_int(env, "KAFKA_REPLICATION_FACTOR", 0) or None,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -200,11 +201,19 @@ def describe_os_error(exc: OSError, folder: Path | None = None) -> str:
     return f"{what}: {target}: {todo}" if target else f"{what}: {todo}"
 
 
+def kafka_error_text(exc: BaseException) -> str:
+    """The text of a confluent-kafka error (the ``KafkaError`` inside a ``KafkaException``), else of ``exc``."""
+    err = exc.args[0] if exc.args else None
+    if err is not None and hasattr(err, "str"):
+        return _clip(str(err.str()))
+    return _clip(str(exc) or type(exc).__name__)
+
+
 def describe_kafka_error(exc: BaseException, servers: str | None = None) -> str:
     """One line for a confluent-kafka ``KafkaException`` (the ``KafkaError`` inside names the failure)."""
     err = exc.args[0] if exc.args else None
     name = str(err.name()) if err is not None and hasattr(err, "name") else ""
-    text = _clip(str(err.str()) if err is not None and hasattr(err, "str") else str(exc))
+    text = kafka_error_text(exc)
     broker = f"Kafka broker {servers}" if servers else "the Kafka broker"
     if name in _KAFKA_UNREACHABLE:
         todo = "start it, or check KAFKA_BOOTSTRAP_SERVERS (unset it for the embedded broker)"
@@ -234,6 +243,38 @@ def _spark_text(exc: BaseException) -> str:
         return str(exc)  # a Py4JJavaError asks the JVM for its trace
     except Exception:
         return str(getattr(exc, "errmsg", "") or type(exc).__name__)
+
+
+def _java_causes(exc: BaseException) -> list[str]:
+    """Messages of the Java exception chain behind a PySpark/Py4J error, outermost first."""
+    throwable = getattr(exc, "_origin", None) or getattr(exc, "java_exception", None)
+    messages: list[str] = []
+    try:
+        for _ in range(12):
+            if throwable is None:
+                break
+            message = throwable.getMessage()
+            if message:
+                messages.append(f"{throwable.getClass().getSimpleName()}: {message}")
+            throwable = throwable.getCause()
+    except Exception:  # the gateway is gone, or not a Java error
+        pass
+    return messages
+
+
+def spark_error_summary(exc: BaseException) -> str:
+    """One line: the error's first line plus the root cause of a Java exception chain (the driver's
+    SQL error: access denied, unknown database, connection refused...)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    causes = _java_causes(exc)
+    root = causes[-1].splitlines()[0].strip() if causes else ""
+    if not root:
+        match = re.search(r"(SQL\w*Exception: .+)", str(exc))
+        root = match.group(1).strip() if match else ""
+    if root and root not in first:
+        return f"{first} (cause: {root})"
+    return first
 
 
 def describe_spark_error(exc: BaseException) -> str:

@@ -268,3 +268,35 @@ def test_a_dead_generator_worker_fails_generate_with_one_line(tmp_path, signum):
         f"cardpipe: error: a generator worker process died (killed, or out of memory?): {tmp_path / 'data'} "
         "is incomplete; run `cardpipe generate` again"
     )
+
+
+def test_log_format_json_and_log_level(tmp_path):
+    """--log-format json: every log line is one JSON object; --log-level warning: no info lines."""
+    import json as _json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_URL", "KAFKA_"))}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    base = [sys.executable, "-m", "cardpipe", "setup", "--results-dir", str(tmp_path / "r")]
+    proc = subprocess.run([*base, "--log-format", "json"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    entries = [_json.loads(line) for line in proc.stderr.splitlines()]
+    assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert any("clean schema" in e["message"] for e in entries)
+    proc = subprocess.run([*base, "--log-level", "warning"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress and the run summary (issue 13, parts 1 and 2)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.kafka
+def test_run_off_a_terminal_prints_plain_progress_lines_and_the_summary_table(tmp_path):
+    proc = run(["run", "--results-dir", str(tmp_path / "results")])
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stderr + proc.stdout, "no terminal: no escape codes"
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("cardpipe: consume: ")]
+    assert progress and "done in" in progress[-1], proc.stderr
+    assert "limits lowered" in proc.stdout and "approved amount" in proc.stdout and "total" in proc.stdout
+    quiet = run(["run", "-q", "--results-dir", str(tmp_path / "quiet")])
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert "limits lowered" in quiet.stdout, "-q silences the progress, not the summary"

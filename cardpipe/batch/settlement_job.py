@@ -72,7 +72,7 @@ from cardpipe.domain.settlement import (
     SCORE_MIN,
     SCORE_STEPS,
 )
-from cardpipe.errors import CardpipeError, DatabaseUnavailable, InputFileError
+from cardpipe.errors import CardpipeError, DatabaseUnavailable, InputFileError, spark_error_summary
 from cardpipe.serving.settlement_source import watermark_sql
 
 log = logging.getLogger(__name__)
@@ -323,38 +323,6 @@ def _redact(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
-def _java_causes(exc: BaseException) -> list[str]:
-    """Messages of the Java exception chain behind a PySpark/Py4J error, outermost first."""
-    throwable = getattr(exc, "_origin", None) or getattr(exc, "java_exception", None)
-    messages: list[str] = []
-    try:
-        for _ in range(12):
-            if throwable is None:
-                break
-            message = throwable.getMessage()
-            if message:
-                messages.append(f"{throwable.getClass().getSimpleName()}: {message}")
-            throwable = throwable.getCause()
-    except Exception:  # the gateway is gone, or not a Java error
-        pass
-    return messages
-
-
-def _summarize_error(exc: BaseException) -> str:
-    """One line: the error's first line plus the root cause of a Java exception chain (the driver's
-    SQL error: access denied, unknown database, connection refused...)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    first = lines[0] if lines else type(exc).__name__
-    causes = _java_causes(exc)
-    root = causes[-1].splitlines()[0].strip() if causes else ""
-    if not root:
-        match = re.search(r"(SQL\w*Exception: .+)", str(exc))
-        root = match.group(1).strip() if match else ""
-    if root and root not in first:
-        return f"{first} (cause: {root})"
-    return first
-
-
 @contextlib.contextmanager
 def _jdbc_errors(action: str, jdbc_options: Mapping[str, str], secrets: Sequence[str] = ()) -> Iterator[None]:
     """Turn JDBC failures into :class:`DatabaseUnavailable` with one redacted line (no password ever)."""
@@ -366,7 +334,7 @@ def _jdbc_errors(action: str, jdbc_options: Mapping[str, str], secrets: Sequence
     except Exception as exc:
         log.debug("%s", _redact(f"{action}: {exc!r}", all_secrets))
         where = jdbc_options.get("url", "?")
-        message = _redact(f"{action} ({where}): {_summarize_error(exc)}", all_secrets)
+        message = _redact(f"{action} ({where}): {spark_error_summary(exc)}", all_secrets)
         # ``from None``: the Java stack trace is not chained to the error the user sees.
         raise DatabaseUnavailable(message) from None
 
@@ -379,7 +347,7 @@ def _redacting(secrets: Sequence[str]) -> Iterator[None]:
     except Exception as exc:
         if not any(s and s in f"{exc!s} {exc!r}" for s in secrets):
             raise
-        raise CardpipeError(_redact(_summarize_error(exc), secrets)) from None
+        raise CardpipeError(_redact(spark_error_summary(exc), secrets)) from None
 
 
 def _conform(df: DataFrame, schema: StructType, source: str, optional: frozenset[str] = frozenset()) -> DataFrame:

@@ -64,6 +64,22 @@ AMOUNT_OVER_HALF_LIMIT = "amount_over_half_limit"
 LOCATION_TOO_FAR = "location_too_far"
 OVER_CREDIT_LIMIT = "over_credit_limit"
 
+#: ISO 8583 response codes (field 39) beside each decision: what a card network would answer.
+RESPONSE_CODES = {
+    OVER_CREDIT_LIMIT: "51",  # insufficient funds / over limit
+    AMOUNT_OVER_HALF_LIMIT: "61",  # exceeds withdrawal amount limit
+    LOCATION_TOO_FAR: "59",  # suspected fraud
+}
+APPROVED_CODE = "00"  # approved (pending settlement, or settled)
+REJECTED_CODE = "30"  # format error: input the rules cannot judge
+
+
+def response_code(status: str, decline_reason: str | None) -> str:
+    """The ISO 8583 response code of a decision (``status`` pending, approved, declined or rejected)."""
+    if status == DECLINED:
+        return RESPONSE_CODES.get(decline_reason or "", "05")  # 05: do not honour (a reason SPEC does not name)
+    return REJECTED_CODE if status == REJECTED else APPROVED_CODE
+
 
 @dataclass(frozen=True, slots=True)
 class Transaction:

@@ -16,12 +16,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_options
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import func, select
-from sqlalchemy.exc import SAWarning
+from sqlalchemy.exc import SAWarning, SQLAlchemyError
 
 from cardpipe.config import Settings
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS
@@ -30,6 +31,7 @@ from cardpipe.faults import crash_point
 from cardpipe.orchestration.locks import EXCLUSIVE, SHARED
 from cardpipe.orchestration.publisher import PublisherProcess, StreamStopped
 from cardpipe.orchestration.runtime import Runtime, open_stream_store
+from cardpipe.progress import Reporter, Stage, stage_of
 from cardpipe.serving import results as serving_results
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import read_typed_rows
@@ -38,6 +40,7 @@ from cardpipe.serving.settlements import COUNT_COLUMNS
 from cardpipe.serving.stream_store import StreamStore
 from cardpipe.serving.transaction_source import count_undecided, transactions_from_csv, transactions_from_database
 from cardpipe.stream.broker import BrokerHandle, is_alive
+from cardpipe.stream.clients import client_config
 from cardpipe.stream.consumer import CLIENT_LOG, ConsumeOptions, ConsumeSummary, log_end_offsets, signal_handled
 from cardpipe.stream.consumer import consume as consume_topic
 from cardpipe.stream.producer import PublishSummary, publish
@@ -99,8 +102,22 @@ def load(settings: Settings, progress: Progress | None = None, *, runtime: Runti
     command uses the folder or the database: it replaces their rows)."""
     check_data_dir(settings.data_dir)
     with _runtime(settings, runtime, lock=EXCLUSIVE, command="cardpipe load") as rt:
-        report = (lambda table, n: progress(f"loading {table}: {n:,} rows")) if progress else None
-        return load_inputs(rt.ensure_schema(), settings.data_dir, report)
+        stages: dict[str, Stage] = {}
+
+        def report(table: str, n: int) -> None:
+            if table not in stages:
+                for done in stages.values():
+                    done.done()
+                describe = lambda k, t=table: f"loading {t}: {k:,} rows"  # noqa: E731
+                stages[table] = stage_of(progress, f"loading {table}", describe, unit="rows")
+            stages[table].update(n)
+
+        summary = load_inputs(rt.ensure_schema(), settings.data_dir, report if progress else None)
+        for table, rows in summary.rows.items():
+            if table in stages:
+                stages[table].update(rows)
+                stages[table].done()
+        return summary
 
 
 def produce(
@@ -121,8 +138,22 @@ def produce(
         else:
             transactions = transactions_from_database(engine, only_undecided=not republish_all)
         rt.ensure_topics()
-        report = (lambda n: progress(f"published {n:,} transactions")) if progress else None
-        return publish(transactions, rt.broker.bootstrap_servers, settings.kafka_topic, progress=report)
+        total, every = None, 100_000
+        if isinstance(progress, Reporter):  # a bar: its total, and updates often enough to move
+            every = 5_000
+            if from_csv is None:
+                total = _transactions_loaded(engine) if republish_all else count_undecided(engine)
+        stage = stage_of(progress, "produce", lambda n: f"published {n:,} transactions", total=total, unit="msgs")
+        summary = publish(
+            transactions,
+            rt.broker.bootstrap_servers,
+            settings.kafka_topic,
+            progress=stage.update if progress else None,
+            progress_every=every,
+        )
+        stage.update(summary.published)
+        stage.done()
+        return summary
 
 
 def stream_broker(runtime: Runtime) -> BrokerHandle:
@@ -196,12 +227,26 @@ def consume(
             rt.loaded_engine("cardpipe consume")
         store = rt.stream_store()
         stream_broker(rt)
+        stage: Stage | None = None
+        if isinstance(progress, Reporter):  # a bar (updated every half second) over what is left to decide
+            options = replace_options(options, progress_every=min(options.progress_every, 0.5))
+            total = None
+            if not options.follow:
+                total = messages_left(rt, store) if finishing else count_undecided(store.engine)
+            stage = progress.stage("consume", total, "msgs")
         try:
             if not finishing:
-                return _consume_leg(rt, store, options, workers, progress, publishing, should_stop)
-            terminated: list[bool] = []
-            with signal_handled(signal.SIGTERM, lambda *_: terminated.append(True)):
-                return _consume_to_the_end(rt, store, options, workers, progress, lambda: bool(terminated))
+                summary = _consume_leg(rt, store, options, workers, progress, publishing, should_stop, stage)
+            else:
+                terminated: list[bool] = []
+                with signal_handled(signal.SIGTERM, lambda *_: terminated.append(True)):
+                    summary = _consume_to_the_end(
+                        rt, store, options, workers, progress, lambda: bool(terminated), stage
+                    )
+            if stage is not None:
+                stage.update(summary.messages)
+                stage.done()
+            return summary
         finally:
             # Also on Ctrl-C, and when a worker failed: what was committed is exported.
             serving_results.export_stream_results(store.engine, settings.results_dir)
@@ -215,10 +260,11 @@ def _consume_leg(
     progress: Progress | None,
     publishing: Callable[[], bool] | None,
     should_stop: Callable[[], bool] | None,
+    stage: Stage | None = None,
 ) -> ConsumeSummary:
     if workers > 1:
         return _consume_with_workers(rt, options, workers, progress, publishing, should_stop)
-    return _consume_recovering(rt, store, options, progress, publishing, should_stop)
+    return _consume_recovering(rt, store, options, progress, publishing, should_stop, stage)
 
 
 def _consume_to_the_end(
@@ -228,6 +274,7 @@ def _consume_to_the_end(
     workers: int,
     progress: Progress | None,
     terminated: Callable[[], bool],
+    stage: Stage | None = None,
 ) -> ConsumeSummary:
     """Consume until every transaction of the database is decided (see :func:`consume`, finishing the stream).
 
@@ -249,7 +296,7 @@ def _consume_to_the_end(
             )
             total.counts["republished"] += _publish_undecided(rt, terminated)
     for round_ in range(MAX_FINISH_ROUNDS + 1):
-        total.add(_consume_leg(rt, store, options, workers, progress, None, should_stop))
+        total.add(_consume_leg(rt, store, options, workers, progress, None, should_stop, stage))
         undecided = count_undecided(engine)
         if not undecided:
             return total
@@ -316,7 +363,7 @@ def messages_left(rt: Runtime, store: StreamStore) -> int:
 
 def log_start_offsets(bootstrap_servers: str, topic: str, partitions: list[int]) -> dict[int, int]:
     """Each partition's first offset still in the log (its low watermark)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "cardpipe-offsets", "logger": CLIENT_LOG})
+    consumer = Consumer(client_config(bootstrap_servers, {"group.id": "cardpipe-offsets", "logger": CLIENT_LOG}))
     try:
         return {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[0] for p in partitions
@@ -334,13 +381,16 @@ def _consume_recovering(
     progress: Progress | None,
     publishing: Callable[[], bool] | None,
     should_stop: Callable[[], bool] | None,
+    stage: Stage | None = None,
 ) -> ConsumeSummary:
     """One consumer in this process; an embedded broker that dies is replaced and the undecided re-published."""
     settings = rt.settings
     total = ConsumeSummary()
 
     def report(summary: ConsumeSummary) -> None:
-        if progress:
+        if stage is not None:
+            stage.update(total.messages + summary.messages, lag=_latest_lag(store))
+        elif progress:
             progress(f"decided {total.messages + summary.messages:,} messages ({summary.rate:,.0f}/s)")
 
     while True:
@@ -376,6 +426,18 @@ def _consume_recovering(
             total.counts["republished"] += republish_undecided(settings, store, runtime=rt)
             # That is the whole rest of the stream: a producer still publishing lost its broker too.
             publishing = None
+
+
+def _latest_lag(store: StreamStore) -> int | None:
+    """The consumer lag its last checkpoint recorded (None when unknown), for the progress bar."""
+    log_table = schema.stream_checkpoint_log
+    query = select(log_table.c.lag_messages).order_by(log_table.c.checkpoint_id.desc()).limit(1)
+    try:
+        with store.engine.connect() as conn:
+            lag = conn.execute(query).scalar()
+    except SQLAlchemyError:
+        return None
+    return None if lag is None else int(lag)
 
 
 def _consume_with_workers(
@@ -454,7 +516,8 @@ def batch(
                 shutil.rmtree(staged, ignore_errors=True)
                 if progress:
                     progress(f"settlement {settlement_id}: settling with the {name} engine")
-                summary = run_engine(name, settings, claim.watermark, staged, progress=progress)
+                spinner = _batch_spinner(progress, settlement_id)
+                summary = run_engine(name, settings, claim.watermark, staged, progress=_noting(progress, spinner))
                 crash_point("batch.computed")
                 store.store_rows(
                     settlement_id,
@@ -463,6 +526,8 @@ def batch(
                 )
                 crash_point("batch.staged")
                 store.publish(settlement_id, {k: getattr(summary, k) for k in COUNT_COLUMNS})
+                if spinner is not None:
+                    spinner.done()
         except BaseException as exc:
             store.fail(settlement_id, first_line(exc))
             raise
@@ -474,6 +539,24 @@ def batch(
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return BatchResult(summary, time.perf_counter() - started, settlement_id, name, claim.watermark)
+
+
+def _batch_spinner(progress: Progress | None, settlement_id: int) -> Stage | None:
+    """A spinner for the settlement, when ``progress`` shows stages."""
+    return progress.stage(f"batch: settlement {settlement_id}") if isinstance(progress, Reporter) else None
+
+
+def _noting(progress: Progress | None, spinner: Stage | None) -> Progress | None:
+    """``progress``, each message also shown beside ``spinner``."""
+    if progress is None or spinner is None:
+        return progress
+    say = progress
+
+    def noted(message: str) -> None:
+        say(message)
+        spinner.update(note=message)
+
+    return noted
 
 
 def _warn_if_undecided(rt: Runtime, engine: Any) -> None:
@@ -502,6 +585,8 @@ class RunSummary:
     consume: ConsumeSummary
     batch: BatchResult
     seconds: float
+    #: The run.json document written at its end (see :mod:`cardpipe.report`).
+    report: dict[str, Any] | None = None
 
 
 def _start_stream_here(rt: Runtime) -> None:
@@ -556,7 +641,7 @@ def stream(
         )
         if _undecided_at_most(rt, IN_PROCESS_PUBLISH_MAX):
             # A small stream: publishing it here takes less than starting a producer process.
-            published = produce(settings, runtime=rt)
+            published = produce(settings, progress=progress, runtime=rt)
             return published, consume(settings, options, progress=progress, workers=workers, runtime=rt)
         publisher = rt.start(lambda: PublisherProcess(settings, rt.broker.bootstrap_servers))
         try:
@@ -613,8 +698,11 @@ def run(settings: Settings, progress: Progress | None = None, *, workers: int = 
             "batch": settled.seconds,
             **{f"batch.{name}": seconds for name, seconds in steps.items()},
         }
-        report(settings, runtime=rt, stage_seconds={**stages, "run": time.perf_counter() - started})
-    return RunSummary(loaded, published, consumed, settled, time.perf_counter() - started)
+        run_json, _html = report(settings, runtime=rt, stage_seconds={**stages, "run": time.perf_counter() - started})
+    from cardpipe.report.write import read_run_json
+
+    facts = read_run_json(run_json.parent)
+    return RunSummary(loaded, published, consumed, settled, time.perf_counter() - started, facts)
 
 
 def report(

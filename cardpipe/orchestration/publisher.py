@@ -87,8 +87,10 @@ def _publisher_main(conn: Connection, settings: Settings, bootstrap_servers: str
 def _publish(settings: Settings, bootstrap_servers: str, orphaned: Callable[[], bool]) -> PublishSummary:
     from cardpipe.serving.database import make_engine
     from cardpipe.serving.transaction_source import transactions_from_database
+    from cardpipe.stream.clients import use_client_settings
     from cardpipe.stream.producer import publish
 
+    use_client_settings(settings.kafka_client_in_use)
     engine = make_engine(settings.database_url, create_database=False)
     try:
         return publish(

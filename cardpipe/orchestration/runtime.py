@@ -23,6 +23,7 @@ from cardpipe.orchestration.locks import RUN_SETUP, SHARED, DatabaseLock, Folder
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
 from cardpipe.serving.stream_store import StreamStore
 from cardpipe.stream.broker import BrokerHandle, ensure_broker, ensure_topic, stop_broker
+from cardpipe.stream.clients import use_client_settings
 
 log = logging.getLogger("cardpipe")
 
@@ -62,6 +63,12 @@ class Runtime:
         command: str | None = None,
     ):
         self.settings = settings
+        use_client_settings(settings.kafka_client_in_use)
+        if settings.uses_embedded_broker and settings.kafka_client:
+            log.warning(
+                "KAFKA_* client settings (%s) are for a configured cluster: the embedded broker takes none",
+                ", ".join(settings.kafka_client),
+            )
         self.stop_broker_on_exit = stop_broker_on_exit
         self.lock_mode = lock
         self.command = command
@@ -215,8 +222,10 @@ class Runtime:
         with self._lock:
             servers = self.broker.bootstrap_servers
             if servers not in self._partitions:
-                count = ensure_topic(servers, self.settings.kafka_topic, self.settings.kafka_partitions)
-                ensure_topic(servers, self.settings.dead_letter_topic, 1)
+                replicas = self.settings.topic_replication_factor
+                topic = self.settings.kafka_topic
+                count = ensure_topic(servers, topic, self.settings.kafka_partitions, replication_factor=replicas)
+                ensure_topic(servers, self.settings.dead_letter_topic, 1, replication_factor=replicas)
                 self._partitions[servers] = count
             return self._partitions[servers]
 

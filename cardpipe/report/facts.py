@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, Engine, case, cast, column, func, select, table
 
 from cardpipe.domain.money import CENT
-from cardpipe.domain.records import APPROVED, DECLINED, PENDING, REJECTED
+from cardpipe.domain.records import APPROVED, DECLINED, PENDING, REJECTED, response_code
 from cardpipe.domain.settlement import SCORE_CHANGE_ABOVE, SCORE_STEPS
 from cardpipe.serving import schema
 from cardpipe.serving.views import read_snapshot
@@ -310,7 +310,15 @@ class RunFacts:
             },
             "stream": {
                 "by_status": [{"status": s.status, "count": s.count, "amount": _money(s.amount)} for s in self.stream],
-                "reasons": [{"reason": r.reason, "kind": r.kind, "count": r.count} for r in self.reasons],
+                "reasons": [
+                    {
+                        "reason": r.reason,
+                        "kind": r.kind,
+                        "response_code": response_code(r.kind, r.reason),
+                        "count": r.count,
+                    }
+                    for r in self.reasons
+                ],
             },
             "history": {
                 "checkpoints": h.checkpoints,

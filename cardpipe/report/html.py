@@ -16,6 +16,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from cardpipe.domain.records import response_code
 from cardpipe.report.charts import CHARTS
 
 #: The vendored UMD builds, in load order (vega-lite and vega-embed need the ones before them).
@@ -200,11 +201,13 @@ def _reasons(d: Mapping[str, Any]) -> str:
     reasons = (d.get("stream") or {}).get("reasons") or []
     rows = "".join(
         f"<tr><td>{html.escape(r['kind'])}</td><td><code>{html.escape(r['reason'])}</code></td>"
+        f"<td>{html.escape(response_code(r['kind'], r['reason']))}</td>"
         f"<td class='n'>{fact(d, f'stream.reasons.{i}.count')}</td></tr>"
         for i, r in enumerate(reasons)
     )
     body = (
-        f'<table class="numbers"><thead><tr><th>kind</th><th>reason</th><th>count</th></tr></thead><tbody>{rows}'
+        '<table class="numbers"><thead><tr><th>kind</th><th>reason</th><th>ISO 8583</th><th>count</th></tr></thead>'
+        f"<tbody>{rows}"
         "</tbody></table>"
         if reasons
         else '<p class="empty">no decline and no rejection</p>'

@@ -3,7 +3,7 @@
 ``create_app(engine)`` builds the FastAPI application. Every view is read in one snapshot on one pooled
 connection per request (:mod:`cardpipe.serving.views`). Money is a decimal string with two decimals; card
 numbers are masked in every answer, and the access log's paths are masked too (:class:`CardNumberLogFilter`).
-With a ``token``, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
+With a ``token``, every endpoint but ``/health`` and the dashboard's page needs ``Authorization: Bearer <token>``.
 The docs page (``/docs``) is served offline: Swagger UI's files come from the ``fastapi-offline`` wheel when it
 is installed, else the page is a self-contained list of the endpoints.
 """
@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cardpipe import __version__
 from cardpipe.errors import DatabaseUnavailable
 from cardpipe.serving import views
+from cardpipe.serving.dashboard import DashboardData, dashboard_page
 from cardpipe.serving.database import describe_error
 from cardpipe.serving.metrics import StreamCollector
 
@@ -92,6 +93,11 @@ class TransactionOut(BaseModel):
     pending_balance: Money | None = Field(description="the card's running balance right after this decision")
     credit_limit: Money | None = Field(description="the limit this transaction was judged against")
     settlement_id: int | None = Field(description="the first settlement that included it; null until one does")
+    response_code: str = Field(
+        description="ISO 8583 response code: 00 approved or pending, 51 over the credit limit, 61 amount over half "
+        "the limit, 59 location (suspected fraud), 30 rejected input (format error)",
+        examples=["00"],
+    )
     rejection_reason: str | None
     rejection_detail: str | None
 
@@ -386,7 +392,10 @@ class _Guard:
 
     @staticmethod
     def _public(scope: Scope) -> bool:
-        return scope["path"] in ("/health", scope.get("root_path", "") + "/health")
+        """/health, and the dashboard's page (a shell with no data: a browser cannot send a bearer header when it
+        opens a page, so the page sends the token of its address's ``#token=...`` with its data requests)."""
+        root = scope.get("root_path", "")
+        return scope["path"] in ("/health", root + "/health", "/", root + "/")
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.token is not None
@@ -588,6 +597,16 @@ def create_app(
     def docs(request: Request) -> HTMLResponse:
         root = html.escape(request.scope.get("root_path", "").rstrip("/"))
         return HTMLResponse(_docs_page(app.openapi(), root, assets is not None))
+
+    dashboard_data = DashboardData(engine, status)
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(dashboard_page(), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/dashboard/data", include_in_schema=False)
+    def dashboard_json() -> Response:
+        return Response(dashboard_data.get(), media_type="application/json", headers={"Cache-Control": "no-store"})
 
     if assets is not None:
         for name, media_type in _DOCS_FILES.items():

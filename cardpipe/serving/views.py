@@ -18,7 +18,15 @@ from sqlalchemy import BigInteger, Connection, Select, and_, bindparam, cast, fu
 from sqlalchemy.exc import DBAPIError
 
 from cardpipe.domain.money import CENT
-from cardpipe.domain.records import APPROVED, DECLINED, PENDING, REJECTED, TIMESTAMP_FORMAT, TRANSACTION_COLUMNS
+from cardpipe.domain.records import (
+    APPROVED,
+    DECLINED,
+    PENDING,
+    REJECTED,
+    TIMESTAMP_FORMAT,
+    TRANSACTION_COLUMNS,
+    response_code,
+)
 from cardpipe.serving import schema
 
 __all__ = [
@@ -403,6 +411,7 @@ def transaction_view(conn: Connection, transaction_id: int) -> dict[str, Any] | 
             if covered
             else None,
         )
+    view["response_code"] = response_code(view["status"], view["decline_reason"])
     view["rejection_reason"] = rejection.reason if rejection is not None else None
     view["rejection_detail"] = rejection.detail if rejection is not None else None
     return view

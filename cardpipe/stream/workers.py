@@ -26,6 +26,7 @@ from cardpipe.childprocs import CONTEXT, ChildProcess, error_line, prepare_child
 from cardpipe.config import Settings
 from cardpipe.errors import CardpipeError
 from cardpipe.stream.checkpoints import CheckpointStore
+from cardpipe.stream.clients import use_client_settings
 from cardpipe.stream.consumer import ConsumeOptions, ConsumeSummary, stop_on_sigterm
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ def _worker_main(conn: Connection, job: WorkerJob, stop: Any, published: Any = N
     producer is done (None: no producer runs). The summary goes with whether this worker got SIGTERM itself.
     """
     orphaned = prepare_child(job.log_level, f"cardpipe: worker {job.index}: %(message)s")
+    use_client_settings(job.settings.kafka_client_in_use)
     terminated: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
 

@@ -99,6 +99,9 @@ def test_run_json_holds_the_runs_facts(run):
     )
     reasons = Counter(r["decline_reason"] for r in stream_rows if r["status"] == "declined")
     assert {r["reason"]: r["count"] for r in document["stream"]["reasons"] if r["kind"] == "declined"} == reasons
+    codes = {r["reason"]: r["response_code"] for r in document["stream"]["reasons"] if r["kind"] == "declined"}
+    iso = {"over_credit_limit": "51", "amount_over_half_limit": "61", "location_too_far": "59"}
+    assert codes and codes == {k: iso[k] for k in codes}
     approved = sum(
         Decimal(r["amount"]) for r in read_csv_rows(results / "batch_transactions.csv") if r["status"] == "approved"
     )

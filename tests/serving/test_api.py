@@ -79,6 +79,7 @@ def test_card_customer_transaction_as_json(client):
         "pending_balance": "499.68",
         "credit_limit": "14300.00",
         "settlement_id": 1,
+        "response_code": "00",
         "rejection_reason": None,
         "rejection_detail": None,
     }

@@ -308,11 +308,13 @@ def check_scenario(s: Serving) -> None:
         "pending_balance": D("520.18"),
         "credit_limit": D("14300.00"),
         "settlement_id": None,
+        "response_code": "00",
         "rejection_reason": None,
         "rejection_detail": None,
     }
     assert s.transaction(3)["status"] == "declined"
     assert s.transaction(3)["decline_reason"] == "amount_over_half_limit"
+    assert s.transaction(3)["response_code"] == "61"  # ISO 8583: exceeds withdrawal amount limit
     assert s.counts() == {"decided": 4, "settlement_id": None, "latest_settlement": None}
 
     phase_b(s)
@@ -385,6 +387,7 @@ def check_scenario(s: Serving) -> None:
         "pending_balance": None,
         "credit_limit": None,
         "settlement_id": None,
+        "response_code": "30",
         "rejection_reason": "unknown_card",
         "rejection_detail": "card 999 is not in the serving data",
     }
@@ -402,6 +405,7 @@ def check_scenario(s: Serving) -> None:
         "pending_balance": None,
         "credit_limit": None,
         "settlement_id": None,
+        "response_code": "30",
         "rejection_reason": "duplicate_conflict",
         "rejection_detail": "transaction 12345 came back with other content",
     }
