@@ -110,3 +110,25 @@ def test_a_plain_callback_gets_the_messages_it_got_before():
     stage.update(2000)
     stage.done()
     assert seen == ["published 2,000 transactions"]
+
+
+@pytest.mark.kafka
+def test_every_stage_of_a_run_reports_its_progress(tmp_path, caplog):
+    """Load (with its total), the producer process (more than IN_PROCESS_PUBLISH_MAX transactions), consume and
+    each batch stage are told to the reporter."""
+    from cardpipe.config import Settings
+    from cardpipe.generate import GeneratorConfig, generate_dataset
+    from cardpipe.orchestration import commands
+
+    n = commands.IN_PROCESS_PUBLISH_MAX + 2_000
+    generate_dataset(tmp_path / "data", GeneratorConfig(transactions=n, customers=300, seed=12))
+    settings = Settings.from_env(env={}, results_dir=tmp_path / "results", data_dir=tmp_path / "data")
+    caplog.set_level(logging.INFO, logger="cardpipe")
+    with Reporter(console=Console(file=io.StringIO()), every=0) as reporter:
+        commands.run(settings, reporter)
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"loading transactions: {n:,}/{n:,} rows" in {m.split(", done")[0] for m in messages}
+    assert any(m.startswith(f"produce: {n:,}/{n:,} msgs") for m in messages), messages
+    assert any(m.startswith(f"consume: {n:,}/{n:,} msgs") for m in messages), messages
+    for stage in ("read", "settle", "csv:batch_transactions", "summary"):
+        assert any(m.endswith(f"batch stage: {stage}") for m in messages), (stage, messages)

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -296,7 +296,12 @@ def _copy_options() -> str:
 
 
 def settle_embedded(
-    database_url: URL, watermark: Mapping[int, int], out_dir: Path, *, threads: int | None = None
+    database_url: URL,
+    watermark: Mapping[int, int],
+    out_dir: Path,
+    *,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> SettlementSummary:
     """Settle the decisions at or below ``watermark`` (partition → last checkpoint_seq) of the serving
     database at ``database_url`` against its original cards and customers, and write
@@ -317,20 +322,20 @@ def settle_embedded(
     try:
         conn = connect(database_url, threads=threads, temp_dir=work / "spill")
         try:
-            with timed(steps, "read"):
+            with timed(steps, "read", progress):
                 conn.execute(_decisions_sql(watermark))
-            with timed(steps, "settle"):
+            with timed(steps, "settle", progress):
                 for statement in _settle_sql():
                     conn.execute(statement)
             for name, (key, columns) in OUTPUTS.items():
                 staged = work / f"{name}.csv"
-                with timed(steps, f"csv:{name}"):
+                with timed(steps, f"csv:{name}", progress):
                     conn.execute(
                         f"COPY ({_output_select(columns, _TABLES[name], key)}) "
                         f"TO {rules.sql_string(str(staged))} ({_copy_options()})"
                     )
                 written.append(staged)
-            with timed(steps, "summary"):
+            with timed(steps, "summary", progress):
                 row = conn.execute(_SUMMARY_SQL).fetchone()
                 names = [d[0] for d in conn.description or ()]
         except duckdb.Error as exc:

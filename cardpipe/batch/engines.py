@@ -78,7 +78,7 @@ def run_engine(
 
         if progress:
             progress("settling with the embedded engine (DuckDB)")
-        return settle_embedded(settings.database_url, watermark, out_dir)
+        return settle_embedded(settings.database_url, watermark, out_dir, progress=progress)
     with spark_session(settings, progress) as spark:
         return settle_spark(spark, settings, watermark, out_dir, progress=progress)
 
@@ -166,7 +166,7 @@ def settle_spark(
         inputs = read_jdbc_inputs(
             spark, options, partitions=jdbc_partitions(settings.spark_master), watermark=watermark
         )
-        return run_settlement(spark, inputs, out_dir)
+        return run_settlement(spark, inputs, out_dir, progress)
     staging = out_dir / f".spark-inputs-{uuid.uuid4().hex[:12]}"
     try:
         if progress:
@@ -175,7 +175,7 @@ def settle_spark(
         if progress:
             progress("settling with Spark")
         inputs = read_csv_inputs(spark, paths["stream_transactions"], paths["cards"], paths["customers"])
-        return run_settlement(spark, inputs, out_dir)
+        return run_settlement(spark, inputs, out_dir, progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

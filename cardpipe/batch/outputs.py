@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
@@ -59,8 +59,11 @@ class SettlementSummary:
 
 
 @contextlib.contextmanager
-def timed(steps: dict[str, float], name: str) -> Iterator[None]:
-    """Record the seconds the block takes (rounded to the millisecond) as ``steps[name]``, even when it fails."""
+def timed(steps: dict[str, float], name: str, progress: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Record the seconds the block takes (rounded to the millisecond) as ``steps[name]``, even when it fails;
+    ``progress`` is told the stage's name as it starts."""
+    if progress is not None:
+        progress(f"batch stage: {name}")
     started = time.perf_counter()
     try:
         yield

@@ -28,7 +28,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -682,9 +682,14 @@ def write_csv(
 # --------------------------------------------------------------------------------------------- the job
 
 
-def run_settlement(spark: SparkSession, inputs: SettlementInputs, results_dir: Path) -> SettlementSummary:
+def run_settlement(
+    spark: SparkSession,
+    inputs: SettlementInputs,
+    results_dir: Path,
+    progress: Callable[[str], None] | None = None,
+) -> SettlementSummary:
     """Settle ``inputs`` and write the three CSV files (:data:`OUTPUTS`) into ``results_dir``; no database
-    table is written.
+    table is written. ``progress`` is told each stage as it starts.
 
     The transactions are read by two passes: one job aggregates them per card (and finds whether they
     are in id order), then each sink writes them; everything else reads small persisted frames derived
@@ -730,19 +735,19 @@ def run_settlement(spark: SparkSession, inputs: SettlementInputs, results_dir: P
         with _redacting(inputs.secrets):
             # The first job reads the transactions (filling their cache, if any) and aggregates them per card.
             assert outputs.transaction_stats is not None
-            with timed(steps, "read+aggregate"):
+            with timed(steps, "read+aggregate", progress):
                 transactions_in_order = _transactions_in_id_order(outputs.transaction_stats)
             for name, (key, columns) in OUTPUTS.items():
                 # Cards and customers (projections of persisted frames) are checked by write_csv.
                 in_order = transactions_in_order if name == BATCH_TRANSACTIONS else None
-                with timed(steps, f"csv:{name}"):
+                with timed(steps, f"csv:{name}", progress):
                     sorted_globally = write_csv(
                         csv_frames[name], key, results_dir / f"{name}.csv", columns, partitions_in_order=in_order
                     )
                 if sorted_globally:
                     globally.append(name)
                     log.debug("%s: partitions not in %s order, sorted globally", name, key)
-            with timed(steps, "summary"):
+            with timed(steps, "summary", progress):
                 summary = _summarize(outputs, started)
     finally:
         for df in cached:

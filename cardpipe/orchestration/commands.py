@@ -35,7 +35,7 @@ from cardpipe.progress import Reporter, Stage, stage_of
 from cardpipe.serving import results as serving_results
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import read_typed_rows
-from cardpipe.serving.loader import LoadSummary, check_data_dir, load_inputs
+from cardpipe.serving.loader import INPUT_FILES, LoadSummary, check_data_dir, load_inputs
 from cardpipe.serving.settlements import COUNT_COLUMNS
 from cardpipe.serving.stream_store import StreamStore
 from cardpipe.serving.transaction_source import count_undecided, transactions_from_csv, transactions_from_database
@@ -97,6 +97,16 @@ def setup(settings: Settings, *, runtime: Runtime | None = None) -> None:
         rt.clean_schema()
 
 
+def _data_lines(path: Path) -> int | None:
+    """Lines after the header of a CSV (its rows, unless a quoted cell holds a line break): a progress total."""
+    try:
+        with path.open("rb") as handle:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return None
+    return max(lines - 1, 0)
+
+
 def load(settings: Settings, progress: Progress | None = None, *, runtime: Runtime | None = None) -> LoadSummary:
     """Load the four input CSVs of ``settings.data_dir`` into the serving database (refused while another
     command uses the folder or the database: it replaces their rows)."""
@@ -104,19 +114,22 @@ def load(settings: Settings, progress: Progress | None = None, *, runtime: Runti
     with _runtime(settings, runtime, lock=EXCLUSIVE, command="cardpipe load") as rt:
         stages: dict[str, Stage] = {}
 
-        def report(table: str, n: int) -> None:
+        def stage(table: str) -> Stage:
             if table not in stages:
                 for done in stages.values():
                     done.done()
                 describe = lambda k, t=table: f"loading {t}: {k:,} rows"  # noqa: E731
-                stages[table] = stage_of(progress, f"loading {table}", describe, unit="rows")
-            stages[table].update(n)
+                total = _data_lines(settings.data_dir / INPUT_FILES[table])
+                stages[table] = stage_of(progress, f"loading {table}", describe, total=total, unit="rows")
+            return stages[table]
 
-        summary = load_inputs(rt.ensure_schema(), settings.data_dir, report if progress else None)
-        for table, rows in summary.rows.items():
-            if table in stages:
-                stages[table].update(rows)
-                stages[table].done()
+        summary = load_inputs(
+            rt.ensure_schema(), settings.data_dir, (lambda t, n: stage(t).update(n)) if progress else None
+        )
+        if progress:
+            for table, rows in summary.rows.items():
+                stage(table).update(rows)
+                stage(table).done()
         return summary
 
 
@@ -643,7 +656,11 @@ def stream(
             # A small stream: publishing it here takes less than starting a producer process.
             published = produce(settings, progress=progress, runtime=rt)
             return published, consume(settings, options, progress=progress, workers=workers, runtime=rt)
-        publisher = rt.start(lambda: PublisherProcess(settings, rt.broker.bootstrap_servers))
+        stage = None
+        if isinstance(progress, Reporter):  # a bar for the producer process too
+            stage = progress.stage("produce", count_undecided(rt.ensure_schema()), "msgs")
+        told = stage.update if stage is not None else None
+        publisher = rt.start(lambda: PublisherProcess(settings, rt.broker.bootstrap_servers, told))
         try:
             consumed = consume(
                 settings, options, progress=progress, workers=workers, publishing=publisher.publishing, runtime=rt
@@ -655,9 +672,14 @@ def stream(
                     f"stopped after deciding {consumed.messages:,} transactions, before every one "
                     "was published; `cardpipe produce` then `cardpipe consume` finish the stream"
                 )
-            return publisher.result(), consumed
+            published = publisher.result()
+            if stage is not None:
+                stage.update(published.published)
+            return published, consumed
         finally:
             rt.release(publisher)
+            if stage is not None:
+                stage.done()
 
 
 def run(settings: Settings, progress: Progress | None = None, *, workers: int = 1) -> RunSummary:

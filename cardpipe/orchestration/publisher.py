@@ -39,9 +39,14 @@ class StreamStopped(CardpipeError):
 class PublisherProcess:
     """Publishes the undecided transactions of ``settings``' database to its topic, in a child process."""
 
-    def __init__(self, settings: Settings, bootstrap_servers: str):
+    def __init__(
+        self, settings: Settings, bootstrap_servers: str, on_published: Callable[[int], None] | None = None
+    ) -> None:
         level = logging.getLogger("cardpipe").getEffectiveLevel()
-        self._child = ChildProcess(_publisher_main, settings, bootstrap_servers, level, name="cardpipe-publish")
+        self._on_published = on_published
+        self._child = ChildProcess(
+            _publisher_main, settings, bootstrap_servers, level, on_published is not None, name="cardpipe-publish"
+        )
         self._summary: PublishSummary | None = None
         self._error: str | None = None
 
@@ -72,19 +77,31 @@ class PublisherProcess:
 
     def _receive(self) -> None:
         for kind, payload in self._child.receive():
-            if kind == "done":
+            if kind == "published":  # progress: how many are published so far
+                if self._on_published is not None:
+                    self._on_published(payload)
+            elif kind == "done":
                 self._summary = payload
             else:
                 self._error = payload
 
 
-def _publisher_main(conn: Connection, settings: Settings, bootstrap_servers: str, log_level: int) -> None:
-    """The child: publish what is undecided, then send ("done", summary) or ("error", one line)."""
+def _publisher_main(
+    conn: Connection, settings: Settings, bootstrap_servers: str, log_level: int, tell_progress: bool = False
+) -> None:
+    """The child: publish what is undecided, then send ("done", summary) or ("error", one line); with
+    ``tell_progress``, ("published", n) every 10,000 messages too (instead of logging them)."""
     orphaned = prepare_child(log_level, "cardpipe: %(message)s")
-    report_to_parent(conn, lambda: _publish(settings, bootstrap_servers, orphaned))
+    told = (lambda n: conn.send(("published", n))) if tell_progress else None
+    report_to_parent(conn, lambda: _publish(settings, bootstrap_servers, orphaned, told))
 
 
-def _publish(settings: Settings, bootstrap_servers: str, orphaned: Callable[[], bool]) -> PublishSummary:
+def _publish(
+    settings: Settings,
+    bootstrap_servers: str,
+    orphaned: Callable[[], bool],
+    told: Callable[[int], None] | None = None,
+) -> PublishSummary:
     from cardpipe.serving.database import make_engine
     from cardpipe.serving.transaction_source import transactions_from_database
     from cardpipe.stream.clients import use_client_settings
@@ -97,7 +114,8 @@ def _publish(settings: Settings, bootstrap_servers: str, orphaned: Callable[[], 
             transactions_from_database(engine),
             bootstrap_servers,
             settings.kafka_topic,
-            progress=lambda n: log.info("published %s transactions", f"{n:,}"),
+            progress=told or (lambda n: log.info("published %s transactions", f"{n:,}")),
+            progress_every=10_000 if told else 100_000,
             should_stop=orphaned,  # the parent was killed
         )
     finally:

@@ -55,7 +55,7 @@ def test_children_are_stopped_on_exit_whatever_happened(settings):
 
 def test_topics_are_ensured_once_per_broker(settings, monkeypatch):
     ensured = []
-    monkeypatch.setattr(runtime_module, "ensure_topic", lambda servers, topic, n: ensured.append(topic) or n)
+    monkeypatch.setattr(runtime_module, "ensure_topic", lambda servers, topic, n, **_: ensured.append(topic) or n)
     handle = ensure_broker(None, settings.results_dir)
     try:
         with Runtime(settings, broker=handle) as rt:

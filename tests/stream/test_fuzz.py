@@ -912,7 +912,7 @@ def test_end_to_end_bad_messages_go_to_the_table_and_the_dead_letter_topic(
                 ("Barrett \"LLC\", Inc. \\ 'quoted'", "0.00", "4395 Brenda Lake, Queens, NY 10859", "purchase"),
                 ("Ünïcode ✓ 😀 中文 \u202e", "1.00", 'x, "Queens", NY 10001', "refund"),
                 ('{"amount": "999.00"}', "-2.50", "'); DROP TABLE cards;-- 10001", "p2p_transfer"),
-                ("\t\r\n e\u0301 𝕊", "3.00", "far away, CA 90210", "wire_transfer"),
+                ("  e\u0301 𝕊 ", "3.00", "far away, CA 90210", "wire_transfer"),
             ]
         )
     ]
