@@ -648,8 +648,9 @@ def _when(value: Any) -> str | None:
     return str(value)
 
 
-def read_checkpoint_log(conn: Connection) -> list[CheckpointRow]:
-    """Every row of ``stream_checkpoint_log`` in commit order."""
+def read_checkpoint_log(conn: Connection, since_ms: int | None = None) -> list[CheckpointRow]:
+    """The rows of ``stream_checkpoint_log`` in commit order: every one, or those committed at ``since_ms`` or
+    later."""
     query = select(
         _log.c.committed_ms,
         _log.c.owner,
@@ -664,6 +665,8 @@ def read_checkpoint_log(conn: Connection) -> list[CheckpointRow]:
         _log.c.latency_max_ms,
         _log.c.lag_messages,
     ).order_by(_log.c.committed_ms, _log.c.checkpoint_id)
+    if since_ms is not None:
+        query = query.where(_log.c.committed_ms >= since_ms)
     return [
         CheckpointRow(
             committed_ms=int(r.committed_ms),

@@ -29,7 +29,7 @@ from cardpipe.report.facts import (
     RunFacts,
     StreamHistory,
     bucket_history,
-    parse_reasons,
+    read_checkpoint_log,
 )
 from cardpipe.report.html import LIBRARIES, vendored_scripts
 from cardpipe.serving import schema, views
@@ -65,41 +65,7 @@ def _recent_log(conn: Connection, window_seconds: int) -> list[CheckpointRow]:
     newest = conn.execute(select(_log.c.committed_ms).order_by(_log.c.committed_ms.desc()).limit(1)).scalar()
     if newest is None:
         return []
-    query = (
-        select(
-            _log.c.committed_ms,
-            _log.c.owner,
-            _log.c.messages,
-            _log.c.pending,
-            _log.c.declined,
-            _log.c.rejected,
-            _log.c.duplicates,
-            _log.c.reasons,
-            _log.c.latency_p50_ms,
-            _log.c.latency_p99_ms,
-            _log.c.latency_max_ms,
-            _log.c.lag_messages,
-        )
-        .where(_log.c.committed_ms >= int(newest) - window_seconds * 1000)
-        .order_by(_log.c.committed_ms, _log.c.checkpoint_id)
-    )
-    return [
-        CheckpointRow(
-            committed_ms=int(r.committed_ms),
-            owner=r.owner,
-            messages=int(r.messages),
-            pending=int(r.pending),
-            declined=int(r.declined),
-            rejected=int(r.rejected),
-            duplicates=int(r.duplicates),
-            reasons=parse_reasons(r.reasons),
-            latency_p50_ms=r.latency_p50_ms,
-            latency_p99_ms=r.latency_p99_ms,
-            latency_max_ms=r.latency_max_ms,
-            lag_messages=None if r.lag_messages is None else int(r.lag_messages),
-        )
-        for r in conn.execute(query)
-    ]
+    return read_checkpoint_log(conn, since_ms=int(newest) - window_seconds * 1000)
 
 
 def _history_json(history: StreamHistory) -> dict[str, Any]:
