@@ -43,6 +43,7 @@ from operator import add
 from pathlib import Path
 from typing import BinaryIO
 
+from cardpipe.domain.records import TRANSACTION_COLUMNS
 from cardpipe.errors import CardpipeError
 
 __all__ = [
@@ -85,16 +86,7 @@ CARDS_HEADER = (
     "current_balance",
     "issue_date",
 )
-TRANSACTIONS_HEADER = (
-    "transaction_id",
-    "card_id",
-    "merchant_name",
-    "timestamp",
-    "amount",
-    "location",
-    "transaction_type",
-    "related_transaction_id",
-)
+TRANSACTIONS_HEADER = TRANSACTION_COLUMNS  # the input CSV's header
 
 # The seed's card tiers, verbatim (reference/seed_dataset_22/input/credit_card_types.csv).
 CARD_TYPES: tuple[tuple[str, ...], ...] = (

@@ -31,7 +31,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.engine import URL
 
 from cardpipe.config import Settings
-from cardpipe.domain.records import DECLINED, PENDING, REJECTED, CardProfile, Transaction
+from cardpipe.domain.records import DECLINED, PENDING, REJECTED, TRANSACTION_COLUMNS, CardProfile, Transaction
 from cardpipe.orchestration import commands
 from cardpipe.serving import schema
 from cardpipe.serving.database import create_clean_schema, make_engine
@@ -69,16 +69,7 @@ PARTITION_OF_CARD = {1: 0, 2: 1, 3: 0}  # partition 2 gets bad messages only
 PARTITIONS = (0, 1, 2)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 4, 1, 0, 0, 0)
-STREAM_FIELDS = (
-    "transaction_id",
-    "card_id",
-    "merchant_name",
-    "timestamp",
-    "amount",
-    "location",
-    "transaction_type",
-    "related_transaction_id",
-)
+STREAM_FIELDS = TRANSACTION_COLUMNS
 FIELD_REASON = {
     "transaction_id": BAD_TRANSACTION_ID,
     "card_id": BAD_CARD_ID,
