@@ -23,6 +23,7 @@ import importlib
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -35,12 +36,14 @@ from cardpipe.batch.outputs import (
     CARDS_UPDATED,
     CUSTOMERS_UPDATED,
     OUTPUTS,
+    SettledRows,
     SettlementSummary,
     timed,
 )
 from cardpipe.domain.records import (
     APPROVED,
     CARD_COLUMNS,
+    CODE_COLUMNS,
     CUSTOMER_COLUMNS,
     DECLINED,
     REJECTED,
@@ -68,7 +71,8 @@ DATE_FORMAT = "%Y-%m-%d"
 
 def _column_kinds() -> tuple[frozenset[str], frozenset[str]]:
     """(money columns, text columns) of the tables the outputs come from, from the schema: money is read as
-    exact DECIMAL(12,2) (:func:`~cardpipe.batch.rules_sql.money`), text is quoted for the CSV files."""
+    exact DECIMAL(12,2) (:func:`~cardpipe.batch.rules_sql.money`), free text is quoted for the CSV files where
+    needed (codes, :data:`~cardpipe.domain.records.CODE_COLUMNS`, never need it)."""
     from sqlalchemy import Integer, Numeric, String
 
     from cardpipe.serving import schema
@@ -77,7 +81,8 @@ def _column_kinds() -> tuple[frozenset[str], frozenset[str]]:
     for table in (schema.stream_transactions, schema.cards, schema.customers):
         for column in table.columns:
             if isinstance(column.type, String):
-                text.add(column.name)
+                if column.name not in CODE_COLUMNS:
+                    text.add(column.name)
             elif isinstance(column.type, Numeric) and not isinstance(column.type, Integer) and column.type.scale == 2:
                 money.add(column.name)
     return frozenset(money), frozenset(text)
@@ -199,10 +204,8 @@ def connect(
 def csv_field(value: str) -> str:
     """SQL: a text value as one CSV field, quoted as Python's csv module (``QUOTE_MINIMAL``) quotes it, with
     a carriage return counted as a line break too (so the file reads back the same); NULL stays NULL."""
-    return (
-        f"(CASE WHEN regexp_matches({value}, '[,\"\\n\\r]') "
-        f"THEN '\"' || replace({value}, '\"', '\"\"') || '\"' ELSE {value} END)"
-    )
+    needs_quotes = " OR ".join(f"contains({value}, {char})" for char in ("','", "'\"'", "chr(10)", "chr(13)"))
+    return f"(CASE WHEN {needs_quotes} THEN '\"' || replace({value}, '\"', '\"\"') || '\"' ELSE {value} END)"
 
 
 def _output_select(columns: tuple[str, ...], table: str, key: str) -> str:
@@ -226,7 +229,7 @@ def _source_column(column: str) -> str:
 def _decisions_sql(watermark: Mapping[int, int]) -> str:
     columns = ", ".join(_source_column(c) for c in STREAM_COLUMNS)
     return (
-        f"CREATE TEMP TABLE decisions AS SELECT {columns} "
+        f"CREATE TABLE decisions AS SELECT {columns} "
         f"FROM {SERVING}.stream_transactions WHERE {watermark_sql(watermark)}"
     )
 
@@ -238,23 +241,23 @@ def _settle_sql() -> list[str]:
     cards = ", ".join(_source_column(c) for c in CARD_COLUMNS)
     customers = ", ".join(_source_column(c) for c in CUSTOMER_COLUMNS)
     return [
-        f"CREATE TEMP TABLE approved AS SELECT card_id, sum(amount) AS approved FROM decisions "
+        f"CREATE TABLE approved AS SELECT card_id, sum(amount) AS approved, count(*) AS n FROM decisions "
         f"WHERE status = {approved} GROUP BY card_id",
-        f"CREATE TEMP TABLE cards_in AS SELECT {cards} FROM {SERVING}.cards",
-        f"CREATE TEMP TABLE customers_in AS SELECT {customers} FROM {SERVING}.customers",
+        f"CREATE TABLE cards_in AS SELECT {cards} FROM {SERVING}.cards",
+        f"CREATE TABLE customers_in AS SELECT {customers} FROM {SERVING}.customers",
         # New balances: the original plus the approved amounts.
-        f"CREATE TEMP TABLE cards_balanced AS SELECT c.* REPLACE ("
+        f"CREATE TABLE cards_balanced AS SELECT c.* REPLACE ("
         f"CAST(c.current_balance + coalesce(a.approved, 0) AS {rules.MONEY_SUM}) AS current_balance) "
         f"FROM cards_in c LEFT JOIN approved a USING (card_id)",
         # One row per customer with cards (customers without cards keep their score).
-        f"CREATE TEMP TABLE changes AS SELECT customer_id, {rules.score_change('balance', 'credit')} AS change "
+        f"CREATE TABLE changes AS SELECT customer_id, {rules.score_change('balance', 'credit')} AS change "
         f"FROM (SELECT customer_id, CAST(sum(current_balance) AS {rules.MONEY_SUM}) AS balance, "
         f"CAST(sum(credit_limit) AS {rules.MONEY_SUM}) AS credit FROM cards_balanced GROUP BY customer_id)",
-        f"CREATE TEMP TABLE cards_out AS SELECT b.* REPLACE ("
+        f"CREATE TABLE cards_out AS SELECT b.* REPLACE ("
         f"{rules.new_credit_limit('b.credit_limit', rules.limit_factor('ch.change'))} AS credit_limit, "
         f"CAST(b.current_balance AS {rules.MONEY}) AS current_balance), b.credit_limit AS old_limit "
         f"FROM cards_balanced b LEFT JOIN changes ch USING (customer_id)",
-        f"CREATE TEMP TABLE customers_out AS SELECT cu.* REPLACE ("
+        f"CREATE TABLE customers_out AS SELECT cu.* REPLACE ("
         f"CASE WHEN ch.change IS NULL THEN cu.credit_score "
         f"ELSE {rules.new_credit_score('cu.credit_score', 'ch.change')} END AS credit_score), "
         f"cu.credit_score AS old_score FROM customers_in cu LEFT JOIN changes ch USING (customer_id)",
@@ -292,7 +295,78 @@ def _copy_options() -> str:
     )
 
 
+# --------------------------------------------------------------------------------------------- exports
+
+
+def export_table_csv(database_url: URL, table: str, columns: tuple[str, ...], key: str, path: Path) -> int:
+    """Write ``columns`` of the serving database's ``table`` to ``path``, ordered by ``key``, in the settlement
+    files' format (see the module's docstring), through DuckDB; written aside, then renamed. Returns the row
+    count. Reads the database only."""
+    import duckdb
+
+    fields = []
+    for column in columns:
+        quoted = f'"{column}"'
+        if column in _TEXT_COLUMNS:
+            fields.append(f"{csv_field(quoted)} AS {quoted}")
+        elif column in _MONEY_COLUMNS:
+            fields.append(f"{rules.money(quoted)} AS {quoted}")
+        else:
+            fields.append(quoted)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    conn = connect(database_url)
+    try:
+        query = f'SELECT {", ".join(fields)} FROM {SERVING}."{table}" ORDER BY "{key}"'
+        row = conn.execute(f"COPY ({query}) TO {rules.sql_string(str(staged))} ({_copy_options()})").fetchone()
+        os.replace(staged, path)
+    except duckdb.Error as exc:
+        text = str(exc).strip()
+        raise CardpipeError(f"exporting {table}: {text.splitlines()[0] if text else type(exc).__name__}") from None
+    finally:
+        conn.close()
+        staged.unlink(missing_ok=True)
+    return int(row[0]) if row else 0
+
+
 # --------------------------------------------------------------------------------------------- the engine
+
+
+class _FileWriter(threading.Thread):
+    """Writes the three output files into ``work`` on its own DuckDB connection, recording each file's
+    seconds in :attr:`steps` and a DuckDB error in :attr:`error`."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection, work: Path) -> None:
+        super().__init__(name="embedded-settlement-files", daemon=True)
+        self.conn, self.work = conn, work
+        self.steps: dict[str, float] = {}
+        self.written: list[Path] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for name, (key, columns) in OUTPUTS.items():
+                staged = self.work / f"{name}.csv"
+                with timed(self.steps, f"csv:{name}"):
+                    self.conn.execute(
+                        f"COPY ({_output_select(columns, _TABLES[name], key)}) "
+                        f"TO {rules.sql_string(str(staged))} ({_copy_options()})"
+                    )
+                self.written.append(staged)
+        except BaseException as exc:  # handed to the settling thread, which raises it
+            self.error = exc
+        finally:
+            self.conn.close()
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'
+
+
+def _fetch_dicts(conn: duckdb.DuckDBPyConnection, query: str) -> list[dict[str, Any]]:
+    rows = conn.execute(query).fetchall()
+    names = [d[0] for d in conn.description or ()]
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def settle_embedded(
@@ -302,13 +376,15 @@ def settle_embedded(
     *,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    on_settled: Callable[[SettledRows], None] | None = None,
 ) -> SettlementSummary:
     """Settle the decisions at or below ``watermark`` (partition → last checkpoint_seq) of the serving
     database at ``database_url`` against its original cards and customers, and write
     ``batch_transactions.csv``, ``cards_updated.csv`` and ``customers_updated.csv`` into ``out_dir``
     (each written aside, then renamed into place). Reads the database only.
 
-    ``threads``: DuckDB's worker threads (default: one per core).
+    ``threads``: DuckDB's worker threads (default: one per core). ``on_settled``: called with the settled
+    rows (also in the summary) while the files are being written; what it raises fails the settlement.
     """
     import duckdb
 
@@ -319,6 +395,7 @@ def settle_embedded(
     work.mkdir()
     steps: dict[str, float] = {}
     written: list[Path] = []
+    settled: SettledRows | None = None
     try:
         conn = connect(database_url, threads=threads, temp_dir=work / "spill")
         try:
@@ -327,17 +404,36 @@ def settle_embedded(
             with timed(steps, "settle", progress):
                 for statement in _settle_sql():
                     conn.execute(statement)
-            for name, (key, columns) in OUTPUTS.items():
-                staged = work / f"{name}.csv"
-                with timed(steps, f"csv:{name}", progress):
-                    conn.execute(
-                        f"COPY ({_output_select(columns, _TABLES[name], key)}) "
-                        f"TO {rules.sql_string(str(staged))} ({_copy_options()})"
-                    )
-                written.append(staged)
             with timed(steps, "summary", progress):
                 row = conn.execute(_SUMMARY_SQL).fetchone()
                 names = [d[0] for d in conn.description or ()]
+            # The files are written on a second connection while this one hands the settled rows over and the
+            # caller stores them: DuckDB runs both at once (outside the GIL).
+            if progress is not None:
+                progress("batch stage: csv files, beside the settled rows")
+            writer = _FileWriter(conn.cursor(), work)
+            writer.start()
+            try:
+                with timed(steps, "rows", progress):
+                    settled = SettledRows(
+                        cards=_fetch_dicts(
+                            conn,
+                            f"SELECT {', '.join(f'c.{_q(n)}' for n in CARD_COLUMNS)}, "
+                            "coalesce(a.n, 0) AS settled_count FROM cards_out c LEFT JOIN approved a USING (card_id)",
+                        ),
+                        customers=_fetch_dicts(
+                            conn, f"SELECT {', '.join(map(_q, CUSTOMER_COLUMNS))} FROM customers_out"
+                        ),
+                    )
+                if on_settled is not None:
+                    with timed(steps, "stored", progress):
+                        on_settled(settled)
+            finally:
+                writer.join()
+            steps.update(writer.steps)
+            if writer.error is not None:
+                raise writer.error
+            written = writer.written
         except duckdb.Error as exc:
             where = database_url.render_as_string(hide_password=True)
             secrets = (str(database_url.password),) if database_url.password else ()
@@ -356,7 +452,12 @@ def settle_embedded(
         shutil.rmtree(work, ignore_errors=True)
     assert row is not None
     counts: dict[str, Any] = {n: int(v) for n, v in zip(names, row, strict=True)}
-    summary = SettlementSummary(**counts, seconds=round(time.perf_counter() - started, 3), steps=steps)
+    summary = SettlementSummary(
+        **counts,
+        seconds=round(time.perf_counter() - started, 3),
+        steps=steps,
+        settled=settled,
+    )
     log.info("%s", summary.describe())
     log.debug("embedded settlement steps (s): %s", steps)
     return summary

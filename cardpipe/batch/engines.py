@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cardpipe.batch.outputs import SettlementSummary
+from cardpipe.batch.outputs import SettledRows, SettlementSummary
 from cardpipe.batch.spark import local_cores
 from cardpipe.errors import ConfigError, DatabaseUnavailable
 
@@ -67,10 +67,14 @@ def run_engine(
     out_dir: Path,
     *,
     progress: Progress | None = None,
+    on_settled: Callable[[SettledRows], None] | None = None,
 ) -> SettlementSummary:
     """Settle the decisions at or below ``watermark`` (partition → last checkpoint_seq) of
     ``settings.database_url`` with the engine ``name`` (``auto`` resolved by :func:`choose_engine`) and write
-    ``batch_transactions.csv``, ``cards_updated.csv`` and ``customers_updated.csv`` into ``out_dir``."""
+    ``batch_transactions.csv``, ``cards_updated.csv`` and ``customers_updated.csv`` into ``out_dir``.
+
+    ``on_settled``: the embedded engine calls it with the settled rows while it writes the files (the Spark
+    engine does not: its rows are in the files, :attr:`SettlementSummary.settled` is None)."""
     engine = choose_engine(name, settings.spark_master, settings.spark_remote)
     out_dir = Path(out_dir)
     if engine == EMBEDDED:
@@ -78,7 +82,7 @@ def run_engine(
 
         if progress:
             progress("settling with the embedded engine (DuckDB)")
-        return settle_embedded(settings.database_url, watermark, out_dir, progress=progress)
+        return settle_embedded(settings.database_url, watermark, out_dir, progress=progress, on_settled=on_settled)
     with spark_session(settings, progress) as spark:
         return settle_spark(spark, settings, watermark, out_dir, progress=progress)
 

@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
 
@@ -32,6 +33,16 @@ def output_file(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class SettledRows:
+    """A settlement's rows for the serving database: every card (its :data:`CARD_COLUMNS` plus
+    ``settled_count``, how many of its pending decisions the settlement approved) and every customer (its
+    :data:`CUSTOMER_COLUMNS`), as dicts of typed values."""
+
+    cards: list[dict[str, Any]]
+    customers: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class SettlementSummary:
     """The counts of one settlement: its transactions by status (after settling: approved, declined,
     rejected), every card and customer, and how many got a lower limit or score."""
@@ -49,6 +60,9 @@ class SettlementSummary:
     steps: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
     #: Spark: outputs whose partitions were not in key order, so that writing them needed a global sort.
     sorted_globally: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    #: The settled rows, when the engine hands them over in memory (the embedded one does); None: the caller
+    #: reads them from the CSV files and counts ``settled_count`` in the database.
+    settled: SettledRows | None = field(default=None, repr=False, compare=False)
 
     def describe(self) -> str:
         return (

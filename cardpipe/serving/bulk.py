@@ -214,10 +214,20 @@ class _MySQLStatements:
 
 
 class BulkWriter:
-    """Insert (or upsert) tuples into ``table``'s ``columns`` in the caller's transaction."""
+    """Insert (or upsert) tuples into ``table``'s ``columns`` in the caller's transaction.
+
+    With ``upsert_keys``, a row whose keys exist updates it: each other column takes the new value, except the
+    ``add_columns``, to which the new value is added (running counters).
+    """
 
     def __init__(
-        self, dialect: Dialect, table: Table, columns: Sequence[str], *, upsert_keys: Sequence[str] | None = None
+        self,
+        dialect: Dialect,
+        table: Table,
+        columns: Sequence[str],
+        *,
+        upsert_keys: Sequence[str] | None = None,
+        add_columns: Sequence[str] = (),
     ):
         self.columns = tuple(columns)
         quote = dialect.identifier_preparer.quote
@@ -226,11 +236,15 @@ class BulkWriter:
         sql = f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks})"
         if upsert_keys:
             updates = [c for c in self.columns if c not in upsert_keys]
+            table_name = quote(table.name)
             if dialect.name == "mysql":
-                sql += " ON DUPLICATE KEY UPDATE " + ", ".join(f"{quote(c)} = VALUES({quote(c)})" for c in updates)
+                sql += " ON DUPLICATE KEY UPDATE " + ", ".join(
+                    f"{quote(c)} = {quote(c) + ' + ' if c in add_columns else ''}VALUES({quote(c)})" for c in updates
+                )
             else:
                 sql += f" ON CONFLICT ({', '.join(quote(k) for k in upsert_keys)}) DO UPDATE SET " + ", ".join(
-                    f"{quote(c)} = excluded.{quote(c)}" for c in updates
+                    f"{quote(c)} = {table_name + '.' + quote(c) + ' + ' if c in add_columns else ''}excluded.{quote(c)}"
+                    for c in updates
                 )
         self.sql = sql
         self.processors: list[tuple[int, Processor]] = [

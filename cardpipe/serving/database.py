@@ -115,9 +115,20 @@ def create_clean_schema(engine: Engine) -> None:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create any missing cardpipe table, keeping existing data."""
+    """Create any missing cardpipe table, keeping existing data; :class:`ConfigError` when an existing table
+    lacks a column this version writes (a database set up by an older cardpipe)."""
     with translated_errors(engine), engine.begin() as conn:
         schema.metadata.create_all(conn, checkfirst=True)
+        inspector = inspect(conn)
+        for table in schema.metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            missing = [column.name for column in table.columns if column.name not in present]
+            if missing:
+                raise ConfigError(
+                    f"the serving database {engine.url.render_as_string(hide_password=True)} was set up by an "
+                    f"older cardpipe (table {table.name} has no column {', '.join(missing)}): run `cardpipe "
+                    "setup` then `cardpipe load`, or `cardpipe run`, to recreate it"
+                )
         if not set(schema.BATCH_VIEWS) <= set(inspect(conn).get_view_names()):
             schema.drop_views(conn)  # tables of that name from an older schema
             schema.create_views(conn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select, text
@@ -32,13 +33,21 @@ BATCH_OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def export_stream_results(engine: Engine, results_dir: Path) -> dict[str, int]:
-    """Write ``stream_transactions.csv`` and ``rejected_transactions.csv`` from the database."""
+def export_stream_results(
+    engine: Engine, results_dir: Path, *, write_decisions: Callable[[Path], int] | None = None
+) -> dict[str, int]:
+    """Write ``stream_transactions.csv`` and ``rejected_transactions.csv`` from the database.
+
+    ``write_decisions(path)``, when given, writes the first (the large one) instead of :func:`export_table`, in
+    the same format, and returns its row count."""
+    stream_path = results_dir / STREAM_RESULTS_FILE
     with translated_errors(engine), engine.connect() as conn:
+        if write_decisions is not None:
+            decisions = write_decisions(stream_path)
+        else:
+            decisions = export_table(conn, schema.stream_transactions, stream_path, STREAM_COLUMNS)
         return {
-            STREAM_RESULTS_FILE: export_table(
-                conn, schema.stream_transactions, results_dir / STREAM_RESULTS_FILE, STREAM_COLUMNS
-            ),
+            STREAM_RESULTS_FILE: decisions,
             REJECTED_FILE: export_table(
                 conn, schema.rejected_transactions, results_dir / REJECTED_FILE, REJECTED_COLUMNS
             ),

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, false, or_, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, or_, select
 from sqlalchemy.engine import Dialect
 
-from cardpipe.domain.records import STREAM_COLUMNS
+from cardpipe.domain.records import PENDING, STREAM_COLUMNS
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import _exported, write_csv_atomic
 
@@ -44,6 +44,18 @@ def watermark_condition(watermark: Mapping[int, int]) -> ColumnElement[bool]:
     s = schema.stream_transactions.c
     terms = [and_(s.kafka_partition == p, s.checkpoint_seq <= seq) for p, seq in watermark_entries(watermark)]
     return or_(*terms) if terms else false()
+
+
+def settled_counts(conn: Connection, watermark: Mapping[int, int]) -> dict[int, int]:
+    """Per card, how many of its pending decisions ``watermark`` covers (what the settlement approves); cards
+    without one are absent. One scan, no lock taken (a consistent read on MySQL/MariaDB)."""
+    s = schema.stream_transactions
+    query = (
+        select(s.c.card_id, func.count())
+        .where(s.c.status == PENDING, watermark_condition(watermark))
+        .group_by(s.c.card_id)
+    )
+    return {int(card_id): int(n) for card_id, n in conn.execute(query)}
 
 
 def settling_decisions(watermark: Mapping[int, int]) -> Select:

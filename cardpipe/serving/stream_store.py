@@ -16,6 +16,7 @@ from operator import itemgetter
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, select
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from cardpipe.domain.authorization import zip_of
@@ -43,7 +44,7 @@ REJECTION_COLUMNS = (
     "message_value",
     "recorded_at",
 )
-CARD_STATE_COLUMNS = ("card_id", "pending_balance")
+CARD_STATE_COLUMNS = ("card_id", "pending_balance", "pending_count")
 DECISION_COLUMNS = (*STREAM_COLUMNS, "credit_limit", "kafka_partition", "checkpoint_seq")
 #: How long a consumer's claim on a partition lasts without a renewal (each checkpoint renews it, and an
 #: idle consumer every third of it): a consumer killed with SIGKILL frees its partitions after this long.
@@ -55,6 +56,14 @@ _rejection_values = itemgetter(*REJECTION_COLUMNS)
 def is_transient(exc: DBAPIError) -> bool:
     """A lost or refused connection, a restarting server or a busy SQLite file: worth retrying."""
     return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+
+
+def card_states_writer(dialect: Dialect) -> BulkWriter:
+    """Upserts ``card_states`` rows (:data:`CARD_STATE_COLUMNS`): the balance replaced, the count of pending
+    decisions added to the card's running count."""
+    return BulkWriter(
+        dialect, schema.card_states, CARD_STATE_COLUMNS, upsert_keys=["card_id"], add_columns=["pending_count"]
+    )
 
 
 class StreamStore:
@@ -77,7 +86,7 @@ class StreamStore:
         dialect = engine.dialect
         self._decisions = BulkWriter(dialect, schema.stream_transactions, DECISION_COLUMNS)
         self._rejections = BulkWriter(dialect, schema.rejected_transactions, REJECTION_COLUMNS)
-        self._card_states = BulkWriter(dialect, schema.card_states, CARD_STATE_COLUMNS, upsert_keys=["card_id"])
+        self._card_states = card_states_writer(dialect)
         self._offsets = BulkWriter(
             dialect,
             schema.stream_offsets,
@@ -291,7 +300,7 @@ class StreamStore:
         ]
         rejected = [_rejection_values(row) for row in batch.rejected]
         # Sorted keys: concurrent workers lock rows in one order (no deadlocks).
-        card_states = [(s.card_id, s.pending_balance) for _, s in sorted(batch.card_states.items())]
+        card_states = [(s.card_id, s.pending_balance, s.pending_added) for _, s in sorted(batch.card_states.items())]
         offsets = [(self.topic, p, o, seqs[p]) for p, o in sorted(batch.next_offsets.items())]
         with self.engine.begin() as conn:
             self._decisions.write(conn, decided)

@@ -14,7 +14,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Select, and_, bindparam, cast, func, or_, select
+from sqlalchemy import Connection, Select, and_, bindparam, func, select
 from sqlalchemy.exc import DBAPIError
 
 from cardpipe.domain.money import CENT
@@ -51,6 +51,7 @@ _cards = schema.cards
 _customers = schema.customers
 _settled_cards = schema.settled_cards
 _settled_customers = schema.settled_customers
+_card_states = schema.card_states
 _rejected = schema.rejected_transactions
 _settlements = schema.settlements
 # serving_state's one row, outer-joined so that a missing row reads as "no settlement".
@@ -137,46 +138,18 @@ def _begin_sqlite_read(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
-def _sum_money(column: Any, dialect: str) -> Any:
-    """SUM of a money column, exact: SQLite stores DECIMAL as REAL, so sum integer cents there."""
-    if dialect == "sqlite":
-        return func.sum(cast(func.round(column * 100), BigInteger))
-    return func.sum(column)
-
-
-def _summed(value: Any, dialect: str) -> Decimal:
-    if value is None:
-        return _ZERO
-    if dialect == "sqlite":
-        return (Decimal(int(value)) / 100).quantize(CENT)
-    return _money(value) or _ZERO
-
-
 # --------------------------------------------------------------------------------------------- queries
 # Built once (bound parameters): SQLAlchemy caches their compiled SQL per dialect.
 
 _IN_FORCE_ID = select(_p.c.settlement_id).where(_IN_FORCE)
 
 
-def _card_query(dialect: str) -> Select:
-    """ONE statement (so one snapshot): the card, the settlement in force's row for it, and the sum and count of
-    the card's pending decisions that the settlement's watermark does not cover (no watermark row for their
-    partition, or a later checkpoint). Reads the card's decisions through the index on card_id."""
-    watermark = and_(_w.c.settlement_id == _IN_FORCE_ID.scalar_subquery(), _w.c.kafka_partition == _s.c.kafka_partition)
-    pending = (
-        select(
-            bindparam("card_id", type_=BigInteger).label("card_id"),  # an aggregate: exactly one row
-            _sum_money(_s.c.amount, dialect).label("amount"),
-            func.count().label("n"),
-        )
-        .select_from(_s.outerjoin(_w, watermark))
-        .where(
-            _s.c.card_id == bindparam("card_id"),
-            _s.c.status == PENDING,
-            or_(_w.c.checkpoint_seq.is_(None), _s.c.checkpoint_seq > _w.c.checkpoint_seq),
-        )
-        .subquery("pending")
-    )
+def _card_query() -> Select:
+    """ONE statement (so one snapshot): the card, the settlement in force's row for it (balance and how many of
+    the card's pending decisions it approved) and the card's stream counters (its running balance and how many
+    of its decisions are pending, settled or not). What is pending after the settlement is the difference:
+    every pending decision adds its amount to the running balance, and the settlement adds the amounts of those
+    at or below its watermark to the same original balance (SPEC section 9)."""
     settled = and_(_settled_cards.c.settlement_id == _p.c.settlement_id, _settled_cards.c.card_id == _cards.c.card_id)
     return (
         select(
@@ -189,13 +162,14 @@ def _card_query(dialect: str) -> Select:
             _p.c.settlement_id,
             _settled_cards.c.credit_limit.label("settled_limit"),
             _settled_cards.c.current_balance.label("settled_balance"),
-            pending.c.amount.label("pending_amount"),
-            pending.c.n.label("pending_count"),
+            _settled_cards.c.settled_count,
+            _card_states.c.pending_balance.label("running_balance"),
+            _card_states.c.pending_count.label("running_count"),
         )
         .select_from(
             _cards.outerjoin(_p, _IN_FORCE)
             .outerjoin(_settled_cards, settled)
-            .join(pending, pending.c.card_id == _cards.c.card_id)
+            .outerjoin(_card_states, _card_states.c.card_id == _cards.c.card_id)
         )
         .where(_cards.c.card_id == bindparam("card_id"))
     )
@@ -243,7 +217,7 @@ class _DriverQuery:
         return None if row is None else dict(zip(self.keys, row, strict=True))
 
 
-_CARD = {name: _DriverQuery(_card_query(name)) for name in ("sqlite", "mysql")}
+_CARD = _DriverQuery(_card_query())
 
 _CUSTOMER = (
     select(
@@ -324,14 +298,15 @@ def card_view(conn: Connection, card_id: int) -> dict[str, Any] | None:
     """
     if not _valid_id(card_id):
         return None
-    dialect = "sqlite" if conn.dialect.name == "sqlite" else "mysql"
-    row = _CARD[dialect].first(conn, {"card_id": card_id})  # one statement: one snapshot
+    row = _CARD.first(conn, {"card_id": card_id})  # one statement: one snapshot
     if row is None:
         return None
     settled = row["settled_limit"] is not None and row["settlement_id"] is not None
     limit = _money(row["settled_limit"] if settled else row["credit_limit"]) or _ZERO
     balance = _money(row["settled_balance"] if settled else row["current_balance"]) or _ZERO
-    pending_amount = _summed(row["pending_amount"], dialect)
+    running = _money(row["running_balance"])
+    pending_amount = _ZERO if running is None else running - balance
+    pending_count = int(row["running_count"] or 0) - (int(row["settled_count"] or 0) if settled else 0)
     return {
         "card_id": row["card_id"],
         "customer_id": row["customer_id"],
@@ -340,7 +315,7 @@ def card_view(conn: Connection, card_id: int) -> dict[str, Any] | None:
         "credit_limit": limit,
         "settled_balance": balance,
         "pending_amount": pending_amount,
-        "pending_count": int(row["pending_count"]),
+        "pending_count": pending_count,
         "available_credit": limit - balance - pending_amount,
         "settlement_id": row["settlement_id"],
     }

@@ -35,6 +35,7 @@ class CardState(NamedTuple):
 
     card_id: int
     pending_balance: Decimal | None  # None for a card the serving data does not know
+    pending_added: int = 0  # the card's pending decisions in this batch (added to its running count)
 
 
 _STREAM_INDEX = {name: index for index, name in enumerate(STREAM_COLUMNS)}
@@ -184,6 +185,7 @@ class MemoryCheckpointStore:
         self.initial_balances = dict(balances)
         self.checkpoint_log: list[dict[str, Any]] = []  # stream_checkpoint_log rows
         self.balances: dict[int, Decimal] = {}
+        self.pending_counts: dict[int, int] = {}  # card_states.pending_count
         self.offsets: dict[int, int] = {}
         self.decided: dict[int, DecisionRow] = {}
         self.rejected: list[dict[str, Any]] = []
@@ -237,6 +239,8 @@ class MemoryCheckpointStore:
         self.balances.update(
             {c: s.pending_balance for c, s in batch.card_states.items() if s.pending_balance is not None}
         )
+        for c, s in batch.card_states.items():
+            self.pending_counts[c] = self.pending_counts.get(c, 0) + s.pending_added
         self.offsets.update(batch.next_offsets)
         self.checkpoints += 1
         self.checkpoint_log.append(checkpoint_log_row(batch, self.topic, self.owner, int(time.time() * 1000)))

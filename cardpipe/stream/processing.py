@@ -77,6 +77,7 @@ class StreamProcessor:
         positions = batch.positions
         counts: dict[str, int] = {}
         touched: dict[int, bool] = {}  # card id -> known to the serving data
+        pending_added: dict[int, int] = {}  # card id -> its pending decisions in this batch
         for message, result in zip(messages, decoded, strict=True):
             next_offsets[message.partition] = message.offset + 1
             if type(result) is not tuple:
@@ -109,6 +110,8 @@ class StreamProcessor:
                 if outcome[2] is not None:  # a decline's reason
                     key = f"{DECLINED}:{outcome[2]}"
                     counts[key] = counts.get(key, 0) + 1
+                else:
+                    pending_added[card_id] = pending_added.get(card_id, 0) + 1
                 touched[card_id] = True
             else:
                 decided.append(DecisionRow(result + (REJECTED, None, UNKNOWN_CARD)))
@@ -121,7 +124,8 @@ class StreamProcessor:
                 publish_times.append(message.timestamp_ms)
         balances = self.authorizer.balances
         batch.card_states = {
-            cid: CardState(cid, balances[cid] if is_known else None) for cid, is_known in touched.items()
+            cid: CardState(cid, balances[cid], pending_added.get(cid, 0)) if is_known else CardState(cid, None)
+            for cid, is_known in touched.items()
         }
         batch.counts.update(counts)
         return batch

@@ -16,7 +16,12 @@ import pytest
 from sqlalchemy.engine import URL
 
 from cardpipe.config import Settings
+from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS
 from cardpipe.errors import ConfigError
+from cardpipe.serving import schema
+from cardpipe.serving.csv_io import read_typed_rows
+from cardpipe.serving.database import make_engine
+from cardpipe.serving.settlement_source import settled_counts
 from tests.batch.test_embedded_engine import (
     GENERATED_TRANSACTIONS,
     OUTPUT_FILES,
@@ -36,8 +41,9 @@ def settings_for(url: URL, tmp_path: Path, **changes: Any) -> Settings:
 
 
 def counts(summary: Any) -> dict[str, int]:
-    """A summary's counts (not its timings)."""
-    return {k: v for k, v in dataclasses.asdict(summary).items() if k not in ("seconds", "steps", "sorted_globally")}
+    """A summary's counts (not its timings, nor what only one engine reports)."""
+    timings = ("seconds", "steps", "sorted_globally", "settled")
+    return {k: v for k, v in dataclasses.asdict(summary).items() if k not in timings}
 
 
 def assert_engines_agree(spark: Any, url: URL, watermark: Mapping[int, int], tmp_path: Path) -> tuple[Any, Any]:
@@ -51,6 +57,23 @@ def assert_engines_agree(spark: Any, url: URL, watermark: Mapping[int, int], tmp
     for name in OUTPUT_FILES:
         assert (spark_out / name).read_bytes() == (embedded_out / name).read_bytes(), name
     assert counts(spark_summary) == counts(embedded)
+    # The embedded engine's approved count per card (the card view's settled count) is the database's own.
+    engine = make_engine(url, create_database=False)
+    try:
+        with engine.connect() as conn:
+            counted = settled_counts(conn, watermark)
+    finally:
+        engine.dispose()
+    assert {c["card_id"]: c["settled_count"] for c in embedded.settled.cards if c["settled_count"]} == counted
+    assert spark_summary.settled is None  # `cardpipe batch` reads its files and counts in the database
+    # The rows it hands over for the database are those of its files, value for value.
+    settled = embedded.settled
+    for rows, name, table, columns, key in (
+        (settled.cards, "cards_updated.csv", schema.settled_cards, CARD_COLUMNS, "card_id"),
+        (settled.customers, "customers_updated.csv", schema.settled_customers, CUSTOMER_COLUMNS, "customer_id"),
+    ):
+        handed = sorted(({c: row[c] for c in columns} for row in rows), key=lambda row: row[key])
+        assert handed == list(read_typed_rows(embedded_out / name, table, columns)), name
     assert_only_outputs(spark_out)  # the exported inputs are gone
     return embedded, spark_summary
 

@@ -191,3 +191,20 @@ def test_missing_mysql_database_is_created(mysql_url):
         with admin.begin() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
         admin.dispose()
+
+
+def test_a_database_of_an_older_cardpipe_is_refused_with_what_to_run(engine):
+    """A table without a column this version writes (card_states before its pending_count): one line naming
+    the table, the column and the commands that recreate the schema; no table is changed."""
+    from sqlalchemy import text
+
+    from cardpipe.serving.database import ensure_schema
+
+    create_clean_schema(engine)
+    ensure_schema(engine)  # a current schema passes
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE card_states"))
+        conn.execute(text("CREATE TABLE card_states (card_id BIGINT PRIMARY KEY, pending_balance NUMERIC(12, 2))"))
+    with pytest.raises(ConfigError, match=r"older cardpipe \(table card_states has no column pending_count\).*setup"):
+        ensure_schema(engine)
+    assert "pending_count" not in {c["name"] for c in inspect(engine).get_columns("card_states")}

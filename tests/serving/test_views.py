@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, func, literal, select, update
+from sqlalchemy import Engine, and_, delete, func, literal, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -20,6 +20,8 @@ from cardpipe.config import SAMPLE_DATA_DIR
 from cardpipe.serving import schema
 from cardpipe.serving.database import create_clean_schema, make_engine
 from cardpipe.serving.loader import load_inputs
+from cardpipe.serving.settlement_source import settled_counts
+from cardpipe.serving.stream_store import card_states_writer
 from cardpipe.serving.views import (
     card_view,
     customer_view,
@@ -83,6 +85,8 @@ class Serving:
         }
         with self.engine.begin() as conn:
             conn.execute(schema.stream_transactions.insert(), [row])
+            if balance is not None:  # the card's stream counters, as the consumer's checkpoint writes them
+                card_states_writer(conn.dialect).write(conn, [(card_id, D(balance), 1 if status == "pending" else 0)])
 
     def reject(self, transaction_id: int | None, reason: str, detail: str = "a detail") -> None:
         with self.engine.begin() as conn:
@@ -149,6 +153,9 @@ class Serving:
                 )
             )
             sc, scu = schema.settled_cards, schema.settled_customers
+            for card_id, n in settled_counts(conn, watermarks).items():  # as `cardpipe batch` stores them
+                same_card = and_(sc.c.settlement_id == settlement_id, sc.c.card_id == card_id)
+                conn.execute(update(sc).where(same_card).values(settled_count=n))
             for card_id, (limit, balance) in (cards or {}).items():
                 conn.execute(
                     update(sc)
@@ -460,7 +467,8 @@ def test_read_snapshot_on_mariadb(mysql_database):
 
 
 def test_available_credit_may_be_negative(serving):
-    serving.decide(1, 1, "50.00", partition=0, seq=2)
+    # A settled balance of 499.68, then a pending 50.00 the settlement does not cover: running balance 549.68.
+    serving.decide(1, 1, "50.00", partition=0, seq=2, balance="549.68")
     serving.settle(1, {0: 1}, cards={1: ("400.00", "499.68")})
     view = serving.card(1)
     assert (view["credit_limit"], view["pending_amount"], view["available_credit"]) == (
@@ -576,7 +584,7 @@ decisions = st.lists(
 )
 settlement = st.none() | st.tuples(
     st.dictionaries(st.integers(0, 3), st.integers(0, 4)),  # watermark: some partitions, maybe none
-    st.fixed_dictionaries({c: st.tuples(money, money) for c in CARDS}),  # settled (limit, balance) per card
+    st.fixed_dictionaries({c: money for c in CARDS}),  # settled limit per card
 )
 
 
@@ -594,6 +602,7 @@ def test_card_views_match_a_plain_model(model_db, decided, settled):
     with s.engine.begin() as conn:
         for table in (
             schema.stream_transactions,
+            schema.card_states,
             schema.settlement_watermarks,
             schema.settled_cards,
             schema.settled_customers,
@@ -601,7 +610,18 @@ def test_card_views_match_a_plain_model(model_db, decided, settled):
         ):
             conn.execute(delete(table))
         conn.execute(update(schema.serving_state).values(settlement_id=None))
+    watermark: dict[int, int] = settled[0] if settled is not None else {}
+
+    def covered(p: int, seq: int) -> bool:
+        return settled is not None and p in watermark and seq <= watermark[p]
+
+    running = {c: balance for c, (_limit, balance) in ORIGINAL.items()}
+    settled_balance = dict(running)
     for i, (card_id, amount, status, partition, seq) in enumerate(decided, start=1):
+        if status == "pending":  # a pending decision adds to the card's running balance...
+            running[card_id] += amount
+            if covered(partition, seq):  # ...and, once settled, to its settled balance
+                settled_balance[card_id] += amount
         s.decide(
             i,
             card_id,
@@ -610,17 +630,15 @@ def test_card_views_match_a_plain_model(model_db, decided, settled):
             partition=partition,
             seq=seq,
             reason="over_credit_limit" if status == "declined" else None,
+            balance=str(running[card_id]),
         )
-    watermark: dict[int, int] = {}
     if settled is not None:
-        watermark, per_card = settled
-        s.settle(1, watermark, cards={c: (str(limit), str(balance)) for c, (limit, balance) in per_card.items()})
+        s.settle(1, watermark, cards={c: (str(limit), str(settled_balance[c])) for c, limit in settled[1].items()})
     for card_id in CARDS:
-        limit, balance = ORIGINAL[card_id] if settled is None else settled[1][card_id]
+        limit = ORIGINAL[card_id][0] if settled is None else settled[1][card_id]
+        balance = ORIGINAL[card_id][1] if settled is None else settled_balance[card_id]
         pending = [
-            a
-            for c, a, status, p, seq in decided
-            if c == card_id and status == "pending" and not (p in watermark and seq <= watermark[p])
+            a for c, a, status, p, seq in decided if c == card_id and status == "pending" and not covered(p, seq)
         ]
         view = s.card(card_id)
         assert view["credit_limit"] == limit and view["settled_balance"] == balance
@@ -629,7 +647,6 @@ def test_card_views_match_a_plain_model(model_db, decided, settled):
         assert view["available_credit"] == limit - balance - sum(pending, D("0.00"))
         assert view["settlement_id"] == (None if settled is None else 1)
     for i, (_c, _a, status, p, seq) in enumerate(decided, start=1):
-        covered = settled is not None and p in watermark and seq <= watermark[p]
         view = s.transaction(i)
-        assert view["settlement_id"] == (1 if covered else None)
-        assert view["status"] == ("approved" if covered and status == "pending" else status)
+        assert view["settlement_id"] == (1 if covered(p, seq) else None)
+        assert view["status"] == ("approved" if covered(p, seq) and status == "pending" else status)
