@@ -64,9 +64,10 @@ AMOUNT_OVER_HALF_LIMIT = "amount_over_half_limit"
 LOCATION_TOO_FAR = "location_too_far"
 OVER_CREDIT_LIMIT = "over_credit_limit"
 
-#: Columns whose values are codes from closed sets of lower-case identifiers (SPEC's transaction types, the
-#: statuses, the decline and rejection reasons): never a comma, quote or line break, so never quoted in a CSV.
-CODE_COLUMNS = frozenset({"transaction_type", "status", "decline_reason"})
+#: Columns only cardpipe's own rules write, with codes from closed sets of lower-case identifiers (the statuses,
+#: the decline and rejection reasons): never a comma, quote or line break, so never quoted in a CSV. (Input
+#: columns, even the checked transaction type, are quoted where needed: a database may be filled otherwise.)
+CODE_COLUMNS = frozenset({"status", "decline_reason"})
 
 #: ISO 8583 response codes (field 39) beside each decision: what a card network would answer.
 RESPONSE_CODES = {

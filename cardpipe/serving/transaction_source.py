@@ -39,6 +39,8 @@ def count_undecided(engine: Engine) -> int:
         .where(s.c.transaction_id.is_(None))
     )
     with engine.connect() as conn:
+        if conn.execute(select(s.c.transaction_id).limit(1)).first() is None:  # nothing decided: no join
+            return int(conn.execute(select(func.count()).select_from(t)).scalar_one())
         return int(conn.execute(query).scalar_one())
 
 

@@ -306,13 +306,15 @@ def assert_summary(summary: Any, serving: Serving, watermark: Mapping[int, int])
     assert summary.cards_limit_lowered == sum(c.credit_limit < old_limits[c.card_id] for c in ref.cards)
     assert summary.customers_score_down == sum(c.credit_score < old_scores[c.customer_id] for c in ref.customers)
     assert summary.seconds > 0
+    # The files are written beside the settled rows (no caller to store them here: no "stored" step).
     assert list(summary.steps) == [
         "read",
         "settle",
+        "summary",
+        "rows",
         "csv:batch_transactions",
         "csv:cards_updated",
         "csv:customers_updated",
-        "summary",
     ]
 
 
