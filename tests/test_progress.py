@@ -130,5 +130,5 @@ def test_every_stage_of_a_run_reports_its_progress(tmp_path, caplog):
     assert f"loading transactions: {n:,}/{n:,} rows" in {m.split(", done")[0] for m in messages}
     assert any(m.startswith(f"produce: {n:,}/{n:,} msgs") for m in messages), messages
     assert any(m.startswith(f"consume: {n:,}/{n:,} msgs") for m in messages), messages
-    for stage in ("read", "settle", "csv:batch_transactions", "summary"):
+    for stage in ("read", "settle", "summary", "csv files", "rows", "stored"):
         assert any(m.endswith(f"batch stage: {stage}") for m in messages), (stage, messages)

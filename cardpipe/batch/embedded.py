@@ -63,6 +63,8 @@ SCANNERS = {
     "sqlite": ("duckdb_extension_sqlite_scanner", "sqlite_scanner", "cardpipe"),
     "mysql": ("duckdb_extension_mysql_scanner", "mysql_scanner", "cardpipe[mysql]"),
 }
+#: DuckDB's memory budget when it exports ``stream_transactions`` at the end of a consume (it spills beyond).
+EXPORT_MEMORY_LIMIT = "256MB"
 #: The catalog the serving database is attached as.
 SERVING = "serving"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -151,11 +153,16 @@ def _redact(text: str, secrets: tuple[str, ...]) -> str:
 
 
 def connect(
-    database_url: URL, *, threads: int | None = None, temp_dir: Path | None = None
+    database_url: URL,
+    *,
+    threads: int | None = None,
+    temp_dir: Path | None = None,
+    memory_limit: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the serving database attached read-only as ``serving``.
 
     ``threads``: DuckDB's worker threads (default: one per core). ``temp_dir``: where DuckDB may spill.
+    ``memory_limit``: DuckDB's memory budget (e.g. ``"256MB"``; default: its own, most of the RAM).
     """
     import duckdb
 
@@ -166,6 +173,8 @@ def connect(
         if threads < 1:
             raise ValueError("threads must be at least 1")
         config["threads"] = int(threads)
+    if memory_limit is not None:
+        config["memory_limit"] = memory_limit
     conn = duckdb.connect(":memory:", config=config)
     secrets: tuple[str, ...] = ()
     where = database_url.render_as_string(hide_password=True)
@@ -315,7 +324,9 @@ def export_table_csv(database_url: URL, table: str, columns: tuple[str, ...], ke
             fields.append(quoted)
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    conn = connect(database_url)
+    spill = path.with_name(f".{path.name}.spill-{os.getpid()}")
+    # The consumer's memory must not grow with the stream: DuckDB sorts within a bounded budget, spilling.
+    conn = connect(database_url, temp_dir=spill, memory_limit=EXPORT_MEMORY_LIMIT)
     try:
         query = f'SELECT {", ".join(fields)} FROM {SERVING}."{table}" ORDER BY "{key}"'
         row = conn.execute(f"COPY ({query}) TO {rules.sql_string(str(staged))} ({_copy_options()})").fetchone()
@@ -326,6 +337,7 @@ def export_table_csv(database_url: URL, table: str, columns: tuple[str, ...], ke
     finally:
         conn.close()
         staged.unlink(missing_ok=True)
+        shutil.rmtree(spill, ignore_errors=True)
     return int(row[0]) if row else 0
 
 
@@ -410,7 +422,7 @@ def settle_embedded(
             # The files are written on a second connection while this one hands the settled rows over and the
             # caller stores them: DuckDB runs both at once (outside the GIL).
             if progress is not None:
-                progress("batch stage: csv files, beside the settled rows")
+                progress("batch stage: csv files")
             writer = _FileWriter(conn.cursor(), work)
             writer.start()
             try:

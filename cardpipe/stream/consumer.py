@@ -426,6 +426,8 @@ def log_end_offsets(
     base offset of the last record batch + 1, not the log end. Reading starts at that (never too high)
     answer and goes on to the end, whose offset every fetch response reports correctly.
     """
+    if partitions is not None and not partitions:
+        return {}
     consumer = Consumer(
         client_config(
             bootstrap_servers,

@@ -1,0 +1,117 @@
+"""How fast ``cardpipe consume`` starts deciding and how fast it stops once the topic is drained.
+
+    python3 bench/startup_bench.py [--transactions 500000] [--runs 3]
+
+Per run, on a fresh results folder (embedded defaults: SQLite and the embedded broker, which outlives the
+commands): ``cardpipe setup``, ``load`` (a ``cardpipe.generate`` dataset) and ``produce`` (not timed), then
+``cardpipe consume --until-caught-up`` as a subprocess, the way a user runs it. From the command's own
+checkpoint log (``stream_checkpoint_log.committed_ms``, wall-clock milliseconds written in each checkpoint's
+transaction) and the parent's wall clock around the subprocess:
+
+* **first decision**: from starting the command (``Popen``) to the commit of its first checkpoint;
+* **exit after drained**: from the commit of its last checkpoint (the topic is drained: every message is
+  decided) to the process's exit, which includes writing ``stream_transactions.csv`` and
+  ``rejected_transactions.csv`` (its log line gives the export's share when ``--log-level debug`` shows it).
+
+Targets (issue 14): first decision <= 1 s; exit <= 1 s after the topic is drained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (  # first: it puts the project on sys.path
+    OUT_DIR,
+    ROOT,
+    WORK_DIR,
+    dataset,
+    fresh_dir,
+    load_average,
+    machine,
+    print_table,
+    say,
+    write_json,
+)
+
+CARDPIPE = str(ROOT / ".venv" / "bin" / "cardpipe")
+
+
+def _cardpipe(*args: str) -> None:
+    subprocess.run([CARDPIPE, *args], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+
+
+def one_run(data_dir: Path, folder: Path) -> dict[str, Any]:
+    """Set up, load and produce into ``folder``; time ``consume --until-caught-up``."""
+    fresh_dir(folder)
+    results = ["--results-dir", str(folder)]
+    try:
+        _cardpipe("setup", "-q", *results)
+        _cardpipe("load", "-q", *results, "--data-dir", str(data_dir))
+        _cardpipe("produce", "-q", *results)
+        before = load_average()
+        started_ms = time.time() * 1000
+        proc = subprocess.run(
+            [CARDPIPE, "consume", "-q", "--until-caught-up", *results],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        exited_ms = time.time() * 1000
+    finally:
+        subprocess.run([CARDPIPE, "broker", "stop", *results], cwd=ROOT, capture_output=True)
+    with sqlite3.connect(folder / "cardpipe.db") as conn:
+        first_ms, last_ms, checkpoints, messages = conn.execute(
+            "SELECT min(committed_ms), max(committed_ms), count(*), sum(messages) FROM stream_checkpoint_log"
+        ).fetchone()
+    return {
+        "first_decision_s": round((first_ms - started_ms) / 1000, 3),
+        "exit_after_drained_s": round((exited_ms - last_ms) / 1000, 3),
+        "command_s": round((exited_ms - started_ms) / 1000, 3),
+        "checkpoints": checkpoints,
+        "messages": messages,
+        "summary_line": proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "",
+        "load_average_before": before,
+        "load_average_after": load_average(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transactions", type=int, default=500_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "startup.json")
+    args = parser.parse_args()
+    data_dir = dataset(args.transactions, args.seed)
+    runs = []
+    for i in range(1, args.runs + 1):
+        say(f"run {i}: consume --until-caught-up of {args.transactions:,} transactions")
+        result = one_run(data_dir, WORK_DIR / "startup")
+        say(f"  {result['summary_line']}")
+        runs.append(result)
+    fresh_dir(WORK_DIR / "startup")
+    rows = [
+        [i, r["first_decision_s"], r["exit_after_drained_s"], r["command_s"], r["checkpoints"], r["messages"]]
+        for i, r in enumerate(runs, start=1)
+    ]
+    print_table(
+        f"consume --until-caught-up, {args.transactions:,} transactions (targets: first decision <= 1 s, "
+        "exit <= 1 s after drained)",
+        ["run", "first decision s", "exit after drained s", "command s", "checkpoints", "messages"],
+        rows,
+    )
+    medians = {key: statistics.median(r[key] for r in runs) for key in ("first_decision_s", "exit_after_drained_s")}
+    print(f"medians: {medians}")
+    write_json(args.out, {"machine": machine(), "transactions": args.transactions, "runs": runs, "medians": medians})
+    say(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
