@@ -454,10 +454,14 @@ def log_end_offsets(
         ]
         consumer.assign(starts)
         ends: dict[int, int] = {}
+        # ``timeout`` without progress: a long way to the end (a broker's stale answer on a large topic) is
+        # read as long as messages keep coming.
         deadline = time.monotonic() + timeout
         while len(ends) < len(wanted):
             if time.monotonic() > deadline:
-                raise BrokerUnavailable(f"could not find the end of topic {topic!r} within {timeout:.0f} s")
+                raise BrokerUnavailable(
+                    f"could not find the end of topic {topic!r}: nothing read from it for {timeout:.0f} s"
+                )
             for msg in poll_ready(consumer, 10_000, 0.05):  # what is ready: consume(n) would wait for n
                 err = msg.error()
                 partition, offset = cast(int, msg.partition()), cast(int, msg.offset())
@@ -465,6 +469,7 @@ def log_end_offsets(
                     ends[partition] = offset
                 elif err is None:
                     ends.pop(partition, None)
+                    deadline = time.monotonic() + timeout
         return ends
     finally:
         consumer.close()
