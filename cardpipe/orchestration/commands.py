@@ -241,11 +241,12 @@ def consume(
         store = rt.stream_store()
         stream_broker(rt)
         stage: Stage | None = None
+        left: int | None = None  # messages left on the topic after the committed offsets, once read
         if isinstance(progress, Reporter):  # a bar (updated every half second) over what is left to decide
             options = replace_options(options, progress_every=min(options.progress_every, 0.5))
             total = None
             if not options.follow:
-                total = messages_left(rt, store) if finishing else count_undecided(store.engine)
+                total = left = messages_left(rt, store) if finishing else count_undecided(store.engine)
             stage = progress.stage("consume", total, "msgs")
         try:
             if not finishing:
@@ -254,7 +255,7 @@ def consume(
                 terminated: list[bool] = []
                 with signal_handled(signal.SIGTERM, lambda *_: terminated.append(True)):
                     summary = _consume_to_the_end(
-                        rt, store, options, workers, progress, lambda: bool(terminated), stage
+                        rt, store, options, workers, progress, lambda: bool(terminated), stage, left
                     )
             if stage is not None:
                 stage.update(summary.messages)
@@ -299,10 +300,12 @@ def _consume_to_the_end(
     progress: Progress | None,
     terminated: Callable[[], bool],
     stage: Stage | None = None,
+    left: int | None = None,
 ) -> ConsumeSummary:
     """Consume until every transaction of the database is decided (see :func:`consume`, finishing the stream).
 
     ``terminated``: SIGTERM came (the single consumer then stops after its batch; workers stop on their own).
+    ``left``: the messages left on the topic after the committed offsets, when the caller has just read them.
     """
     engine = store.engine
     total = ConsumeSummary()
@@ -310,7 +313,7 @@ def _consume_to_the_end(
     should_stop = terminated if workers == 1 else None
     undecided = count_undecided(engine)
     if undecided and not store.other_consumers():
-        left = messages_left(rt, store)
+        left = messages_left(rt, store) if left is None else left
         if undecided > left:
             log.warning(
                 "%s transactions of the database are not decided, and %s messages are left on the topic: "

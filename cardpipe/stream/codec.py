@@ -6,9 +6,10 @@ value = UTF-8 JSON object with the CSV's column names; ``amount`` a decimal stri
 
 Decoding has two paths with one meaning. The strict path (the standard library's ``json``, amounts and
 other non-integer numbers read as exact ``Decimal``) defines what is accepted and, for everything else,
-the rejection reason and detail. The fast path (orjson, when installed) takes only the common shape of
-a well-formed message, every field of the exact JSON type a producer writes, and returns what the
-strict path would; anything it does not take, valid or not, goes to the strict path.
+the rejection reason and detail. The fast path (msgspec, decoding into a typed struct whose types and
+bounds it checks in C) takes only the common shape of a well-formed message, every field of the exact JSON
+type a producer writes, and returns what the strict path would; anything it does not take, valid or not,
+goes to the strict path. Messages are encoded with orjson.
 """
 
 from __future__ import annotations
@@ -17,19 +18,15 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
+from orjson import dumps as _fast_dumps
 
 from cardpipe.domain import checks
 from cardpipe.domain.checks import MAX_ID, TRANSACTION_TYPES, CheckError
 from cardpipe.domain.money import MoneyError, parse_money
 from cardpipe.domain.records import CANONICAL_TIMESTAMP, Transaction
-
-try:
-    from orjson import dumps as _fast_dumps
-    from orjson import loads as _fast_loads
-except ImportError:  # pragma: no cover - orjson is a dependency; without it every message takes the strict path
-    _fast_dumps = None  # type: ignore[assignment]
-    _fast_loads = None  # type: ignore[assignment]
 
 #: Messages larger than this are rejected unread (a transaction is a few hundred bytes).
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -110,11 +107,10 @@ def encode_transaction(tx: Transaction) -> tuple[bytes, bytes]:
         "related_transaction_id": tx.related_transaction_id,
     }
     key = str(tx.card_id).encode()
-    if _fast_dumps is not None:
-        try:
-            return key, _fast_dumps(value)
-        except TypeError:  # e.g. a lone surrogate, which only the standard encoder's error explains
-            pass
+    try:
+        return key, _fast_dumps(value)
+    except TypeError:  # e.g. a lone surrogate, which only the standard encoder's error explains
+        pass
     return key, json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -133,23 +129,43 @@ def decode_fields(value: bytes | None) -> TransactionFields | Rejection:
     return result.values() if isinstance(result, Transaction) else result
 
 
+_Id = Annotated[int, msgspec.Meta(gt=0, le=_MAX_ID)]
+
+
+class _WireMessage(msgspec.Struct):
+    """The common shape of a message, as msgspec checks it: JSON integers in range for the ids, JSON strings
+    within their limits for the texts, one of SPEC's transaction types (unknown fields are skipped)."""
+
+    transaction_id: _Id
+    card_id: _Id
+    merchant_name: Annotated[str, msgspec.Meta(max_length=_MAX_MERCHANT)]
+    timestamp: str
+    amount: str | int
+    location: Annotated[str, msgspec.Meta(max_length=_MAX_LOCATION)]
+    transaction_type: Literal[tuple(sorted(TRANSACTION_TYPES))]  # type: ignore[valid-type]
+    related_transaction_id: _Id | None = None
+
+
+_decode_wire = msgspec.json.Decoder(_WireMessage).decode
+
+
 def _fast_fields(value: bytes | None) -> TransactionFields | None:
     """The fields of a message in the common well-formed shape, exactly as the strict path reads them; None
     for anything else (malformed, or valid in a less common form: the strict path decides those).
 
-    Taken here: a JSON object (orjson) whose ids are JSON integers in range, texts are strings within their
-    limits without control characters (:mod:`cardpipe.domain.checks`), the transaction type is one of SPEC's,
-    the timestamp has the one accepted shape, the amount is a string or integer that :func:`parse_money`
-    accepts, and the related id is an integer or null. Everything orjson reads, the
-    standard decoder reads to the same values (both keep the last of duplicate keys); orjson is stricter
-    (no NaN, lone surrogates or invalid UTF-8; integers beyond 64 bits and fractions come back as floats,
-    which no field here takes). Nesting deep enough to exhaust the standard decoder's recursion limit (orjson's
-    is 1024) takes twice as many bytes as ``_MAX_UNCHECKED_NESTING``: a longer message with more than one ``{``
-    or any ``[`` (in a text, an extra field or a duplicate key) is left to the strict path.
+    Taken here: a JSON object (:class:`_WireMessage`, decoded and checked by msgspec) whose ids are JSON
+    integers in range, texts are strings within their limits without control characters
+    (:mod:`cardpipe.domain.checks`), the transaction type is one of SPEC's, the timestamp has the one accepted
+    shape, the amount is a string or integer that :func:`parse_money` accepts, and the related id is an integer
+    or null. Everything msgspec reads, the standard decoder reads to the same values (both keep the last of
+    duplicate keys); msgspec is stricter (no NaN or out-of-range numbers anywhere, no lone surrogates, no
+    invalid UTF-8, no byte order mark; integral floats and booleans are no integers here). Nesting deep enough
+    to exhaust the standard decoder's recursion limit takes twice as many bytes as ``_MAX_UNCHECKED_NESTING``:
+    a longer message with more than one ``{`` or any ``[`` (in a text, an extra field or a duplicate key) is
+    left to the strict path.
     """
     if (
-        _fast_loads is None
-        or type(value) is not bytes
+        type(value) is not bytes
         or not value
         or len(value) > MAX_MESSAGE_BYTES
         or len(value) > _MAX_UNCHECKED_NESTING
@@ -158,35 +174,28 @@ def _fast_fields(value: bytes | None) -> TransactionFields | None:
         return None
     if not value.isascii():
         try:
-            value.decode("utf-8")  # the strict path's own check (orjson validates too)
+            value.decode("utf-8")  # the strict path's own check (msgspec validates too)
         except UnicodeDecodeError:
             return None
     try:  # any exception (not JSON, not an object, a missing field, a bad value): the strict path says what
-        obj = _fast_loads(value)
-        tx_id, card_id, related = obj["transaction_id"], obj["card_id"], obj.get("related_transaction_id")
-        merchant, location, kind = obj["merchant_name"], obj["location"], obj["transaction_type"]
-        stamp, amount = obj["timestamp"], obj["amount"]
+        message = _decode_wire(value)
+        merchant, location, stamp = message.merchant_name, message.location, message.timestamp
         if (
-            type(tx_id) is not int
-            or not 0 < tx_id <= _MAX_ID
-            or type(card_id) is not int
-            or not 0 < card_id <= _MAX_ID
-            or related is not None
-            and (type(related) is not int or not 0 < related <= _MAX_ID)
-            or type(merchant) is not str
-            or type(location) is not str
-            or kind not in TRANSACTION_TYPES
-            or len(merchant) > _MAX_MERCHANT
-            or len(location) > _MAX_LOCATION
-            or not (merchant.isprintable() and location.isprintable())  # printable: no control character
+            not (merchant.isprintable() and location.isprintable())  # printable: no control character
             and (_forbidden(merchant) or _forbidden(location))
-            or type(stamp) is not str
             or not _TIMESTAMP_SHAPE(stamp)
-            or type(amount) is not str
-            and type(amount) is not int
         ):
             return None
-        return tx_id, card_id, merchant, _fromisoformat(stamp), parse_money(amount), location, kind, related
+        return (
+            message.transaction_id,
+            message.card_id,
+            merchant,
+            _fromisoformat(stamp),
+            parse_money(message.amount),
+            location,
+            message.transaction_type,
+            message.related_transaction_id,
+        )
     except Exception:
         return None
 
