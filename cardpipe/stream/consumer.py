@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 #: librdkafka's own log lines (connection refused while a broker restarts…); cardpipe reports problems itself.
 CLIENT_LOG = logging.getLogger("cardpipe.librdkafka")
 MAX_LATENCY_SAMPLES = 1_000_000
-#: The first poll takes at most this many messages, each later one twice as many as the one before, up to
-#: ``ConsumeOptions.batch_size``: the first decisions are committed at once however long the backlog.
-FIRST_BATCH_SIZE = 250
 #: Checkpoints in a row that may hit a transaction id another consumer committed meanwhile (each one
 #: restarts from the last checkpoint); more means the conflict is not a race, and it is raised.
 MAX_CHECKPOINT_CONFLICTS = 5
@@ -166,12 +163,10 @@ def consume(
         stop.watch(partitions)
         processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
         conflicts = 0
-        batch_size = min(options.batch_size, FIRST_BATCH_SIZE)
         started = last_progress = time.monotonic()
         with stop_on_sigterm(stop.request) if should_stop is None else nullcontext():
             while not stop.stop_requested():
-                polled = poll_ready(consumer, batch_size, options.max_wait_seconds)
-                batch_size = min(options.batch_size, batch_size * 2)
+                polled = poll_ready(consumer, options.batch_size, options.max_wait_seconds)
                 if broker_alive is not None and not broker_alive():
                     summary.seconds = time.monotonic() - started
                     lost = BrokerLost(f"the broker at {bootstrap_servers} stopped while consuming {topic!r}")
