@@ -1,0 +1,118 @@
+"""``stream_transactions.csv`` as ``consume`` writes it: through DuckDB on SQLite, rendered line by line by the server
+on MySQL/MariaDB. Both write the same bytes: what Python's csv writer writes (QUOTE_MINIMAL, ``\\n`` line ends), a
+carriage return quoted too, money with two decimals, ``YYYY-MM-DD HH:MM:SS``, NULL empty, sorted by id."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal as D
+from pathlib import Path
+from typing import Any
+
+from cardpipe.batch.embedded import export_table_csv
+from cardpipe.domain.records import DECLINED, PENDING, REJECTED, STREAM_COLUMNS
+from cardpipe.serving import schema
+from cardpipe.serving.csv_io import export_table_lines
+from cardpipe.serving.database import create_clean_schema, make_engine
+
+TEXTS = [
+    "plain",
+    "a, comma",
+    'a "quote"',
+    '"',
+    ",",
+    "  padded  ",
+    "",
+    "Zoë ✓ 東京 😀",
+    "line\nbreak",
+    "carriage\rreturn",
+    "crlf\r\nNY 10001",
+    "#hash",
+    "'single'",
+    "tab\there",
+    "back\\slash",
+    "NULL",
+    '""',
+    "%s %Y",
+]
+MONEY = [D("0.00"), D("-0.50"), D("12.30"), D("9999999999.99"), D("-9999999999.99"), D("0.01"), D("5000.00")]
+
+
+def decision_rows() -> list[dict[str, Any]]:
+    rows = []
+    for i in range(60):
+        status = (PENDING, DECLINED, REJECTED)[i % 3]
+        rows.append(
+            {
+                "transaction_id": 10_000 - i * 97,  # inserted out of order: the file is sorted by id
+                "card_id": 1 + i % 7,
+                "merchant_name": TEXTS[i % len(TEXTS)],
+                "timestamp": datetime(2025, 1 + i % 12, 1 + i % 28, i % 24, i % 60, (i * 7) % 60),
+                "amount": MONEY[i % len(MONEY)],
+                "location": TEXTS[(i * 5) % len(TEXTS)],
+                "transaction_type": TEXTS[(i * 11) % len(TEXTS)],
+                "related_transaction_id": None if i % 4 else 2**62 + i,
+                "status": status,
+                "pending_balance": None if status == REJECTED else MONEY[(i * 3) % len(MONEY)],
+                "decline_reason": "over_credit_limit" if status == DECLINED else None,
+                "credit_limit": None if status == REJECTED else D("5000.00"),
+                "kafka_partition": i % 3,
+                "checkpoint_seq": 1 + i // 10,
+            }
+        )
+    return rows
+
+
+def expected_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """The file, written out by hand: a text is quoted (its quotes doubled) when it holds a comma, a quote, a line
+    feed or a carriage return (Python's csv module, QUOTE_MINIMAL, quotes the first three)."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, datetime):
+            return value.strftime("%Y-%m-%d %H:%M:%S")
+        if isinstance(value, str) and any(char in value for char in ',"\n\r'):
+            return '"' + value.replace('"', '""') + '"'
+        return str(value)
+
+    lines = [",".join(STREAM_COLUMNS)]
+    lines += [",".join(cell(row[c]) for c in STREAM_COLUMNS) for row in sorted(rows, key=lambda r: r["transaction_id"])]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def test_stream_results_file_is_the_same_on_every_backend(database_url, tmp_path: Path) -> None:
+    engine = make_engine(database_url)
+    try:
+        create_clean_schema(engine)
+        rows = decision_rows()
+        with engine.begin() as conn:
+            conn.execute(schema.stream_transactions.insert(), rows)
+        path = tmp_path / "out" / "stream_transactions.csv"
+        if engine.dialect.name == "mysql":
+            with engine.connect() as conn:
+                count = export_table_lines(conn, schema.stream_transactions, path, STREAM_COLUMNS)
+        else:
+            count = export_table_csv(database_url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+        assert count == len(rows)
+        written = path.read_bytes()
+        assert written == expected_bytes(rows)
+        assert b',"a, comma",' in written and b'"carriage\rreturn"' in written
+        assert not list(path.parent.glob(".*"))  # no staged or spill file left behind
+    finally:
+        engine.dispose()
+
+
+def test_an_empty_table_gives_the_header_alone(database_url, tmp_path: Path) -> None:
+    engine = make_engine(database_url)
+    try:
+        create_clean_schema(engine)
+        path = tmp_path / "stream_transactions.csv"
+        if engine.dialect.name == "mysql":
+            with engine.connect() as conn:
+                assert export_table_lines(conn, schema.stream_transactions, path, STREAM_COLUMNS) == 0
+        else:
+            assert export_table_csv(database_url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path) == 0
+        assert path.read_bytes() == (",".join(STREAM_COLUMNS) + "\n").encode()
+    finally:
+        engine.dispose()
