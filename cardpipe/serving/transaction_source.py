@@ -37,6 +37,10 @@ def count_undecided(engine: Engine) -> int:
         select(func.count())
         .select_from(t.outerjoin(s, s.c.transaction_id == t.c.transaction_id))
         .where(s.c.transaction_id.is_(None))
+        # MySQL/MariaDB would read transactions through a secondary index, so look the decisions up in random
+        # order (7x slower at 500k once they outgrow the buffer pool): in primary-key order both are read in order.
+        .with_hint(t, "FORCE INDEX (PRIMARY)", dialect_name="mysql")
+        .with_hint(t, "FORCE INDEX (PRIMARY)", dialect_name="mariadb")
     )
     with engine.connect() as conn:
         if conn.execute(select(s.c.transaction_id).limit(1)).first() is None:  # nothing decided: no join
