@@ -1,6 +1,6 @@
 """The seed system's own batch code against ``cardpipe batch``, side by side on the same stream results.
 
-    python3 bench/seed_batch_bench.py [--transactions 1000000] [--rounds 3] [--keep]
+    python3 bench/seed_batch_bench.py [--transactions 1000000] [--rounds 3] [--engine embedded|spark] [--keep]
 
 1. Data (cached under bench/out/data): a ``cardpipe.generate`` dataset of N transactions, then a results
    folder ``tx<N>_seed<S>_cardpipe_results`` with the REAL stream results of the product: ``cardpipe setup``,
@@ -8,7 +8,8 @@
    the folder's embedded broker is stopped afterwards. It holds ``cardpipe.db`` and ``stream_transactions.csv``.
 2. **ours**: ``cardpipe.db`` copied (not timed) into a fresh folder, then ``cardpipe batch -q --engine
    embedded --results-dir FOLDER`` (the embedded DuckDB engine: it reads the decisions from the SQLite file,
-   writes the three CSVs into the folder and the settled tables into the database).
+   writes the three CSVs into the folder and the settled tables into the database). ``--engine spark`` times
+   the Spark engine instead (``local[*]``, as the seed's job runs).
 3. **seed**: the seed's ``batch_processor.py``, unmodified, run as ../shared/reference/seed_code/README.md
    says: a fresh RUN folder with the seed's ``*.py``, the dataset's CSVs in ``RUN/dataset_22/`` and the stream
    results in ``RUN/results/`` (copies not timed), then ``python batch_processor.py`` in RUN with the shim on
@@ -227,13 +228,13 @@ def run_measured(argv: list[str], cwd: Path, env: dict[str, str], log_name: str)
 # --- the two jobs ---------------------------------------------------------------------------------
 
 
-def run_ours(prepared: Path, folder: Path) -> dict[str, Any]:
-    """``cardpipe batch`` on a copy of the prepared database (the copy is not timed)."""
+def run_ours(prepared: Path, folder: Path, engine: str = "embedded") -> dict[str, Any]:
+    """``cardpipe batch --engine ENGINE`` on a copy of the prepared database (the copy is not timed)."""
     fresh_dir(folder)
     for name in (SQLITE_FILE, SQLITE_FILE + "-wal"):  # a WAL left over would hold committed rows
         if (prepared / name).is_file():
             shutil.copy2(prepared / name, folder / name)
-    argv = [str(CARDPIPE), "batch", "-q", "--engine", "embedded", "--results-dir", str(folder)]
+    argv = [str(CARDPIPE), "batch", "-q", "--engine", engine, "--results-dir", str(folder)]
     result = run_measured(argv, folder, _env(), "batch")
     result["summary_line"] = (folder / "batch.out").read_text().strip()
     missing = [name for name in OUTPUTS if not (folder / f"{name}.csv").is_file()]
@@ -382,6 +383,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each job, alternated: seed, ours, ...")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "seed-batch.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folders (bench/out/work/seed-batch)")
+    parser.add_argument("--engine", choices=("embedded", "spark"), default="embedded", help="cardpipe's batch engine")
     parser.add_argument(
         "--ours-only", action="store_true", help="time cardpipe batch alone (no seed run, no comparison: e.g. 10M)"
     )
@@ -412,7 +414,7 @@ def main() -> None:
                     result = run_seed(data, prepared, folder)
                     outputs = folder / "results"
                 else:
-                    result = run_ours(prepared, folder)
+                    result = run_ours(prepared, folder, args.engine)
                     outputs = folder
                 say(
                     f"  {job}: {result['wall_seconds']:.1f}s, peak {result['peak_tree_rss_mb']:,.0f} MB, "

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_
 from typing import Any
 
@@ -29,6 +29,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeEngine
 
 Processor = Callable[[Any], Any]
+#: Bound parameters every SQLite build takes in one statement (``SQLITE_MAX_VARIABLE_NUMBER`` before 3.32).
+_SQLITE_MIN_VARIABLES = 999
 
 
 def _none_safe(proc: Processor) -> bool:
@@ -233,20 +235,24 @@ class BulkWriter:
         quote = dialect.identifier_preparer.quote
         names = ", ".join(quote(c) for c in self.columns)
         marks = ", ".join(["?" if dialect.paramstyle == "qmark" else "%s"] * len(self.columns))
-        sql = f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks})"
+        head, values, tail = f"INSERT INTO {quote(table.name)} ({names}) VALUES ", f"({marks})", ""
         if upsert_keys:
             updates = [c for c in self.columns if c not in upsert_keys]
             table_name = quote(table.name)
             if dialect.name == "mysql":
-                sql += " ON DUPLICATE KEY UPDATE " + ", ".join(
+                tail = " ON DUPLICATE KEY UPDATE " + ", ".join(
                     f"{quote(c)} = {quote(c) + ' + ' if c in add_columns else ''}VALUES({quote(c)})" for c in updates
                 )
             else:
-                sql += f" ON CONFLICT ({', '.join(quote(k) for k in upsert_keys)}) DO UPDATE SET " + ", ".join(
+                tail = f" ON CONFLICT ({', '.join(quote(k) for k in upsert_keys)}) DO UPDATE SET " + ", ".join(
                     f"{quote(c)} = {table_name + '.' + quote(c) + ' + ' if c in add_columns else ''}excluded.{quote(c)}"
                     for c in updates
                 )
-        self.sql = sql
+        self.sql = sql = head + values + tail
+        # SQLite: rows go :attr:`rows_per_statement` at a time in one multi-row INSERT (one statement step instead
+        # of one per row), within the parameter limit of every SQLite build (999).
+        self.rows_per_statement = max(1, _SQLITE_MIN_VARIABLES // len(self.columns)) if dialect.name == "sqlite" else 1
+        self.multi_sql = head + ", ".join([values] * self.rows_per_statement) + tail
         self.processors: list[tuple[int, Processor]] = [
             (i, proc)
             for i, name in enumerate(self.columns)
@@ -293,8 +299,13 @@ class BulkWriter:
                 self._mysql.execute(cursor, rows)
             return
         params = self.params(rows)
+        per_statement = self.rows_per_statement
+        whole = len(params) // per_statement * per_statement if per_statement > 1 else 0
         with _dbapi_cursor(conn, self.sql) as cursor:
-            cursor.executemany(self.sql, params)
+            for start in range(0, whole, per_statement):
+                cursor.execute(self.multi_sql, list(chain.from_iterable(params[start : start + per_statement])))
+            if whole < len(params):
+                cursor.executemany(self.sql, params[whole:])
 
 
 class KeyReader:

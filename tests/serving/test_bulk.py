@@ -211,3 +211,30 @@ def test_mysql_statements_are_pymysqls(pymysql_connection, kinds, data, max_stmt
         assert recorder.statements == pymysql_statements(db, writer.sql, rows, max_stmt_length)
     finally:
         db.server_status = saved
+
+
+def test_upserts_in_multi_row_statements_apply_row_by_row_in_order(database_url):
+    """A key repeated within one multi-row statement (SQLite) and across statements: the balance is the last row's,
+    the counter the sum of every row's, as one statement per row gives."""
+    from cardpipe.serving.stream_store import card_states_writer
+
+    engine = make_engine(database_url)
+    try:
+        create_clean_schema(engine)
+        writer = card_states_writer(engine.dialect)
+        rows = [(1 + i % 10, D(i).scaleb(-2), 1 + i % 3) for i in range(1000)]
+        assert len(rows) % writer.rows_per_statement or writer.rows_per_statement == 1  # a remainder, too
+        with engine.begin() as conn:
+            writer.write(conn, rows)
+            writer.write(conn, rows[:5])
+        expected = {}
+        for card_id, balance, count in rows + rows[:5]:
+            expected[card_id] = (balance, expected.get(card_id, (0, 0))[1] + count)
+        cs = schema.card_states
+        with engine.connect() as conn:
+            stored = {
+                c: (D(b), n) for c, b, n in conn.execute(select(cs.c.card_id, cs.c.pending_balance, cs.c.pending_count))
+            }
+        assert stored == expected
+    finally:
+        engine.dispose()
