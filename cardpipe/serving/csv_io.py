@@ -19,12 +19,13 @@ import re
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sqlalchemy import (
     CHAR,
@@ -701,28 +702,36 @@ def write_csv_atomic(
     ``rows`` are formatted by :func:`format_cell` where needed; ``chunks`` (lists of rows, written after
     ``rows``) must hold only ``int``, ``str`` and ``None`` cells, which go to the CSV writer as they are.
     """
+    count = 0
+    with _written_atomically(path) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        chunk: list[Sequence[Any]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == _WRITE_CHUNK:
+                count += _write_chunk(writer, chunk)
+                chunk = []
+        count += _write_chunk(writer, chunk)
+        for ready in chunks:
+            writer.writerows(ready)
+            count += len(ready)
+    return count
+
+
+@contextmanager
+def _written_atomically(path: Path) -> Iterator[TextIO]:
+    """A text file (UTF-8, no newline translation) written under a temporary name and renamed onto ``path`` when
+    the block ends without an error; removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    count = 0
     try:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(header)
-            chunk: list[Sequence[Any]] = []
-            for row in rows:
-                chunk.append(row)
-                if len(chunk) == _WRITE_CHUNK:
-                    count += _write_chunk(writer, chunk)
-                    chunk = []
-            count += _write_chunk(writer, chunk)
-            for ready in chunks:
-                writer.writerows(ready)
-                count += len(ready)
+            yield handle
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return count
 
 
 def export_table(conn: Connection, table: Table, path: Path, columns: Sequence[str] | None = None) -> int:
@@ -768,20 +777,13 @@ def export_table_lines(conn: Connection, table: Table, path: Path, columns: Sequ
     line = type_coerce(func.concat_ws(",", *fields), String).label("line")
     query = table.select().with_only_columns(line).order_by(*table.primary_key.columns)
     result = conn.execution_options(stream_results=True, yield_per=_WRITE_CHUNK).execute(query)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            handle.write(",".join(names) + "\n")
-            for chunk in result.partitions():
-                handle.write("\n".join([row[0] for row in chunk]))
-                handle.write("\n")
-                count += len(chunk)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _written_atomically(path) as handle:
+        handle.write(",".join(names) + "\n")
+        for chunk in result.partitions():
+            handle.write("\n".join([row[0] for row in chunk]))
+            handle.write("\n")
+            count += len(chunk)
     return count
 
 
