@@ -93,6 +93,11 @@ def _write_decisions(engine: Any, cards: list[tuple[int, Any, Any]], decisions: 
     chunk: list[dict[str, Any]] = []
     settled_seq = [0] * PARTITIONS
     cut = int(decisions * SETTLED_SHARE)
+    # The per-card counters the card view reads: running pending balance and count (card_states), and how many
+    # of the card's pending decisions the settlement approved (settled_cards.settled_count).
+    running_cents = {card_id: int(balance * 100) for card_id, _, balance in cards}
+    running_count: dict[int, int] = {}
+    settled_count: dict[int, int] = {}
     with engine.begin() as conn:
         for i in range(1, decisions + 1):
             card_id = rng.choice(card_ids)
@@ -120,6 +125,11 @@ def _write_decisions(engine: Any, cards: list[tuple[int, Any, Any]], decisions: 
                     "checkpoint_seq": seq[partition],
                 }
             )
+            if not declined:
+                running_cents[card_id] += cents
+                running_count[card_id] = running_count.get(card_id, 0) + 1
+                if i <= cut:
+                    settled_count[card_id] = settled_count.get(card_id, 0) + 1
             if i == cut:
                 settled_seq = list(seq)
             if len(chunk) == 20_000:
@@ -127,6 +137,13 @@ def _write_decisions(engine: Any, cards: list[tuple[int, Any, Any]], decisions: 
                 chunk.clear()
         if chunk:
             conn.execute(schema.stream_transactions.insert(), chunk)
+        conn.execute(
+            schema.card_states.insert(),
+            [
+                {"card_id": c, "pending_balance": f"{running_cents[c] / 100:.2f}", "pending_count": n}
+                for c, n in running_count.items()
+            ],
+        )
     # One published settlement: limits and balances changed a little, watermark at ~SETTLED_SHARE.
     now = datetime.now().replace(microsecond=0)
     with engine.begin() as conn:
@@ -150,6 +167,7 @@ def _write_decisions(engine: Any, cards: list[tuple[int, Any, Any]], decisions: 
             dict(
                 r,
                 settlement_id=1,
+                settled_count=settled_count.get(r["card_id"], 0),
                 current_balance=str(r["current_balance"] + 100),
                 credit_limit=str(r["credit_limit"]),
                 issue_date=r["issue_date"],
