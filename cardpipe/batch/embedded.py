@@ -227,12 +227,16 @@ def _output_select(columns: tuple[str, ...], table: str, key: str) -> str:
 
 
 def _source_column(column: str) -> str:
-    quoted = f'"{column}"'
+    """A column read for the settlement: the settled status, money as exact DECIMAL, the rest as it is."""
     if column == "status":
-        return f"{rules.settled_status(quoted)} AS status"
-    if column in _MONEY_COLUMNS:
-        return f"{rules.money(quoted)} AS {quoted}"
-    return quoted
+        return rules.settled_status('"status"') + " AS status"
+    return _exact_column(column)
+
+
+def _exact_column(column: str) -> str:
+    """A column as read from the serving database: money as exact DECIMAL(12,2), the rest as it is."""
+    quoted = f'"{column}"'
+    return f"{rules.money(quoted)} AS {quoted}" if column in _MONEY_COLUMNS else quoted
 
 
 def _decisions_sql(watermark: Mapping[int, int]) -> str:
@@ -313,22 +317,14 @@ def export_table_csv(database_url: URL, table: str, columns: tuple[str, ...], ke
     count. Reads the database only."""
     import duckdb
 
-    fields = []
-    for column in columns:
-        quoted = f'"{column}"'
-        if column in _TEXT_COLUMNS:
-            fields.append(f"{csv_field(quoted)} AS {quoted}")
-        elif column in _MONEY_COLUMNS:
-            fields.append(f"{rules.money(quoted)} AS {quoted}")
-        else:
-            fields.append(quoted)
+    source = f'(SELECT {", ".join(_exact_column(c) for c in columns)} FROM {SERVING}."{table}")'
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     spill = path.with_name(f".{path.name}.spill-{os.getpid()}")
     # The consumer's memory must not grow with the stream: DuckDB sorts within a bounded budget, spilling.
     conn = connect(database_url, temp_dir=spill, memory_limit=EXPORT_MEMORY_LIMIT)
     try:
-        query = f'SELECT {", ".join(fields)} FROM {SERVING}."{table}" ORDER BY "{key}"'
+        query = _output_select(columns, source, key)
         row = conn.execute(f"COPY ({query}) TO {rules.sql_string(str(staged))} ({_copy_options()})").fetchone()
         os.replace(staged, path)
     except duckdb.Error as exc:
