@@ -291,7 +291,10 @@ def _add_log_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cardpipe",
-        description="Credit-card transaction pipeline: serving DB, Kafka stream authorization, Spark settlement.",
+        description=(
+            "Credit-card transaction pipeline: serving DB, Kafka stream authorization, "
+            "settlement (embedded DuckDB, or Spark on a cluster)."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"cardpipe {__version__}")
     common = argparse.ArgumentParser(add_help=False)
