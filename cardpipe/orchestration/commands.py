@@ -13,7 +13,7 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from dataclasses import replace as replace_options
@@ -38,12 +38,13 @@ from cardpipe.serving.csv_io import export_table_lines, read_typed_rows
 from cardpipe.serving.loader import INPUT_FILES, LoadSummary, check_data_dir, load_inputs
 from cardpipe.serving.settlements import COUNT_COLUMNS
 from cardpipe.serving.stream_store import StreamStore
-from cardpipe.serving.transaction_source import count_undecided, transactions_from_csv, transactions_from_database
+from cardpipe.serving.transaction_source import count_undecided, messages_from_database, transactions_from_csv
 from cardpipe.stream.broker import BrokerHandle, is_alive
 from cardpipe.stream.clients import client_config
+from cardpipe.stream.codec import encode_transaction
 from cardpipe.stream.consumer import CLIENT_LOG, ConsumeOptions, ConsumeSummary, log_end_offsets, signal_handled
 from cardpipe.stream.consumer import consume as consume_topic
-from cardpipe.stream.producer import PublishSummary, publish
+from cardpipe.stream.producer import PublishSummary, publish_messages
 
 log = logging.getLogger("cardpipe")
 
@@ -147,9 +148,9 @@ def produce(
     with _runtime(settings, runtime, broker, command="cardpipe produce") as rt:
         engine = rt.loaded_engine("cardpipe produce") if runtime is None else rt.ensure_schema()
         if from_csv is not None:
-            transactions: Any = transactions_from_csv(from_csv)
+            messages: Iterable[tuple[bytes, bytes]] = map(encode_transaction, transactions_from_csv(from_csv))
         else:
-            transactions = transactions_from_database(engine, only_undecided=not republish_all)
+            messages = messages_from_database(engine, only_undecided=not republish_all)
         rt.ensure_topics()
         total, every = None, 100_000
         if isinstance(progress, Reporter):  # a bar: its total, and updates often enough to move
@@ -157,8 +158,8 @@ def produce(
             if from_csv is None:
                 total = _transactions_loaded(engine) if republish_all else count_undecided(engine)
         stage = stage_of(progress, "produce", lambda n: f"published {n:,} transactions", total=total, unit="msgs")
-        summary = publish(
-            transactions,
+        summary = publish_messages(
+            messages,
             rt.broker.bootstrap_servers,
             settings.kafka_topic,
             progress=stage.update if progress else None,
@@ -378,8 +379,8 @@ def _transactions_loaded(engine: Any) -> int:
 def _publish_undecided(rt: Runtime, terminated: Callable[[], bool]) -> int:
     """Publish every undecided transaction of the database (stopping early on SIGTERM); how many."""
     rt.ensure_topics()
-    transactions = transactions_from_database(rt.ensure_schema())
-    summary = publish(transactions, rt.broker.bootstrap_servers, rt.settings.kafka_topic, should_stop=terminated)
+    messages = messages_from_database(rt.ensure_schema())
+    summary = publish_messages(messages, rt.broker.bootstrap_servers, rt.settings.kafka_topic, should_stop=terminated)
     log.info("published the %s undecided transactions again", f"{summary.published:,}")
     return summary.published
 

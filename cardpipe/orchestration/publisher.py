@@ -103,15 +103,15 @@ def _publish(
     told: Callable[[int], None] | None = None,
 ) -> PublishSummary:
     from cardpipe.serving.database import make_engine
-    from cardpipe.serving.transaction_source import transactions_from_database
+    from cardpipe.serving.transaction_source import messages_from_database
     from cardpipe.stream.clients import use_client_settings
-    from cardpipe.stream.producer import publish
+    from cardpipe.stream.producer import publish_messages
 
     use_client_settings(settings.kafka_client_in_use)
     engine = make_engine(settings.database_url, create_database=False)
     try:
-        return publish(
-            transactions_from_database(engine),
+        return publish_messages(
+            messages_from_database(engine),
             bootstrap_servers,
             settings.kafka_topic,
             progress=told or (lambda n: log.info("published %s transactions", f"{n:,}")),

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Select, func, select, type_coerce
+from sqlalchemy.types import NullType
 
 from cardpipe.domain.records import Transaction
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import read_typed_rows
+from cardpipe.stream.codec import encode_fields
+
+
+def _in_publish_order(*columns: Any, only_undecided: bool) -> Select[Any]:
+    """``columns`` of the transactions to publish, in timestamp order (ties by id); with ``only_undecided``
+    those not in ``stream_transactions`` yet."""
+    t, s = schema.transactions, schema.stream_transactions
+    query = select(*columns)
+    if only_undecided:
+        query = query.outerjoin(s, s.c.transaction_id == t.c.transaction_id).where(s.c.transaction_id.is_(None))
+    return query.order_by(t.c.timestamp, t.c.transaction_id)
 
 
 def transactions_from_database(
@@ -20,14 +35,40 @@ def transactions_from_database(
     With ``only_undecided`` (the default) transactions already in ``stream_transactions`` are
     skipped, so a re-run publishes only what is missing.
     """
-    t, s = schema.transactions, schema.stream_transactions
-    query = select(*t.columns)
-    if only_undecided:
-        query = query.outerjoin(s, s.c.transaction_id == t.c.transaction_id).where(s.c.transaction_id.is_(None))
-    query = query.order_by(t.c.timestamp, t.c.transaction_id)
+    query = _in_publish_order(*schema.transactions.columns, only_undecided=only_undecided)
     with engine.connect() as conn:
         for row in conn.execution_options(stream_results=True, yield_per=chunk).execute(query):
             yield Transaction(*row)
+
+
+def _timestamp_text(stored: str | datetime) -> str:
+    """A stored timestamp as the message writes it (``YYYY-MM-DD HH:MM:SS``): SQLite keeps SQLAlchemy's text,
+    ``YYYY-MM-DD HH:MM:SS.ffffff``, whose first 19 characters it is; MySQL's driver gives a ``datetime``."""
+    return stored[:19] if type(stored) is str else stored.isoformat(" ", "seconds")  # type: ignore[union-attr]
+
+
+def _money_text(stored: float | int | Decimal) -> str:
+    """A stored amount as the message writes it, two decimals: SQLite keeps a NUMERIC as REAL or INTEGER, which
+    SQLAlchemy reads as ``Decimal("%.2f" % value)`` (the same text); MySQL's driver gives the exact Decimal."""
+    return str(stored) if type(stored) is Decimal else f"{stored:.2f}"
+
+
+def messages_from_database(
+    engine: Engine, *, only_undecided: bool = True, chunk: int = 20_000
+) -> Iterator[tuple[bytes, bytes]]:
+    """The topic's (key, value) of :func:`transactions_from_database`'s transactions, in its order, encoded
+    from the values as the driver gives them: no Transaction, Decimal or datetime per row, the same bytes as
+    :func:`~cardpipe.stream.codec.encode_transaction` of each (tested on both backends)."""
+    t = schema.transactions
+    raw = NullType()  # no result processor: the driver's own value
+    columns = [type_coerce(c, raw) if c.name in ("timestamp", "amount") else c for c in t.columns]
+    query = _in_publish_order(*columns, only_undecided=only_undecided)
+    with engine.connect() as conn:
+        rows = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
+        for tid, cid, merchant, stamp, amount, location, kind, related in rows:
+            yield encode_fields(
+                tid, cid, merchant, _timestamp_text(stamp), _money_text(amount), location, kind, related
+            )
 
 
 def count_undecided(engine: Engine) -> int:

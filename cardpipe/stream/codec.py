@@ -93,25 +93,49 @@ def _decimal(text: str) -> Decimal | _BadNumber:
     return value if value.is_finite() else _BadNumber(text[:40])
 
 
-def encode_transaction(tx: Transaction) -> tuple[bytes, bytes]:
-    """The (key, value) of ``tx`` on the topic: compact UTF-8 JSON, money as a string, ``TIMESTAMP_FORMAT``."""
+def encode_fields(
+    transaction_id: int,
+    card_id: int,
+    merchant_name: str,
+    timestamp: str,
+    amount: str,
+    location: str,
+    transaction_type: str,
+    related_transaction_id: int | None,
+) -> tuple[bytes, bytes]:
+    """The (key, value) of a transaction on the topic, its timestamp (``TIMESTAMP_FORMAT``) and amount (two
+    decimals) given as the message's text: compact UTF-8 JSON, money as a string."""
     value = {
-        "transaction_id": tx.transaction_id,
-        "card_id": tx.card_id,
-        "merchant_name": tx.merchant_name,
-        # Same text as strftime(TIMESTAMP_FORMAT) (seconds, no fraction), several times faster.
-        "timestamp": tx.timestamp.isoformat(" ", "seconds"),
-        "amount": str(tx.amount),
-        "location": tx.location,
-        "transaction_type": tx.transaction_type,
-        "related_transaction_id": tx.related_transaction_id,
+        "transaction_id": transaction_id,
+        "card_id": card_id,
+        "merchant_name": merchant_name,
+        "timestamp": timestamp,
+        "amount": amount,
+        "location": location,
+        "transaction_type": transaction_type,
+        "related_transaction_id": related_transaction_id,
     }
-    key = str(tx.card_id).encode()
+    key = str(card_id).encode()
     try:
         return key, _fast_dumps(value)
     except TypeError:  # e.g. a lone surrogate, which only the standard encoder's error explains
         pass
     return key, json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_transaction(tx: Transaction) -> tuple[bytes, bytes]:
+    """The (key, value) of ``tx`` on the topic (:func:`encode_fields`)."""
+    return encode_fields(
+        tx.transaction_id,
+        tx.card_id,
+        tx.merchant_name,
+        # Same text as strftime(TIMESTAMP_FORMAT) (seconds, no fraction), several times faster.
+        tx.timestamp.isoformat(" ", "seconds"),
+        str(tx.amount),
+        tx.location,
+        tx.transaction_type,
+        tx.related_transaction_id,
+    )
 
 
 def decode_transaction(value: bytes | None) -> Transaction | Rejection:

@@ -65,7 +65,27 @@ def publish(
     progress_every: int = 100_000,
     should_stop: Callable[[], bool] | None = None,
 ) -> PublishSummary:
-    """Publish ``transactions`` in the given order; returns when every message is acknowledged.
+    """Publish ``transactions`` in the given order (:func:`publish_messages` of their encoding)."""
+    return publish_messages(
+        map(encode_transaction, transactions),
+        bootstrap_servers,
+        topic,
+        progress=progress,
+        progress_every=progress_every,
+        should_stop=should_stop,
+    )
+
+
+def publish_messages(
+    messages: Iterable[tuple[bytes, bytes]],
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    progress_every: int = 100_000,
+    should_stop: Callable[[], bool] | None = None,
+) -> PublishSummary:
+    """Publish the (key, value) ``messages`` in the given order; returns when every one is acknowledged.
 
     ``should_stop`` is asked every 10,000 messages: when it says yes, no more are published (what was
     sent is still flushed and counted).
@@ -93,8 +113,7 @@ def publish(
     except KafkaException as exc:
         raise BrokerUnavailable(f"cannot reach the broker at {bootstrap_servers}: {exc.args[0].str()}") from None
     sent = 0
-    for tx in transactions:
-        key, value = encode_transaction(tx)
+    for key, value in messages:
         while True:
             try:
                 producer.produce(topic, value=value, key=key, on_delivery=on_delivery)

@@ -1,0 +1,93 @@
+"""The transactions to publish, read from the serving database: ``messages_from_database`` encodes the driver's
+values directly, and must give exactly the bytes ``encode_transaction`` gives for ``transactions_from_database``'s
+objects, in the same order, on both backends."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+from decimal import Decimal as D
+from typing import Any
+
+from sqlalchemy import text
+
+from cardpipe.serving import schema
+from cardpipe.serving.database import create_clean_schema, make_engine
+from cardpipe.serving.transaction_source import messages_from_database, transactions_from_database
+from cardpipe.stream.codec import encode_transaction
+
+AMOUNTS = [
+    D("0.00"),
+    D("-0.00"),
+    D("0.01"),
+    D("-0.01"),
+    D("0.10"),
+    D("100.00"),
+    D("-100.00"),
+    D("5000.00"),
+    D("397.18"),
+    D("9999999999.99"),
+    D("-9999999999.99"),
+    D("1234567.89"),
+]
+TEXTS = ["plain", 'a "quote"', "a, comma", "Zoë ✓ 東京 😀", "back\\slash", "tab\there", "9004 Harris Viaduct, NY 14845"]
+
+
+def transaction_rows(count: int) -> list[dict[str, Any]]:
+    rng = random.Random(7)
+    start = datetime(2025, 4, 1)
+    rows = []
+    for i in range(count):
+        amount = AMOUNTS[i] if i < len(AMOUNTS) else D(rng.randint(-(10**12) + 1, 10**12 - 1)).scaleb(-2)
+        if i % 5 == 0 and i >= len(AMOUNTS):
+            amount = D(rng.randint(-(10**10), 10**10))  # whole: SQLite stores it as an INTEGER
+        stamp = start + timedelta(seconds=rng.randint(0, 10**7))
+        if i == 3:
+            stamp = datetime(999, 2, 3, 4, 5, 6)  # a year of three digits
+        if i == 4:
+            stamp = datetime(2025, 4, 1, 0, 0, 1, 999_999)  # a fraction of a second: not on the topic
+        rows.append(
+            {
+                "transaction_id": 1_000_000 - i * 37,
+                "card_id": 1 + i % 11,
+                "merchant_name": TEXTS[i % len(TEXTS)],
+                "timestamp": stamp if i % 13 else start,  # ties on the timestamp: ordered by id
+                "amount": amount,
+                "location": TEXTS[(i * 3) % len(TEXTS)],
+                "transaction_type": "purchase" if i % 3 else "refund",
+                "related_transaction_id": None if i % 4 else 2**62 + i,
+            }
+        )
+    return rows
+
+
+def test_messages_are_the_encoded_transactions_in_the_same_order(database_url) -> None:
+    engine = make_engine(database_url)
+    try:
+        create_clean_schema(engine)
+        rows = transaction_rows(3_000)
+        with engine.begin() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.execute(text("PRAGMA foreign_keys = OFF"))
+            else:
+                conn.execute(text("SET FOREIGN_KEY_CHECKS = 0"))
+            conn.execute(schema.transactions.insert(), rows)
+            decided = rows[::7]
+            conn.execute(
+                schema.stream_transactions.insert(),
+                [
+                    {**r, "status": "declined", "pending_balance": D("0"), "kafka_partition": 0, "checkpoint_seq": 1}
+                    for r in decided
+                ],
+            )
+        for only_undecided in (True, False):
+            expected = [
+                encode_transaction(tx) for tx in transactions_from_database(engine, only_undecided=only_undecided)
+            ]
+            got = list(messages_from_database(engine, only_undecided=only_undecided, chunk=500))
+            assert got == expected
+            assert len(got) == len(rows) - (len(decided) if only_undecided else 0)
+        assert any(b'"amount":"-9999999999.99"' in value for _, value in got)
+        assert any(b'"timestamp":"0999-02-03 04:05:06"' in value for _, value in got)
+    finally:
+        engine.dispose()
