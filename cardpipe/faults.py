@@ -32,6 +32,11 @@ _target = _parse(os.environ.get(_ENV))
 _hits = 0
 
 
+def armed(name: str) -> bool:
+    """Whether ``CARDPIPE_CRASH_AT`` names ``name`` (a caller may then do the work its crash point counts)."""
+    return _target is not None and _target[0] == name
+
+
 def crash_point(name: str) -> None:
     """SIGKILL this process if ``CARDPIPE_CRASH_AT`` names ``name`` and this is its n-th hit."""
     global _hits
