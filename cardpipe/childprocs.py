@@ -96,6 +96,10 @@ class ChildProcess:
         return self.process.name
 
     @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
     def exitcode(self) -> int | None:
         return self.process.exitcode
 

@@ -377,6 +377,11 @@ def _fetch_dicts(conn: duckdb.DuckDBPyConnection, query: str) -> list[dict[str, 
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
+def work_dir_prefix(pid: int) -> str:
+    """The name prefix of the working folders process ``pid``'s settlements make inside their output folder."""
+    return f".embedded-{pid}-"
+
+
 def settle_embedded(
     database_url: URL,
     watermark: Mapping[int, int],
@@ -399,7 +404,7 @@ def settle_embedded(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = out_dir / f".embedded-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work = out_dir / f"{work_dir_prefix(os.getpid())}{uuid.uuid4().hex[:8]}"
     work.mkdir()
     steps: dict[str, float] = {}
     written: list[Path] = []

@@ -16,13 +16,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from sqlalchemy import Engine, select
 
-from cardpipe.batch.engines import EMBEDDED, choose_engine
-from cardpipe.childprocs import ChildProcess, prepare_child, report_to_parent
 from cardpipe.config import Settings
 from cardpipe.errors import CardpipeError, ConfigError, first_line
 from cardpipe.orchestration.runtime import Runtime
@@ -33,25 +30,6 @@ log = logging.getLogger("cardpipe.service")
 
 #: Seconds between two measurements of the consumer's lag.
 STATUS_EVERY = 1.0
-
-#: How long a settlement process is given to stop (SIGTERM) when the service stops, before SIGKILL.
-SETTLEMENT_STOP_GRACE = 10.0
-
-
-class SettlementFailed(CardpipeError):
-    """A settlement run in a process of its own raised an error, or died without a result."""
-
-
-def settles_in_a_child(settings: Settings) -> bool:
-    """Whether the service must settle in a process of its own: the embedded engine on a SQLite file.
-
-    DuckDB reads the file through its own copy of the SQLite library. Beside the consumer thread writing the
-    same file through Python's ``sqlite3`` in one process, the two libraries do not see each other's locks
-    (POSIX locks never conflict within a process): one re-initialises the WAL index the other has mapped, and
-    the process dies of SIGBUS. In another process the locks hold, as for a ``cardpipe batch`` run beside.
-    """
-    engine = choose_engine(settings.batch_engine, settings.spark_master, settings.spark_remote)
-    return engine == EMBEDDED and settings.database_url.get_backend_name() == "sqlite"
 
 
 def is_loopback(host: str) -> bool:
@@ -177,12 +155,12 @@ class Service:
                 log.debug("lag not measured: %s", exc)
 
     def _settle_periodically(self) -> None:
+        from cardpipe.orchestration import commands
+
         assert self.settle_every is not None
-        in_child = settles_in_a_child(self.settings)
         while not self._stop.wait(self.settle_every):
             try:
-                settle = self._settle_in_a_child if in_child else self._settle_here
-                result = settle()
+                result = commands.batch(self.settings, runtime=self.runtime)
                 if not result.nothing_new:
                     self.status.settlements += 1
                     log.info("settlement %s published", result.settlement_id)
@@ -191,50 +169,12 @@ class Service:
                 self.status.last_settlement_error = first_line(exc)
                 log.error("settlement failed: %s", first_line(exc))
 
-    def _settle_here(self) -> Any:
-        """One settlement on this process's runtime."""
-        from cardpipe.orchestration import commands
-
-        return commands.batch(self.settings, runtime=self.runtime)
-
-    def _settle_in_a_child(self) -> Any:
-        """One settlement in a process of its own (see :func:`settles_in_a_child`); stopped with the service."""
-        level = logging.getLogger("cardpipe").getEffectiveLevel()
-        child = ChildProcess(_settlement_main, self.settings, level, name="cardpipe-settle")
-        try:
-            while True:
-                for kind, payload in child.receive():
-                    if kind == "done":
-                        return payload
-                    raise SettlementFailed(payload)
-                if not child.open:  # the pipe is closed and said nothing
-                    child.join(SETTLEMENT_STOP_GRACE)
-                    raise SettlementFailed(f"the settlement process {child.describe_exit()}")
-                if self._stop.is_set():
-                    raise SettlementFailed("the service stopped before the settlement ended")
-                wait(child.handles, timeout=0.5)
-        finally:
-            child.stop(SETTLEMENT_STOP_GRACE)
-
     def health(self) -> dict[str, Any]:
         return {
             "lag": self.status.lag,
             "lag_by_partition": self.status.lag_by_partition,
             "consumer_error": self.status.consumer_error,
         }
-
-
-def _settlement_main(conn: Connection, settings: Settings, log_level: int) -> None:
-    """The settlement process: one ``cardpipe batch`` over a runtime of its own; ("done", its result) to the parent."""
-    prepare_child(log_level, "cardpipe: %(message)s")
-
-    def settle() -> Any:
-        from cardpipe.orchestration import commands
-
-        with Runtime(settings, command="cardpipe serve (settlement)") as runtime:
-            return commands.batch(settings, runtime=runtime)
-
-    report_to_parent(conn, settle)
 
 
 @contextmanager

@@ -43,6 +43,7 @@ from cardpipe.domain.records import (
 )
 from cardpipe.domain.settlement import SettledTransaction, Settlement, settle
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = Path(os.environ.get("CARDPIPE_REFERENCE_DIR", "/work/shared/reference"))
 SEED_DATASET = REFERENCE_DIR / "seed_dataset_22"
 PEER_DATASETS = sorted(p for p in (REFERENCE_DIR / "peer_datasets").glob("*") if p.is_dir())
@@ -537,6 +538,77 @@ def test_serving_database_is_only_read(seed_serving: Serving, tmp_path: Path) ->
     before = db.read_bytes()
     settle_embedded(seed_serving.url, seed_serving.full_watermark(), tmp_path)
     assert db.read_bytes() == before
+
+
+_APART_SCRIPT = """
+import json, sys
+from pathlib import Path
+from cardpipe.batch.engines import run_engine
+from cardpipe.config import Settings
+
+url, out, watermark = sys.argv[1], Path(sys.argv[2]), {int(k): v for k, v in json.loads(sys.argv[3]).items()}
+settings = Settings.from_env(env={"DATABASE_URL": url}, results_dir=out.parent)
+handed, lines = [], []
+summary = run_engine("embedded", settings, watermark, out, progress=lines.append, on_settled=handed.append)
+print(json.dumps({
+    "duckdb_here": "duckdb" in sys.modules,
+    "handed": [len(handed[0].cards), len(handed[0].customers)] if len(handed) == 1 else None,
+    "settled": summary.settled is handed[0],
+    "transactions": summary.transactions,
+    "lines": lines,
+}))
+"""
+
+
+def test_on_sqlite_the_engine_runs_in_a_process_of_its_own(seed_serving: Serving, tmp_path: Path) -> None:
+    """The caller's process keeps the SQLite file to Python's sqlite3: DuckDB (its own SQLite library) is never
+    loaded there. The rows, the progress lines and the files are those of the engine run in place."""
+    from cardpipe.batch.embedded import settle_embedded
+
+    watermark = seed_serving.full_watermark()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _APART_SCRIPT,
+            f"sqlite:///{seed_serving.url.database}",
+            str(tmp_path / "apart"),
+            json.dumps(watermark),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    in_place = settle_embedded(seed_serving.url, watermark, tmp_path / "in-place")
+    assert in_place.settled is not None
+    assert report["duckdb_here"] is False
+    assert report["handed"] == [len(in_place.settled.cards), len(in_place.settled.customers)]
+    assert report["settled"] is True and report["transactions"] == in_place.transactions
+    assert "batch stage: read" in report["lines"]
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "apart" / name).read_bytes() == (tmp_path / "in-place" / name).read_bytes()
+
+
+def test_apart_the_engines_errors_and_the_callers_reach_the_caller(seed_serving: Serving, tmp_path: Path) -> None:
+    import multiprocessing
+
+    from cardpipe.batch.engines import settle_embedded_apart
+    from cardpipe.errors import DatabaseUnavailable
+
+    with pytest.raises(DatabaseUnavailable, match="no SQLite file"):
+        settle_embedded_apart(URL.create("sqlite", database=str(tmp_path / "missing.db")), {0: 1}, tmp_path)
+
+    def store_fails(_rows: object) -> None:
+        raise RuntimeError("the store is down")
+
+    with pytest.raises(RuntimeError, match="the store is down"):
+        settle_embedded_apart(seed_serving.url, seed_serving.full_watermark(), tmp_path, on_settled=store_fails)
+    assert not multiprocessing.active_children()  # the settlement's process was stopped
+    assert not (tmp_path / "batch_transactions.csv").exists()
+    assert not list(tmp_path.glob(".embedded-*"))  # nor its working folder left behind
 
 
 def test_extension_is_loaded_from_its_wheel_and_missing_extras_are_named(monkeypatch: pytest.MonkeyPatch) -> None:

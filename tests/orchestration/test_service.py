@@ -27,10 +27,9 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from cardpipe.config import SQLITE_FILENAME, Settings
+from cardpipe.config import Settings
 from cardpipe.generate import GeneratorConfig, generate_dataset
 from cardpipe.orchestration import commands
-from cardpipe.orchestration.service import settles_in_a_child
 from cardpipe.serving import schema
 from cardpipe.stream.broker import broker_session, stop_broker
 from tests.lambda_model import LambdaModel
@@ -456,23 +455,3 @@ def test_settle_every_runs_settlements_inside_the_service(seed_dataset, tmp_path
         served.popen.wait(10)
         stop_broker(results)
     assert len(read_csv_rows(results / "batch_transactions.csv")) == 400
-    # SQLite with the embedded engine: settled by a process of its own, never beside the consumer's writes
-    engine = create_engine(f"sqlite:///{results / SQLITE_FILENAME}")
-    with engine.connect() as conn:
-        owner = conn.execute(select(schema.settlements.c.owner).where(schema.settlements.c.settlement_id == 1))
-        pid = int(owner.scalar_one().split(":")[1])
-    engine.dispose()
-    assert pid != served.popen.pid
-
-
-@pytest.mark.parametrize(
-    ("env", "in_child"),
-    [
-        ({}, True),
-        ({"CARDPIPE_BATCH_ENGINE": "spark"}, False),
-        ({"SPARK_MASTER": "spark://cluster:7077"}, False),
-        ({"DATABASE_URL": "mysql+pymysql://u:p@db/cardpipe"}, False),
-    ],
-)
-def test_only_the_embedded_engine_on_sqlite_settles_in_a_child(env, in_child, tmp_path):
-    assert settles_in_a_child(Settings.from_env(env=env, results_dir=tmp_path)) is in_child
