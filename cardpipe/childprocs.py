@@ -96,8 +96,10 @@ class ChildProcess:
         return self.process.name
 
     @property
-    def pid(self) -> int | None:
-        return self.process.pid
+    def pid(self) -> int:
+        pid = self.process.pid
+        assert pid is not None  # started in __init__
+        return pid
 
     @property
     def exitcode(self) -> int | None:

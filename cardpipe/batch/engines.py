@@ -5,11 +5,7 @@ watermark (SPEC §9), and write the same three CSV files (:data:`~cardpipe.batch
 folder; neither writes the database (publishing a settlement is the caller's). ``auto`` picks Spark only
 when a cluster is configured (a Spark master other than ``local[...]``, or a Spark Connect remote).
 
-The embedded engine reads a SQLite file through DuckDB's own copy of the SQLite library: it runs in a
-process of its own (:func:`settle_embedded_apart`), never in one that also uses the file through Python's
-``sqlite3`` (the caller's heartbeat and stores, a service's consumer). Two SQLite libraries in one process do
-not see each other's POSIX locks: one may re-initialise the WAL index the other has mapped (SIGBUS),
-checkpoint pages past the other's snapshot, or, closing its file, drop the other's locks.
+On SQLite the embedded engine runs in a process of its own (:mod:`cardpipe.batch.apart`).
 
 Spark reads the serving database over JDBC on MySQL/MariaDB (a subquery filtered by the watermark) and,
 on SQLite, from CSV exports of the settling decisions, cards and customers in a temporary folder inside the
@@ -20,22 +16,17 @@ own machines: the output folder must then be on a file system they share, at the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import URL
-
-from cardpipe.batch.embedded import work_dir_prefix
+from cardpipe.batch.apart import settle_embedded_apart
 from cardpipe.batch.outputs import SettledRows, SettlementSummary
 from cardpipe.batch.spark import local_cores
-from cardpipe.childprocs import ChildProcess, prepare_child, report_to_parent
-from cardpipe.errors import CardpipeError, ConfigError, DatabaseUnavailable
+from cardpipe.errors import ConfigError, DatabaseUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
@@ -101,87 +92,6 @@ def run_engine(
         return settle_embedded(settings.database_url, watermark, out_dir, progress=progress, on_settled=on_settled)
     with spark_session(settings, progress) as spark:
         return settle_spark(spark, settings, watermark, out_dir, progress=progress)
-
-
-#: How long a settlement process is given to stop (SIGTERM) when its caller gives up, before SIGKILL.
-_STOP_GRACE_SECONDS = 10.0
-
-
-def settle_embedded_apart(
-    database_url: URL,
-    watermark: Mapping[int, int],
-    out_dir: Path,
-    *,
-    progress: Progress | None = None,
-    on_settled: Callable[[SettledRows], None] | None = None,
-) -> SettlementSummary:
-    """:func:`~cardpipe.batch.embedded.settle_embedded` in a child process (see the module's docstring): its
-    progress lines and settled rows are passed on here, in this process (``on_settled`` runs here, while the
-    child writes the files); its :class:`~cardpipe.errors.CardpipeError` is raised here as it was raised."""
-    level = logging.getLogger("cardpipe").getEffectiveLevel()
-    child = ChildProcess(
-        _settle_embedded_main,
-        database_url,
-        dict(watermark),
-        Path(out_dir),
-        level,
-        progress is not None,
-        name="cardpipe-settle-embedded",
-    )
-    settled: SettledRows | None = None
-    try:
-        while True:
-            wait(child.handles)
-            for kind, payload in child.receive():
-                if kind == "progress" and progress is not None:
-                    progress(payload)
-                elif kind == "settled":
-                    settled = payload
-                    if on_settled is not None:
-                        on_settled(payload)
-                elif kind == "done":
-                    if isinstance(payload, CardpipeError):
-                        raise payload
-                    return dataclasses.replace(payload, settled=settled)
-                elif kind == "error":
-                    raise CardpipeError(f"embedded settlement failed: {payload}")
-            if not child.open:  # the child is gone without a result
-                child.join(_STOP_GRACE_SECONDS)
-                raise CardpipeError(f"the embedded settlement's process {child.describe_exit()}")
-    finally:
-        child.stop(_STOP_GRACE_SECONDS)
-        for left in Path(out_dir).glob(f"{work_dir_prefix(child.pid)}*"):  # of a child stopped before its end
-            shutil.rmtree(left, ignore_errors=True)
-
-
-def _settle_embedded_main(
-    conn: Connection,
-    database_url: URL,
-    watermark: dict[int, int],
-    out_dir: Path,
-    log_level: int,
-    tell_progress: bool,
-) -> None:
-    """The settlement process: ("progress", line)…, ("settled", rows), then ("done", the summary without its
-    rows, which went ahead, or the CardpipeError that stopped it)."""
-    prepare_child(log_level, "cardpipe: %(message)s")
-
-    def settle() -> Any:
-        from cardpipe.batch.embedded import settle_embedded
-
-        try:
-            summary = settle_embedded(
-                database_url,
-                watermark,
-                out_dir,
-                progress=(lambda line: conn.send(("progress", line))) if tell_progress else None,
-                on_settled=lambda rows: conn.send(("settled", rows)),
-            )
-        except CardpipeError as exc:
-            return exc
-        return dataclasses.replace(summary, settled=None)
-
-    report_to_parent(conn, settle)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SAWarning, SQLAlchemyError
 
+from cardpipe.batch.apart import ExportProcess
 from cardpipe.config import Settings
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
 from cardpipe.errors import BrokerLost, BrokerUnavailable, CardpipeError, ConfigError, first_line
@@ -237,6 +238,10 @@ def consume(
     )
     finishing = publishing is None and should_stop is None and not options.follow and options.partitions is None
     with _runtime(settings, runtime, broker, command="cardpipe consume") as rt:
+        # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started now so that
+        # it is ready when the topic is drained; a consumer that follows starts it only when it stops.
+        sqlite = settings.database_url.get_backend_name() == "sqlite"
+        ahead = rt.start(ExportProcess) if sqlite and not options.follow else None
         if runtime is None:
             rt.loaded_engine("cardpipe consume")
         store = rt.stream_store()
@@ -265,16 +270,16 @@ def consume(
         finally:
             # Also on Ctrl-C, and when a worker failed: what was committed is exported.
             serving_results.export_stream_results(
-                store.engine, settings.results_dir, write_decisions=_decisions_exporter(settings, store.engine)
+                store.engine, settings.results_dir, write_decisions=_decisions_exporter(rt, store.engine, ahead)
             )
 
 
-def _decisions_exporter(settings: Settings, engine: Engine) -> Callable[[Path], int]:
+def _decisions_exporter(rt: Runtime, engine: Engine, ahead: ExportProcess | None) -> Callable[[Path], int]:
     """Writes ``stream_transactions.csv``: on SQLite through DuckDB (the embedded engine's reader and CSV writer: a
-    few times faster than fetching the rows into Python); on MySQL/MariaDB each line rendered by the server
-    (:func:`~cardpipe.serving.csv_io.export_table_lines`, faster than DuckDB's MySQL scanner), in the same
-    format."""
-    url = settings.database_url
+    few times faster than fetching the rows into Python), in the process ``ahead`` (or one started now); on
+    MySQL/MariaDB each line rendered by the server (:func:`~cardpipe.serving.csv_io.export_table_lines`, faster
+    than DuckDB's MySQL scanner), in the same format."""
+    url = rt.settings.database_url
     if engine.dialect.name in ("mysql", "mariadb"):
 
         def rendered(path: Path) -> int:
@@ -282,9 +287,15 @@ def _decisions_exporter(settings: Settings, engine: Engine) -> Callable[[Path], 
                 return export_table_lines(conn, schema.stream_transactions, path, STREAM_COLUMNS)
 
         return rendered
-    from cardpipe.batch.embedded import export_table_csv
 
-    return lambda path: export_table_csv(url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+    def apart(path: Path) -> int:
+        process = ahead or rt.start(ExportProcess)
+        try:
+            return process.export_table_csv(url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+        finally:
+            rt.release(process)
+
+    return apart
 
 
 def _consume_leg(

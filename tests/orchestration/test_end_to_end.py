@@ -57,6 +57,42 @@ def test_run_settles_with_the_embedded_engine_and_the_views_show_the_settlement(
         engine.dispose()
 
 
+_RUN_AND_TELL = """
+import json, sys
+from pathlib import Path
+from cardpipe.config import Settings
+from cardpipe.orchestration import commands
+
+summary = commands.run(Settings.from_env(env={}, results_dir=Path(sys.argv[1]), data_dir=Path(sys.argv[2])))
+print(json.dumps({"duckdb_here": "duckdb" in sys.modules, "settled": summary.batch.summary.transactions}))
+"""
+
+
+def test_on_sqlite_duckdb_never_opens_the_file_in_the_process_that_writes_it(seed_dataset, tmp_path):
+    """The whole pipeline on embedded defaults: DuckDB's SQLite library (the settlement, the stream's CSV) works in
+    processes of their own, never in the one writing the file through Python's sqlite3 (see cardpipe.batch.apart)."""
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_TELL, str(results), str(seed_dataset / "input")],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env_without_services(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    told = json_line(done.stdout)
+    assert told == {"duckdb_here": False, "settled": 400}
+    compare_results(seed_dataset / "expected", results)
+    assert (results / "stream_transactions.csv").read_text().count("\n") == 401
+
+
+def json_line(stdout: str) -> dict[str, object]:
+    import json
+
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.spark
 def test_run_with_the_spark_engine_gives_the_same_results(seed_dataset, tmp_path):
     results = tmp_path / "results"

@@ -9,6 +9,8 @@ from decimal import Decimal as D
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cardpipe.batch.embedded import export_table_csv
 from cardpipe.domain.records import DECLINED, PENDING, REJECTED, STREAM_COLUMNS
 from cardpipe.serving import schema
@@ -116,3 +118,39 @@ def test_an_empty_table_gives_the_header_alone(database_url, tmp_path: Path) -> 
         assert path.read_bytes() == (",".join(STREAM_COLUMNS) + "\n").encode()
     finally:
         engine.dispose()
+
+
+def test_the_export_process_writes_the_same_file_and_reports_errors(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from sqlalchemy.engine import URL
+
+    from cardpipe.batch.apart import ExportProcess
+    from cardpipe.errors import DatabaseUnavailable
+
+    url = URL.create("sqlite", database=str(tmp_path / "cardpipe.db"))
+    engine = make_engine(url)
+    try:
+        create_clean_schema(engine)
+        rows = decision_rows()
+        with engine.begin() as conn:
+            conn.execute(schema.stream_transactions.insert(), rows)
+    finally:
+        engine.dispose()
+    path = tmp_path / "out" / "stream_transactions.csv"
+    process = ExportProcess()
+    try:
+        assert process.export_table_csv(url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path) == len(rows)
+    finally:
+        process.stop()
+    assert path.read_bytes() == expected_bytes(rows)
+    missing = URL.create("sqlite", database=str(tmp_path / "missing.db"))
+    process = ExportProcess()
+    try:
+        with pytest.raises(DatabaseUnavailable, match="no SQLite file"):
+            process.export_table_csv(missing, "stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+    finally:
+        process.stop()
+    ExportProcess().stop()  # never given a job: it ends at once
+    assert not multiprocessing.active_children()
+    assert path.read_bytes() == expected_bytes(rows)  # the failed export left the file as it was

@@ -1,0 +1,168 @@
+"""DuckDB's work on a SQLite serving file, in processes of their own.
+
+DuckDB reads a SQLite file through its own copy of the SQLite library. Two SQLite libraries in one process do
+not see each other's POSIX locks (locks never conflict within a process): one may re-initialise the WAL index
+the other has mapped (the process dies of SIGBUS), checkpoint pages past the other's read snapshot, or,
+closing its file, drop the other's locks. So DuckDB never opens the file in a process that uses it through
+Python's ``sqlite3`` (every cardpipe command does: claims, heartbeats, checkpoints, the service's API):
+
+- :func:`settle_embedded_apart` runs the embedded settlement in a child process; its progress lines and
+  settled rows are passed on to the caller, which stores them meanwhile;
+- :class:`ExportProcess` writes ``stream_transactions.csv`` in a child process started ahead, while the stream
+  runs: by the time the topic is drained it has imported DuckDB and only the export is left to do.
+
+On MySQL/MariaDB there is no such sharing (a server owns the files): the embedded engine runs in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL
+
+from cardpipe.batch.embedded import work_dir_prefix
+from cardpipe.batch.outputs import SettledRows, SettlementSummary
+from cardpipe.childprocs import CONTEXT, ChildProcess, prepare_child, report_to_parent
+from cardpipe.errors import CardpipeError
+
+Progress = Callable[[str], None]
+
+#: How long a settlement process is given to stop (SIGTERM) when its caller gives up, before SIGKILL.
+_STOP_GRACE_SECONDS = 10.0
+
+
+def settle_embedded_apart(
+    database_url: URL,
+    watermark: Mapping[int, int],
+    out_dir: Path,
+    *,
+    progress: Progress | None = None,
+    on_settled: Callable[[SettledRows], None] | None = None,
+) -> SettlementSummary:
+    """:func:`~cardpipe.batch.embedded.settle_embedded` in a child process (see the module's docstring): its
+    progress lines and settled rows are passed on here, in this process (``on_settled`` runs here, while the
+    child writes the files); its :class:`~cardpipe.errors.CardpipeError` is raised here as it was raised."""
+    level = logging.getLogger("cardpipe").getEffectiveLevel()
+    child = ChildProcess(
+        _settle_embedded_main,
+        database_url,
+        dict(watermark),
+        Path(out_dir),
+        level,
+        progress is not None,
+        name="cardpipe-settle-embedded",
+    )
+    settled: SettledRows | None = None
+    try:
+        while True:
+            wait(child.handles)
+            for kind, payload in child.receive():
+                if kind == "progress" and progress is not None:
+                    progress(payload)
+                elif kind == "settled":
+                    settled = payload
+                    if on_settled is not None:
+                        on_settled(payload)
+                elif kind == "done":
+                    if isinstance(payload, CardpipeError):
+                        raise payload
+                    return dataclasses.replace(payload, settled=settled)
+                elif kind == "error":
+                    raise CardpipeError(f"embedded settlement failed: {payload}")
+            if not child.open:  # the child is gone without a result
+                child.join(_STOP_GRACE_SECONDS)
+                raise CardpipeError(f"the embedded settlement's process {child.describe_exit()}")
+    finally:
+        child.stop(_STOP_GRACE_SECONDS)
+        for left in Path(out_dir).glob(f"{work_dir_prefix(child.pid)}*"):  # of a child stopped before its end
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _settle_embedded_main(
+    conn: Connection,
+    database_url: URL,
+    watermark: dict[int, int],
+    out_dir: Path,
+    log_level: int,
+    tell_progress: bool,
+) -> None:
+    """The settlement process: ("progress", line)…, ("settled", rows), then ("done", the summary without its
+    rows, which went ahead, or the CardpipeError that stopped it)."""
+    prepare_child(log_level, "cardpipe: %(message)s")
+
+    def settle() -> Any:
+        from cardpipe.batch.embedded import settle_embedded
+
+        try:
+            summary = settle_embedded(
+                database_url,
+                watermark,
+                out_dir,
+                progress=(lambda line: conn.send(("progress", line))) if tell_progress else None,
+                on_settled=lambda rows: conn.send(("settled", rows)),
+            )
+        except CardpipeError as exc:
+            return exc
+        return dataclasses.replace(summary, settled=None)
+
+    report_to_parent(conn, settle)
+
+
+class ExportProcess:
+    """Writes a table of a SQLite serving file as CSV (:func:`~cardpipe.batch.embedded.export_table_csv`) in a
+    child process started ahead: it imports DuckDB while the caller works, then waits for its one job."""
+
+    def __init__(self) -> None:
+        level = logging.getLogger("cardpipe").getEffectiveLevel()
+        jobs, self._jobs = CONTEXT.Pipe(duplex=False)
+        self._child = ChildProcess(_export_main, jobs, level, name="cardpipe-export")
+        jobs.close()  # the child holds the reading end: it sees EOF once this process closes or dies
+
+    def export_table_csv(self, database_url: URL, table: str, columns: Sequence[str], key: str, path: Path) -> int:
+        """Write ``table`` as :func:`~cardpipe.batch.embedded.export_table_csv` does, in the child; its row count.
+        One job per process: it ends after it."""
+        self._jobs.send((database_url, table, tuple(columns), key, Path(path)))
+        self._jobs.close()
+        while True:
+            wait(self._child.handles)
+            for kind, payload in self._child.receive():
+                if kind == "done":
+                    if isinstance(payload, CardpipeError):
+                        raise payload
+                    return int(payload)
+                raise CardpipeError(f"exporting {table} failed: {payload}")
+            if not self._child.open:
+                self._child.join(_STOP_GRACE_SECONDS)
+                raise CardpipeError(f"exporting {table}: the export's process {self._child.describe_exit()}")
+
+    def stop(self) -> None:
+        """Stop the child (at once if it still waits for its job); harmless when it has ended."""
+        if not self._jobs.closed:
+            self._jobs.close()  # EOF: a child waiting for a job ends by itself
+        self._child.stop(_STOP_GRACE_SECONDS)
+
+
+def _export_main(conn: Connection, jobs: Connection, log_level: int) -> None:
+    """The export process: import DuckDB, wait for one job; ("done", the row count, or the CardpipeError)."""
+    prepare_child(log_level, "cardpipe: %(message)s")
+    import duckdb  # noqa: F401  # imported ahead: the point of starting this process early
+
+    from cardpipe.batch.embedded import export_table_csv
+
+    def export() -> Any:
+        try:
+            database_url, table, columns, key, path = jobs.recv()
+        except EOFError:  # the caller needed no export (or is gone)
+            return 0
+        try:
+            return export_table_csv(database_url, table, columns, key, path)
+        except CardpipeError as exc:
+            return exc
+
+    report_to_parent(conn, export)
