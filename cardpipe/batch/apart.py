@@ -115,54 +115,89 @@ def _settle_embedded_main(
 
 
 class ExportProcess:
-    """Writes a table of a SQLite serving file as CSV (:func:`~cardpipe.batch.embedded.export_table_csv`) in a
-    child process started ahead: it imports DuckDB while the caller works, then waits for its one job."""
+    """Writes tables of a SQLite serving file as CSV (:func:`~cardpipe.batch.embedded.export_table_csv`) in a
+    child process started ahead: it imports DuckDB and attaches the file while the caller works (a process of
+    its own: the file's locks hold between the two), then writes each file it is asked for, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, database_url: URL) -> None:
         level = logging.getLogger("cardpipe").getEffectiveLevel()
         jobs, self._jobs = CONTEXT.Pipe(duplex=False)
-        self._child = ChildProcess(_export_main, jobs, level, name="cardpipe-export")
+        self._child = ChildProcess(_export_main, jobs, database_url, level, name="cardpipe-export")
         jobs.close()  # the child holds the reading end: it sees EOF once this process closes or dies
+        self._pending: list[str] = []  # the tables asked for, whose result is not read yet
 
-    def export_table_csv(self, database_url: URL, table: str, columns: Sequence[str], key: str, path: Path) -> int:
-        """Write ``table`` as :func:`~cardpipe.batch.embedded.export_table_csv` does, in the child; its row count.
-        One job per process: it ends after it."""
-        self._jobs.send((database_url, table, tuple(columns), key, Path(path)))
-        self._jobs.close()
+    def begin(self, table: str, columns: Sequence[str], key: str, path: Path) -> None:
+        """Ask for ``table`` to be written to ``path`` (:func:`~cardpipe.batch.embedded.export_table_csv`); at once.
+        The file is written aside and renamed, so a later request for the same path replaces it whole."""
+        self._jobs.send((table, tuple(columns), key, Path(path)))
+        self._pending.append(table)
+
+    def result(self) -> int:
+        """Wait for every file asked for; the row count of the last one. Raises the first one's error."""
+        if not self._pending:
+            raise ValueError("no export was asked for")
+        count = 0
+        while self._pending:
+            table = self._pending[0]
+            payload = self._next(table)
+            self._pending.pop(0)
+            if isinstance(payload, CardpipeError):
+                self._pending.clear()
+                raise payload
+            count = int(payload)
+        return count
+
+    def export_table_csv(self, table: str, columns: Sequence[str], key: str, path: Path) -> int:
+        """:meth:`begin` then :meth:`result`."""
+        self.begin(table, columns, key, path)
+        return self.result()
+
+    def _next(self, table: str) -> Any:
         while True:
-            wait(self._child.handles)
             for kind, payload in self._child.receive():
-                if kind == "done":
-                    if isinstance(payload, CardpipeError):
-                        raise payload
-                    return int(payload)
+                if kind == "exported":
+                    return payload
                 raise CardpipeError(f"exporting {table} failed: {payload}")
             if not self._child.open:
                 self._child.join(_STOP_GRACE_SECONDS)
                 raise CardpipeError(f"exporting {table}: the export's process {self._child.describe_exit()}")
+            wait(self._child.handles)
 
     def stop(self) -> None:
-        """Stop the child (at once if it still waits for its job); harmless when it has ended."""
+        """Stop the child (at once if it waits for a job); harmless when it has ended."""
         if not self._jobs.closed:
             self._jobs.close()  # EOF: a child waiting for a job ends by itself
         self._child.stop(_STOP_GRACE_SECONDS)
 
 
-def _export_main(conn: Connection, jobs: Connection, log_level: int) -> None:
-    """The export process: import DuckDB, wait for one job; ("done", the row count, or the CardpipeError)."""
+def _export_main(conn: Connection, jobs: Connection, database_url: URL, log_level: int) -> None:
+    """The export process: attach the database, then for each job ("exported", its row count or its
+    CardpipeError); ends when the caller closes its end."""
     prepare_child(log_level, "cardpipe: %(message)s")
-    import duckdb  # noqa: F401  # imported ahead: the point of starting this process early
+    from cardpipe.batch.embedded import connect_for_export, export_table_csv
 
-    from cardpipe.batch.embedded import export_table_csv
-
-    def export() -> Any:
+    def serve_jobs() -> None:
+        duck: Any = None
+        failed: CardpipeError | None = None
         try:
-            database_url, table, columns, key, path = jobs.recv()
-        except EOFError:  # the caller needed no export (or is gone)
-            return 0
+            duck = connect_for_export(database_url)
+        except CardpipeError as exc:  # reported for each job (the caller may never ask for one)
+            failed = exc
         try:
-            return export_table_csv(database_url, table, columns, key, path)
-        except CardpipeError as exc:
-            return exc
+            while True:
+                try:
+                    table, columns, key, path = jobs.recv()
+                except EOFError:  # the caller is done (or gone)
+                    return
+                try:
+                    if failed is not None:
+                        raise failed
+                    result: Any = export_table_csv(database_url, table, columns, key, path, conn=duck)
+                except CardpipeError as exc:
+                    result = exc
+                conn.send(("exported", result))
+        finally:
+            if duck is not None:
+                duck.close()
 
-    report_to_parent(conn, export)
+    report_to_parent(conn, serve_jobs)

@@ -311,19 +311,36 @@ def _copy_options() -> str:
 # --------------------------------------------------------------------------------------------- exports
 
 
-def export_table_csv(database_url: URL, table: str, columns: tuple[str, ...], key: str, path: Path) -> int:
+def connect_for_export(database_url: URL) -> duckdb.DuckDBPyConnection:
+    """A connection for :func:`export_table_csv`: the serving database attached, within a bounded memory budget
+    (the stream's exporter must not grow with the stream: DuckDB sorts within it, spilling)."""
+    return connect(database_url, memory_limit=EXPORT_MEMORY_LIMIT)
+
+
+def export_table_csv(
+    database_url: URL,
+    table: str,
+    columns: tuple[str, ...],
+    key: str,
+    path: Path,
+    *,
+    conn: duckdb.DuckDBPyConnection | None = None,
+) -> int:
     """Write ``columns`` of the serving database's ``table`` to ``path``, ordered by ``key``, in the settlement
     files' format (see the module's docstring), through DuckDB; written aside, then renamed. Returns the row
-    count. Reads the database only."""
+    count. Reads the database only. ``conn``: one of :func:`connect_for_export` to use (left open), else one is
+    opened and closed here."""
     import duckdb
 
     source = f'(SELECT {", ".join(_exact_column(c) for c in columns)} FROM {SERVING}."{table}")'
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     spill = path.with_name(f".{path.name}.spill-{os.getpid()}")
-    # The consumer's memory must not grow with the stream: DuckDB sorts within a bounded budget, spilling.
-    conn = connect(database_url, temp_dir=spill, memory_limit=EXPORT_MEMORY_LIMIT)
+    own = conn is None
+    if conn is None:
+        conn = connect_for_export(database_url)
     try:
+        conn.execute(f"SET temp_directory = {rules.sql_string(str(spill))}")
         query = _output_select(columns, source, key)
         row = conn.execute(f"COPY ({query}) TO {rules.sql_string(str(staged))} ({_copy_options()})").fetchone()
         os.replace(staged, path)
@@ -331,7 +348,8 @@ def export_table_csv(database_url: URL, table: str, columns: tuple[str, ...], ke
         text = str(exc).strip()
         raise CardpipeError(f"exporting {table}: {text.splitlines()[0] if text else type(exc).__name__}") from None
     finally:
-        conn.close()
+        if own:
+            conn.close()
         staged.unlink(missing_ok=True)
         shutil.rmtree(spill, ignore_errors=True)
     return int(row[0]) if row else 0

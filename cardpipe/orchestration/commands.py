@@ -241,7 +241,17 @@ def consume(
         # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started now so that
         # it is ready when the topic is drained; a consumer that follows starts it only when it stops.
         sqlite = settings.database_url.get_backend_name() == "sqlite"
-        ahead = rt.start(ExportProcess) if sqlite and not options.follow else None
+        ahead = rt.start(lambda: ExportProcess(settings.database_url)) if sqlite and not options.follow else None
+        stream_path = settings.results_dir / serving_results.STREAM_RESULTS_FILE
+        begun_when_drained: list[bool] = []  # the export was asked for once the topic was drained
+        finished = False
+
+        def drained() -> None:
+            """The topic is drained (before counting what is undecided): the export can start meanwhile."""
+            if ahead is not None:
+                ahead.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", stream_path)
+                begun_when_drained[:] = [True]
+
         if runtime is None:
             rt.loaded_engine("cardpipe consume")
         store = rt.stream_store()
@@ -261,8 +271,9 @@ def consume(
                 terminated: list[bool] = []
                 with signal_handled(signal.SIGTERM, lambda *_: terminated.append(True)):
                     summary = _consume_to_the_end(
-                        rt, store, options, workers, progress, lambda: bool(terminated), stage, left
+                        rt, store, options, workers, progress, lambda: bool(terminated), stage, left, drained
                     )
+                    finished = bool(begun_when_drained)  # the last export asked for came after the last leg
             if stage is not None:
                 stage.update(summary.messages)
                 stage.done()
@@ -270,15 +281,20 @@ def consume(
         finally:
             # Also on Ctrl-C, and when a worker failed: what was committed is exported.
             serving_results.export_stream_results(
-                store.engine, settings.results_dir, write_decisions=_decisions_exporter(rt, store.engine, ahead)
+                store.engine,
+                settings.results_dir,
+                write_decisions=_decisions_exporter(rt, store.engine, ahead, begun=finished),
             )
 
 
-def _decisions_exporter(rt: Runtime, engine: Engine, ahead: ExportProcess | None) -> Callable[[Path], int]:
+def _decisions_exporter(
+    rt: Runtime, engine: Engine, ahead: ExportProcess | None, *, begun: bool = False
+) -> Callable[[Path], int]:
     """Writes ``stream_transactions.csv``: on SQLite through DuckDB (the embedded engine's reader and CSV writer: a
-    few times faster than fetching the rows into Python), in the process ``ahead`` (or one started now); on
-    MySQL/MariaDB each line rendered by the server (:func:`~cardpipe.serving.csv_io.export_table_lines`, faster
-    than DuckDB's MySQL scanner), in the same format."""
+    few times faster than fetching the rows into Python) in a process of its own, ``ahead`` (which was asked for
+    the file already when ``begun``) or one started now; on MySQL/MariaDB each line rendered by the server
+    (:func:`~cardpipe.serving.csv_io.export_table_lines`, faster than DuckDB's MySQL scanner), in the same
+    format."""
     url = rt.settings.database_url
     if engine.dialect.name in ("mysql", "mariadb"):
 
@@ -289,9 +305,11 @@ def _decisions_exporter(rt: Runtime, engine: Engine, ahead: ExportProcess | None
         return rendered
 
     def apart(path: Path) -> int:
-        process = ahead or rt.start(ExportProcess)
+        process = ahead or rt.start(lambda: ExportProcess(url))
         try:
-            return process.export_table_csv(url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+            if not (begun and process is ahead):
+                process.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+            return process.result()
         finally:
             rt.release(process)
 
@@ -322,11 +340,13 @@ def _consume_to_the_end(
     terminated: Callable[[], bool],
     stage: Stage | None = None,
     left: int | None = None,
+    drained: Callable[[], None] | None = None,
 ) -> ConsumeSummary:
     """Consume until every transaction of the database is decided (see :func:`consume`, finishing the stream).
 
     ``terminated``: SIGTERM came (the single consumer then stops after its batch; workers stop on their own).
     ``left``: the messages left on the topic after the committed offsets, when the caller has just read them.
+    ``drained``: called each time the consumers have stopped, before what is undecided is counted.
     """
     engine = store.engine
     total = ConsumeSummary()
@@ -345,6 +365,8 @@ def _consume_to_the_end(
             total.counts["republished"] += _publish_undecided(rt, terminated)
     for round_ in range(MAX_FINISH_ROUNDS + 1):
         total.add(_consume_leg(rt, store, options, workers, progress, None, should_stop, stage))
+        if drained is not None:
+            drained()
         undecided = count_undecided(engine)
         if not undecided:
             return total

@@ -121,8 +121,11 @@ def test_an_empty_table_gives_the_header_alone(database_url, tmp_path: Path) -> 
 
 
 def test_the_export_process_writes_the_same_file_and_reports_errors(tmp_path: Path) -> None:
+    """Attached ahead, it sees every row committed later, holds no read transaction meanwhile (the writer's
+    checkpoints are not blocked), writes the same bytes, and reports a database that is not there."""
     import multiprocessing
 
+    from sqlalchemy import text
     from sqlalchemy.engine import URL
 
     from cardpipe.batch.apart import ExportProcess
@@ -130,27 +133,34 @@ def test_the_export_process_writes_the_same_file_and_reports_errors(tmp_path: Pa
 
     url = URL.create("sqlite", database=str(tmp_path / "cardpipe.db"))
     engine = make_engine(url)
+    rows = decision_rows()
+    path = tmp_path / "out" / "stream_transactions.csv"
     try:
         create_clean_schema(engine)
-        rows = decision_rows()
         with engine.begin() as conn:
-            conn.execute(schema.stream_transactions.insert(), rows)
+            conn.execute(schema.stream_transactions.insert(), rows[:10])
+        process = ExportProcess(url)
+        try:
+            assert process.export_table_csv("stream_transactions", STREAM_COLUMNS, "transaction_id", path) == 10
+            assert path.read_bytes() == expected_bytes(rows[:10])
+            with engine.begin() as conn:  # committed after the process attached the file
+                conn.execute(schema.stream_transactions.insert(), rows[10:])
+            with engine.connect() as conn:
+                busy, _log, _done = conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)")).one()
+            assert busy == 0  # no read transaction of the export process holds the WAL
+            process.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+            assert process.result() == len(rows)
+        finally:
+            process.stop()
+        assert path.read_bytes() == expected_bytes(rows)
     finally:
         engine.dispose()
-    path = tmp_path / "out" / "stream_transactions.csv"
-    process = ExportProcess()
-    try:
-        assert process.export_table_csv(url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path) == len(rows)
-    finally:
-        process.stop()
-    assert path.read_bytes() == expected_bytes(rows)
-    missing = URL.create("sqlite", database=str(tmp_path / "missing.db"))
-    process = ExportProcess()
+    missing = ExportProcess(URL.create("sqlite", database=str(tmp_path / "missing.db")))
     try:
         with pytest.raises(DatabaseUnavailable, match="no SQLite file"):
-            process.export_table_csv(missing, "stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+            missing.export_table_csv("stream_transactions", STREAM_COLUMNS, "transaction_id", path)
     finally:
-        process.stop()
-    ExportProcess().stop()  # never given a job: it ends at once
+        missing.stop()
+    ExportProcess(url).stop()  # never given a job: it ends at once
     assert not multiprocessing.active_children()
     assert path.read_bytes() == expected_bytes(rows)  # the failed export left the file as it was
