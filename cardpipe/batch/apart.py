@@ -126,10 +126,18 @@ class ExportProcess:
         jobs.close()  # the child holds the reading end: it sees EOF once this process closes or dies
         self._pending: list[str] = []  # the tables asked for, whose result is not read yet
 
+    @property
+    def pid(self) -> int:
+        return self._child.pid
+
     def begin(self, table: str, columns: Sequence[str], key: str, path: Path) -> None:
         """Ask for ``table`` to be written to ``path`` (:func:`~cardpipe.batch.embedded.export_table_csv`); at once.
         The file is written aside and renamed, so a later request for the same path replaces it whole."""
-        self._jobs.send((table, tuple(columns), key, Path(path)))
+        try:
+            self._jobs.send((table, tuple(columns), key, Path(path)))
+        except OSError:  # the process is gone
+            self._child.join(_STOP_GRACE_SECONDS)
+            raise CardpipeError(f"exporting {table}: the export's process {self._child.describe_exit()}") from None
         self._pending.append(table)
 
     def result(self) -> int:

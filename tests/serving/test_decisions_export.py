@@ -4,6 +4,8 @@ carriage return quoted too, money with two decimals, ``YYYY-MM-DD HH:MM:SS``, NU
 
 from __future__ import annotations
 
+import os
+import signal
 from datetime import datetime
 from decimal import Decimal as D
 from pathlib import Path
@@ -129,7 +131,7 @@ def test_the_export_process_writes_the_same_file_and_reports_errors(tmp_path: Pa
     from sqlalchemy.engine import URL
 
     from cardpipe.batch.apart import ExportProcess
-    from cardpipe.errors import DatabaseUnavailable
+    from cardpipe.errors import CardpipeError, DatabaseUnavailable
 
     url = URL.create("sqlite", database=str(tmp_path / "cardpipe.db"))
     engine = make_engine(url)
@@ -162,5 +164,12 @@ def test_the_export_process_writes_the_same_file_and_reports_errors(tmp_path: Pa
     finally:
         missing.stop()
     ExportProcess(url).stop()  # never given a job: it ends at once
+    killed = ExportProcess(url)
+    try:
+        os.kill(killed.pid, signal.SIGKILL)
+        with pytest.raises(CardpipeError, match=r"export's process was killed \(SIGKILL\)"):
+            killed.export_table_csv("stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+    finally:
+        killed.stop()
     assert not multiprocessing.active_children()
     assert path.read_bytes() == expected_bytes(rows)  # the failed export left the file as it was
