@@ -14,22 +14,12 @@ import time
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    SpinnerColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported when something is drawn: a quiet command does without it
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
 
 log = logging.getLogger("cardpipe")
 
@@ -138,63 +128,6 @@ class _PlainStage:
             log.info(self.line(final=True))
 
 
-class _Count(ProgressColumn):
-    """``done/total unit``, or ``done unit`` without a total."""
-
-    def render(self, task: Task) -> Text:
-        if not task.fields.get("unit"):
-            return Text("")
-        total = f"/{task.total:,.0f}" if task.total is not None else ""
-        return Text(f"{task.completed:,.0f}{total} {task.fields.get('unit', '')}".rstrip())
-
-
-class _Eta(ProgressColumn):
-    """``ETA h:mm:ss`` for a stage with a total."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.remaining = TimeRemainingColumn()
-
-    def render(self, task: Task) -> Text:
-        if task.total is None or not task.fields.get("unit"):
-            return Text("")
-        return Text("ETA ") + self.remaining.render(task)
-
-
-class _Rate(ProgressColumn):
-    """Items per second (once the stage has run a second)."""
-
-    def render(self, task: Task) -> Text:
-        speed, elapsed = task.finished_speed or task.speed, task.elapsed or 0.0
-        if not speed or elapsed < MIN_RATE_SECONDS or not task.fields.get("unit"):
-            return Text("")
-        return Text(f"{speed:,.0f}/s")
-
-
-class _RichStage:
-    def __init__(self, bars: Progress, task: TaskID) -> None:
-        self.bars, self.task = bars, task
-
-    def advance(self, n: int = 1) -> None:
-        self.bars.advance(self.task, n)
-
-    def update(
-        self, completed: int | None = None, *, total: int | None = None, lag: int | None = None, note: str | None = None
-    ) -> None:
-        extra: dict[str, Any] = {}
-        if lag is not None:
-            extra["extra"] = f"lag {lag:,}"
-        elif note is not None:
-            extra["extra"] = note
-        self.bars.update(self.task, completed=completed, total=total, **extra)
-
-    def done(self) -> None:
-        task = next(t for t in self.bars.tasks if t.id == self.task)
-        if task.total is None or task.completed < task.total:
-            self.bars.update(self.task, total=task.completed or 1, completed=task.completed or 1)
-        self.bars.stop_task(self.task)
-
-
 class Reporter:
     """The display of a command's progress (a context manager: the bars stop at its end).
 
@@ -211,10 +144,19 @@ class Reporter:
         every: float = PLAIN_EVERY,
     ) -> None:
         self.enabled, self.every = enabled, every
-        self.console = console or Console(stderr=True)
+        self._console = console
         self.bars = enabled and (self.console.is_terminal if bars is None else bars)
         self._progress: Progress | None = None
         self._handlers: list[tuple[logging.StreamHandler[Any], Any]] = []
+
+    @property
+    def console(self) -> Console:
+        """Where the bars go (stderr unless one was given)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+        return self._console
 
     def __call__(self, message: str) -> None:
         """A plain progress message: logged (above the bars on a terminal)."""
@@ -227,23 +169,16 @@ class Reporter:
             return _Silent()
         if not self.bars:
             return _PlainStage(name, total, unit, self.every)
+        from cardpipe.bars import RichStage
+
         bars = self._start()
-        return _RichStage(bars, bars.add_task(name, total=total, unit=unit, extra=""))
+        return RichStage(bars, bars.add_task(name, total=total, unit=unit, extra=""))
 
     def _start(self) -> Progress:
         if self._progress is None:
-            self._progress = Progress(
-                SpinnerColumn(finished_text="✓"),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                _Count(),
-                _Rate(),
-                TimeElapsedColumn(),
-                _Eta(),
-                TextColumn("{task.fields[extra]}"),
-                console=self.console,
-                redirect_stderr=True,
-            )
+            from cardpipe.bars import new_bars
+
+            self._progress = new_bars(self.console)
             self._progress.start()
             # Log lines go through rich's stderr proxy, printed above the bars instead of through them.
             for handler in logging.getLogger().handlers:
@@ -335,6 +270,8 @@ def summary_rows(document: Mapping[str, Any]) -> list[list[tuple[str, str, str, 
 
 def summary_table(document: Mapping[str, Any], title: str = "cardpipe run") -> Table:
     """The run summary as one rich table (rates in transactions per second, only for stages of 1 s or more)."""
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(SUMMARY_COLUMNS):
         table.add_column(column, justify="left" if i == 0 else "right")

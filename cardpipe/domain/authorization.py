@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 
 from cardpipe.domain.records import (
@@ -78,17 +78,28 @@ def decide(tx: Transaction, card: CardProfile, pending_balance: Decimal) -> Deci
     return Decision(PENDING, pending_balance + tx.amount)
 
 
+#: Loads cards on demand: for card ids, each known one's profile (its limits now) and its pending balance.
+CardLoader = Callable[[list[int]], Mapping[int, tuple[CardProfile, Decimal]]]
+
+
 class Authorizer:
     """Decides transactions in arrival order, keeping each card's running pending balance.
 
     State is per card only (memory bounded by the number of cards, not of transactions). Each card's
     terms (limit, half limit, zip head) are computed once, not per transaction.
+
+    The cards are given up front (``cards`` and ``balances``), or, with ``load``, read as they first come:
+    :meth:`prepare` loads the cards of a batch not seen yet, so a consumer starts deciding at once however many
+    cards there are.
     """
 
-    def __init__(self, cards: Mapping[int, CardProfile], balances: Mapping[int, Decimal]):
-        self.cards = cards
+    def __init__(
+        self, cards: Mapping[int, CardProfile], balances: Mapping[int, Decimal], *, load: CardLoader | None = None
+    ):
         self.balances: dict[int, Decimal] = dict(balances)
         self._terms = {card_id: _terms(card) for card_id, card in cards.items()}
+        self._load = load
+        self._unknown: set[int] = set()  # loaded and not found
         self._zip_heads: dict[str, str | None] = {}  # location -> zip head, a memo of a pure function
 
     def knows(self, card_id: int) -> bool:
@@ -98,10 +109,35 @@ class Authorizer:
         """The credit limit ``card_id`` is judged against now."""
         return self._terms[card_id][0]
 
-    def adopt(self, cards: Mapping[int, CardProfile]) -> None:
-        """Judge by ``cards`` (new limits after a settlement) from now on; pending balances carry on."""
-        self.cards = cards
-        self._terms = {card_id: _terms(card) for card_id, card in cards.items()}
+    def prepare(self, card_ids: Iterable[int]) -> int:
+        """Load the cards among ``card_ids`` not seen yet (with ``load``; else nothing to do). A card's balance
+        is read only the first time: later loads (after :meth:`adopt`) bring its new limits. How many were read."""
+        if self._load is None:
+            return 0
+        terms, unknown = self._terms, self._unknown
+        missing = [c for c in set(card_ids) if c not in terms and c not in unknown]
+        if not missing:
+            return 0
+        found = self._load(missing)
+        for card_id in missing:
+            entry = found.get(card_id)
+            if entry is None:
+                unknown.add(card_id)
+                continue
+            profile, balance = entry
+            terms[card_id] = _terms(profile)
+            self.balances.setdefault(card_id, balance)
+        return len(missing)
+
+    def adopt(self, cards: Mapping[int, CardProfile] | None = None) -> None:
+        """Judge by ``cards`` (new limits after a settlement) from now on, or, with ``load``, by the cards as it
+        loads them from now on; pending balances carry on."""
+        if cards is None:
+            if self._load is None:
+                raise ValueError("adopt() without cards needs a loader")
+            self._terms, self._unknown = {}, set()
+        else:
+            self._terms = {card_id: _terms(card) for card_id, card in cards.items()}
 
     def decide(self, card_id: int, amount: Decimal, location: str) -> tuple[str, Decimal, str | None] | None:
         """``(status, pending balance after, decline reason)`` for a transaction of ``card_id``, updating the

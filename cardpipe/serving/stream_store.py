@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from operator import itemgetter
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, and_, bindparam, func, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
@@ -116,16 +116,16 @@ class StreamStore:
         query = select(c.c.card_id, c.c.credit_limit, cu.c.address).join(cu, c.c.customer_id == cu.c.customer_id)
         with self.engine.connect() as conn:
             profiles = {
-                card_id: CardProfile(card_id, Decimal(limit), zip_of(address))
-                for card_id, limit, address in conn.execute(query)
+                card_id: CardProfile(card_id, limit, zip_of(address))
+                for card_id, limit, address in conn.execute(query).all()  # one fetch: iterating fetches each row
             }
             if settlement_id is not None:
                 for card_id, limit in conn.execute(
                     select(sc.c.card_id, sc.c.credit_limit).where(sc.c.settlement_id == settlement_id)
-                ):
+                ).all():
                     old = profiles.get(card_id)
                     if old is not None:
-                        profiles[card_id] = CardProfile(card_id, Decimal(limit), old.customer_zip)
+                        profiles[card_id] = CardProfile(card_id, limit, old.customer_zip)
             return profiles
 
     def settled_profiles(self) -> tuple[int | None, dict[int, CardProfile]]:
@@ -248,23 +248,71 @@ class StreamStore:
     def restore(self) -> tuple[dict[int, Decimal], dict[int, int]]:
         """Pending balances (checkpointed, else the card's current balance) and next offsets."""
         with self.engine.connect() as conn:
-            balances = {
-                cid: Decimal(b)
-                for cid, b in conn.execute(select(schema.cards.c.card_id, schema.cards.c.current_balance))
-            }
+            # Money columns come as Decimal (Numeric(asdecimal=True)); one fetch each: iterating fetches each row.
+            balances: dict[int, Decimal] = dict(
+                conn.execute(select(schema.cards.c.card_id, schema.cards.c.current_balance)).all()
+            )
             st = schema.card_states
-            for cid, balance in conn.execute(select(st.c.card_id, st.c.pending_balance)):
+            for cid, balance in conn.execute(select(st.c.card_id, st.c.pending_balance)).all():
                 if balance is not None:
-                    balances[cid] = Decimal(balance)
-            so = schema.stream_offsets
-            offsets: dict[int, int] = {}
-            self._seq = {}
-            query = select(so.c.kafka_partition, so.c.next_offset, so.c.checkpoint_seq).where(so.c.topic == self.topic)
-            for p, next_offset, seq in conn.execute(query):
-                self._seq[p] = seq
+                    balances[cid] = balance
+        return balances, self.restore_offsets()
+
+    def restore_offsets(self) -> dict[int, int]:
+        """The next offsets of the last checkpoint (partitions that have one)."""
+        so = schema.stream_offsets
+        offsets: dict[int, int] = {}
+        seqs: dict[int, int] = {}
+        query = select(so.c.kafka_partition, so.c.next_offset, so.c.checkpoint_seq).where(so.c.topic == self.topic)
+        with self.engine.connect() as conn:
+            for p, next_offset, seq in conn.execute(query).all():
+                seqs[p] = seq
                 if next_offset is not None:
                     offsets[p] = next_offset
-        return balances, offsets
+        self._seq = seqs
+        return offsets
+
+    def load_cards(
+        self,
+        card_ids: list[int],
+        settlement_id: int | None = None,
+        *,
+        give_up_after: float = 300.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> dict[int, tuple[CardProfile, Decimal]]:
+        """For each card of ``card_ids`` in the database: its profile (the limit of settlement ``settlement_id``,
+        else the original one; its owner's zip) and its pending balance (checkpointed, else the card's current
+        balance), as :meth:`card_profiles` and :meth:`restore` give them. Retried while the database is
+        unreachable, like :meth:`lookup_decided`: the consumer loads each batch's new cards."""
+        found = self._retry_while_unavailable(
+            lambda: self._load_cards(card_ids, settlement_id),
+            "loading cards",
+            give_up_after=give_up_after,
+            sleep=sleep,
+        )
+        return found or {}
+
+    def _load_cards(self, card_ids: list[int], settlement_id: int | None) -> dict[int, tuple[CardProfile, Decimal]]:
+        c, cu, st, sc = schema.cards, schema.customers, schema.card_states, schema.settled_cards
+        source = c.join(cu, c.c.customer_id == cu.c.customer_id).outerjoin(st, st.c.card_id == c.c.card_id)
+        limit: Any = c.c.credit_limit
+        if settlement_id is not None:
+            source = source.outerjoin(sc, and_(sc.c.card_id == c.c.card_id, sc.c.settlement_id == settlement_id))
+            limit = func.coalesce(sc.c.credit_limit, c.c.credit_limit)
+        balance = func.coalesce(st.c.pending_balance, c.c.current_balance)
+        query = (
+            select(c.c.card_id, limit, cu.c.address, balance)
+            .select_from(source)
+            .where(c.c.card_id.in_(bindparam("ids", expanding=True)))
+        )
+        ids = sorted(set(card_ids))
+        found: dict[int, tuple[CardProfile, Decimal]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), _LOOKUP_CHUNK):
+                rows = conn.execute(query, {"ids": ids[start : start + _LOOKUP_CHUNK]}).all()
+                for card_id, credit_limit, address, pending_balance in rows:
+                    found[card_id] = (CardProfile(card_id, credit_limit, zip_of(address)), pending_balance)
+        return found
 
     def lookup_decided(
         self, transaction_ids: list[int], *, give_up_after: float = 300.0, sleep: Callable[[float], None] = time.sleep

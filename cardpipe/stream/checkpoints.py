@@ -156,6 +156,15 @@ class CheckpointStore(Protocol):
     def restore(self) -> tuple[dict[int, Decimal], dict[int, int]]:
         """Pending balances and next offsets of the last checkpoint."""
 
+    def restore_offsets(self) -> dict[int, int]:
+        """The next offsets of the last checkpoint."""
+
+    def load_cards(
+        self, card_ids: list[int], settlement_id: int | None = None
+    ) -> dict[int, tuple[CardProfile, Decimal]]:
+        """Each known card of ``card_ids``: its profile (under ``settlement_id``) and its pending balance of the
+        last checkpoint."""
+
     def lookup_decided(self, transaction_ids: list[int]) -> Mapping[int, Transaction]:
         """The already-decided transactions among ``transaction_ids``."""
 
@@ -225,6 +234,15 @@ class MemoryCheckpointStore:
         restored = dict(self.initial_balances)
         restored.update({card_id: b for card_id, b in self.balances.items() if b is not None})
         return restored, dict(self.offsets)
+
+    def restore_offsets(self) -> dict[int, int]:
+        return dict(self.offsets)
+
+    def load_cards(
+        self, card_ids: list[int], settlement_id: int | None = None
+    ) -> dict[int, tuple[CardProfile, Decimal]]:
+        profiles, (balances, _) = self.card_profiles(settlement_id), self.restore()
+        return {c: (profiles[c], balances[c]) for c in card_ids if c in profiles}
 
     def lookup_decided(self, transaction_ids: list[int]) -> Mapping[int, Transaction]:
         width = len(TRANSACTION_COLUMNS)

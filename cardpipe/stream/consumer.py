@@ -45,6 +45,9 @@ MAX_LATENCY_SAMPLES = 1_000_000
 #: Checkpoints in a row that may hit a transaction id another consumer committed meanwhile (each one
 #: restarts from the last checkpoint); more means the conflict is not a race, and it is raised.
 MAX_CHECKPOINT_CONFLICTS = 5
+#: The first batch a consumer takes is at most this large, and each next one at most twice the last, up to
+#: ``batch_size``: one that starts on a backlog commits its first decisions at once, then runs on full batches.
+FIRST_BATCH_SIZE = 500
 
 
 @dataclass(frozen=True)
@@ -163,10 +166,12 @@ def consume(
         stop.watch(partitions)
         processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
         conflicts = 0
+        batch_limit = min(FIRST_BATCH_SIZE, options.batch_size)
+        frozen_at = 0  # processor.cards_loaded when the collector last froze what was alive
         started = last_progress = time.monotonic()
         with stop_on_sigterm(stop.request) if should_stop is None else nullcontext():
             while not stop.stop_requested():
-                polled = poll_ready(consumer, options.batch_size, options.max_wait_seconds)
+                polled = poll_ready(consumer, batch_limit, options.max_wait_seconds)
                 if broker_alive is not None and not broker_alive():
                     summary.seconds = time.monotonic() - started
                     lost = BrokerLost(f"the broker at {bootstrap_servers} stopped while consuming {topic!r}")
@@ -188,9 +193,16 @@ def consume(
                     crash_point("consume.polled")
                     settlement_id = store.settlement_in_force()
                     if settlement_id != processor.settlement_id:
-                        processor.adopt(settlement_id, store.card_profiles(settlement_id))
+                        processor.adopt(settlement_id)  # its cards are loaded again, with the new limits
                         log.info("deciding with the credit limits of settlement %s from now on", settlement_id)
                     batch = processor.process(raw)
+                    if processor.cards_loaded > 2 * frozen_at:
+                        # The per-card state lives as long as the consumer: keep the cyclic collector from
+                        # re-scanning it on every collection (about a tenth of the loop's CPU). Once more each
+                        # time the cards loaded have doubled: a few times, however many cards there are.
+                        gc.collect()
+                        gc.freeze()
+                        frozen_at = processor.cards_loaded
                     batch.lag_messages = _lag(consumer, topic, partitions)
                     crash_point("consume.decided")
                     try:
@@ -200,6 +212,7 @@ def consume(
                         # the new limits, from the last checkpoint.
                         summary.counts["settlement_changes"] += 1
                         processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
+                        frozen_at = 0
                         stop.rewound()
                         continue
                     except IntegrityError:
@@ -216,12 +229,14 @@ def consume(
                         )
                         summary.counts["checkpoint_conflicts"] += 1
                         processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
+                        frozen_at = 0
                         stop.rewound()
                         continue
                     conflicts = 0
                     crash_point("consume.committed")
                     group.commit(batch.next_offsets)
                     _account(summary, batch, len(raw))
+                    batch_limit = min(options.batch_size, 2 * batch_limit)
                 else:
                     store.keep_leases()
                 now = time.monotonic()
@@ -293,19 +308,16 @@ def _topic_partitions(consumer: Consumer, topic: str, wanted: tuple[int, ...] | 
 def _resume(
     consumer: Consumer, bootstrap_servers: str, store: CheckpointStore, topic: str, partitions: list[int]
 ) -> StreamProcessor:
-    """A processor with the balances of the last checkpoint and the limits of the settlement in force, and
-    ``consumer`` positioned right after that checkpoint."""
-    settlement_id, profiles = store.settled_profiles()
-    balances, offsets = store.restore()
-    processor = StreamProcessor(topic, profiles, balances, store.lookup_decided, settlement_id=settlement_id)
-    # The per-card state lives as long as the consumer: keep the cyclic collector from re-scanning it
-    # on every collection (about a tenth of the loop's CPU).
-    gc.collect()
-    gc.freeze()
-    positions = _start_positions(bootstrap_servers, store, topic, partitions, offsets)
+    """A processor deciding with the limits of the settlement in force, and ``consumer`` positioned right after
+    the last checkpoint. The processor loads each card (with its balance of that checkpoint) the first time one
+    of its transactions comes: the first decisions do not wait for every card to be read."""
+    positions = _start_positions(bootstrap_servers, store, topic, partitions, store.restore_offsets())
     consumer.unassign()  # drops whatever was fetched past the checkpoint
     consumer.assign(positions)
-    return processor
+    settlement_id = store.settlement_in_force()
+    return StreamProcessor(
+        topic, {}, {}, store.lookup_decided, settlement_id=settlement_id, load_cards=store.load_cards
+    )
 
 
 def _start_positions(

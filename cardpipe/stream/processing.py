@@ -19,6 +19,9 @@ from cardpipe.stream.codec import DUPLICATE_CONFLICT, UNKNOWN_CARD, Rejection, T
 
 #: Finds already-decided transactions by id (the serving store in production).
 DecidedLookup = Callable[[list[int]], Mapping[int, Transaction]]
+#: Loads cards by id under a settlement's limits (None: the original ones): each known card's profile and the
+#: pending balance of the last checkpoint (the serving store's ``load_cards`` in production).
+CardsLoader = Callable[[list[int], int | None], Mapping[int, tuple[CardProfile, Decimal]]]
 
 
 class RawMessage(NamedTuple):
@@ -35,7 +38,8 @@ class StreamProcessor:
     """Authorizes polled batches, absorbing duplicates by transaction_id (the idempotency key).
 
     The batch's transaction ids are looked up in one query (primary-key lookups): memory holds per-card
-    state only, never the set of decided ids.
+    state only, never the set of decided ids. The cards are given (``cards``, ``balances``), or loaded as they
+    first come with ``load_cards``: a batch's new cards in one call.
     """
 
     def __init__(
@@ -46,18 +50,22 @@ class StreamProcessor:
         lookup: DecidedLookup,
         clock: Callable[[], datetime] = datetime.now,
         settlement_id: int | None = None,
+        load_cards: CardsLoader | None = None,
     ):
         self.topic = topic
-        self.authorizer = Authorizer(cards, balances)
+        self.authorizer = Authorizer(
+            cards, balances, load=None if load_cards is None else lambda ids: load_cards(ids, self.settlement_id)
+        )
         self.lookup = lookup
         self.clock = clock
         self.settlement_id = settlement_id
+        self.cards_loaded = 0  # how many cards ``load_cards`` was asked for so far
 
-    def adopt(self, settlement_id: int | None, cards: Mapping[int, CardProfile]) -> None:
-        """Decide from now on with ``cards``' limits (those of settlement ``settlement_id``); the running
-        pending balances carry on unchanged (SPEC §9)."""
-        self.authorizer.adopt(cards)
+    def adopt(self, settlement_id: int | None, cards: Mapping[int, CardProfile] | None = None) -> None:
+        """Decide from now on with the limits of settlement ``settlement_id``: ``cards``' or, with ``load_cards``,
+        those it loads from now on; the running pending balances carry on unchanged (SPEC §9)."""
         self.settlement_id = settlement_id
+        self.authorizer.adopt(cards)
 
     def process(self, messages: Iterable[RawMessage]) -> CheckpointBatch:
         """Decide a batch of messages in order; returns the checkpoint to persist.
@@ -69,6 +77,7 @@ class StreamProcessor:
         messages = messages if isinstance(messages, list) else list(messages)
         decoded = [decode_fields(m.value) for m in messages]
         ids = [r[0] for r in decoded if type(r) is tuple]
+        self.cards_loaded += self.authorizer.prepare(r[1] for r in decoded if type(r) is tuple)
         known: dict[int, TransactionFields] = {}
         if ids:
             known = {tid: tx.values() for tid, tx in self.lookup(ids).items()}

@@ -237,3 +237,64 @@ def test_consumers_claiming_at_the_same_moment_all_get_their_partitions(engine):
     for round_ in range(15):
         stores = [StreamStore(engine, f"topic-{round_}", owner=f"host:{i}") for i in range(2)]
         assert _claim_at_once(stores) == {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}
+
+
+def test_load_cards_gives_what_card_profiles_and_restore_give(engine, monkeypatch):
+    """The consumer's per-batch read of new cards agrees with the full reads: before a checkpoint, after one and
+    under a published settlement's limits (balances stay the checkpoint's); unknown ids are left out; ids past
+    one query's worth are read in several."""
+    import cardpipe.serving.stream_store as stream_store
+
+    monkeypatch.setattr(stream_store, "_LOOKUP_CHUNK", 7)
+    store = StreamStore(engine, "t")
+    store.acquire([0])
+
+    def expected(settlement_id):
+        profiles, (balances, _) = store.card_profiles(settlement_id), store.restore()
+        return {c: (profiles[c], balances[c]) for c in profiles}
+
+    ids = sorted(store.card_profiles())
+    assert len(ids) > 2 * 7
+    assert store.load_cards([*ids, 10**12], None) == expected(None)
+    proc = processor(store)
+    store.commit(proc.process(messages([tx(1), tx(2, amount="-3.50")])))
+    loaded = store.load_cards(ids)
+    assert loaded == expected(None)
+    assert loaded[26][1] == proc.authorizer.balances[26] != expected(None)[27][1]
+    first = publish_settlement(engine, "123.45")
+    under = store.load_cards(ids[:5] + [26], first)
+    assert under == {c: v for c, v in expected(first).items() if c in {*ids[:5], 26}}
+    assert {p.credit_limit for p, _ in under.values()} == {D("123.45")}
+    assert under[26][1] == loaded[26][1]
+    assert store.load_cards([10**12, 10**12 + 1]) == {}
+
+
+def test_a_processor_loading_its_cards_decides_as_one_given_them_all(engine):
+    """Cards loaded as they first come (the consumer's way) give the same decisions, balances and checkpoints
+    as every card read up front, across a settlement that lowers the limits; each card is read once per set of
+    limits."""
+    store = StreamStore(engine, "t")
+    store.acquire([0])
+    eager = processor(store)
+    asked: list[list[int]] = []
+
+    def load(ids, settlement_id):
+        asked.append(sorted(ids))
+        return store.load_cards(ids, settlement_id)
+
+    lazy = StreamProcessor(store.topic, {}, {}, store.lookup_decided, load_cards=load)
+    txs = [tx(i, card=26 if i % 3 else 27, amount=f"{(i * 37) % 90 - 20}.25") for i in range(1, 40)]
+    txs.append(tx(40, card=999_999))  # an unknown card
+    first = [eager.process(messages(txs[:20])), lazy.process(messages(txs[:20]))]
+    assert first[0].decided == first[1].decided and first[0].card_states == first[1].card_states
+    assert asked == [[26, 27]]
+    store.commit(first[1])
+    settlement = publish_settlement(engine, "60.00")
+    eager.adopt(settlement, store.card_profiles(settlement))
+    lazy.adopt(settlement)
+    rest = messages(txs[20:], start=20)
+    second = [eager.process(rest), lazy.process(rest)]
+    assert second[0].decided == second[1].decided and second[0].card_states == second[1].card_states
+    assert asked == [[26, 27], [26, 27, 999_999]]
+    assert lazy.authorizer.limit_of(26) == D("60.00") and lazy.cards_loaded == 5
+    assert sum(r["status"] == "rejected" for r in second[1].decided) == 1
