@@ -1,6 +1,6 @@
 """How fast ``cardpipe consume`` starts deciding and how fast it stops once the topic is drained.
 
-    python3 bench/startup_bench.py [--transactions 500000] [--runs 3]
+    python3 bench/startup_bench.py [--transactions 500000] [--runs 3] [--cardpipe PATH ...]
 
 Per run, on a fresh results folder (embedded defaults: SQLite and the embedded broker, which outlives the
 commands): ``cardpipe setup``, ``load`` (a ``cardpipe.generate`` dataset) and ``produce`` (not timed), then
@@ -12,6 +12,9 @@ transaction) and the parent's wall clock around the subprocess:
 * **exit after drained**: from the commit of its last checkpoint (the topic is drained: every message is
   decided) to the process's exit, which includes writing ``stream_transactions.csv`` and
   ``rejected_transactions.csv`` (its log line gives the export's share when ``--log-level debug`` shows it).
+
+``--cardpipe`` names the ``cardpipe`` executables to time (default: this checkout's ``.venv/bin/cardpipe``); with
+several (another checkout's, to compare code), each run times each of them in turn, on the same dataset.
 
 Targets (issue 14): first decision <= 1 s; exit <= 1 s after the topic is drained.
 """
@@ -42,22 +45,22 @@ from common import (  # first: it puts the project on sys.path
 CARDPIPE = str(ROOT / ".venv" / "bin" / "cardpipe")
 
 
-def _cardpipe(*args: str) -> None:
-    subprocess.run([CARDPIPE, *args], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+def one_run(data_dir: Path, folder: Path, cardpipe: str = CARDPIPE) -> dict[str, Any]:
+    """Set up, load and produce into ``folder``; time ``consume --until-caught-up`` (all with ``cardpipe``)."""
 
+    def run(*args: str) -> None:
+        subprocess.run([cardpipe, *args], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
 
-def one_run(data_dir: Path, folder: Path) -> dict[str, Any]:
-    """Set up, load and produce into ``folder``; time ``consume --until-caught-up``."""
     fresh_dir(folder)
     results = ["--results-dir", str(folder)]
     try:
-        _cardpipe("setup", "-q", *results)
-        _cardpipe("load", "-q", *results, "--data-dir", str(data_dir))
-        _cardpipe("produce", "-q", *results)
+        run("setup", "-q", *results)
+        run("load", "-q", *results, "--data-dir", str(data_dir))
+        run("produce", "-q", *results)
         before = load_average()
         started_ms = time.time() * 1000
         proc = subprocess.run(
-            [CARDPIPE, "consume", "-q", "--until-caught-up", *results],
+            [cardpipe, "consume", "-q", "--until-caught-up", *results],
             check=True,
             capture_output=True,
             text=True,
@@ -65,7 +68,7 @@ def one_run(data_dir: Path, folder: Path) -> dict[str, Any]:
         )
         exited_ms = time.time() * 1000
     finally:
-        subprocess.run([CARDPIPE, "broker", "stop", *results], cwd=ROOT, capture_output=True)
+        subprocess.run([cardpipe, "broker", "stop", *results], cwd=ROOT, capture_output=True)
     with sqlite3.connect(folder / "cardpipe.db") as conn:
         first_ms, last_ms, checkpoints, messages = conn.execute(
             "SELECT min(committed_ms), max(committed_ms), count(*), sum(messages) FROM stream_checkpoint_log"
@@ -88,26 +91,34 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT_DIR / "startup.json")
+    parser.add_argument("--cardpipe", nargs="+", default=[CARDPIPE], help="the cardpipe executables to time")
     args = parser.parse_args()
     data_dir = dataset(args.transactions, args.seed)
     runs = []
     for i in range(1, args.runs + 1):
-        say(f"run {i}: consume --until-caught-up of {args.transactions:,} transactions")
-        result = one_run(data_dir, WORK_DIR / "startup")
-        say(f"  {result['summary_line']}")
-        runs.append(result)
+        for cardpipe in args.cardpipe:
+            say(f"run {i}: {cardpipe} consume --until-caught-up of {args.transactions:,} transactions")
+            result = one_run(data_dir, WORK_DIR / "startup", cardpipe)
+            say(f"  {result['summary_line']}")
+            runs.append({"cardpipe": cardpipe, "run": i, **result})
     fresh_dir(WORK_DIR / "startup")
     rows = [
-        [i, r["first_decision_s"], r["exit_after_drained_s"], r["command_s"], r["checkpoints"], r["messages"]]
-        for i, r in enumerate(runs, start=1)
+        [r["run"], r["cardpipe"], r["first_decision_s"], r["exit_after_drained_s"], r["command_s"], r["checkpoints"]]
+        for r in runs
     ]
     print_table(
         f"consume --until-caught-up, {args.transactions:,} transactions (targets: first decision <= 1 s, "
         "exit <= 1 s after drained)",
-        ["run", "first decision s", "exit after drained s", "command s", "checkpoints", "messages"],
+        ["run", "cardpipe", "first decision s", "exit after drained s", "command s", "checkpoints"],
         rows,
     )
-    medians = {key: statistics.median(r[key] for r in runs) for key in ("first_decision_s", "exit_after_drained_s")}
+    medians = {
+        cardpipe: {
+            key: statistics.median(r[key] for r in runs if r["cardpipe"] == cardpipe)
+            for key in ("first_decision_s", "exit_after_drained_s")
+        }
+        for cardpipe in args.cardpipe
+    }
     print(f"medians: {medians}")
     write_json(args.out, {"machine": machine(), "transactions": args.transactions, "runs": runs, "medians": medians})
     say(f"wrote {args.out}")

@@ -243,14 +243,15 @@ def consume(
         sqlite = settings.database_url.get_backend_name() == "sqlite"
         ahead = rt.start(lambda: ExportProcess(settings.database_url)) if sqlite and not options.follow else None
         stream_path = settings.results_dir / serving_results.STREAM_RESULTS_FILE
-        begun_when_drained: list[bool] = []  # the export was asked for once the topic was drained
-        finished = False
+        asked_when_drained = False  # ``ahead`` was asked for the file when the topic was last drained
+        finished = False  # ... and no leg of the stream ran after that
 
         def drained() -> None:
             """The topic is drained (before counting what is undecided): the export can start meanwhile."""
+            nonlocal asked_when_drained
             if ahead is not None:
                 ahead.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", stream_path)
-                begun_when_drained[:] = [True]
+                asked_when_drained = True
 
         if runtime is None:
             rt.loaded_engine("cardpipe consume")
@@ -273,7 +274,7 @@ def consume(
                     summary = _consume_to_the_end(
                         rt, store, options, workers, progress, lambda: bool(terminated), stage, left, drained
                     )
-                    finished = bool(begun_when_drained)  # the last export asked for came after the last leg
+                    finished = asked_when_drained  # it returns right after the topic was drained
             if stage is not None:
                 stage.update(summary.messages)
                 stage.done()

@@ -33,7 +33,7 @@ from cardpipe.serving import schema
 from cardpipe.serving.csv_io import format_cell
 from cardpipe.serving.results import BATCH_OUTPUTS
 from cardpipe.stream.broker import ensure_broker, stop_broker
-from cardpipe.stream.consumer import log_end_offsets
+from cardpipe.stream.consumer import FIRST_BATCH_SIZE, log_end_offsets
 from tests.orchestration.helpers import (
     REPO_ROOT,
     RESULT_TABLES,
@@ -53,23 +53,24 @@ SIGKILLED = -signal.SIGKILL
 WAIT_SECONDS = 300  # the machine is shared: generous, a hang still fails
 
 # Consumer crash plan, in order. A crash point with n hits leaves n-1 committed batches (n for
-# consume.committed); a number is an external SIGKILL that many seconds after the run's first commit. The
-# plan advances ~20 of the ~25 checkpoints, so the final, clean run has work left.
+# consume.committed); a number is an external SIGKILL that many seconds after the run's first commit. Each run
+# starts with batches of 500 and 1,000 messages, then BATCH_SIZE (FIRST_BATCH_SIZE doubling): 2 batches are
+# 1,500 transactions, 3 are 3,500. The plan advances ~30,000 of the 50,000, so the final, clean run has work left.
 CONSUMER_PLAN: tuple[str | float, ...] = (
-    "consume.polled:2",
-    "checkpoint.written:2",
-    "consume.committed:1",
-    0.0,
-    "consume.decided:2",
-    "checkpoint.written:3",
-    0.05,
-    "consume.committed:2",
     "consume.polled:3",
-    0.1,  # external kills early enough that work remains: the rest of the stream takes well under a second
-    "checkpoint.written:2",
+    "checkpoint.written:3",
+    "consume.committed:2",
+    0.0,
     "consume.decided:3",
-    "consume.committed:1",
-    "checkpoint.written:2",
+    "checkpoint.written:4",
+    0.05,
+    "consume.committed:3",
+    "consume.polled:4",
+    0.1,  # external kills early enough that work remains: the rest of the stream takes well under a second
+    "checkpoint.written:3",
+    "consume.decided:4",
+    "consume.committed:2",
+    "checkpoint.written:3",
 )
 # produce.sent is hit every 1,000 messages handed to the producer.
 PRODUCER_KILLS = (3, 15, 27, 36, 45)
@@ -319,6 +320,7 @@ def test_consumer_sigkilled_at_many_points_resumes_exactly(
     dataset, expected, tmp_path, mysql_env, mysql_database, processes
 ):
     """14 SIGKILLs over a 50,000-transaction stream (11 crash points, 3 external): 0 lost, 0 duplicated."""
+    assert (FIRST_BATCH_SIZE, 2 * FIRST_BATCH_SIZE) == (500, 1_000) < (BATCH_SIZE,) * 2  # the plan's arithmetic
     results = tmp_path / "results"
     settings = Settings.from_env(env=mysql_env, results_dir=results, data_dir=dataset)
     commands.setup(settings)
