@@ -126,11 +126,20 @@ def _batch_line(result: BatchResult) -> str:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from cardpipe.orchestration import commands
+    from cardpipe.batch.apart import SettleProcess
 
-    settings = _settings(args)
-    with _reporter(args) as progress:
-        result = commands.batch(settings, progress, engine_name=args.engine)
+    # The embedded engine's process imports DuckDB while this one imports the rest and claims the settlement;
+    # stopped unused on Spark or MySQL (where the embedded engine runs in this process).
+    ahead = SettleProcess() if args.engine != "spark" else None
+    try:
+        from cardpipe.orchestration import commands
+
+        settings = _settings(args)
+        with _reporter(args) as progress:
+            result = commands.batch(settings, progress, engine_name=args.engine, settle_process=ahead)
+    finally:
+        if ahead is not None:
+            ahead.stop()
     print(_batch_line(result))
     return 0
 

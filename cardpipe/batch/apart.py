@@ -6,12 +6,17 @@ the other has mapped (the process dies of SIGBUS), checkpoint pages past the oth
 closing its file, drop the other's locks. So DuckDB never opens the file in a process that uses it through
 Python's ``sqlite3`` (every cardpipe command does: claims, heartbeats, checkpoints, the service's API):
 
-- :func:`settle_embedded_apart` runs the embedded settlement in a child process; its progress lines and
-  settled rows are passed on to the caller, which stores them meanwhile;
+- :class:`SettleProcess` runs the embedded settlement in a child process, which the caller may start ahead
+  (``cardpipe batch`` does, before its own imports): it imports DuckDB and the engine while the caller gets
+  ready, then settles the one job it is given; its progress lines and settled rows are passed on to the
+  caller, which stores them meanwhile (:func:`settle_embedded_apart` starts one and gives it its job at once);
 - :class:`ExportProcess` writes ``stream_transactions.csv`` in a child process started ahead, while the stream
   runs: by the time the topic is drained it has imported DuckDB and only the export is left to do.
 
 On MySQL/MariaDB there is no such sharing (a server owns the files): the embedded engine runs in place.
+
+This module is light to import (no DuckDB, no SQLAlchemy): a command starts these processes before its own
+imports.
 """
 
 from __future__ import annotations
@@ -19,17 +24,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import URL
-
-from cardpipe.batch.embedded import work_dir_prefix
-from cardpipe.batch.outputs import SettledRows, SettlementSummary
+from cardpipe.batch.outputs import SettledRows, SettlementSummary, work_dir_prefix
 from cardpipe.childprocs import CONTEXT, ChildProcess, prepare_child, report_to_parent
 from cardpipe.errors import CardpipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sqlalchemy.engine import URL
 
 Progress = Callable[[str], None]
 
@@ -44,61 +50,97 @@ def settle_embedded_apart(
     *,
     progress: Progress | None = None,
     on_settled: Callable[[SettledRows], None] | None = None,
+    process: SettleProcess | None = None,
 ) -> SettlementSummary:
     """:func:`~cardpipe.batch.embedded.settle_embedded` in a child process (see the module's docstring): its
     progress lines and settled rows are passed on here, in this process (``on_settled`` runs here, while the
-    child writes the files); its :class:`~cardpipe.errors.CardpipeError` is raised here as it was raised."""
-    level = logging.getLogger("cardpipe").getEffectiveLevel()
-    child = ChildProcess(
-        _settle_embedded_main,
-        database_url,
-        dict(watermark),
-        Path(out_dir),
-        level,
-        progress is not None,
-        name="cardpipe-settle-embedded",
+    child writes the files); its :class:`~cardpipe.errors.CardpipeError` is raised here as it was raised.
+    ``process``: one started ahead (stopped here, used or not), else one is started now."""
+    return (process or SettleProcess()).settle(
+        database_url, watermark, out_dir, progress=progress, on_settled=on_settled
     )
-    settled: SettledRows | None = None
-    try:
-        while True:
-            wait(child.handles)
-            for kind, payload in child.receive():
-                if kind == "progress" and progress is not None:
-                    progress(payload)
-                elif kind == "settled":
-                    settled = payload
-                    if on_settled is not None:
-                        on_settled(payload)
-                elif kind == "done":
-                    if isinstance(payload, CardpipeError):
-                        raise payload
-                    return dataclasses.replace(payload, settled=settled)
-                elif kind == "error":
-                    raise CardpipeError(f"embedded settlement failed: {payload}")
-            if not child.open:  # the child is gone without a result
+
+
+class SettleProcess:
+    """The embedded settlement's process, started at once: it imports DuckDB and the engine, then waits for
+    the one job :meth:`settle` gives it. :meth:`stop` it when it is not wanted after all (harmless after)."""
+
+    def __init__(self) -> None:
+        level = logging.getLogger("cardpipe").getEffectiveLevel()
+        jobs, self._jobs = CONTEXT.Pipe(duplex=False)
+        self._child = ChildProcess(_settle_main, jobs, level, name="cardpipe-settle-embedded")
+        jobs.close()  # the child holds the reading end: it sees EOF once this process closes or dies
+
+    @property
+    def pid(self) -> int:
+        return self._child.pid
+
+    def settle(
+        self,
+        database_url: URL,
+        watermark: Mapping[int, int],
+        out_dir: Path,
+        *,
+        progress: Progress | None = None,
+        on_settled: Callable[[SettledRows], None] | None = None,
+    ) -> SettlementSummary:
+        """Settle in the process (see :func:`settle_embedded_apart`); the process ends with it (stopped when
+        this returns or raises). Once only."""
+        if self._jobs.closed:
+            raise ValueError("this settlement process was stopped or has settled already")
+        child = self._child
+        settled: SettledRows | None = None
+        try:
+            try:
+                self._jobs.send((database_url, dict(watermark), Path(out_dir), progress is not None))
+            except OSError:  # the process is gone
                 child.join(_STOP_GRACE_SECONDS)
-                raise CardpipeError(f"the embedded settlement's process {child.describe_exit()}")
-    finally:
-        child.stop(_STOP_GRACE_SECONDS)
-        for left in Path(out_dir).glob(f"{work_dir_prefix(child.pid)}*"):  # of a child stopped before its end
-            shutil.rmtree(left, ignore_errors=True)
+                raise CardpipeError(f"the embedded settlement's process {child.describe_exit()}") from None
+            while True:
+                wait(child.handles)
+                for kind, payload in child.receive():
+                    if kind == "progress" and progress is not None:
+                        progress(payload)
+                    elif kind == "settled":
+                        settled = payload
+                        if on_settled is not None:
+                            on_settled(payload)
+                    elif kind == "done":
+                        if isinstance(payload, CardpipeError):
+                            raise payload
+                        return dataclasses.replace(payload, settled=settled)
+                    elif kind == "error":
+                        raise CardpipeError(f"embedded settlement failed: {payload}")
+                if not child.open:  # the child is gone without a result
+                    child.join(_STOP_GRACE_SECONDS)
+                    raise CardpipeError(f"the embedded settlement's process {child.describe_exit()}")
+        finally:
+            self.stop()
+            for left in Path(out_dir).glob(f"{work_dir_prefix(child.pid)}*"):  # of a child stopped before its end
+                shutil.rmtree(left, ignore_errors=True)
+
+    def stop(self) -> None:
+        """Stop the process (at once if it waits for its job); harmless when it has ended."""
+        if not self._jobs.closed:
+            self._jobs.close()  # EOF: a child waiting for its job ends by itself
+        self._child.stop(_STOP_GRACE_SECONDS)
 
 
-def _settle_embedded_main(
-    conn: Connection,
-    database_url: URL,
-    watermark: dict[int, int],
-    out_dir: Path,
-    log_level: int,
-    tell_progress: bool,
-) -> None:
-    """The settlement process: ("progress", line)…, ("settled", rows), then ("done", the summary without its
-    rows, which went ahead, or the CardpipeError that stopped it)."""
+def _settle_main(conn: Connection, jobs: Connection, log_level: int) -> None:
+    """The settlement process: import the engine, wait for the job; then ("progress", line)…, ("settled",
+    rows), then ("done", the summary without its rows, which went ahead, or the CardpipeError that stopped
+    it). Ends without a word when the caller closes its end first (it did not need the process)."""
     prepare_child(log_level, "cardpipe: %(message)s")
+    from cardpipe.batch.embedded import settle_embedded
+
+    try:
+        database_url, watermark, out_dir, tell_progress = jobs.recv()
+    except EOFError:  # not wanted after all (or the caller is gone)
+        sys.exit(0)
+    finally:
+        jobs.close()
 
     def settle() -> Any:
-        from cardpipe.batch.embedded import settle_embedded
-
         try:
             summary = settle_embedded(
                 database_url,

@@ -8,7 +8,10 @@ wheel ships (never downloaded): ``sqlite_scanner`` for the SQLite file, ``mysql_
    temporary table, with their status settled (pending becomes approved);
 2. sums the approved amounts per card, adds them to the ORIGINAL cards' balances, totals balances and
    limits per customer and applies the rules of :mod:`cardpipe.batch.rules_sql` (exact DECIMAL arithmetic);
-3. writes the three CSV files with ``COPY … TO`` into temporary names, then renames them into place.
+3. writes the three CSV files with ``COPY … TO`` into temporary names, on connections of their own (the
+   transactions' file as soon as the decisions are read, beside steps 2 and 4), then renames them into place;
+4. hands the settled cards and customers over to the caller, who stores them meanwhile (money and dates as
+   text: :class:`~cardpipe.batch.outputs.FetchedRows`).
 
 The files are those the Spark job writes: header line, money with two decimals, ``YYYY-MM-DD HH:MM:SS``
 timestamps, ``YYYY-MM-DD`` dates, NULL as an empty field, ``\\n`` line ends, text quoted as Python's csv
@@ -35,10 +38,14 @@ from cardpipe.batch.outputs import (
     BATCH_TRANSACTIONS,
     CARDS_UPDATED,
     CUSTOMERS_UPDATED,
+    DATE,
+    MONEY,
     OUTPUTS,
+    FetchedRows,
     SettledRows,
     SettlementSummary,
     timed,
+    work_dir_prefix,
 )
 from cardpipe.domain.records import (
     APPROVED,
@@ -359,19 +366,20 @@ def export_table_csv(
 
 
 class _FileWriter(threading.Thread):
-    """Writes the three output files into ``work`` on its own DuckDB connection, recording each file's
-    seconds in :attr:`steps` and a DuckDB error in :attr:`error`."""
+    """Writes output files (names of :data:`OUTPUTS`, in order) into ``work`` on its own DuckDB connection,
+    recording each file's seconds in :attr:`steps` and a DuckDB error in :attr:`error`."""
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection, work: Path) -> None:
+    def __init__(self, conn: duckdb.DuckDBPyConnection, work: Path, names: tuple[str, ...]) -> None:
         super().__init__(name="embedded-settlement-files", daemon=True)
-        self.conn, self.work = conn, work
+        self.conn, self.work, self.names = conn, work, names
         self.steps: dict[str, float] = {}
         self.written: list[Path] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            for name, (key, columns) in OUTPUTS.items():
+            for name in self.names:
+                key, columns = OUTPUTS[name]
                 staged = self.work / f"{name}.csv"
                 with timed(self.steps, f"csv:{name}"):
                     self.conn.execute(
@@ -389,15 +397,13 @@ def _q(name: str) -> str:
     return f'"{name}"'
 
 
-def _fetch_dicts(conn: duckdb.DuckDBPyConnection, query: str) -> list[dict[str, Any]]:
-    rows = conn.execute(query).fetchall()
-    names = [d[0] for d in conn.description or ()]
-    return [dict(zip(names, row, strict=True)) for row in rows]
-
-
-def work_dir_prefix(pid: int) -> str:
-    """The name prefix of the working folders process ``pid``'s settlements make inside their output folder."""
-    return f".embedded-{pid}-"
+def _fetch_rows(conn: duckdb.DuckDBPyConnection, query: str) -> FetchedRows:
+    """The rows of ``query``, its DECIMAL and DATE columns as text (see :class:`FetchedRows`)."""
+    columns = conn.execute(f"DESCRIBE {query}").fetchall()
+    names = tuple(str(c[0]) for c in columns)
+    kinds = tuple(MONEY if str(c[1]).startswith("DECIMAL") else DATE if c[1] == "DATE" else None for c in columns)
+    fields = (f"CAST({_q(n)} AS VARCHAR) AS {_q(n)}" if kind else _q(n) for n, kind in zip(names, kinds, strict=True))
+    return FetchedRows(names, kinds, conn.execute(f"SELECT {', '.join(fields)} FROM ({query})").fetchall())
 
 
 def settle_embedded(
@@ -432,39 +438,42 @@ def settle_embedded(
         try:
             with timed(steps, "read", progress):
                 conn.execute(_decisions_sql(watermark))
-            with timed(steps, "settle", progress):
-                for statement in _settle_sql():
-                    conn.execute(statement)
-            with timed(steps, "summary", progress):
-                row = conn.execute(_SUMMARY_SQL).fetchone()
-                names = [d[0] for d in conn.description or ()]
-            # The files are written on a second connection while this one hands the settled rows over and the
-            # caller stores them: DuckDB runs both at once (outside the GIL).
-            if progress is not None:
-                progress("batch stage: csv files")
-            writer = _FileWriter(conn.cursor(), work)
-            writer.start()
+            # The files are written on connections of their own while this one settles, hands the settled rows
+            # over and the caller stores them: DuckDB runs them at once (outside the GIL). The transactions'
+            # file needs only the decisions: it starts at once.
+            writers = [_FileWriter(conn.cursor(), work, (BATCH_TRANSACTIONS,))]
+            writers[0].start()
             try:
+                with timed(steps, "settle", progress):
+                    for statement in _settle_sql():
+                        conn.execute(statement)
+                with timed(steps, "summary", progress):
+                    row = conn.execute(_SUMMARY_SQL).fetchone()
+                    names = [d[0] for d in conn.description or ()]
+                if progress is not None:
+                    progress("batch stage: csv files")
+                writers.append(_FileWriter(conn.cursor(), work, (CARDS_UPDATED, CUSTOMERS_UPDATED)))
+                writers[1].start()
                 with timed(steps, "rows", progress):
                     settled = SettledRows(
-                        cards=_fetch_dicts(
+                        _fetch_rows(
                             conn,
                             f"SELECT {', '.join(f'c.{_q(n)}' for n in CARD_COLUMNS)}, "
                             "coalesce(a.n, 0) AS settled_count FROM cards_out c LEFT JOIN approved a USING (card_id)",
                         ),
-                        customers=_fetch_dicts(
-                            conn, f"SELECT {', '.join(map(_q, CUSTOMER_COLUMNS))} FROM customers_out"
-                        ),
+                        _fetch_rows(conn, f"SELECT {', '.join(map(_q, CUSTOMER_COLUMNS))} FROM customers_out"),
                     )
                 if on_settled is not None:
                     with timed(steps, "stored", progress):
                         on_settled(settled)
             finally:
-                writer.join()
-            steps.update(writer.steps)
-            if writer.error is not None:
-                raise writer.error
-            written = writer.written
+                for writer in writers:
+                    writer.join()
+            for writer in writers:
+                steps.update(writer.steps)
+                if writer.error is not None:
+                    raise writer.error
+                written.extend(writer.written)
         except duckdb.Error as exc:
             where = database_url.render_as_string(hide_password=True)
             secrets = (str(database_url.password),) if database_url.password else ()

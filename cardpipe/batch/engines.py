@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cardpipe.batch.apart import settle_embedded_apart
+from cardpipe.batch.apart import SettleProcess, settle_embedded_apart
 from cardpipe.batch.outputs import SettledRows, SettlementSummary
 from cardpipe.batch.spark import local_cores
 from cardpipe.errors import ConfigError, DatabaseUnavailable
@@ -71,21 +71,31 @@ def run_engine(
     *,
     progress: Progress | None = None,
     on_settled: Callable[[SettledRows], None] | None = None,
+    settle_process: SettleProcess | None = None,
 ) -> SettlementSummary:
     """Settle the decisions at or below ``watermark`` (partition → last checkpoint_seq) of
     ``settings.database_url`` with the engine ``name`` (``auto`` resolved by :func:`choose_engine`) and write
     ``batch_transactions.csv``, ``cards_updated.csv`` and ``customers_updated.csv`` into ``out_dir``.
 
     ``on_settled``: the embedded engine calls it with the settled rows while it writes the files (the Spark
-    engine does not: its rows are in the files, :attr:`SettlementSummary.settled` is None)."""
+    engine does not: its rows are in the files, :attr:`SettlementSummary.settled` is None).
+    ``settle_process``: an embedded settlement's process started ahead, used on SQLite (stopped either way)."""
     engine = choose_engine(name, settings.spark_master, settings.spark_remote)
     out_dir = Path(out_dir)
+    apart = engine == EMBEDDED and settings.database_url.get_backend_name() == "sqlite"
+    if settle_process is not None and not apart:
+        settle_process.stop()  # not needed: the engine runs here, or on Spark
     if engine == EMBEDDED:
         if progress:
             progress("settling with the embedded engine (DuckDB)")
-        if settings.database_url.get_backend_name() == "sqlite":
+        if apart:
             return settle_embedded_apart(
-                settings.database_url, watermark, out_dir, progress=progress, on_settled=on_settled
+                settings.database_url,
+                watermark,
+                out_dir,
+                progress=progress,
+                on_settled=on_settled,
+                process=settle_process,
             )
         from cardpipe.batch.embedded import settle_embedded
 

@@ -7,9 +7,12 @@ The three result files of SPEC §5 (:data:`OUTPUTS`) and the counts an engine re
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
 from typing import Any
 
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
@@ -32,14 +35,64 @@ def output_file(name: str) -> str:
     return f"{name}.csv"
 
 
+def work_dir_prefix(pid: int) -> str:
+    """The name prefix of the working folders process ``pid``'s embedded settlements make inside their output
+    folder."""
+    return f".embedded-{pid}-"
+
+
+#: The kinds of :class:`FetchedRows` columns held as text: exact money and calendar dates.
+MONEY, DATE = "money", "date"
+_FROM_TEXT: dict[str, Callable[[str], Any]] = {MONEY: Decimal, DATE: date.fromisoformat}
+
+
+@dataclass(frozen=True)
+class FetchedRows:
+    """Rows as an engine fetched them: column names, each column's kind (:data:`MONEY`, :data:`DATE`, or None:
+    the value as it is) and the rows as tuples, money and dates as their text (quick to fetch and to send to
+    another process, where Decimals and dates are not)."""
+
+    names: tuple[str, ...]
+    kinds: tuple[str | None, ...]
+    rows: list[tuple[Any, ...]]
+
+    def typed(self) -> list[dict[str, Any]]:
+        """The rows as dicts of typed values (money as exact Decimal, dates as :class:`~datetime.date`)."""
+        names = self.names
+        convert = [(i, _FROM_TEXT[kind]) for i, kind in enumerate(self.kinds) if kind is not None]
+        if not convert:
+            return [dict(zip(names, row, strict=True)) for row in self.rows]
+        typed = []
+        for row in self.rows:
+            values = list(row)
+            for i, parse in convert:
+                if values[i] is not None:
+                    values[i] = parse(values[i])
+            typed.append(dict(zip(names, values, strict=True)))
+        return typed
+
+
 @dataclass(frozen=True)
 class SettledRows:
     """A settlement's rows for the serving database: every card (its :data:`CARD_COLUMNS` plus
     ``settled_count``, how many of its pending decisions the settlement approved) and every customer (its
-    :data:`CUSTOMER_COLUMNS`), as dicts of typed values."""
+    :data:`CUSTOMER_COLUMNS`), held as fetched; :attr:`cards` and :attr:`customers` are them as dicts of typed
+    values (converted on first use: a settlement's process passes them on without converting them)."""
 
-    cards: list[dict[str, Any]]
-    customers: list[dict[str, Any]]
+    fetched_cards: FetchedRows
+    fetched_customers: FetchedRows
+
+    @functools.cached_property
+    def cards(self) -> list[dict[str, Any]]:
+        return self.fetched_cards.typed()
+
+    @functools.cached_property
+    def customers(self) -> list[dict[str, Any]]:
+        return self.fetched_customers.typed()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent as fetched: the typed rows, if converted already, are made again on the other side.
+        return {"fetched_cards": self.fetched_cards, "fetched_customers": self.fetched_customers}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SAWarning, SQLAlchemyError
 
-from cardpipe.batch.apart import ExportProcess
+from cardpipe.batch.apart import ExportProcess, SettleProcess
 from cardpipe.config import Settings
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
 from cardpipe.errors import BrokerLost, BrokerUnavailable, CardpipeError, ConfigError, first_line
@@ -556,8 +556,12 @@ def batch(
     *,
     engine_name: str | None = None,
     runtime: Runtime | None = None,
+    settle_process: SettleProcess | None = None,
 ) -> BatchResult:
     """Settle every decision committed so far (SPEC §4 and §9) and publish the settlement.
+
+    ``settle_process``: the embedded engine's process, started ahead by the caller (see
+    :mod:`cardpipe.batch.apart`); owned from here on (stopped, used or not).
 
     Safe beside a running consumer: the watermark is fixed at the start, the engine settles exactly the
     decisions at or below it from the original cards and customers, the settled rows are written aside
@@ -574,6 +578,8 @@ def batch(
     started = time.perf_counter()
     name = choose_engine(engine_name or settings.batch_engine, settings.spark_master, settings.spark_remote)
     with _runtime(settings, runtime, command="cardpipe batch") as rt:
+        if settle_process is not None:
+            rt.adopt(settle_process)
         if runtime is None:
             _warn_if_undecided(rt, rt.loaded_engine("cardpipe batch"))
         store = SettlementStore(rt.ensure_schema(), settings.kafka_topic)
@@ -603,6 +609,7 @@ def batch(
                     staged,
                     progress=_noting(progress, spinner),
                     on_settled=store_settled,
+                    settle_process=settle_process,
                 )
                 crash_point("batch.computed")
                 if not stored:  # not handed over by the engine: read back from its files, counted in the database

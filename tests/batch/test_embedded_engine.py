@@ -611,6 +611,50 @@ def test_apart_the_engines_errors_and_the_callers_reach_the_caller(seed_serving:
     assert not list(tmp_path.glob(".embedded-*"))  # nor its working folder left behind
 
 
+def test_a_settlement_process_started_ahead_settles_once_and_ends_when_unused_or_killed(
+    seed_serving: Serving, tmp_path: Path
+) -> None:
+    """``cardpipe batch`` starts the engine's process before its own imports: given its job later, it settles as
+    the engine in place does; never given one, it ends; killed before it, the caller is told how it ended."""
+    import multiprocessing
+    import signal
+
+    from cardpipe.batch.apart import SettleProcess
+    from cardpipe.batch.embedded import settle_embedded
+    from cardpipe.errors import CardpipeError
+
+    watermark = seed_serving.full_watermark()
+    ahead = SettleProcess()
+    handed: list[Any] = []
+    lines: list[str] = []
+    summary = ahead.settle(
+        seed_serving.url, watermark, tmp_path / "ahead", progress=lines.append, on_settled=handed.append
+    )
+    in_place = settle_embedded(seed_serving.url, watermark, tmp_path / "in-place")
+    assert in_place.settled is not None and summary.settled is not None
+    assert (summary.transactions, summary.approved, summary.cards) == (
+        in_place.transactions,
+        in_place.approved,
+        in_place.cards,
+    )
+    assert handed == [summary.settled] and summary.settled.cards == in_place.settled.cards
+    assert "batch stage: read" in lines
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "ahead" / name).read_bytes() == (tmp_path / "in-place" / name).read_bytes()
+    with pytest.raises(ValueError, match="settled already"):
+        ahead.settle(seed_serving.url, watermark, tmp_path / "again")
+
+    unused = SettleProcess()
+    unused.stop()  # never given a job: it ends at once
+    assert not multiprocessing.active_children()
+    killed = SettleProcess()
+    os.kill(killed.pid, signal.SIGKILL)
+    with pytest.raises(CardpipeError, match=r"settlement's process was killed \(SIGKILL\)"):
+        killed.settle(seed_serving.url, watermark, tmp_path / "killed")
+    assert not multiprocessing.active_children()
+    assert not (tmp_path / "killed").exists() or not any((tmp_path / "killed").iterdir())
+
+
 def test_extension_is_loaded_from_its_wheel_and_missing_extras_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     import duckdb
 
