@@ -11,7 +11,8 @@ Python's ``sqlite3`` (every cardpipe command does: claims, heartbeats, checkpoin
   ready, then settles the one job it is given; its progress lines and settled rows are passed on to the
   caller, which stores them meanwhile (:func:`settle_embedded_apart` starts one and gives it its job at once);
 - :class:`ExportProcess` writes ``stream_transactions.csv`` in a child process started ahead, while the stream
-  runs: by the time the topic is drained it has imported DuckDB and only the export is left to do.
+  runs: by the time the topic is drained it has imported DuckDB and copied the decisions committed so far
+  (:class:`~cardpipe.batch.embedded.FollowedTable`), so only the last ones are read before the file is written.
 
 On MySQL/MariaDB there is no such sharing (a server owns the files): the embedded engine runs in place.
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sqlalchemy.engine import URL
 
 Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 #: How long a settlement process is given to stop (SIGTERM) when its caller gives up, before SIGKILL.
 _STOP_GRACE_SECONDS = 10.0
@@ -159,14 +161,20 @@ def _settle_main(conn: Connection, jobs: Connection, log_level: int) -> None:
 class ExportProcess:
     """Writes tables of a SQLite serving file as CSV (:func:`~cardpipe.batch.embedded.export_table_csv`) in a
     child process started ahead: it imports DuckDB and attaches the file while the caller works (a process of
-    its own: the file's locks hold between the two), then writes each file it is asked for, in order."""
+    its own: the file's locks hold between the two), then writes each file it is asked for, in order.
 
-    def __init__(self, database_url: URL) -> None:
+    ``follow``: an insert-only table and its columns to copy while the caller writes it
+    (:class:`~cardpipe.batch.embedded.FollowedTable`, every :data:`FOLLOW_SECONDS`, in a folder beside the
+    file), so that writing it out when asked reads only its last rows."""
+
+    def __init__(self, database_url: URL, follow: tuple[str, Sequence[str]] | None = None) -> None:
         level = logging.getLogger("cardpipe").getEffectiveLevel()
         jobs, self._jobs = CONTEXT.Pipe(duplex=False)
-        self._child = ChildProcess(_export_main, jobs, database_url, level, name="cardpipe-export")
+        followed = (follow[0], tuple(follow[1])) if follow is not None else None
+        self._child = ChildProcess(_export_main, jobs, database_url, level, followed, name="cardpipe-export")
         jobs.close()  # the child holds the reading end: it sees EOF once this process closes or dies
         self._pending: list[str] = []  # the tables asked for, whose result is not read yet
+        self._folder = Path(database_url.database or ".").parent
 
     @property
     def pid(self) -> int:
@@ -218,23 +226,52 @@ class ExportProcess:
         if not self._jobs.closed:
             self._jobs.close()  # EOF: a child waiting for a job ends by itself
         self._child.stop(_STOP_GRACE_SECONDS)
+        for left in self._folder.glob(f"{_follow_prefix(self._child.pid)}*"):  # of a child killed before its end
+            shutil.rmtree(left, ignore_errors=True)
 
 
-def _export_main(conn: Connection, jobs: Connection, database_url: URL, log_level: int) -> None:
-    """The export process: attach the database, then for each job ("exported", its row count or its
-    CardpipeError); ends when the caller closes its end."""
+#: How often the export process copies the rows of the table it follows.
+FOLLOW_SECONDS = 0.2
+
+
+def _follow_prefix(pid: int) -> str:
+    return f".cardpipe-follow-{pid}-"
+
+
+def _export_main(
+    conn: Connection,
+    jobs: Connection,
+    database_url: URL,
+    log_level: int,
+    follow: tuple[str, tuple[str, ...]] | None = None,
+) -> None:
+    """The export process: attach the database (and follow a table, :class:`ExportProcess`), then for each job
+    ("exported", its row count or its CardpipeError); ends when the caller closes its end."""
     prepare_child(log_level, "cardpipe: %(message)s")
-    from cardpipe.batch.embedded import connect_for_export, export_table_csv
+    import os
+    import tempfile
+
+    from cardpipe.batch.embedded import FollowedTable, connect_for_export, export_table_csv
 
     def serve_jobs() -> None:
         duck: Any = None
         failed: CardpipeError | None = None
+        followed: FollowedTable | None = None
+        work: Path | None = None
         try:
             duck = connect_for_export(database_url)
+            if follow is not None:
+                folder = Path(database_url.database or ".").parent
+                work = Path(tempfile.mkdtemp(prefix=_follow_prefix(os.getpid()), dir=folder))
+                followed = FollowedTable(duck, follow[0], follow[1], work)
         except CardpipeError as exc:  # reported for each job (the caller may never ask for one)
             failed = exc
+        except Exception as exc:  # following is a speed-up: without it, each job reads the table whole
+            log.debug("not following %s: %s", follow, exc)
         try:
             while True:
+                while followed is not None and not jobs.poll(FOLLOW_SECONDS):
+                    followed.catch_up()
                 try:
                     table, columns, key, path = jobs.recv()
                 except EOFError:  # the caller is done (or gone)
@@ -242,12 +279,17 @@ def _export_main(conn: Connection, jobs: Connection, database_url: URL, log_leve
                 try:
                     if failed is not None:
                         raise failed
-                    result: Any = export_table_csv(database_url, table, columns, key, path, conn=duck)
+                    if followed is not None and (table, tuple(columns)) == (followed.table, followed.columns):
+                        result: Any = followed.export_csv(key, path, database_url)
+                    else:
+                        result = export_table_csv(database_url, table, columns, key, path, conn=duck)
                 except CardpipeError as exc:
                     result = exc
                 conn.send(("exported", result))
         finally:
             if duck is not None:
                 duck.close()
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
 
     report_to_parent(conn, serve_jobs)

@@ -56,7 +56,7 @@ from cardpipe.domain.records import (
     REJECTED,
     STREAM_COLUMNS,
 )
-from cardpipe.errors import CardpipeError, ConfigError, DatabaseUnavailable
+from cardpipe.errors import CardpipeError, ConfigError, DatabaseUnavailable, first_line
 from cardpipe.serving.settlement_source import watermark_sql
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -340,26 +340,113 @@ def export_table_csv(
     import duckdb
 
     source = f'(SELECT {", ".join(_exact_column(c) for c in columns)} FROM {SERVING}."{table}")'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     spill = path.with_name(f".{path.name}.spill-{os.getpid()}")
     own = conn is None
     if conn is None:
         conn = connect_for_export(database_url)
     try:
         conn.execute(f"SET temp_directory = {rules.sql_string(str(spill))}")
-        query = _output_select(columns, source, key)
-        row = conn.execute(f"COPY ({query}) TO {rules.sql_string(str(staged))} ({_copy_options()})").fetchone()
-        os.replace(staged, path)
+        return _copy_to_csv(conn, table, _output_select(columns, source, key), path)
     except duckdb.Error as exc:
-        text = str(exc).strip()
-        raise CardpipeError(f"exporting {table}: {text.splitlines()[0] if text else type(exc).__name__}") from None
+        raise CardpipeError(f"exporting {table}: {first_line(exc)}") from None
     finally:
         if own:
             conn.close()
-        staged.unlink(missing_ok=True)
         shutil.rmtree(spill, ignore_errors=True)
+
+
+def _copy_to_csv(conn: duckdb.DuckDBPyConnection, table: str, query: str, path: Path) -> int:
+    """COPY ``query`` to ``path`` in the settlement files' format, written aside then renamed; the row count."""
+    import duckdb
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        row = conn.execute(f"COPY ({query}) TO {rules.sql_string(str(staged))} ({_copy_options()})").fetchone()
+        os.replace(staged, path)
+    except duckdb.Error as exc:
+        raise CardpipeError(f"exporting {table}: {first_line(exc)}") from None
+    finally:
+        staged.unlink(missing_ok=True)
     return int(row[0]) if row else 0
+
+
+class FollowedTable:
+    """A copy of an insert-only table of a SQLite serving file, kept up to date while the stream writes it, so
+    that writing it out at the end reads only what came last (:meth:`export_csv`).
+
+    SQLite gives a table without an integer primary key the next ``rowid`` above its largest at each insert,
+    and one writer commits at a time: rows committed later have larger rowids. :meth:`catch_up` copies the
+    rows above the last rowid copied (the query runs in SQLite, ``sqlite_query``; one short read each) into a
+    DuckDB file in ``work``, so memory stays within the connection's budget. The copy is trusted only when the
+    table has as many rows as it, up to the same largest rowid: anything else (rows deleted, the table made
+    anew, a read failed) and :meth:`export_csv` reads the table whole, as :func:`export_table_csv` does.
+    """
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection, table: str, columns: tuple[str, ...], work: Path) -> None:
+        self.conn, self.table, self.columns, self.work = conn, table, columns, work
+        self.last_rowid = 0
+        self.rows = 0
+        self.broken: str | None = None  # why the copy cannot be trusted
+        quoted = ", ".join(_q(c) for c in columns)
+        raw_types = conn.execute(f"DESCRIBE SELECT {quoted} FROM {SERVING}.{_q(table)}").fetchall()
+        self._casts = ", ".join(f"CAST({_q(name)} AS {kind}) AS {_q(name)}" for name, kind, *_ in raw_types)
+        self._read = f"SELECT rowid AS rid, {quoted} FROM {_q(table)} WHERE rowid > "
+        conn.execute(f"ATTACH {rules.sql_string(str(work / 'copy.duckdb'))} AS followed")
+        conn.execute(f"SET temp_directory = {rules.sql_string(str(work / 'spill'))}")
+        kinds = ", ".join(f"{_q(name)} {kind}" for name, kind, *_ in raw_types)
+        conn.execute(f"CREATE TABLE followed.copied (rid BIGINT, {kinds})")
+
+    def catch_up(self) -> int:
+        """Copy the rows committed since the last call; how many. A failed read leaves the copy untrusted."""
+        if self.broken is not None:
+            return 0
+        import duckdb
+
+        query = rules.sql_string(self._read + str(self.last_rowid))
+        try:
+            self.conn.execute(
+                f"INSERT INTO followed.copied SELECT CAST(rid AS BIGINT), {self._casts} "
+                f"FROM sqlite_query({rules.sql_string(SERVING)}, {query})"
+            )
+            count, largest = self.conn.execute(
+                f"SELECT count(*), max(rid) FROM followed.copied WHERE rid > {self.last_rowid}"
+            ).fetchone() or (0, None)
+        except duckdb.Error as exc:
+            self.broken = f"reading {self.table} failed: {first_line(exc)}"
+            log.debug("following %s stopped: %s", self.table, self.broken)
+            return 0
+        if count:
+            self.rows += int(count)
+            self.last_rowid = int(largest)
+        return int(count)
+
+    def export_csv(self, key: str, path: Path, database_url: URL) -> int:
+        """Catch up, then write the table to ``path`` as :func:`export_table_csv` does, from the copy when it
+        is whole, else from the table itself. Returns the row count."""
+        import duckdb
+
+        before = self.rows
+        self.catch_up()
+        if self.broken is None:
+            try:
+                measure = rules.sql_string(f"SELECT count(*) AS n, max(rowid) AS largest FROM {_q(self.table)}")
+                in_sqlite = f"sqlite_query({rules.sql_string(SERVING)}, {measure})"
+                row = self.conn.execute(f"SELECT * FROM {in_sqlite}").fetchone()
+            except duckdb.Error as exc:
+                self.broken = f"reading {self.table} failed: {first_line(exc)}"
+            else:
+                count, largest = (int(value) if value is not None else 0 for value in (row or (0, 0)))
+                if (count, largest) != (self.rows, self.last_rowid):
+                    self.broken = (
+                        f"it holds {count} rows up to rowid {largest}, the copy {self.rows} up to {self.last_rowid}"
+                    )
+        if self.broken is not None:
+            log.debug("%s written from the table itself: %s", self.table, self.broken)
+            return export_table_csv(database_url, self.table, self.columns, key, path, conn=self.conn)
+        log.debug("%s written from its copy: %d rows, %d read when asked", self.table, self.rows, self.rows - before)
+        copied = f"(SELECT {', '.join(_exact_column(c) for c in self.columns)} FROM followed.copied)"
+        return _copy_to_csv(self.conn, self.table, _output_select(self.columns, copied, key), path)
 
 
 # --------------------------------------------------------------------------------------------- the engine

@@ -239,9 +239,14 @@ def consume(
     finishing = publishing is None and should_stop is None and not options.follow and options.partitions is None
     with _runtime(settings, runtime, broker, command="cardpipe consume") as rt:
         # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started now so that
-        # it is ready when the topic is drained; a consumer that follows starts it only when it stops.
+        # it is ready when the topic is drained, having copied the decisions as they were committed (it reads
+        # only the last ones then); a consumer that follows starts it only when it stops.
         sqlite = settings.database_url.get_backend_name() == "sqlite"
-        ahead = rt.start(lambda: ExportProcess(settings.database_url)) if sqlite and not options.follow else None
+        ahead = (
+            rt.start(lambda: ExportProcess(settings.database_url, follow=("stream_transactions", STREAM_COLUMNS)))
+            if sqlite and not options.follow
+            else None
+        )
         stream_path = settings.results_dir / serving_results.STREAM_RESULTS_FILE
         asked_when_drained = False  # ``ahead`` was asked for the file when the topic was last drained
         finished = False  # ... and no leg of the stream ran after that

@@ -173,3 +173,54 @@ def test_the_export_process_writes_the_same_file_and_reports_errors(tmp_path: Pa
         killed.stop()
     assert not multiprocessing.active_children()
     assert path.read_bytes() == expected_bytes(rows)  # the failed export left the file as it was
+
+
+def test_the_export_process_follows_the_table_and_writes_it_from_its_copy(tmp_path: Path, capfd) -> None:
+    """Following ``stream_transactions`` while rows are committed in waves, the export process writes the file
+    from its copy (only the last rows read when asked), byte for byte the file read whole; a row deleted
+    under it (the table no longer holds what was copied) and it reads the table whole instead, still exact."""
+    import logging
+    import multiprocessing
+    import time
+
+    from sqlalchemy.engine import URL
+
+    from cardpipe.batch.apart import FOLLOW_SECONDS, ExportProcess
+
+    url = URL.create("sqlite", database=str(tmp_path / "cardpipe.db"))
+    engine = make_engine(url)
+    rows = decision_rows()
+    path = tmp_path / "out" / "stream_transactions.csv"
+    cardpipe_log = logging.getLogger("cardpipe")
+    level = cardpipe_log.level
+    cardpipe_log.setLevel(logging.DEBUG)  # the child logs which way it wrote the file
+    try:
+        create_clean_schema(engine)
+        process = ExportProcess(url, follow=("stream_transactions", STREAM_COLUMNS))
+        cardpipe_log.setLevel(level)
+        try:
+            for wave in (rows[:10], rows[10:30], rows[30:50]):
+                with engine.begin() as conn:
+                    conn.execute(schema.stream_transactions.insert(), wave)
+                time.sleep(3 * FOLLOW_SECONDS)  # copied meanwhile
+            assert list(tmp_path.glob(".cardpipe-follow-*")), "the copy lives beside the database"
+            with engine.begin() as conn:  # committed just before the file is asked for: read then
+                conn.execute(schema.stream_transactions.insert(), rows[50:])
+            assert process.export_table_csv("stream_transactions", STREAM_COLUMNS, "transaction_id", path) == 60
+            assert path.read_bytes() == expected_bytes(rows)
+            assert "stream_transactions written from its copy: 60 rows, 10 read when asked" in capfd.readouterr().err
+            with engine.begin() as conn:
+                conn.execute(schema.stream_transactions.delete().where(schema.stream_transactions.c.card_id == 1))
+            kept = [row for row in rows if row["card_id"] != 1]
+            assert process.export_table_csv("stream_transactions", STREAM_COLUMNS, "transaction_id", path) == len(kept)
+            assert path.read_bytes() == expected_bytes(kept)
+            told = capfd.readouterr().err
+            assert f"written from the table itself: it holds {len(kept)} rows up to rowid 60, the copy 60" in told
+        finally:
+            process.stop()
+    finally:
+        cardpipe_log.setLevel(level)
+        engine.dispose()
+    assert not multiprocessing.active_children()
+    assert not list(tmp_path.glob(".cardpipe-follow-*")), "the copy is removed with the process"
+    assert not list(path.parent.glob(".*"))
