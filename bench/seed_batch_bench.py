@@ -6,14 +6,15 @@
    folder ``tx<N>_seed<S>_cardpipe_results`` with the REAL stream results of the product: ``cardpipe setup``,
    ``load``, ``produce`` and ``consume --until-caught-up`` (embedded broker and SQLite), each a subprocess;
    the folder's embedded broker is stopped afterwards. It holds ``cardpipe.db`` and ``stream_transactions.csv``.
-2. **ours**: ``cardpipe.db`` copied (not timed) into a fresh folder, then ``cardpipe batch -q --engine
-   embedded --results-dir FOLDER`` (the embedded DuckDB engine: it reads the decisions from the SQLite file,
-   writes the three CSVs into the folder and the settled tables into the database). ``--engine spark`` times
-   the Spark engine instead (``local[*]``, as the seed's job runs).
+2. **ours**: ``cardpipe.db`` copied into a fresh folder and synced to disk (not timed), then ``cardpipe batch
+   -q --engine embedded --results-dir FOLDER`` (the embedded DuckDB engine: it reads the decisions from the
+   SQLite file, writes the three CSVs into the folder and the settled tables into the database). ``--engine
+   spark`` times the Spark engine instead (``local[*]``, as the seed's job runs).
 3. **seed**: the seed's ``batch_processor.py``, unmodified, run as ../shared/reference/seed_code/README.md
    says: a fresh RUN folder with the seed's ``*.py``, the dataset's CSVs in ``RUN/dataset_22/`` and the stream
-   results in ``RUN/results/`` (copies not timed), then ``python batch_processor.py`` in RUN with the shim on
-   PYTHONPATH (pyspark with its defaults: ``local[*]``, 1 GB driver; its JVM is a child process).
+   results in ``RUN/results/`` (copies synced to disk, not timed), then ``python batch_processor.py`` in RUN
+   with the shim on PYTHONPATH (pyspark with its defaults: ``local[*]``, 1 GB driver; its JVM is a child
+   process).
 4. The jobs alternate, ``--rounds`` times each: seed, ours, seed, ours, ...
 5. The outputs of the first ours and the first seed run are compared with ``../shared/tools/compare_results.py
    SEED OURS`` (numbers within 0.005; its verdict is printed as it is), and row by row here, the differences
@@ -234,6 +235,7 @@ def run_ours(prepared: Path, folder: Path, engine: str = "embedded") -> dict[str
     for name in (SQLITE_FILE, SQLITE_FILE + "-wal"):  # a WAL left over would hold committed rows
         if (prepared / name).is_file():
             shutil.copy2(prepared / name, folder / name)
+    os.sync()  # the copy written out before the clock starts (its writeback would slow whatever runs next)
     argv = [str(CARDPIPE), "batch", "-q", "--engine", engine, "--results-dir", str(folder)]
     result = run_measured(argv, folder, _env(), "batch")
     result["summary_line"] = (folder / "batch.out").read_text().strip()
@@ -253,6 +255,7 @@ def run_seed(data_dir: Path, prepared: Path, run_dir: Path) -> dict[str, Any]:
     for path in data_dir.glob("*.csv"):
         shutil.copyfile(path, run_dir / "dataset_22" / path.name)
     shutil.copyfile(prepared / STREAM_FILE, run_dir / "results" / STREAM_FILE)
+    os.sync()  # as for ours
     env = _env(PYTHONPATH=str(SEED_CODE / "shim"))
     env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # as batch_bench.py: no hostname lookup warnings
     result = run_measured([str(PYTHON), "batch_processor.py"], run_dir, env, "seed")

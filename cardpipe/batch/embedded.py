@@ -16,8 +16,8 @@ wheel ships (never downloaded): ``sqlite_scanner`` for the SQLite file, ``mysql_
 The files are those the Spark job writes: header line, money with two decimals, ``YYYY-MM-DD HH:MM:SS``
 timestamps, ``YYYY-MM-DD`` dates, NULL as an empty field, ``\\n`` line ends, text quoted as Python's csv
 module quotes it (``QUOTE_MINIMAL``: a field holding a comma, a double quote or a line break is enclosed
-in double quotes, inner quotes doubled; the quoting is done in SQL, so that a ``#`` or an empty string,
-which DuckDB's own writer would quote, stays bare).
+in double quotes, inner quotes doubled): by DuckDB's own writer when no text holds a ``#`` and none is
+empty (which it would quote), else in SQL (:func:`csv_field`).
 """
 
 from __future__ import annotations
@@ -299,20 +299,49 @@ SELECT
 _TABLES = {BATCH_TRANSACTIONS: "decisions", CARDS_UPDATED: "cards_out", CUSTOMERS_UPDATED: "customers_out"}
 
 
-def _copy_options() -> str:
+def _copy_options(quote: str = "") -> str:
+    """The COPY options of the files; ``quote``: DuckDB's own quoting (``'"'``) or none (``''``: the fields
+    are quoted in SQL, :func:`csv_field`)."""
     return ", ".join(
         [
             "FORMAT csv",
             "HEADER true",
             "DELIMITER ','",
-            "QUOTE ''",
-            "ESCAPE ''",
+            f"QUOTE {rules.sql_string(quote)}",
+            f"ESCAPE {rules.sql_string(quote)}",
             "NULLSTR ''",
             "NEW_LINE '\\n'",
             f"TIMESTAMPFORMAT {rules.sql_string(TIMESTAMP_FORMAT)}",
             f"DATEFORMAT {rules.sql_string(DATE_FORMAT)}",
         ]
     )
+
+
+def _csv_copy(
+    conn: duckdb.DuckDBPyConnection, columns: tuple[str, ...], source: str, key: str, path: Path, *, look: bool = True
+) -> str:
+    """The COPY statement writing ``columns`` of ``source`` (a table or a subquery) ordered by ``key`` to
+    ``path`` in the files' format.
+
+    DuckDB's own quoting gives Python's bytes (a field holding a comma, a quote, a line feed or a carriage return
+    quoted, inner quotes doubled) except for two kinds of text, which it quotes and Python does not: the empty
+    string and any text holding a ``#``. With ``look``, one pass over the text columns finds whether ``source``
+    holds any of those: if not, DuckDB quotes (faster than quoting in SQL), else :func:`csv_field` does.
+    """
+    texts = [c for c in columns if c in _TEXT_COLUMNS]
+    native = False
+    if look:
+        if not texts:
+            native = True
+        else:
+            found = ", ".join(f"bool_or({_q(c)} = '' OR contains({_q(c)}, '#'))" for c in texts)
+            row = conn.execute(f"SELECT {found} FROM {source}").fetchone()
+            native = row is not None and not any(row)
+    target = rules.sql_string(str(path))
+    if native:
+        query = f"SELECT {', '.join(map(_q, columns))} FROM {source} ORDER BY {_q(key)}"
+        return f"COPY ({query}) TO {target} ({_copy_options(quote=chr(34))})"
+    return f"COPY ({_output_select(columns, source, key)}) TO {target} ({_copy_options()})"
 
 
 # --------------------------------------------------------------------------------------------- exports
@@ -346,7 +375,7 @@ def export_table_csv(
         conn = connect_for_export(database_url)
     try:
         conn.execute(f"SET temp_directory = {rules.sql_string(str(spill))}")
-        return _copy_to_csv(conn, table, _output_select(columns, source, key), path)
+        return _copy_to_csv(conn, table, path, lambda staged: _csv_copy(conn, columns, source, key, staged, look=False))
     except duckdb.Error as exc:
         raise CardpipeError(f"exporting {table}: {first_line(exc)}") from None
     finally:
@@ -355,14 +384,14 @@ def export_table_csv(
         shutil.rmtree(spill, ignore_errors=True)
 
 
-def _copy_to_csv(conn: duckdb.DuckDBPyConnection, table: str, query: str, path: Path) -> int:
-    """COPY ``query`` to ``path`` in the settlement files' format, written aside then renamed; the row count."""
+def _copy_to_csv(conn: duckdb.DuckDBPyConnection, table: str, path: Path, statement: Callable[[Path], str]) -> int:
+    """Run the COPY ``statement`` gives for a staged name beside ``path``, then rename it; the row count."""
     import duckdb
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        row = conn.execute(f"COPY ({query}) TO {rules.sql_string(str(staged))} ({_copy_options()})").fetchone()
+        row = conn.execute(statement(staged)).fetchone()
         os.replace(staged, path)
     except duckdb.Error as exc:
         raise CardpipeError(f"exporting {table}: {first_line(exc)}") from None
@@ -446,7 +475,9 @@ class FollowedTable:
             return export_table_csv(database_url, self.table, self.columns, key, path, conn=self.conn)
         log.debug("%s written from its copy: %d rows, %d read when asked", self.table, self.rows, self.rows - before)
         copied = f"(SELECT {', '.join(_exact_column(c) for c in self.columns)} FROM followed.copied)"
-        return _copy_to_csv(self.conn, self.table, _output_select(self.columns, copied, key), path)
+        return _copy_to_csv(
+            self.conn, self.table, path, lambda staged: _csv_copy(self.conn, self.columns, copied, key, staged)
+        )
 
 
 # --------------------------------------------------------------------------------------------- the engine
@@ -469,10 +500,7 @@ class _FileWriter(threading.Thread):
                 key, columns = OUTPUTS[name]
                 staged = self.work / f"{name}.csv"
                 with timed(self.steps, f"csv:{name}"):
-                    self.conn.execute(
-                        f"COPY ({_output_select(columns, _TABLES[name], key)}) "
-                        f"TO {rules.sql_string(str(staged))} ({_copy_options()})"
-                    )
+                    self.conn.execute(_csv_copy(self.conn, columns, _TABLES[name], key, staged))
                 self.written.append(staged)
         except BaseException as exc:  # handed to the settling thread, which raises it
             self.error = exc
@@ -524,7 +552,10 @@ def settle_embedded(
         conn = connect(database_url, threads=threads, temp_dir=work / "spill")
         try:
             with timed(steps, "read", progress):
+                # In any order: every output is sorted by its key (the scan then runs on every thread).
+                conn.execute("SET preserve_insertion_order = false")
                 conn.execute(_decisions_sql(watermark))
+                conn.execute("SET preserve_insertion_order = true")
             # The files are written on connections of their own while this one settles, hands the settled rows
             # over and the caller stores them: DuckDB runs them at once (outside the GIL). The transactions'
             # file needs only the decisions: it starts at once.

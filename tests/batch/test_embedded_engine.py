@@ -449,10 +449,12 @@ def test_empty_watermark_settles_nothing_and_recomputes_from_the_originals(
     assert all((again / f).read_bytes() == (tmp_path / f).read_bytes() for f in OUTPUT_FILES)
 
 
-def test_csv_text_is_quoted_as_pythons_csv_module(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hash_or_empty", [True, False], ids=["quoted-in-sql", "quoted-by-duckdb"])
+def test_csv_text_is_quoted_as_pythons_csv_module(tmp_path: Path, hash_or_empty: bool) -> None:
     """Text with commas, quotes, line breaks, '#', leading spaces, empty strings: the file is byte for byte what
     Python's csv writer (QUOTE_MINIMAL, '\\n' line ends) writes, except that a carriage return is quoted too
-    (Python leaves it bare after a '\\n' line terminator, and then cannot read the file back)."""
+    (Python leaves it bare after a '\\n' line terminator, and then cannot read the file back). Without a '#'
+    or an empty text DuckDB's own writer quotes the fields: the same bytes."""
     from cardpipe.batch.embedded import settle_embedded
 
     texts = [
@@ -475,6 +477,8 @@ def test_csv_text_is_quoted_as_pythons_csv_module(tmp_path: Path) -> None:
         '""',
         "\n",
     ]
+    if not hash_or_empty:
+        texts = [t for t in texts if t and "#" not in t]
 
     def edit(rows: list[dict[str, Any]]) -> None:
         for i, row in enumerate(rows):
@@ -499,7 +503,8 @@ def test_csv_text_is_quoted_as_pythons_csv_module(tmp_path: Path) -> None:
         )
     written = (tmp_path / "out" / "batch_transactions.csv").read_bytes()
     assert written == expected.getvalue().encode("utf-8")
-    assert b",#hash," in written and b',"a, comma",' in written and b',"a ""quote""",' in written
+    assert b',"a, comma",' in written and b',"a ""quote""",' in written and b',"line\nbreak",' in written
+    assert (b",#hash," in written) is hash_or_empty
 
     # A carriage return: quoted, so that the field reads back as it was.
     def edit_cr(rows: list[dict[str, Any]]) -> None:
@@ -511,6 +516,28 @@ def test_csv_text_is_quoted_as_pythons_csv_module(tmp_path: Path) -> None:
     settle_embedded(url, serving.full_watermark(), tmp_path / "out2")
     assert_matches_reference(tmp_path / "out2", serving, serving.full_watermark())
     assert b'"carriage\rreturn"' in (tmp_path / "out2" / "batch_transactions.csv").read_bytes()
+
+
+def test_duckdb_quotes_the_fields_only_when_no_text_holds_a_hash_or_is_empty(tmp_path: Path) -> None:
+    import duckdb
+
+    from cardpipe.batch.embedded import _csv_copy
+
+    conn = duckdb.connect()
+    conn.execute("CREATE TABLE t (card_id INTEGER, merchant_name VARCHAR, location VARCHAR)")
+    conn.execute("INSERT INTO t VALUES (1, 'a, b', 'x'), (2, 'c', NULL)")
+    path = tmp_path / "t.csv"
+    by_duckdb = _csv_copy(conn, ("card_id", "merchant_name", "location"), "t", "card_id", path)
+    assert "QUOTE '\"'" in by_duckdb and "CASE WHEN" not in by_duckdb
+    conn.execute(by_duckdb)
+    assert path.read_bytes() == b'card_id,merchant_name,location\n1,"a, b",x\n2,c,\n'
+    for text in ("", "#", "no # here"):
+        conn.execute("UPDATE t SET location = ? WHERE card_id = 2", [text])
+        in_sql = _csv_copy(conn, ("card_id", "merchant_name", "location"), "t", "card_id", path)
+        assert "QUOTE ''" in in_sql and "CASE WHEN" in in_sql
+        conn.execute(in_sql)
+        assert path.read_bytes() == f'card_id,merchant_name,location\n1,"a, b",x\n2,c,{text}\n'.encode()
+    assert "CASE WHEN" in _csv_copy(conn, ("card_id", "merchant_name"), "t", "card_id", path, look=False)
 
 
 def test_files_are_replaced_whole_and_failures_leave_them(seed_serving: Serving, tmp_path: Path) -> None:
