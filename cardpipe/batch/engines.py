@@ -124,6 +124,7 @@ def spark_session(settings: Settings, progress: Progress | None = None) -> Itera
         describe_remote,
         interruption,
         jdbc_driver_jar,
+        quiet_when_interrupted,
         remove_scratch_dir,
         stop_spark_session,
     )
@@ -146,7 +147,8 @@ def spark_session(settings: Settings, progress: Progress | None = None) -> Itera
             spark = build_spark_session(
                 settings.spark_master, shuffle_partitions=settings.spark_shuffle_partitions, jars=jars
             )
-        yield spark
+        with quiet_when_interrupted(spark):
+            yield spark
     except BaseException as exc:
         interrupt = interruption(exc)
         interrupted = interrupt is not None

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from cardpipe.errors import ConfigError
@@ -463,6 +464,50 @@ def _signals_held() -> Iterator[None]:
                 handler(held[0], None)
             elif handler == signal.SIG_DFL:
                 os.kill(os.getpid(), held[0])
+
+
+@contextlib.contextmanager
+def quiet_when_interrupted(spark: SparkSession) -> Iterator[None]:
+    """Over the block, Ctrl-C and SIGTERM first turn the JVM's logging off, then reach this process's handlers.
+
+    The interrupt unwinds the py4j call that runs a job; the JVM then interrupts the job's thread, and the
+    aborted job logs its errors with their stack traces, racing :func:`stop_spark_session`, which turns the
+    logging off only afterwards. Here a thread of its own (its own py4j connection: the waiting one is busy)
+    turns it off first, waiting for it at most :data:`_QUIETING_SECONDS`. Main thread only, and only with a
+    SparkContext (Spark Connect has none: its server logs on its own host).
+    """
+    try:
+        context = spark.sparkContext
+    except Exception:  # Spark Connect
+        context = None
+    if context is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def quiet_then_pass_on(received: int, frame: FrameType | None) -> None:
+        quieting = threading.Thread(target=lambda: context.setLogLevel("OFF"), name="quiet-jvm", daemon=True)
+        quieting.start()
+        quieting.join(_QUIETING_SECONDS)
+        handler = previous[signal.Signals(received)]
+        if callable(handler):
+            handler(received, frame)
+        elif handler == signal.SIG_DFL:
+            signal.signal(received, signal.SIG_DFL)
+            os.kill(os.getpid(), received)
+
+    for signum in previous:
+        signal.signal(signum, quiet_then_pass_on)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+#: How long an interrupt waits for the JVM's logging to be turned off before it is passed on.
+_QUIETING_SECONDS = 2.0
 
 
 def _stop_active_context() -> None:
