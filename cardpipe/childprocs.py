@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, NoReturn
 
 from cardpipe.errors import CardpipeError, first_line
@@ -194,3 +196,21 @@ def report_to_parent(
         conn.send(message)
     conn.close()
     sys.exit(status)
+
+
+def remove_orphaned_dirs(folder: Path, prefix: str) -> list[Path]:
+    """Remove the working folders ``<prefix><pid>-…`` in ``folder`` whose process is gone (one killed before it
+    could clean up: they may hold gigabytes); those of live processes stay. Returns the folders removed."""
+    removed = []
+    for path in folder.glob(f"{prefix}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:  # alive, another user's
+            continue
+    return removed

@@ -8,7 +8,7 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from cardpipe.childprocs import ChildProcess, describe_exit, prepare_child, report_to_parent
+from cardpipe.childprocs import ChildProcess, describe_exit, prepare_child, remove_orphaned_dirs, report_to_parent
 from cardpipe.errors import ConfigError
 
 
@@ -102,3 +102,26 @@ def test_a_signal_held_by_signals_deferred_is_delivered_on_the_way_out():
         assert signal.getsignal(signal.SIGUSR1) is handler
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_working_folders_of_processes_gone_are_removed_and_the_others_kept(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    orphan = tmp_path / f".work-{dead.pid}-ab12"
+    (orphan / "spill").mkdir(parents=True)
+    (orphan / "spill" / "big.tmp").write_bytes(b"x" * 1000)
+    mine = tmp_path / f".work-{os.getpid()}-cd34"
+    mine.mkdir()
+    not_a_pid = tmp_path / ".work-abc-ef56"
+    not_a_pid.mkdir()
+    a_file = tmp_path / f".work-{dead.pid}-file"
+    a_file.write_text("kept: not a folder")
+    other = tmp_path / f".other-{dead.pid}-gh78"
+    other.mkdir()
+    assert remove_orphaned_dirs(tmp_path, ".work-") == [orphan]
+    assert not orphan.exists()
+    assert mine.is_dir() and not_a_pid.is_dir() and a_file.is_file() and other.is_dir()

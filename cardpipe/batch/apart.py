@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cardpipe.batch.outputs import SettledRows, SettlementSummary, work_dir_prefix
-from cardpipe.childprocs import CONTEXT, ChildProcess, prepare_child, report_to_parent
+from cardpipe.childprocs import CONTEXT, ChildProcess, prepare_child, remove_orphaned_dirs, report_to_parent
 from cardpipe.errors import CardpipeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,8 +234,12 @@ class ExportProcess:
 FOLLOW_SECONDS = 0.2
 
 
+#: The name prefix of the folders export processes keep their copies in (followed by the process's pid).
+FOLLOW_DIR_PREFIX = ".cardpipe-follow-"
+
+
 def _follow_prefix(pid: int) -> str:
-    return f".cardpipe-follow-{pid}-"
+    return f"{FOLLOW_DIR_PREFIX}{pid}-"
 
 
 def _export_main(
@@ -262,6 +266,7 @@ def _export_main(
             duck = connect_for_export(database_url)
             if follow is not None:
                 folder = Path(database_url.database or ".").parent
+                remove_orphaned_dirs(folder, FOLLOW_DIR_PREFIX)
                 work = Path(tempfile.mkdtemp(prefix=_follow_prefix(os.getpid()), dir=folder))
                 followed = FollowedTable(duck, follow[0], follow[1], work)
         except CardpipeError as exc:  # reported for each job (the caller may never ask for one)

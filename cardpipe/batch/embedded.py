@@ -39,6 +39,7 @@ from cardpipe.batch.outputs import (
     CARDS_UPDATED,
     CUSTOMERS_UPDATED,
     DATE,
+    EMBEDDED_DIR_PREFIX,
     MONEY,
     OUTPUTS,
     FetchedRows,
@@ -47,6 +48,7 @@ from cardpipe.batch.outputs import (
     timed,
     work_dir_prefix,
 )
+from cardpipe.childprocs import remove_orphaned_dirs
 from cardpipe.domain.records import (
     APPROVED,
     CARD_COLUMNS,
@@ -543,6 +545,7 @@ def settle_embedded(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_dirs(out_dir, EMBEDDED_DIR_PREFIX)
     work = out_dir / f"{work_dir_prefix(os.getpid())}{uuid.uuid4().hex[:8]}"
     work.mkdir()
     steps: dict[str, float] = {}

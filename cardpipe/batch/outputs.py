@@ -35,10 +35,14 @@ def output_file(name: str) -> str:
     return f"{name}.csv"
 
 
+#: The name prefix of the embedded settlements' working folders (followed by the process's pid).
+EMBEDDED_DIR_PREFIX = ".embedded-"
+
+
 def work_dir_prefix(pid: int) -> str:
     """The name prefix of the working folders process ``pid``'s embedded settlements make inside their output
     folder."""
-    return f".embedded-{pid}-"
+    return f"{EMBEDDED_DIR_PREFIX}{pid}-"
 
 
 #: The kinds of :class:`FetchedRows` columns held as text: exact money and calendar dates.

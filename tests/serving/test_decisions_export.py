@@ -181,6 +181,8 @@ def test_the_export_process_follows_the_table_and_writes_it_from_its_copy(tmp_pa
     under it (the table no longer holds what was copied) and it reads the table whole instead, still exact."""
     import logging
     import multiprocessing
+    import subprocess
+    import sys
     import time
 
     from sqlalchemy.engine import URL
@@ -194,6 +196,11 @@ def test_the_export_process_follows_the_table_and_writes_it_from_its_copy(tmp_pa
     cardpipe_log = logging.getLogger("cardpipe")
     level = cardpipe_log.level
     cardpipe_log.setLevel(logging.DEBUG)  # the child logs which way it wrote the file
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / f".cardpipe-follow-{gone.pid}-left"  # a killed export process's copy
+    (orphan / "copy.duckdb").parent.mkdir()
+    (orphan / "copy.duckdb").write_bytes(b"\0" * 4096)
     try:
         create_clean_schema(engine)
         process = ExportProcess(url, follow=("stream_transactions", STREAM_COLUMNS))
@@ -204,6 +211,7 @@ def test_the_export_process_follows_the_table_and_writes_it_from_its_copy(tmp_pa
                     conn.execute(schema.stream_transactions.insert(), wave)
                 time.sleep(3 * FOLLOW_SECONDS)  # copied meanwhile
             assert list(tmp_path.glob(".cardpipe-follow-*")), "the copy lives beside the database"
+            assert not orphan.exists(), "a copy left by a process gone is removed"
             with engine.begin() as conn:  # committed just before the file is asked for: read then
                 conn.execute(schema.stream_transactions.insert(), rows[50:])
             assert process.export_table_csv("stream_transactions", STREAM_COLUMNS, "transaction_id", path) == 60
