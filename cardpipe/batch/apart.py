@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cardpipe.batch.outputs import SettledRows, SettlementSummary, work_dir_prefix
+from cardpipe.batch.outputs import EMBEDDED_DIR_PREFIX, SettledRows, SettlementSummary
 from cardpipe.childprocs import CONTEXT, ChildProcess, prepare_child, remove_orphaned_dirs, report_to_parent
 from cardpipe.errors import CardpipeError
 
@@ -118,8 +118,7 @@ class SettleProcess:
                     raise CardpipeError(f"the embedded settlement's process {child.describe_exit()}")
         finally:
             self.stop()
-            for left in Path(out_dir).glob(f"{work_dir_prefix(child.pid)}*"):  # of a child stopped before its end
-                shutil.rmtree(left, ignore_errors=True)
+            remove_orphaned_dirs(Path(out_dir), EMBEDDED_DIR_PREFIX)  # the child's, if stopped before its end
 
     def stop(self) -> None:
         """Stop the process (at once if it waits for its job); harmless when it has ended."""
@@ -174,7 +173,7 @@ class ExportProcess:
         self._child = ChildProcess(_export_main, jobs, database_url, level, followed, name="cardpipe-export")
         jobs.close()  # the child holds the reading end: it sees EOF once this process closes or dies
         self._pending: list[str] = []  # the tables asked for, whose result is not read yet
-        self._folder = Path(database_url.database or ".").parent
+        self._folder = _follow_folder(database_url)
 
     @property
     def pid(self) -> int:
@@ -226,8 +225,7 @@ class ExportProcess:
         if not self._jobs.closed:
             self._jobs.close()  # EOF: a child waiting for a job ends by itself
         self._child.stop(_STOP_GRACE_SECONDS)
-        for left in self._folder.glob(f"{_follow_prefix(self._child.pid)}*"):  # of a child killed before its end
-            shutil.rmtree(left, ignore_errors=True)
+        remove_orphaned_dirs(self._folder, FOLLOW_DIR_PREFIX)  # the child's, if killed before its end
 
 
 #: How often the export process copies the rows of the table it follows.
@@ -238,8 +236,9 @@ FOLLOW_SECONDS = 0.2
 FOLLOW_DIR_PREFIX = ".cardpipe-follow-"
 
 
-def _follow_prefix(pid: int) -> str:
-    return f"{FOLLOW_DIR_PREFIX}{pid}-"
+def _follow_folder(database_url: URL) -> Path:
+    """Where the export process of the SQLite file ``database_url`` keeps its copy: beside the file."""
+    return Path(database_url.database or ".").parent
 
 
 def _export_main(
@@ -265,9 +264,9 @@ def _export_main(
         try:
             duck = connect_for_export(database_url)
             if follow is not None:
-                folder = Path(database_url.database or ".").parent
+                folder = _follow_folder(database_url)
                 remove_orphaned_dirs(folder, FOLLOW_DIR_PREFIX)
-                work = Path(tempfile.mkdtemp(prefix=_follow_prefix(os.getpid()), dir=folder))
+                work = Path(tempfile.mkdtemp(prefix=f"{FOLLOW_DIR_PREFIX}{os.getpid()}-", dir=folder))
                 followed = FollowedTable(duck, follow[0], follow[1], work)
         except CardpipeError as exc:  # reported for each job (the caller may never ask for one)
             failed = exc

@@ -415,7 +415,7 @@ class FollowedTable:
     """
 
     def __init__(self, conn: duckdb.DuckDBPyConnection, table: str, columns: tuple[str, ...], work: Path) -> None:
-        self.conn, self.table, self.columns, self.work = conn, table, columns, work
+        self.conn, self.table, self.columns = conn, table, columns
         self.last_rowid = 0
         self.rows = 0
         self.broken: str | None = None  # why the copy cannot be trusted

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cardpipe.errors import ConfigError
 
@@ -449,21 +449,35 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     held: list[signal.Signals] = []
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in _INTERRUPTS}
     for signum in previous:
         signal.signal(signum, lambda received, _frame: held.append(signal.Signals(received)))
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+        _restore_handlers(previous)
         if held:
-            handler = previous[held[0]]
-            if callable(handler):
-                handler(held[0], None)
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), held[0])
+            _pass_on(previous[held[0]], held[0], None)
+
+
+#: The signals that interrupt a Spark session's owner.
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _restore_handlers(previous: Mapping[signal.Signals, Any]) -> None:
+    for signum, handler in previous.items():
+        if handler is not None:
+            signal.signal(signum, handler)
+
+
+def _pass_on(handler: Any, signum: int, frame: FrameType | None) -> None:
+    """Give ``signum`` to ``handler`` (a signal's handler as ``signal.getsignal`` tells it): call it, or, when it
+    is the default action, take that (this process ends as the signal says); an ignored signal stays so."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 @contextlib.contextmanager
@@ -483,27 +497,20 @@ def quiet_when_interrupted(spark: SparkSession) -> Iterator[None]:
     if context is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in _INTERRUPTS}
 
     def quiet_then_pass_on(received: int, frame: FrameType | None) -> None:
         quieting = threading.Thread(target=lambda: context.setLogLevel("OFF"), name="quiet-jvm", daemon=True)
         quieting.start()
         quieting.join(_QUIETING_SECONDS)
-        handler = previous[signal.Signals(received)]
-        if callable(handler):
-            handler(received, frame)
-        elif handler == signal.SIG_DFL:
-            signal.signal(received, signal.SIG_DFL)
-            os.kill(os.getpid(), received)
+        _pass_on(previous[signal.Signals(received)], received, frame)
 
     for signum in previous:
         signal.signal(signum, quiet_then_pass_on)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+        _restore_handlers(previous)
 
 
 #: How long an interrupt waits for the JVM's logging to be turned off before it is passed on.
