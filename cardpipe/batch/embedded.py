@@ -226,13 +226,13 @@ def csv_field(value: str) -> str:
     return f"(CASE WHEN {needs_quotes} THEN '\"' || replace({value}, '\"', '\"\"') || '\"' ELSE {value} END)"
 
 
-def _output_select(columns: tuple[str, ...], table: str, key: str) -> str:
-    """SELECT the columns of ``table`` as the CSV files write them, ordered by ``key``."""
+def _output_select(columns: tuple[str, ...], table: str) -> str:
+    """SELECT the columns of ``table`` as the CSV files write them."""
     fields = []
     for column in columns:
         quoted = f'"{column}"'
         fields.append(f"{csv_field(quoted)} AS {quoted}" if column in _TEXT_COLUMNS else quoted)
-    return f'SELECT {", ".join(fields)} FROM {table} ORDER BY "{key}"'
+    return f"SELECT {', '.join(fields)} FROM {table}"
 
 
 def _source_column(column: str) -> str:
@@ -249,10 +249,13 @@ def _exact_column(column: str) -> str:
 
 
 def _decisions_sql(watermark: Mapping[int, int]) -> str:
+    """The statement reading the decisions into ``decisions``, stored in the key order of their file: the scan
+    and the sort run on every thread, and the file is then written in table order, without a sort of its own."""
     columns = ", ".join(_source_column(c) for c in STREAM_COLUMNS)
+    key, _ = OUTPUTS[BATCH_TRANSACTIONS]
     return (
         f"CREATE TABLE decisions AS SELECT {columns} "
-        f"FROM {SERVING}.stream_transactions WHERE {watermark_sql(watermark)}"
+        f"FROM {SERVING}.stream_transactions WHERE {watermark_sql(watermark)} ORDER BY {_q(key)}"
     )
 
 
@@ -299,6 +302,8 @@ SELECT
 """
 
 _TABLES = {BATCH_TRANSACTIONS: "decisions", CARDS_UPDATED: "cards_out", CUSTOMERS_UPDATED: "customers_out"}
+#: The tables stored in their file's key order (``_decisions_sql``): written as they are, without ORDER BY.
+_IN_KEY_ORDER = frozenset({"decisions"})
 
 
 def _copy_options(quote: str = "") -> str:
@@ -320,10 +325,18 @@ def _copy_options(quote: str = "") -> str:
 
 
 def _csv_copy(
-    conn: duckdb.DuckDBPyConnection, columns: tuple[str, ...], source: str, key: str, path: Path, *, look: bool = True
+    conn: duckdb.DuckDBPyConnection,
+    columns: tuple[str, ...],
+    source: str,
+    key: str,
+    path: Path,
+    *,
+    look: bool = True,
+    in_order: bool = False,
 ) -> str:
     """The COPY statement writing ``columns`` of ``source`` (a table or a subquery) ordered by ``key`` to
-    ``path`` in the files' format.
+    ``path`` in the files' format. ``in_order``: ``source`` is a table whose rows were inserted ordered by
+    ``key``, written in that order (DuckDB keeps a table's insertion order: ``preserve_insertion_order``).
 
     DuckDB's own quoting gives Python's bytes (a field holding a comma, a quote, a line feed or a carriage return
     quoted, inner quotes doubled) except for two kinds of text, which it quotes and Python does not: the empty
@@ -340,10 +353,11 @@ def _csv_copy(
             row = conn.execute(f"SELECT {found} FROM {source}").fetchone()
             native = row is not None and not any(row)
     target = rules.sql_string(str(path))
+    order = "" if in_order else f" ORDER BY {_q(key)}"
     if native:
-        query = f"SELECT {', '.join(map(_q, columns))} FROM {source} ORDER BY {_q(key)}"
+        query = f"SELECT {', '.join(map(_q, columns))} FROM {source}{order}"
         return f"COPY ({query}) TO {target} ({_copy_options(quote=chr(34))})"
-    return f"COPY ({_output_select(columns, source, key)}) TO {target} ({_copy_options()})"
+    return f"COPY ({_output_select(columns, source)}{order}) TO {target} ({_copy_options()})"
 
 
 # --------------------------------------------------------------------------------------------- exports
@@ -502,7 +516,10 @@ class _FileWriter(threading.Thread):
                 key, columns = OUTPUTS[name]
                 staged = self.work / f"{name}.csv"
                 with timed(self.steps, f"csv:{name}"):
-                    self.conn.execute(_csv_copy(self.conn, columns, _TABLES[name], key, staged))
+                    table = _TABLES[name]
+                    self.conn.execute(
+                        _csv_copy(self.conn, columns, table, key, staged, in_order=table in _IN_KEY_ORDER)
+                    )
                 self.written.append(staged)
         except BaseException as exc:  # handed to the settling thread, which raises it
             self.error = exc
@@ -555,10 +572,7 @@ def settle_embedded(
         conn = connect(database_url, threads=threads, temp_dir=work / "spill")
         try:
             with timed(steps, "read", progress):
-                # In any order: every output is sorted by its key (the scan then runs on every thread).
-                conn.execute("SET preserve_insertion_order = false")
                 conn.execute(_decisions_sql(watermark))
-                conn.execute("SET preserve_insertion_order = true")
             # The files are written on connections of their own while this one settles, hands the settled rows
             # over and the caller stores them: DuckDB runs them at once (outside the GIL). The transactions'
             # file needs only the decisions: it starts at once.

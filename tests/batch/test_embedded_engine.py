@@ -540,6 +540,51 @@ def test_duckdb_quotes_the_fields_only_when_no_text_holds_a_hash_or_is_empty(tmp
     assert "CASE WHEN" in _csv_copy(conn, ("card_id", "merchant_name"), "t", "card_id", path, look=False)
 
 
+def test_decisions_stored_in_any_order_are_written_in_id_order(tmp_path: Path) -> None:
+    """The decisions are read sorted by id and ``batch_transactions.csv`` is written in table order (no ORDER BY
+    of its own): ids stored shuffled, over several of DuckDB's row groups and both threads, come out ascending."""
+    import sqlite3
+
+    from cardpipe.batch.embedded import settle_embedded
+    from cardpipe.serving.database import create_clean_schema, make_engine
+    from cardpipe.serving.stream_store import DECISION_COLUMNS
+
+    url = URL.create("sqlite", database=str(tmp_path / "cardpipe.db"))
+    engine = make_engine(url)
+    create_clean_schema(engine)
+    engine.dispose()
+    ids = list(range(1, 300_001))
+    random.Random(7).shuffle(ids)
+    with sqlite3.connect(tmp_path / "cardpipe.db") as db:  # foreign keys off: decisions of no known card
+        db.executemany(
+            f"INSERT INTO stream_transactions ({', '.join(DECISION_COLUMNS)}) VALUES ({', '.join('?' * 14)})",
+            (
+                (
+                    tid,
+                    7,
+                    "m",
+                    "2025-04-01 00:00:00.000000",
+                    1.5,
+                    "l",
+                    "purchase",
+                    None,
+                    "pending",
+                    1.5,
+                    None,
+                    9.0,
+                    tid % 4,
+                    1,
+                )
+                for tid in ids
+            ),
+        )
+    summary = settle_embedded(url, dict.fromkeys(range(4), 1), tmp_path / "out", threads=2)
+    assert summary.transactions == len(ids)
+    with (tmp_path / "out" / "batch_transactions.csv").open() as handle:
+        written = [int(line.split(",", 1)[0]) for line in handle.readlines()[1:]]
+    assert written == sorted(ids)
+
+
 def test_files_are_replaced_whole_and_failures_leave_them(seed_serving: Serving, tmp_path: Path) -> None:
     from cardpipe.batch.embedded import settle_embedded
     from cardpipe.errors import DatabaseUnavailable
