@@ -22,6 +22,7 @@ empty (which it would quote), else in SQL (:func:`csv_field`).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -31,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cardpipe.batch import rules_sql as rules
 from cardpipe.batch.outputs import (
@@ -324,6 +325,17 @@ def _copy_options(quote: str = "") -> str:
     )
 
 
+def _native_quoting(conn: duckdb.DuckDBPyConnection, columns: tuple[str, ...], source: str) -> bool:
+    """Whether DuckDB's own quoting writes ``columns`` of ``source`` as Python's csv module does: no text column
+    holds an empty string or a ``#`` (one pass over the text columns; see :func:`_csv_copy`)."""
+    texts = [c for c in columns if c in _TEXT_COLUMNS]
+    if not texts:
+        return True
+    found = ", ".join(f"bool_or({_q(c)} = '' OR contains({_q(c)}, '#'))" for c in texts)
+    row = conn.execute(f"SELECT {found} FROM {source}").fetchone()
+    return row is not None and not any(row)
+
+
 def _csv_copy(
     conn: duckdb.DuckDBPyConnection,
     columns: tuple[str, ...],
@@ -333,6 +345,8 @@ def _csv_copy(
     *,
     look: bool = True,
     in_order: bool = False,
+    native: bool | None = None,
+    header: bool = True,
 ) -> str:
     """The COPY statement writing ``columns`` of ``source`` (a table or a subquery) ordered by ``key`` to
     ``path`` in the files' format. ``in_order``: ``source`` is a table whose rows were inserted ordered by
@@ -341,23 +355,88 @@ def _csv_copy(
     DuckDB's own quoting gives Python's bytes (a field holding a comma, a quote, a line feed or a carriage return
     quoted, inner quotes doubled) except for two kinds of text, which it quotes and Python does not: the empty
     string and any text holding a ``#``. With ``look``, one pass over the text columns finds whether ``source``
-    holds any of those: if not, DuckDB quotes (faster than quoting in SQL), else :func:`csv_field` does.
+    holds any of those (:func:`_native_quoting`; ``native`` gives its answer when known): if not, DuckDB quotes
+    (faster than quoting in SQL), else :func:`csv_field` does. ``header``: the file starts with the header line.
     """
-    texts = [c for c in columns if c in _TEXT_COLUMNS]
-    native = False
-    if look:
-        if not texts:
-            native = True
-        else:
-            found = ", ".join(f"bool_or({_q(c)} = '' OR contains({_q(c)}, '#'))" for c in texts)
-            row = conn.execute(f"SELECT {found} FROM {source}").fetchone()
-            native = row is not None and not any(row)
+    if native is None:
+        native = look and _native_quoting(conn, columns, source)
     target = rules.sql_string(str(path))
     order = "" if in_order else f" ORDER BY {_q(key)}"
+    options = _copy_options(quote=chr(34) if native else "")
+    if not header:
+        options = options.replace("HEADER true", "HEADER false")
     if native:
         query = f"SELECT {', '.join(map(_q, columns))} FROM {source}{order}"
-        return f"COPY ({query}) TO {target} ({_copy_options(quote=chr(34))})"
-    return f"COPY ({_output_select(columns, source)}{order}) TO {target} ({_copy_options()})"
+        return f"COPY ({query}) TO {target} ({options})"
+    return f"COPY ({_output_select(columns, source)}{order}) TO {target} ({options})"
+
+
+#: A table in its file's key order is written in parts of at least this many rows, side by side, one per DuckDB
+#: thread (DuckDB writes one file in order with about one core), and the parts are then joined in order.
+MIN_PART_ROWS = 1_000_000
+
+
+def _copy_in_parts(
+    conn: duckdb.DuckDBPyConnection, columns: tuple[str, ...], table: str, key: str, path: Path, parts: int
+) -> None:
+    """Write ``table`` (stored in ``key`` order) to ``path`` as one :func:`_csv_copy` would, in up to ``parts``
+    rowid ranges written at once on cursors of ``conn``, then appended to the first part in order."""
+    rows, low, high = conn.execute(f"SELECT count(*), min(rowid), max(rowid) FROM {table}").fetchone() or (0, 0, 0)
+    count = max(1, min(parts, int(rows) // MIN_PART_ROWS))
+    if count == 1:
+        conn.execute(_csv_copy(conn, columns, table, key, path, in_order=True))
+        return
+    native = _native_quoting(conn, columns, table)
+    bounds = [int(low) + (int(high) + 1 - int(low)) * k // count for k in range(count + 1)]
+    paths = [path] + [path.with_name(f"{path.name}.part{k}") for k in range(1, count)]
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        cursor = conn.cursor()
+        try:
+            source = f"(SELECT * FROM {table} WHERE rowid >= {bounds[k]} AND rowid < {bounds[k + 1]})"
+            cursor.execute(
+                _csv_copy(cursor, columns, source, key, paths[k], in_order=True, native=native, header=k == 0)
+            )
+        except BaseException as exc:  # raised below, on the writer's own thread
+            errors.append(exc)
+        finally:
+            cursor.close()
+
+    writers = [threading.Thread(target=write, args=(k,), name=f"embedded-settlement-part-{k}") for k in range(count)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    try:
+        if errors:
+            raise errors[0]
+        with path.open("r+b") as joined:
+            for part in paths[1:]:
+                with part.open("rb") as piece:
+                    _append(piece, joined)
+    finally:
+        for part in paths[1:]:
+            part.unlink(missing_ok=True)
+
+
+def _append(source: BinaryIO, target: BinaryIO) -> None:
+    """Append the whole of ``source`` to ``target`` (in the kernel where it can: ``copy_file_range``)."""
+    size = os.fstat(source.fileno()).st_size
+    offset, end = 0, os.fstat(target.fileno()).st_size
+    try:
+        while offset < size:
+            copied = os.copy_file_range(source.fileno(), target.fileno(), size - offset, offset, end)
+            if copied == 0:
+                break
+            offset, end = offset + copied, end + copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    if offset < size:  # no kernel copy here (or it stopped short): the rest through user space
+        source.seek(offset)
+        target.seek(end)
+        shutil.copyfileobj(source, target, 1 << 20)
 
 
 # --------------------------------------------------------------------------------------------- exports
@@ -501,11 +580,14 @@ class FollowedTable:
 
 class _FileWriter(threading.Thread):
     """Writes output files (names of :data:`OUTPUTS`, in order) into ``work`` on its own DuckDB connection,
-    recording each file's seconds in :attr:`steps` and a DuckDB error in :attr:`error`."""
+    recording each file's seconds in :attr:`steps` and a DuckDB error in :attr:`error`. A table stored in key
+    order is written in as many parts as DuckDB has threads (:func:`_copy_in_parts`)."""
 
     def __init__(self, conn: duckdb.DuckDBPyConnection, work: Path, names: tuple[str, ...]) -> None:
         super().__init__(name="embedded-settlement-files", daemon=True)
         self.conn, self.work, self.names = conn, work, names
+        threads = conn.execute("SELECT current_setting('threads')").fetchone()
+        self.parts = int(threads[0]) if threads else 1
         self.steps: dict[str, float] = {}
         self.written: list[Path] = []
         self.error: BaseException | None = None
@@ -517,9 +599,10 @@ class _FileWriter(threading.Thread):
                 staged = self.work / f"{name}.csv"
                 with timed(self.steps, f"csv:{name}"):
                     table = _TABLES[name]
-                    self.conn.execute(
-                        _csv_copy(self.conn, columns, table, key, staged, in_order=table in _IN_KEY_ORDER)
-                    )
+                    if table in _IN_KEY_ORDER:
+                        _copy_in_parts(self.conn, columns, table, key, staged, self.parts)
+                    else:
+                        self.conn.execute(_csv_copy(self.conn, columns, table, key, staged))
                 self.written.append(staged)
         except BaseException as exc:  # handed to the settling thread, which raises it
             self.error = exc

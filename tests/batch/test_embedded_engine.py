@@ -540,12 +540,25 @@ def test_duckdb_quotes_the_fields_only_when_no_text_holds_a_hash_or_is_empty(tmp
     assert "CASE WHEN" in _csv_copy(conn, ("card_id", "merchant_name"), "t", "card_id", path, look=False)
 
 
-def test_decisions_stored_in_any_order_are_written_in_id_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("min_part_rows", "threads"), [(None, 2), (70_000, 3)])
+def test_decisions_stored_in_any_order_are_written_in_id_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_part_rows: int | None, threads: int
+) -> None:
     """The decisions are read sorted by id and ``batch_transactions.csv`` is written in table order (no ORDER BY
-    of its own): ids stored shuffled, over several of DuckDB's row groups and both threads, come out ascending."""
+    of its own): ids stored shuffled, over several of DuckDB's row groups and both threads, come out ascending,
+    written whole or in parts side by side (one header, the parts joined in order)."""
     import sqlite3
 
+    from cardpipe.batch import embedded
     from cardpipe.batch.embedded import settle_embedded
+
+    if min_part_rows is not None:
+        monkeypatch.setattr(embedded, "MIN_PART_ROWS", min_part_rows)
+        written_parts: list[str] = []
+        real_csv_copy = embedded._csv_copy
+        monkeypatch.setattr(
+            embedded, "_csv_copy", lambda *a, **k: written_parts.append(str(a[2])) or real_csv_copy(*a, **k)
+        )
     from cardpipe.serving.database import create_clean_schema, make_engine
     from cardpipe.serving.stream_store import DECISION_COLUMNS
 
@@ -578,11 +591,39 @@ def test_decisions_stored_in_any_order_are_written_in_id_order(tmp_path: Path) -
                 for tid in ids
             ),
         )
-    summary = settle_embedded(url, dict.fromkeys(range(4), 1), tmp_path / "out", threads=2)
+    summary = settle_embedded(url, dict.fromkeys(range(4), 1), tmp_path / "out", threads=threads)
     assert summary.transactions == len(ids)
     with (tmp_path / "out" / "batch_transactions.csv").open() as handle:
-        written = [int(line.split(",", 1)[0]) for line in handle.readlines()[1:]]
+        assert handle.readline().startswith("transaction_id,")
+        written = [int(line.split(",", 1)[0]) for line in handle]  # a second header would not parse
     assert written == sorted(ids)
+    if min_part_rows is not None:  # three parts, each a rowid range of the decisions
+        assert sum("rowid >=" in source for source in written_parts) == threads
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_a_part_is_appended_whole_with_or_without_the_kernel_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from cardpipe.batch.embedded import _append
+
+    body = bytes(range(256)) * 5000
+    real = os.copy_file_range
+
+    def short_then_unsupported(src: int, dst: int, count: int, *offsets: int) -> int:
+        if offsets[0] == 0:
+            return real(src, dst, 1000, *offsets)  # a short copy, then no more
+        raise OSError(errno.EXDEV, "cross-device")
+
+    for kernel_copy in (real, short_then_unsupported, lambda *a: 0):
+        monkeypatch.setattr(os, "copy_file_range", kernel_copy)
+        (tmp_path / "a").write_bytes(b"head\n")
+        (tmp_path / "b").write_bytes(body)
+        with (tmp_path / "a").open("r+b") as target, (tmp_path / "b").open("rb") as source:
+            _append(source, target)
+        assert (tmp_path / "a").read_bytes() == b"head\n" + body
 
 
 def test_files_are_replaced_whole_and_failures_leave_them(seed_serving: Serving, tmp_path: Path) -> None:
