@@ -737,13 +737,13 @@ def _written_atomically(path: Path) -> Iterator[TextIO]:
 def export_table(conn: Connection, table: Table, path: Path, columns: Sequence[str] | None = None) -> int:
     """Write ``table`` to ``path`` sorted by its primary key (streamed, atomic).
 
-    Money and timestamps are formatted by the database (:func:`_exported`) as :func:`format_cell` would:
+    Money and timestamps are formatted by the database (:func:`exported_text`) as :func:`format_cell` would:
     no Decimal or datetime is built per cell only to be turned back into text (about half the time of
     exporting a million stream results). When every column then reads as an integer or a text, the
     fetched rows go to the CSV writer a whole ``fetchmany`` at a time, untouched (a fifth less time again).
     """
     names = list(columns or table.columns.keys())
-    selected = [_exported(table.c[n], conn.dialect.name) for n in names]
+    selected = [exported_text(table.c[n], conn.dialect.name) for n in names]
     query = table.select().with_only_columns(*selected).order_by(*table.primary_key.columns)
     result = conn.execution_options(stream_results=True, yield_per=_WRITE_CHUNK).execute(query)
     if all(isinstance(column.type, Integer | String) for column in selected):
@@ -755,7 +755,7 @@ def export_table_lines(conn: Connection, table: Table, path: Path, columns: Sequ
     """MySQL/MariaDB: :func:`export_table` with every line of the file rendered by the server, in the format of
     the embedded engine's CSV writer (:func:`cardpipe.batch.embedded.csv_field`): free text quoted when it holds a
     comma, a double quote or a line break (a carriage return too), the rules' codes
-    (:data:`~cardpipe.domain.records.CODE_COLUMNS`) as they are, money and timestamps as :func:`_exported` writes
+    (:data:`~cardpipe.domain.records.CODE_COLUMNS`) as they are, money and timestamps as :func:`exported_text` writes
     them, NULL empty. Python fetches one text per row, unbuffered, and writes it: several times faster than
     fetching the columns (the driver parses every value in Python) or than DuckDB's MySQL scanner.
     """
@@ -764,7 +764,7 @@ def export_table_lines(conn: Connection, table: Table, path: Path, columns: Sequ
     names = list(columns or table.columns.keys())
     fields = []
     for name in names:
-        value = _exported(table.c[name], conn.dialect.name)
+        value = exported_text(table.c[name], conn.dialect.name)
         if isinstance(table.c[name].type, String) and name not in CODE_COLUMNS:
             needs_quotes = (
                 (func.instr(value, ",") > 0)
@@ -787,7 +787,7 @@ def export_table_lines(conn: Connection, table: Table, path: Path, columns: Sequ
     return count
 
 
-def _exported(column: Any, dialect: str) -> Any:
+def exported_text(column: Any, dialect: str) -> Any:
     """``column`` as text in the output files' format, computed in SQL, where the dialect allows it:
 
     * money, DECIMAL(p,2): two decimals. MySQL's CAST of a DECIMAL(p,2) to CHAR is that text. SQLite keeps

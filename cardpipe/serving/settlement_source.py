@@ -14,7 +14,7 @@ from sqlalchemy.engine import Dialect
 
 from cardpipe.domain.records import PENDING, STREAM_COLUMNS
 from cardpipe.serving import schema
-from cardpipe.serving.csv_io import _exported, write_csv_atomic
+from cardpipe.serving.csv_io import exported_text, write_csv_atomic
 
 #: Rows fetched at a time when exporting.
 _FETCH_ROWS = 10_000
@@ -76,7 +76,7 @@ def export_settling_decisions(conn: Connection, watermark: Mapping[int, int], pa
     """Write the decisions at or below ``watermark`` to ``path`` as :func:`~cardpipe.serving.csv_io.export_table`
     writes ``stream_transactions`` (same columns, formats and order; streamed; atomic). Returns the row count."""
     s = schema.stream_transactions
-    selected = [_exported(s.c[c], conn.dialect.name) for c in STREAM_COLUMNS]
+    selected = [exported_text(s.c[c], conn.dialect.name) for c in STREAM_COLUMNS]
     query = select(*selected).where(watermark_condition(watermark)).order_by(s.c.transaction_id)
     result = conn.execution_options(stream_results=True, yield_per=_FETCH_ROWS).execute(query)
     return write_csv_atomic(path, STREAM_COLUMNS, result)

@@ -1,6 +1,6 @@
 """The transactions to publish, read from the serving database: ``messages_from_database`` encodes the driver's
-values directly, and must give exactly the bytes ``encode_transaction`` gives for ``transactions_from_database``'s
-objects, in the same order, on both backends."""
+values directly (MySQL/MariaDB: the server renders them), and must give exactly the bytes ``encode_transaction``
+gives for ``transactions_from_database``'s objects, in the same order, on both backends."""
 
 from __future__ import annotations
 
@@ -30,7 +30,18 @@ AMOUNTS = [
     D("-9999999999.99"),
     D("1234567.89"),
 ]
-TEXTS = ["plain", 'a "quote"', "a, comma", "Zoë ✓ 東京 😀", "back\\slash", "tab\there", "9004 Harris Viaduct, NY 14845"]
+TEXTS = [
+    "plain",
+    'a "quote"',
+    "a, comma",
+    "Zoë ✓ 東京 😀",
+    "back\\slash",
+    "tab\there",
+    "9004 Harris Viaduct, NY 14845",
+    "slash/and 'single' \u2028 line separator",
+    'ends in a backslash\\',
+    '\\"',
+]
 
 
 def transaction_rows(count: int) -> list[dict[str, Any]]:
