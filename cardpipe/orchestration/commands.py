@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -241,6 +242,7 @@ def consume(
         # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started now so that
         # it is ready when the topic is drained, having copied the decisions as they were committed (it reads
         # only the last ones then); a consumer that follows starts it only when it stops.
+        # On MySQL/MariaDB a thread of its own writes it as soon as the topic is drained (:class:`_LinesAhead`).
         sqlite = settings.database_url.get_backend_name() == "sqlite"
         ahead = (
             rt.start(lambda: ExportProcess(settings.database_url, follow=("stream_transactions", STREAM_COLUMNS)))
@@ -248,14 +250,19 @@ def consume(
             else None
         )
         stream_path = settings.results_dir / serving_results.STREAM_RESULTS_FILE
-        asked_when_drained = False  # ``ahead`` was asked for the file when the topic was last drained
+        lines_ahead: _LinesAhead | None = None
+        asked_when_drained = False  # the file was asked for when the topic was last drained
         finished = False  # ... and no leg of the stream ran after that
 
         def drained() -> None:
             """The topic is drained (before counting what is undecided): the export can start meanwhile."""
-            nonlocal asked_when_drained
+            nonlocal asked_when_drained, lines_ahead
             if ahead is not None:
                 ahead.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", stream_path)
+                asked_when_drained = True
+            elif not sqlite:
+                lines_ahead = lines_ahead or _LinesAhead(store.engine, stream_path)
+                lines_ahead.begin()
                 asked_when_drained = True
 
         if runtime is None:
@@ -289,24 +296,68 @@ def consume(
             serving_results.export_stream_results(
                 store.engine,
                 settings.results_dir,
-                write_decisions=_decisions_exporter(rt, store.engine, ahead, begun=finished),
+                write_decisions=_decisions_exporter(rt, store.engine, ahead, begun=finished, lines_ahead=lines_ahead),
             )
 
 
+def _export_lines(engine: Engine, path: Path) -> int:
+    """MySQL/MariaDB: ``stream_transactions.csv`` with each line rendered by the server
+    (:func:`~cardpipe.serving.csv_io.export_table_lines`, faster than DuckDB's MySQL scanner)."""
+    with engine.connect() as conn:
+        return export_table_lines(conn, schema.stream_transactions, path, STREAM_COLUMNS)
+
+
+class _LinesAhead:
+    """MySQL/MariaDB: :func:`_export_lines` on a thread of its own, begun when the topic is drained, while the
+    consumer counts what is undecided: both mostly wait for the server, which runs them side by side."""
+
+    def __init__(self, engine: Engine, path: Path) -> None:
+        self.engine, self.path = engine, path
+        self._thread: threading.Thread | None = None
+        self._count: int | None = None
+        self._error: BaseException | None = None
+
+    def begin(self) -> None:
+        """Write the file (again) from what is committed now."""
+        self.result()  # one writer of the file at a time
+        self._count, self._error = None, None
+        self._thread = threading.Thread(target=self._run, name="stream-export-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._count = _export_lines(self.engine, self.path)
+        except BaseException as exc:  # the caller writes the file again, on its own thread, and sees the error
+            self._error = exc
+            log.debug("writing %s ahead failed: %s", self.path.name, first_line(exc))
+
+    def result(self) -> int | None:
+        """The row count of the last write, once it ended; None if none was begun or it failed."""
+        if self._thread is not None:
+            self._thread.join()
+        return self._count if self._error is None else None
+
+
 def _decisions_exporter(
-    rt: Runtime, engine: Engine, ahead: ExportProcess | None, *, begun: bool = False
+    rt: Runtime,
+    engine: Engine,
+    ahead: ExportProcess | None,
+    *,
+    begun: bool = False,
+    lines_ahead: _LinesAhead | None = None,
 ) -> Callable[[Path], int]:
     """Writes ``stream_transactions.csv``: on SQLite through DuckDB (the embedded engine's reader and CSV writer: a
     few times faster than fetching the rows into Python) in a process of its own, ``ahead`` (which was asked for
     the file already when ``begun``) or one started now; on MySQL/MariaDB each line rendered by the server
-    (:func:`~cardpipe.serving.csv_io.export_table_lines`, faster than DuckDB's MySQL scanner), in the same
-    format."""
+    (:func:`_export_lines`), in the same format, by ``lines_ahead`` when it was ``begun``."""
     url = rt.settings.database_url
     if engine.dialect.name in ("mysql", "mariadb"):
 
         def rendered(path: Path) -> int:
-            with engine.connect() as conn:
-                return export_table_lines(conn, schema.stream_transactions, path, STREAM_COLUMNS)
+            written = lines_ahead.result() if lines_ahead is not None else None
+            if begun and written is not None and lines_ahead is not None and lines_ahead.path == path:
+                return written
+            return _export_lines(engine, path)
 
         return rendered
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import CHAR, Engine, Select, cast, func, select, type_coerce
+from sqlalchemy import CHAR, Engine, LargeBinary, Select, Text, cast, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.mysql import BINARY
 from sqlalchemy.types import NullType
 
@@ -54,11 +55,27 @@ def _money_text(stored: float | int | Decimal) -> str:
     return str(stored) if type(stored) is Decimal else f"{stored:.2f}"
 
 
-def _rendered_by_server(dialect: str) -> tuple[Any, Any]:
-    """MySQL/MariaDB: the (key, value) of each transaction's message as bytes rendered by the server, the text
+#: The message's fields, in the order :func:`~cardpipe.stream.codec.encode_fields` writes them.
+_MESSAGE_FIELDS = (
+    "transaction_id",
+    "card_id",
+    "merchant_name",
+    "timestamp",
+    "amount",
+    "location",
+    "transaction_type",
+    "related_transaction_id",
+)
+#: SQLite has its JSON functions built in from 3.38 on.
+_SQLITE_JSON = tuple(int(part) for part in sqlite3.sqlite_version.split(".")[:2]) >= (3, 38)
+
+
+def _rendered_by_database(dialect: str) -> tuple[Any, Any] | None:
+    """The (key, value) of each transaction's message as bytes rendered by the database, the text
     :func:`~cardpipe.stream.codec.encode_fields` writes (field order, compact separators, money and timestamp as
-    the output files write them, texts quoted by ``JSON_QUOTE``, which escapes as orjson does what the checks let
-    into a text). The driver then parses two values per row instead of eight, in Python."""
+    the output files write them, :func:`~cardpipe.serving.csv_io.exported_text`; texts quoted by the database's
+    JSON functions, which escape as orjson does what the checks let into a text). The driver then hands over two
+    values per row instead of eight, and Python builds no message. None where the database cannot."""
     t = schema.transactions
     raw = NullType()  # no result processor: the driver's bytes
 
@@ -66,25 +83,28 @@ def _rendered_by_server(dialect: str) -> tuple[Any, Any]:
         exported = exported_text(column, dialect)
         return getattr(exported, "element", exported)  # the expression, not its label
 
+    def value_of(name: str) -> Any:
+        return text_of(t.c[name]) if name in ("timestamp", "amount") else t.c[name]
+
+    if dialect == "sqlite":
+        if not _SQLITE_JSON:
+            return None
+        pairs: list[Any] = []
+        for name in _MESSAGE_FIELDS:
+            pairs += [literal_column(f"'{name}'"), value_of(name)]
+        key: Any = cast(cast(t.c.card_id, Text), LargeBinary)
+        return type_coerce(key, raw), type_coerce(cast(func.json_object(*pairs), LargeBinary), raw)
+    if dialect not in ("mysql", "mariadb"):
+        return None
     parts: list[Any] = []
-    for name in (
-        "transaction_id",
-        "card_id",
-        "merchant_name",
-        "timestamp",
-        "amount",
-        "location",
-        "transaction_type",
-        "related_transaction_id",
-    ):
-        column = t.c[name]
+    for name in _MESSAGE_FIELDS:
         parts.append(("{" if not parts else ",") + f'"{name}":')
         if name in ("transaction_id", "card_id"):
-            parts.append(column)
+            parts.append(t.c[name])
         elif name == "related_transaction_id":
-            parts.append(func.coalesce(cast(column, CHAR), "null"))
+            parts.append(func.coalesce(cast(t.c[name], CHAR), "null"))
         else:
-            parts.append(func.json_quote(text_of(column)))
+            parts.append(func.json_quote(value_of(name)))
     parts.append("}")
     key = type_coerce(cast(t.c.card_id, BINARY()), raw)
     value = type_coerce(cast(func.concat(*parts), BINARY()), raw)
@@ -96,12 +116,13 @@ def messages_from_database(
 ) -> Iterator[tuple[bytes, bytes]]:
     """The topic's (key, value) of :func:`transactions_from_database`'s transactions, in its order, encoded
     from the values as the driver gives them: no Transaction, Decimal or datetime per row, the same bytes as
-    :func:`~cardpipe.stream.codec.encode_transaction` of each (tested on both backends). On MySQL/MariaDB the
-    server renders them (:func:`_rendered_by_server`)."""
+    :func:`~cardpipe.stream.codec.encode_transaction` of each (tested on both backends). The database renders
+    them where it can (:func:`_rendered_by_database`)."""
     t = schema.transactions
     raw = NullType()  # no result processor: the driver's own value
-    if engine.dialect.name in ("mysql", "mariadb"):
-        query = _in_publish_order(*_rendered_by_server(engine.dialect.name), only_undecided=only_undecided)
+    rendered_columns = _rendered_by_database(engine.dialect.name)
+    if rendered_columns is not None:
+        query = _in_publish_order(*rendered_columns, only_undecided=only_undecided)
         with engine.connect() as conn:
             rendered = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
             for partition in rendered.partitions():

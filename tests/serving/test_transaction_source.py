@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal as D
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import URL, text
 
 from cardpipe.serving import schema
 from cardpipe.serving.database import create_clean_schema, make_engine
@@ -39,7 +39,7 @@ TEXTS = [
     "tab\there",
     "9004 Harris Viaduct, NY 14845",
     "slash/and 'single' \u2028 line separator",
-    'ends in a backslash\\',
+    "ends in a backslash\\",
     '\\"',
 ]
 
@@ -100,5 +100,24 @@ def test_messages_are_the_encoded_transactions_in_the_same_order(database_url) -
             assert len(got) == len(rows) - (len(decided) if only_undecided else 0)
         assert any(b'"amount":"-9999999999.99"' in value for _, value in got)
         assert any(b'"timestamp":"0999-02-03 04:05:06"' in value for _, value in got)
+    finally:
+        engine.dispose()
+
+
+def test_without_sqlites_json_functions_python_encodes_the_same_bytes(tmp_path, monkeypatch) -> None:
+    """SQLite before 3.38 has no built-in JSON functions: the messages are then encoded in Python, the same."""
+    from cardpipe.serving import transaction_source
+
+    engine = make_engine(URL.create("sqlite", database=str(tmp_path / "cardpipe.db")))
+    try:
+        create_clean_schema(engine)
+        with engine.begin() as conn:
+            conn.execute(text("PRAGMA foreign_keys = OFF"))
+            conn.execute(schema.transactions.insert(), transaction_rows(500))
+        by_sqlite = list(messages_from_database(engine, only_undecided=False))
+        monkeypatch.setattr(transaction_source, "_SQLITE_JSON", False)
+        assert transaction_source._rendered_by_database("sqlite") is None
+        in_python = list(messages_from_database(engine, only_undecided=False))
+        assert in_python == by_sqlite == [encode_transaction(tx) for tx in transactions_from_database(engine)]
     finally:
         engine.dispose()
