@@ -50,22 +50,38 @@ _DATETIME_SAMPLES = (
 )
 
 
+class _SQLiteDatetimeText:
+    """SQLite DATETIME's bind processor in its default storage format, faster: a naive ``datetime`` is formatted
+    as ``isoformat`` with a space and microseconds does (what SQLAlchemy's processor writes), anything else by
+    SQLAlchemy's own processor; :meth:`column` formats a whole column of naive datetimes at C speed."""
+
+    def __init__(self, slow: Processor) -> None:
+        self.slow = slow
+
+    def __call__(self, value: Any) -> Any:
+        if type(value) is datetime and value.tzinfo is None:
+            return value.isoformat(" ", "microseconds")
+        return self.slow(value)
+
+    def column(self, values: Sequence[Any]) -> list[Any] | None:
+        """Every value of ``values`` converted, when all are naive datetimes; else None."""
+        if set(map(type, values)) != {datetime} or any(map(_tzinfo, values)):
+            return None
+        return list(map(datetime.isoformat, values, repeat(" "), repeat("microseconds")))
+
+
 def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Processor | None:
     """The column type's bind processor, or a faster one with the same output where there is one: SQLite's
-    DATETIME in its default storage format formats a naive ``datetime`` exactly as ``isoformat`` with a space
-    and microseconds does (checked on samples here; anything else goes to SQLAlchemy's own processor)."""
+    DATETIME in its default storage format (:class:`_SQLiteDatetimeText`, checked on samples here, a value at a
+    time and as a column; else SQLAlchemy's own processor)."""
     proc = type_._cached_bind_processor(dialect)  # noqa: SLF001
     impl = type_.dialect_impl(dialect)
     if proc is None or not isinstance(impl, SQLITE_DATETIME) or impl._storage_format != SQLITE_DATETIME._storage_format:  # noqa: SLF001
         return proc
-    slow = proc
-
-    def fast(value: Any) -> Any:
-        if type(value) is datetime and value.tzinfo is None:
-            return value.isoformat(" ", "microseconds")
-        return slow(value)
-
-    return fast if all(fast(v) == slow(v) for v in _DATETIME_SAMPLES) else slow
+    fast = _SQLiteDatetimeText(proc)
+    expected = [proc(v) for v in _DATETIME_SAMPLES]
+    agrees = [fast(v) for v in _DATETIME_SAMPLES] == expected and fast.column(_DATETIME_SAMPLES) == expected
+    return fast if agrees else proc
 
 
 @contextmanager
@@ -195,8 +211,13 @@ class _MySQLStatements:
         return list(map(db.escape, values))
 
     def execute(self, cursor: Any, rows: Sequence[Sequence[Any]]) -> None:
+        """Send ``rows`` (tuples in the statement's column order)."""
+        self.execute_columns(cursor, list(zip(*rows, strict=True)))
+
+    def execute_columns(self, cursor: Any, values: Sequence[Sequence[Any]]) -> None:
+        """Send the rows whose columns are ``values`` (one sequence per column, in the statement's order)."""
         db = cursor.connection
-        columns = [self.literals(db, column) for column in zip(*rows, strict=True)]
+        columns = [self.literals(db, column) for column in values]
         encoding = db.encoding
         prefix, postfix = self.prefix.encode(encoding), self.postfix.encode(encoding)
         limit = cursor.max_stmt_length - len(postfix) - 1
@@ -285,10 +306,21 @@ class BulkWriter:
             return [self.prepare(r) for r in rows]
         if len(columns) != len(self.columns):
             return [self.prepare(r) for r in rows]
+        return list(zip(*self._processed(columns), strict=True))
+
+    def _processed(self, columns: Sequence[Sequence[Any]]) -> list[Any]:
+        """``columns`` (one per column of ``columns``) with each processed value converted."""
+        converted: list[Any] = list(columns)
         for (index, proc), none_safe in zip(self.processors, self._none_safe, strict=True):
-            column = columns[index]
-            columns[index] = list(map(proc, column)) if none_safe else [None if v is None else proc(v) for v in column]
-        return list(zip(*columns, strict=True))
+            column = converted[index]
+            whole = proc.column(column) if isinstance(proc, _SQLiteDatetimeText) else None
+            if whole is not None:
+                converted[index] = whole
+            elif none_safe:
+                converted[index] = list(map(proc, column))
+            else:
+                converted[index] = [None if v is None else proc(v) for v in column]
+        return converted
 
     def write(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
         """Write ``rows`` (tuples in ``columns`` order) on ``conn``'s current transaction."""
@@ -298,7 +330,22 @@ class BulkWriter:
             with _dbapi_cursor(conn, self.sql) as cursor:
                 self._mysql.execute(cursor, rows)
             return
-        params = self.params(rows)
+        self._execute(conn, self.params(rows))
+
+    def write_columns(self, conn: Connection, values: Sequence[Sequence[Any]]) -> None:
+        """:meth:`write` of the rows whose columns are ``values`` (one equally long sequence per column, in
+        ``columns`` order): no row is built before the values are converted."""
+        if len(values) != len(self.columns) or len(set(map(len, values))) != 1:
+            raise ValueError(f"{len(self.columns)} columns of one length expected")
+        if not values[0]:
+            return
+        if self._mysql is not None:
+            with _dbapi_cursor(conn, self.sql) as cursor:
+                self._mysql.execute_columns(cursor, values)
+            return
+        self._execute(conn, list(zip(*self._processed(values), strict=True)))
+
+    def _execute(self, conn: Connection, params: list[tuple[Any, ...]]) -> None:
         per_statement = self.rows_per_statement
         whole = len(params) // per_statement * per_statement if per_statement > 1 else 0
         with _dbapi_cursor(conn, self.sql) as cursor:

@@ -61,6 +61,14 @@ def test_params_are_what_sqlalchemy_binds(dialect, batch):
     assert [writer.prepare(r) for r in batch] == params
 
 
+def test_columns_of_unequal_length_or_number_are_refused():
+    writer = BulkWriter(DIALECTS["sqlite"], schema.stream_transactions, STREAM_COLUMNS)
+    with pytest.raises(ValueError, match="11 columns of one length"):
+        writer.write_columns(None, [[1]] * 10)  # type: ignore[arg-type]  # refused before any connection is used
+    with pytest.raises(ValueError, match="11 columns of one length"):
+        writer.write_columns(None, [[1]] * 10 + [[1, 2]])  # type: ignore[arg-type]
+
+
 def test_rows_of_the_wrong_length_are_prepared_one_by_one_as_before():
     writer = BulkWriter(DIALECTS["sqlite"], schema.stream_transactions, STREAM_COLUMNS)
     too_long = (1, 2, "m", datetime(2025, 4, 1), D("1.00"), "l", "t", None, "pending", None, None, "extra")
@@ -79,7 +87,8 @@ def test_decision_rows_read_by_name_and_convert_to_dicts():
     assert pickle.loads(pickle.dumps(row)) == row and type(pickle.loads(pickle.dumps(row))) is DecisionRow
 
 
-def test_written_rows_read_back_as_sqlalchemy_reads_them(database_url):
+@pytest.mark.parametrize("by_columns", [False, True], ids=["rows", "columns"])
+def test_written_rows_read_back_as_sqlalchemy_reads_them(database_url, by_columns):
     engine = make_engine(database_url)
     try:
         create_clean_schema(engine)
@@ -106,7 +115,11 @@ def test_written_rows_read_back_as_sqlalchemy_reads_them(database_url):
             for i in range(1, 2001)
         ]
         with engine.begin() as conn:
-            writer.write(conn, [(*row, D(1000), i % 4, i) for i, row in enumerate(batch)])
+            rows = [(*row, D(1000), i % 4, i) for i, row in enumerate(batch)]
+            if by_columns:
+                writer.write_columns(conn, list(zip(*rows, strict=True)))
+            else:
+                writer.write(conn, rows)
         with engine.connect() as conn:
             stored = {r.transaction_id: tuple(r) for r in conn.execute(select(*(t.c[c] for c in STREAM_COLUMNS)))}
             wanted = list(range(0, 2500, 3))  # more ids than one chunk, some not stored
