@@ -13,7 +13,7 @@ from sqlalchemy import CHAR, Engine, LargeBinary, Select, Text, cast, func, lite
 from sqlalchemy.dialects.mysql import BINARY
 from sqlalchemy.types import NullType
 
-from cardpipe.domain.records import Transaction
+from cardpipe.domain.records import TRANSACTION_COLUMNS, Transaction
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import exported_text, read_typed_rows
 from cardpipe.stream.codec import encode_fields
@@ -55,27 +55,16 @@ def _money_text(stored: float | int | Decimal) -> str:
     return str(stored) if type(stored) is Decimal else f"{stored:.2f}"
 
 
-#: The message's fields, in the order :func:`~cardpipe.stream.codec.encode_fields` writes them.
-_MESSAGE_FIELDS = (
-    "transaction_id",
-    "card_id",
-    "merchant_name",
-    "timestamp",
-    "amount",
-    "location",
-    "transaction_type",
-    "related_transaction_id",
-)
 #: SQLite has its JSON functions built in from 3.38 on.
 _SQLITE_JSON = tuple(int(part) for part in sqlite3.sqlite_version.split(".")[:2]) >= (3, 38)
 
 
 def _rendered_by_database(dialect: str) -> tuple[Any, Any] | None:
     """The (key, value) of each transaction's message as bytes rendered by the database, the text
-    :func:`~cardpipe.stream.codec.encode_fields` writes (field order, compact separators, money and timestamp as
-    the output files write them, :func:`~cardpipe.serving.csv_io.exported_text`; texts quoted by the database's
-    JSON functions, which escape as orjson does what the checks let into a text). The driver then hands over two
-    values per row instead of eight, and Python builds no message. None where the database cannot."""
+    :func:`~cardpipe.stream.codec.encode_fields` writes: the CSV's columns in order, compact separators, money and
+    timestamp as the output files write them (:func:`~cardpipe.serving.csv_io.exported_text`), texts quoted by the
+    database's JSON functions, which escape as orjson does what the checks let into a text. The driver then hands
+    over two values per row instead of eight, and Python builds no message. None where the database cannot."""
     t = schema.transactions
     raw = NullType()  # no result processor: the driver's bytes
 
@@ -90,14 +79,14 @@ def _rendered_by_database(dialect: str) -> tuple[Any, Any] | None:
         if not _SQLITE_JSON:
             return None
         pairs: list[Any] = []
-        for name in _MESSAGE_FIELDS:
+        for name in TRANSACTION_COLUMNS:
             pairs += [literal_column(f"'{name}'"), value_of(name)]
         key: Any = cast(cast(t.c.card_id, Text), LargeBinary)
         return type_coerce(key, raw), type_coerce(cast(func.json_object(*pairs), LargeBinary), raw)
     if dialect not in ("mysql", "mariadb"):
         return None
     parts: list[Any] = []
-    for name in _MESSAGE_FIELDS:
+    for name in TRANSACTION_COLUMNS:
         parts.append(("{" if not parts else ",") + f'"{name}":')
         if name in ("transaction_id", "card_id"):
             parts.append(t.c[name])
