@@ -63,6 +63,9 @@ APPROVED = "approved"
 AMOUNT_OVER_HALF_LIMIT = "amount_over_half_limit"
 LOCATION_TOO_FAR = "location_too_far"
 OVER_CREDIT_LIMIT = "over_credit_limit"
+#: The one rejection reason a decision row carries: a well-formed transaction of a card the serving data does not
+#: know (status ``rejected``); every other rejection goes to ``rejected_transactions`` only.
+UNKNOWN_CARD = "unknown_card"
 
 #: Columns only cardpipe's own rules write, with codes from closed sets of lower-case identifiers (the statuses,
 #: the decline and rejection reasons): never a comma, quote or line break, so never quoted in a CSV. (Input

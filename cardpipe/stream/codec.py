@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from orjson import dumps as _fast_dumps
 
-from cardpipe.domain import checks
+from cardpipe.domain import checks, records
 from cardpipe.domain.checks import MAX_ID, TRANSACTION_TYPES, CheckError
 from cardpipe.domain.money import MoneyError, parse_money
 from cardpipe.domain.records import CANONICAL_TIMESTAMP, Transaction
@@ -57,7 +57,7 @@ BAD_CARD_ID = "bad_card_id"
 BAD_AMOUNT = "bad_amount"
 BAD_TIMESTAMP = "bad_timestamp"
 BAD_FIELD = "bad_field"
-UNKNOWN_CARD = "unknown_card"
+UNKNOWN_CARD = records.UNKNOWN_CARD  # in a decision row too: defined with the decisions' codes
 DUPLICATE_CONFLICT = "duplicate_conflict"
 
 

@@ -991,3 +991,34 @@ def test_mariadb_serving_database(mysql_database: URL, tmp_path: Path) -> None:
     assert "Wrong-pa55word-zz" not in message and "\n" not in message
     assert str(mysql_database.password) not in message
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_codes_the_rules_do_not_write_are_read_again_as_text(
+    seed_serving: Serving, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The codes are read as ENUMs of the rules' own values; a database holding another one (another writer's)
+    is read again with them as text, and settles the same as the reference."""
+    import logging
+    import shutil
+    import sqlite3
+
+    from cardpipe.batch.embedded import settle_embedded
+
+    caplog.set_level(logging.DEBUG, logger="cardpipe.batch.embedded")
+    settle_embedded(seed_serving.url, seed_serving.full_watermark(), tmp_path / "as-enums")
+    assert "read again" not in caplog.text
+    assert_matches_reference(tmp_path / "as-enums", seed_serving, seed_serving.full_watermark())
+
+    copy = tmp_path / "other-writer.db"
+    shutil.copy(seed_serving.url.database or "", copy)
+    with sqlite3.connect(copy) as db:
+        changed = db.execute(
+            "UPDATE stream_transactions SET decline_reason = 'legacy_rule' WHERE transaction_id = "
+            "(SELECT min(transaction_id) FROM stream_transactions WHERE status = 'declined')"
+        ).rowcount
+    assert changed == 1
+    other = Serving.read(URL.create("sqlite", database=str(copy)))
+    settle_embedded(other.url, other.full_watermark(), tmp_path / "as-text")
+    assert "decisions read again with their codes as text" in caplog.text
+    assert_matches_reference(tmp_path / "as-text", other, other.full_watermark())
+    assert b",legacy_rule\n" in (tmp_path / "as-text" / "batch_transactions.csv").read_bytes()  # the last column
