@@ -91,9 +91,12 @@ def staged_consume(env: dict[str, str], work: Path, data: Path) -> dict[str, Any
         for parent in parents:
             owner = getattr(owner, parent)
         setattr(owner, attribute, timing(getattr(owner, attribute), stage))
-    bulk.BulkWriter.write = timing(  # type: ignore[method-assign]
-        bulk.BulkWriter.write, lambda writer, *_: f"  write {writer.sql.split()[2]}"
-    )
+    for method in ("write", "write_columns"):  # each table's write, rows or columns
+        setattr(
+            bulk.BulkWriter,
+            method,
+            timing(getattr(bulk.BulkWriter, method), lambda writer, *_: f"  write {writer.sql.split()[2]}"),
+        )
     result = ours_consume(env, work, data)
     result["stages"] = {name: round(seconds, 3) for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])}
     return result
