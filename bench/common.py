@@ -158,6 +158,42 @@ def dataset(transactions: int, seed: int = 7, customers: int | None = None) -> P
     return path
 
 
+def cards_and_messages(data: Path) -> tuple[dict[int, Any], list[Any]]:
+    """A dataset's card profiles (limit, owner's zip) and its transactions as the topic's messages, in file order
+    (all on partition 0): what the decide stage takes. Imports cardpipe only when called."""
+    import csv
+    from decimal import Decimal
+
+    from cardpipe.domain.authorization import zip_of
+    from cardpipe.domain.records import CardProfile
+    from cardpipe.stream.codec import encode_fields
+    from cardpipe.stream.processing import RawMessage
+
+    with open(data / "customers.csv", newline="") as f:
+        zips = {int(r["customer_id"]): zip_of(r["address"]) for r in csv.DictReader(f)}
+    with open(data / "cards.csv", newline="") as f:
+        cards = {
+            int(r["card_id"]): CardProfile(int(r["card_id"]), Decimal(r["credit_limit"]), zips[int(r["customer_id"])])
+            for r in csv.DictReader(f)
+        }
+    messages = []
+    with open(data / "transactions.csv", newline="") as f:
+        for offset, r in enumerate(csv.DictReader(f)):
+            related = int(r["related_transaction_id"]) if r["related_transaction_id"] else None
+            key, value = encode_fields(
+                int(r["transaction_id"]),
+                int(r["card_id"]),
+                r["merchant_name"],
+                r["timestamp"],
+                r["amount"],
+                r["location"],
+                r["transaction_type"],
+                related,
+            )
+            messages.append(RawMessage(0, offset, key, value, 1_700_000_000_000 + offset))
+    return cards, messages
+
+
 def dataset_counts(path: Path) -> dict[str, int]:
     return json.loads((path / ".complete.json").read_text())["counts"]
 

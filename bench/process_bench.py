@@ -12,7 +12,6 @@ it (``git worktree add /tmp/before HEAD``, then ``--root /tmp/before --root .``)
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import subprocess
@@ -22,42 +21,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, dataset, say  # (common puts this checkout on sys.path, after any --root)
+from common import ROOT, cards_and_messages, dataset, say  # (common puts this checkout on sys.path, after any --root)
 
 
 def measure(root: Path, data: Path, batch: int, runs: int) -> dict[str, Any]:
     """Run in a fresh interpreter with ``root`` first on sys.path: the decide stage's CPU µs per message."""
     sys.path.insert(0, str(root))
     import cardpipe
-    from cardpipe.domain.authorization import zip_of
-    from cardpipe.domain.records import CardProfile
-    from cardpipe.stream.codec import encode_fields
-    from cardpipe.stream.processing import RawMessage, StreamProcessor
+    from cardpipe.stream.processing import StreamProcessor
 
     if not Path(cardpipe.__file__ or "").resolve().is_relative_to(root.resolve()):
         raise SystemExit(f"imported {cardpipe.__file__}, not from {root}")
-    with open(data / "customers.csv", newline="") as f:
-        zips = {int(r["customer_id"]): zip_of(r["address"]) for r in csv.DictReader(f)}
-    with open(data / "cards.csv", newline="") as f:
-        cards = {
-            int(r["card_id"]): CardProfile(int(r["card_id"]), Decimal(r["credit_limit"]), zips[int(r["customer_id"])])
-            for r in csv.DictReader(f)
-        }
-    messages = []
-    with open(data / "transactions.csv", newline="") as f:
-        for offset, r in enumerate(csv.DictReader(f)):
-            related = int(r["related_transaction_id"]) if r["related_transaction_id"] else None
-            key, value = encode_fields(
-                int(r["transaction_id"]),
-                int(r["card_id"]),
-                r["merchant_name"],
-                r["timestamp"],
-                r["amount"],
-                r["location"],
-                r["transaction_type"],
-                related,
-            )
-            messages.append(RawMessage(0, offset, key, value, 1_700_000_000_000 + offset))
+    cards, messages = cards_and_messages(data)
     gc.collect()
     gc.freeze()  # as the consumer does once its cards are loaded
     seconds = []
