@@ -241,11 +241,13 @@ def _output_select(columns: tuple[str, ...], table: str) -> str:
     return f"SELECT {', '.join(fields)} FROM {table}"
 
 
-def _source_column(column: str) -> str:
-    """A column read for the settlement: the settled status, money as exact DECIMAL, the rest as it is."""
-    if column == "status":
-        return rules.settled_status('"status"') + " AS status"
-    return _exact_column(column)
+def _source_column(column: str, *, codes_as_enums: bool = False) -> str:
+    """A column read for the settlement: the settled status, money as exact DECIMAL, the rest as it is.
+    ``codes_as_enums``: a code column of :data:`_CODE_TYPES` cast to its ENUM (a value outside it fails the read)."""
+    expression = rules.settled_status('"status"') if column == "status" else _q(column)
+    if codes_as_enums and column in _CODE_TYPES:
+        return f"CAST({expression} AS {_CODE_TYPES[column][0]}) AS {_q(column)}"
+    return f"{expression} AS status" if column == "status" else _exact_column(column)
 
 
 def _exact_column(column: str) -> str:
@@ -274,14 +276,7 @@ def _decisions_sql(watermark: Mapping[int, int], *, codes_as_enums: bool = False
     """The statement reading the decisions into ``decisions``, stored in the key order of their file: the scan
     and the sort run on every thread, and the file is then written in table order, without a sort of its own.
     ``codes_as_enums``: the codes as the ENUMs of :data:`_CODE_TYPES` (a value outside them fails the statement)."""
-    read = []
-    for column in STREAM_COLUMNS:
-        source = _source_column(column)
-        if codes_as_enums and column in _CODE_TYPES:
-            expression, alias = source.rsplit(" AS ", 1) if " AS " in source else (source, _q(column))
-            source = f"CAST({expression} AS {_CODE_TYPES[column][0]}) AS {alias}"
-        read.append(source)
-    columns = ", ".join(read)
+    columns = ", ".join(_source_column(c, codes_as_enums=codes_as_enums) for c in STREAM_COLUMNS)
     key, _ = OUTPUTS[BATCH_TRANSACTIONS]
     return (
         f"CREATE TABLE decisions AS SELECT {columns} "
@@ -336,13 +331,13 @@ _TABLES = {BATCH_TRANSACTIONS: "decisions", CARDS_UPDATED: "cards_out", CUSTOMER
 _IN_KEY_ORDER = frozenset({"decisions"})
 
 
-def _copy_options(quote: str = "") -> str:
+def _copy_options(quote: str = "", *, header: bool = True) -> str:
     """The COPY options of the files; ``quote``: DuckDB's own quoting (``'"'``) or none (``''``: the fields
-    are quoted in SQL, :func:`csv_field`)."""
+    are quoted in SQL, :func:`csv_field`); ``header``: the file starts with the header line."""
     return ", ".join(
         [
             "FORMAT csv",
-            "HEADER true",
+            f"HEADER {'true' if header else 'false'}",
             "DELIMITER ','",
             f"QUOTE {rules.sql_string(quote)}",
             f"ESCAPE {rules.sql_string(quote)}",
@@ -391,9 +386,7 @@ def _csv_copy(
         native = look and _native_quoting(conn, columns, source)
     target = rules.sql_string(str(path))
     order = "" if in_order else f" ORDER BY {_q(key)}"
-    options = _copy_options(quote=chr(34) if native else "")
-    if not header:
-        options = options.replace("HEADER true", "HEADER false")
+    options = _copy_options(quote=chr(34) if native else "", header=header)
     if native:
         query = f"SELECT {', '.join(map(_q, columns))} FROM {source}{order}"
         return f"COPY ({query}) TO {target} ({options})"
