@@ -22,9 +22,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
+from tests.reference import SEED_DATASET
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
-SEED_DATASET = SHARED_DIR / "reference" / "seed_dataset_22"
 MARIADB_SCRIPT = REPO_ROOT / "scripts" / "mariadb.sh"
 
 DB_ENV_VARS = ("DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME")

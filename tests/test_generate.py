@@ -13,6 +13,7 @@ import pytest
 
 from cardpipe import generate
 from cardpipe.generate import GeneratorConfig, generate_dataset
+from tests.reference import SEED_DATASET
 
 FILES = ("customers.csv", "credit_card_types.csv", "cards.csv", "transactions.csv")
 
@@ -25,7 +26,7 @@ SPEC_HEADERS = {
     "transactions.csv": "transaction_id,card_id,merchant_name,timestamp,amount,location,"
     "transaction_type,related_transaction_id",
 }
-SEED_INPUT = Path("/work/shared/reference/seed_dataset_22/input")
+SEED_INPUT = SEED_DATASET / "input"
 SAMPLE_DIR = Path(generate.__file__).parent / "sample_data"
 SAMPLE_CONFIG = GeneratorConfig(transactions=600, customers=40, cards=70, seed=7)
 TYPES = {"purchase", "bill_payment", "atm_withdrawal", "p2p_transfer", "wire_transfer", "refund", "cancellation"}

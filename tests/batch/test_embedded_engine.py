@@ -42,13 +42,11 @@ from cardpipe.domain.records import (
     Customer,
 )
 from cardpipe.domain.settlement import SettledTransaction, Settlement, settle
+from tests.reference import COMPARE_TOOL, REFERENCE_DIR, SEED_DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-REFERENCE_DIR = Path(os.environ.get("CARDPIPE_REFERENCE_DIR", "/work/shared/reference"))
-SEED_DATASET = REFERENCE_DIR / "seed_dataset_22"
 PEER_DATASETS = sorted(p for p in (REFERENCE_DIR / "peer_datasets").glob("*") if p.is_dir())
 PEER_NAMES = ["aaru15sharma", "bhavinisai", "rahulkfernandes", "sidpatondikar", "v-atharva"]
-COMPARE_TOOL = Path(os.environ.get("CARDPIPE_COMPARE_TOOL", "/work/shared/tools/compare_results.py"))
 OUTPUT_FILES = ("batch_transactions.csv", "cards_updated.csv", "customers_updated.csv")
 PARTITIONS = 4
 GENERATED_TRANSACTIONS = 50_000

@@ -29,10 +29,8 @@ from cardpipe.domain.records import (
 )
 from cardpipe.domain.settlement import SettledTransaction
 from cardpipe.domain.settlement import settle as reference_settle
+from tests.reference import COMPARE_TOOL, REFERENCE_DIR, SEED_DATASET
 
-REFERENCE_DIR = Path(os.environ.get("CARDPIPE_REFERENCE_DIR", "/work/shared/reference"))
-SEED_DATASET = REFERENCE_DIR / "seed_dataset_22"
-COMPARE_TOOL = Path(os.environ.get("CARDPIPE_COMPARE_TOOL", "/work/shared/tools/compare_results.py"))
 TS_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 

@@ -15,9 +15,9 @@ from sqlalchemy import table as sa_table
 
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import format_cell
+from tests.reference import COMPARE_TOOL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMPARE_TOOL = REPO_ROOT.parent / "shared" / "tools" / "compare_results.py"
 RESULT_TABLES = ("stream_transactions", "batch_transactions", "cards_updated", "customers_updated")
 
 

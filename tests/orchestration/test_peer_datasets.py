@@ -1,12 +1,11 @@
 """The pipeline runs on every peer dataset (other implementations' data) and agrees with the domain rules."""
 
-from pathlib import Path
-
 import pytest
 
 from tests.orchestration.helpers import assert_results_match_reference, cardpipe, env_without_services
+from tests.reference import PEER_DATASETS_DIR
 
-PEERS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "peer_datasets"
+PEERS = PEER_DATASETS_DIR
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 
