@@ -11,7 +11,10 @@ message (``time.process_time``) of
    transactions in the batch), the cards' balances updated; then, timed apart, the decisions fetched to Python
    and compared with the product's, message by message (a difference fails the run);
 3. DuckDB writing each batch's rows into a SQLite file with the product's ``stream_transactions`` table,
-   through the scanner extension, one transaction per batch (no rules, no other table).
+   through the scanner extension, one transaction per batch (no rules, no other table);
+4. the floor of any core that runs in this process and stores through Python's ``sqlite3``: each batch decoded
+   by msgspec in one call (no checks beyond the JSON types), made rows by C-level ``map`` (the decision's
+   columns constant: no rules), inserted with ``executemany`` into the same table, one transaction per batch.
 
 The SQL restates the rules of ``cardpipe.domain.authorization`` for this measurement only; the check in 2 is
 what makes its figure mean anything.
@@ -167,6 +170,54 @@ def duckdb_sqlite_writes(messages: list[Any], batch: int, threads: int, folder: 
     return spent
 
 
+def floor_sqlite_writes(messages: list[Any], batch: int, folder: Path) -> dict[str, float]:
+    import sqlite3
+    from itertools import repeat
+
+    import msgspec
+    from sqlalchemy import create_engine
+
+    from cardpipe.serving import schema
+
+    class Wire(msgspec.Struct, array_like=False):
+        transaction_id: int
+        card_id: int
+        merchant_name: str
+        timestamp: str
+        amount: str
+        location: str
+        transaction_type: str
+        related_transaction_id: int | None = None
+
+    database = folder / "floor.db"
+    engine = create_engine(f"sqlite:///{database}")
+    schema.stream_transactions.create(engine)
+    engine.dispose()
+    con = sqlite3.connect(database, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    insert = f"INSERT INTO stream_transactions VALUES ({', '.join(['?'] * 14)})"
+    decode = msgspec.json.Decoder(list[Wire]).decode
+    astuple = msgspec.structs.astuple
+    spent = {"decode (msgspec, one call)": 0.0, "rows (C map)": 0.0, "insert (sqlite3 executemany)": 0.0, "commit": 0.0}
+    for seq, start in enumerate(range(0, len(messages), batch), 1):
+        began = time.process_time()
+        decoded = decode(b"[" + b",".join(m.value for m in messages[start : start + batch]) + b"]")
+        spent["decode (msgspec, one call)"] += time.process_time() - began
+        began = time.process_time()
+        rows = list(map(tuple.__add__, map(astuple, decoded), repeat(("pending", "0.00", None, "1000.00", 0, seq))))
+        spent["rows (C map)"] += time.process_time() - began
+        began = time.process_time()
+        con.execute("BEGIN")
+        con.executemany(insert, rows)
+        spent["insert (sqlite3 executemany)"] += time.process_time() - began
+        began = time.process_time()
+        con.execute("COMMIT")
+        spent["commit"] += time.process_time() - began
+    con.close()
+    return spent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transactions", type=int, default=500_000)
@@ -188,9 +239,12 @@ def main() -> None:
         mismatches = sum(a != b for a, b in zip(expected, decided, strict=True))
         say("DuckDB writing the batches into SQLite through the scanner")
         writes = duckdb_sqlite_writes(messages, args.batch, args.threads, folder)
+        say("the floor: msgspec decoding, sqlite3 inserting")
+        floor = floor_sqlite_writes(messages, args.batch, folder)
     rows = [["python: StreamProcessor.process", per_message(python_seconds, n)]]
     rows += [[f"duckdb: {k}", per_message(v, n)] for k, v in native.items()]
     rows += [[f"duckdb → sqlite: {k}", per_message(v, n)] for k, v in writes.items()]
+    rows += [[f"floor: {k}", per_message(v, n)] for k, v in floor.items()]
     print_table(f"CPU µs per message, {n:,} messages, batches of {args.batch:,}", ["step", "µs/message"], rows)
     print(f"decisions identical to the product's: {n - mismatches:,} of {n:,}")
     if mismatches:
