@@ -37,6 +37,11 @@ CONTEXT = multiprocessing.get_context("spawn")
 _QUIET_LOGGERS = ("cardpipe.librdkafka", "cardpipe.stream.broker.librdkafka")
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform tells it, else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def describe_exit(exitcode: int | None) -> str:
     """How a child process ended without a result: killed by which signal, or its exit status."""
     if exitcode is not None and exitcode < 0:

@@ -43,6 +43,7 @@ from operator import add
 from pathlib import Path
 from typing import BinaryIO
 
+from cardpipe.childprocs import usable_cores
 from cardpipe.domain.records import TRANSACTION_COLUMNS
 from cardpipe.errors import CardpipeError
 
@@ -758,8 +759,7 @@ def _jobs(config: GeneratorConfig) -> Iterator[tuple[int, int, int, int, int, in
 
 def _worker_count(chunks: int) -> int:
     """Processes for the chunks: up to two (the target machine has two cores), never more than usable."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(2, usable, chunks))
+    return max(1, min(2, usable_cores(), chunks))
 
 
 def _append_file(dst: BinaryIO, src_path: str) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SAWarning, SQLAlchemyError
 
 from cardpipe.batch.apart import ExportProcess, SettleProcess
+from cardpipe.childprocs import usable_cores
 from cardpipe.config import Settings
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
 from cardpipe.errors import BrokerLost, BrokerUnavailable, CardpipeError, ConfigError, first_line
@@ -240,12 +241,14 @@ def consume(
     finishing = publishing is None and should_stop is None and not options.follow and options.partitions is None
     with _runtime(settings, runtime, broker, command="cardpipe consume") as rt:
         # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started now so that
-        # it is ready when the topic is drained, having copied the decisions as they were committed (it reads
-        # only the last ones then); a consumer that follows starts it only when it stops.
+        # it is ready when the topic is drained; while a core is left beside the consumer processes it copies the
+        # decisions as they are committed (it reads only the last ones then), otherwise the copying would slow
+        # the consumers more than it shortens the end. A consumer that follows starts it only when it stops.
         # On MySQL/MariaDB a thread of its own writes it as soon as the topic is drained (:class:`_LinesAhead`).
         sqlite = settings.database_url.get_backend_name() == "sqlite"
+        copied = ("stream_transactions", STREAM_COLUMNS) if workers < usable_cores() else None
         ahead = (
-            rt.start(lambda: ExportProcess(settings.database_url, follow=("stream_transactions", STREAM_COLUMNS)))
+            rt.start(lambda: ExportProcess(settings.database_url, follow=copied))
             if sqlite and not options.follow
             else None
         )

@@ -431,3 +431,30 @@ def test_ids_sent_to_two_workers_with_different_cards_are_decided_once(tmp_path)
     for tx in [*a, *b]:
         if rows[tx.transaction_id][0] == tx.card_id:
             assert rows[tx.transaction_id] == _row(tx, *_decide(authorizer, tx)), tx
+
+
+@pytest.mark.parametrize(("workers", "cores", "follows"), [(1, 2, True), (2, 2, False), (2, 4, True), (1, 1, False)])
+def test_the_export_process_copies_the_decisions_only_while_a_core_is_left(
+    workers, cores, follows, tmp_path, monkeypatch
+):
+    """On SQLite, the process that writes stream_transactions.csv copies the decisions as they are committed only
+    while a core is left beside the consumer processes; either way the file holds every decision."""
+    from cardpipe.batch.apart import ExportProcess
+
+    asked: list[object] = []
+
+    def recording(database_url, follow=None):
+        asked.append(follow)
+        return ExportProcess(database_url, follow=follow)
+
+    monkeypatch.setattr(commands, "usable_cores", lambda: cores)
+    monkeypatch.setattr(commands, "ExportProcess", recording)
+    settings = Settings.from_env(env={}, results_dir=tmp_path / "results", data_dir=SAMPLE_DATA_DIR)
+    try:
+        prepared(settings)
+        summary = commands.consume(settings, ConsumeOptions(until_caught_up=True), workers=workers)
+    finally:
+        stop_broker(settings.results_dir)
+    assert [follow is not None for follow in asked] == [follows]
+    lines = (settings.results_dir / "stream_transactions.csv").read_text().splitlines()
+    assert len(lines) == summary.messages + 1 == count_rows(settings.database_url, schema.stream_transactions) + 1
