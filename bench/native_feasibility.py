@@ -27,6 +27,8 @@ import gc
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,16 @@ FROM read_json('{path}', format = 'newline_delimited', columns = {columns})
 """
 
 
+@contextmanager
+def charged(spent: dict[str, float], step: str) -> Iterator[None]:
+    """Add the CPU time (``time.process_time``) the block takes to ``spent[step]``."""
+    began = time.process_time()
+    try:
+        yield
+    finally:
+        spent[step] = spent.get(step, 0.0) + time.process_time() - began
+
+
 def per_message(seconds: float, messages: int) -> float:
     return round(seconds / messages * 1e6, 2)
 
@@ -87,13 +99,12 @@ def python_decisions(cards: dict[int, Any], messages: list[Any], batch: int) -> 
 
     processor = StreamProcessor("bench", cards, dict.fromkeys(cards, Decimal("0.00")), lambda ids: {})
     decided: list[tuple[Any, ...]] = []
-    seconds = 0.0
+    spent = {"process": 0.0}
     for start in range(0, len(messages), batch):
-        began = time.process_time()
-        result = processor.process(messages[start : start + batch])
-        seconds += time.process_time() - began
+        with charged(spent, "process"):
+            result = processor.process(messages[start : start + batch])
         decided.extend((row["decline_reason"], row["pending_balance"]) for row in result.decided)
-    return seconds, decided
+    return spent["process"], decided
 
 
 def duckdb_decisions(
@@ -120,19 +131,15 @@ def duckdb_decisions(
     spent = {"write the batch file": 0.0, "decode + rules": 0.0, "card balances": 0.0, "fetch (check only)": 0.0}
     decided: list[tuple[Any, ...]] = []
     for start in range(0, len(messages), batch):
-        began = time.process_time()
-        path.write_bytes(b"\n".join(m.value for m in messages[start : start + batch]))
-        spent["write the batch file"] += time.process_time() - began
-        began = time.process_time()
-        con.execute("DELETE FROM decided")
-        con.execute(decide)
-        spent["decode + rules"] += time.process_time() - began
-        began = time.process_time()
-        con.execute(UPDATE_BALANCES)
-        spent["card balances"] += time.process_time() - began
-        began = time.process_time()
-        decided.extend(con.execute("SELECT reason, balance FROM decided ORDER BY pos").fetchall())
-        spent["fetch (check only)"] += time.process_time() - began
+        with charged(spent, "write the batch file"):
+            path.write_bytes(b"\n".join(m.value for m in messages[start : start + batch]))
+        with charged(spent, "decode + rules"):
+            con.execute("DELETE FROM decided")
+            con.execute(decide)
+        with charged(spent, "card balances"):
+            con.execute(UPDATE_BALANCES)
+        with charged(spent, "fetch (check only)"):
+            decided.extend(con.execute("SELECT reason, balance FROM decided ORDER BY pos").fetchall())
     con.close()
     return spent, decided
 
@@ -156,16 +163,13 @@ def duckdb_sqlite_writes(messages: list[Any], batch: int, threads: int, folder: 
     path = folder / "batch.ndjson"
     spent = {"write the batch file": 0.0, "insert into SQLite": 0.0, "commit": 0.0}
     for seq, start in enumerate(range(0, len(messages), batch), 1):
-        began = time.process_time()
-        path.write_bytes(b"\n".join(m.value for m in messages[start : start + batch]))
-        spent["write the batch file"] += time.process_time() - began
-        began = time.process_time()
-        con.execute("BEGIN")
-        con.execute(INSERT_ROWS.format(path=path, columns=_COLUMNS, seq=seq))
-        spent["insert into SQLite"] += time.process_time() - began
-        began = time.process_time()
-        con.execute("COMMIT")
-        spent["commit"] += time.process_time() - began
+        with charged(spent, "write the batch file"):
+            path.write_bytes(b"\n".join(m.value for m in messages[start : start + batch]))
+        with charged(spent, "insert into SQLite"):
+            con.execute("BEGIN")
+            con.execute(INSERT_ROWS.format(path=path, columns=_COLUMNS, seq=seq))
+        with charged(spent, "commit"):
+            con.execute("COMMIT")
     con.close()
     return spent
 
@@ -175,19 +179,10 @@ def floor_sqlite_writes(messages: list[Any], batch: int, folder: Path) -> dict[s
     from itertools import repeat
 
     import msgspec
+    from decoder_bench import Message  # the message's fields as on the wire, no checks
     from sqlalchemy import create_engine
 
     from cardpipe.serving import schema
-
-    class Wire(msgspec.Struct, array_like=False):
-        transaction_id: int
-        card_id: int
-        merchant_name: str
-        timestamp: str
-        amount: str
-        location: str
-        transaction_type: str
-        related_transaction_id: int | None = None
 
     database = folder / "floor.db"
     engine = create_engine(f"sqlite:///{database}")
@@ -197,23 +192,20 @@ def floor_sqlite_writes(messages: list[Any], batch: int, folder: Path) -> dict[s
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")
     insert = f"INSERT INTO stream_transactions VALUES ({', '.join(['?'] * 14)})"
-    decode = msgspec.json.Decoder(list[Wire]).decode
+    decode = msgspec.json.Decoder(list[Message]).decode
     astuple = msgspec.structs.astuple
     spent = {"decode (msgspec, one call)": 0.0, "rows (C map)": 0.0, "insert (sqlite3 executemany)": 0.0, "commit": 0.0}
     for seq, start in enumerate(range(0, len(messages), batch), 1):
-        began = time.process_time()
-        decoded = decode(b"[" + b",".join(m.value for m in messages[start : start + batch]) + b"]")
-        spent["decode (msgspec, one call)"] += time.process_time() - began
-        began = time.process_time()
-        rows = list(map(tuple.__add__, map(astuple, decoded), repeat(("pending", "0.00", None, "1000.00", 0, seq))))
-        spent["rows (C map)"] += time.process_time() - began
-        began = time.process_time()
-        con.execute("BEGIN")
-        con.executemany(insert, rows)
-        spent["insert (sqlite3 executemany)"] += time.process_time() - began
-        began = time.process_time()
-        con.execute("COMMIT")
-        spent["commit"] += time.process_time() - began
+        with charged(spent, "decode (msgspec, one call)"):
+            decoded = decode(b"[" + b",".join(m.value for m in messages[start : start + batch]) + b"]")
+        with charged(spent, "rows (C map)"):
+            decision = ("pending", "0.00", None, "1000.00", 0, seq)
+            rows = list(map(tuple.__add__, map(astuple, decoded), repeat(decision)))
+        with charged(spent, "insert (sqlite3 executemany)"):
+            con.execute("BEGIN")
+            con.executemany(insert, rows)
+        with charged(spent, "commit"):
+            con.execute("COMMIT")
     con.close()
     return spent
 
