@@ -42,10 +42,10 @@ from cardpipe.domain.records import (
     Customer,
 )
 from cardpipe.domain.settlement import SettledTransaction, Settlement, settle
-from tests.reference import COMPARE_TOOL, REFERENCE_DIR, SEED_DATASET
+from tests.reference import COMPARE_TOOL, PEER_DATASETS_DIR, REFERENCE_DIR, SEED_DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PEER_DATASETS = sorted(p for p in (REFERENCE_DIR / "peer_datasets").glob("*") if p.is_dir())
+PEER_DATASETS = sorted(p for p in PEER_DATASETS_DIR.glob("*") if p.is_dir())
 PEER_NAMES = ["aaru15sharma", "bhavinisai", "rahulkfernandes", "sidpatondikar", "v-atharva"]
 OUTPUT_FILES = ("batch_transactions.csv", "cards_updated.csv", "customers_updated.csv")
 PARTITIONS = 4
@@ -381,7 +381,7 @@ def test_peer_datasets_equal_the_python_reference(
 ) -> None:
     from cardpipe.batch.embedded import settle_embedded
 
-    serving = serving_database(tmp_path_factory, f"peer-{peer}", REFERENCE_DIR / "peer_datasets" / peer)
+    serving = serving_database(tmp_path_factory, f"peer-{peer}", PEER_DATASETS_DIR / peer)
     watermark = serving.full_watermark()
     summary = settle_embedded(serving.url, watermark, tmp_path)
     assert_matches_reference(tmp_path, serving, watermark)

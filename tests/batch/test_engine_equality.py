@@ -26,7 +26,6 @@ from tests.batch.test_embedded_engine import (
     GENERATED_TRANSACTIONS,
     OUTPUT_FILES,
     PEER_NAMES,
-    REFERENCE_DIR,
     SEED_DATASET,
     Serving,
     assert_matches_reference,
@@ -34,6 +33,7 @@ from tests.batch.test_embedded_engine import (
     build_serving,
     serving_database,
 )
+from tests.reference import PEER_DATASETS_DIR
 
 
 def settings_for(url: URL, tmp_path: Path, **changes: Any) -> Settings:
@@ -100,7 +100,7 @@ def spark() -> Iterator[Any]:
 def test_spark_equals_embedded_on_the_peer_datasets(
     spark: Any, peer: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    serving = serving_database(tmp_path_factory, f"peer-{peer}", REFERENCE_DIR / "peer_datasets" / peer)
+    serving = serving_database(tmp_path_factory, f"peer-{peer}", PEER_DATASETS_DIR / peer)
     watermark = serving.full_watermark()
     embedded, _ = assert_engines_agree(spark, serving.url, watermark, tmp_path)
     assert_matches_reference(tmp_path / "spark", serving, watermark)

@@ -18,6 +18,7 @@ from cardpipe.serving import schema
 from cardpipe.serving.csv_io import _to_timestamp, normalised_batches, read_typed_rows
 from cardpipe.serving.database import create_clean_schema, make_engine
 from cardpipe.serving.loader import load_inputs
+from tests.reference import PEER_DATASETS_DIR
 
 SAMPLE = Path(__file__).resolve().parents[2] / "cardpipe" / "sample_data"
 
@@ -236,7 +237,7 @@ def test_duplicate_and_unknown_ids_name_file_line_and_id_and_load_nothing(
 
 
 def test_sample_seed_and_peer_datasets_pass_every_rule(sqlite_engine, seed_dataset):
-    peers = sorted(p for p in (seed_dataset.parent / "peer_datasets").iterdir() if p.is_dir())
+    peers = sorted(p for p in PEER_DATASETS_DIR.iterdir() if p.is_dir())
     assert len(peers) == 5
     for folder in [SAMPLE, seed_dataset / "input", *peers]:
         summary = load_inputs(sqlite_engine, folder)

@@ -23,6 +23,7 @@ from cardpipe.serving import schema
 from cardpipe.serving.csv_io import _typed_cell, normalised_batches, normaliser_for, plan_column
 from cardpipe.serving.database import create_clean_schema, make_engine
 from cardpipe.serving.loader import load_inputs
+from tests.reference import PEER_DATASETS_DIR
 
 pytestmark = pytest.mark.mysql
 
@@ -147,7 +148,7 @@ def test_every_bulk_path_stores_exactly_what_the_row_path_stores(engine, tricky_
 
 
 def test_seed_and_peer_datasets_are_identical_through_load_data(engine, seed_dataset):
-    peers = seed_dataset.parent / "peer_datasets"
+    peers = PEER_DATASETS_DIR
     folders = [seed_dataset / "input", *sorted(p for p in peers.iterdir() if p.is_dir())]
     assert len(folders) > 1, f"no peer datasets in {peers}"
     for folder in folders:  # float-written money and the like, from other implementations
