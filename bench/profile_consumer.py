@@ -7,7 +7,8 @@ Read the .prof with ``python3 -m pstats bench/out/consume-sqlite.prof`` (or snak
 
 ``--target stages`` runs the consume without cProfile (whose overhead distorts Python-heavy code) and prints
 the wall seconds spent in each stage of the loop instead: polling, deciding (``StreamProcessor.process``), the
-lookups, the checkpoint commit and, inside it, each table's write.
+lookups, the checkpoint commit and, inside it, each table's write, the decisions turned into columns, the
+settlement's lock, the lease renewal and the database ``COMMIT``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ STAGES = (
     ("cardpipe.serving.stream_store", "StreamStore.load_cards", "loading cards"),
     ("cardpipe.serving.stream_store", "StreamStore.settlement_in_force", "settlement in force"),
     ("cardpipe.serving.stream_store", "StreamStore.commit", "checkpoint commit"),
+    ("cardpipe.serving.stream_store", "_decision_columns", "  decision columns"),
+    ("cardpipe.serving.stream_store", "_settlement_in_force", "  settlement lock"),
+    ("cardpipe.serving.stream_store", "StreamStore._renew", "  lease renewal"),
+    ("sqlalchemy.engine.base", "Connection._commit_impl", "  database COMMIT"),
 )
 
 

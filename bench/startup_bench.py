@@ -1,6 +1,6 @@
 """How fast ``cardpipe consume`` starts deciding and how fast it stops once the topic is drained.
 
-    python3 bench/startup_bench.py [--transactions 500000] [--runs 3] [--cardpipe PATH ...]
+    python3 bench/startup_bench.py [--transactions 500000] [--runs 3] [--cardpipe PATH ...] [--workers N ...]
 
 Per run, on a fresh results folder (embedded defaults: SQLite and the embedded broker, which outlives the
 commands): ``cardpipe setup``, ``load`` (a ``cardpipe.generate`` dataset) and ``produce`` (not timed), then
@@ -14,7 +14,8 @@ transaction) and the parent's wall clock around the subprocess:
   ``rejected_transactions.csv`` (its log line gives the export's share when ``--log-level debug`` shows it).
 
 ``--cardpipe`` names the ``cardpipe`` executables to time (default: this checkout's ``.venv/bin/cardpipe``); with
-several (another checkout's, to compare code), each run times each of them in turn, on the same dataset.
+several (another checkout's, to compare code), each run times each of them in turn, on the same dataset; and
+each of them with each ``--workers`` value (default 1: the single consumer).
 
 Targets (issue 14): first decision <= 1 s; exit <= 1 s after the topic is drained.
 """
@@ -45,8 +46,9 @@ from common import (  # first: it puts the project on sys.path
 CARDPIPE = str(ROOT / ".venv" / "bin" / "cardpipe")
 
 
-def one_run(data_dir: Path, folder: Path, cardpipe: str = CARDPIPE) -> dict[str, Any]:
-    """Set up, load and produce into ``folder``; time ``consume --until-caught-up`` (all with ``cardpipe``)."""
+def one_run(data_dir: Path, folder: Path, cardpipe: str = CARDPIPE, workers: int = 1) -> dict[str, Any]:
+    """Set up, load and produce into ``folder``; time ``consume --until-caught-up --workers N`` (all with
+    ``cardpipe``)."""
 
     def run(*args: str) -> None:
         subprocess.run([cardpipe, *args], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
@@ -60,7 +62,7 @@ def one_run(data_dir: Path, folder: Path, cardpipe: str = CARDPIPE) -> dict[str,
         before = load_average()
         started_ms = time.time() * 1000
         proc = subprocess.run(
-            [cardpipe, "consume", "-q", "--until-caught-up", *results],
+            [cardpipe, "consume", "-q", "--until-caught-up", "--workers", str(workers), *results],
             check=True,
             capture_output=True,
             text=True,
@@ -92,32 +94,46 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT_DIR / "startup.json")
     parser.add_argument("--cardpipe", nargs="+", default=[CARDPIPE], help="the cardpipe executables to time")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="consume --workers values to time")
     args = parser.parse_args()
     data_dir = dataset(args.transactions, args.seed)
     runs = []
     for i in range(1, args.runs + 1):
         for cardpipe in args.cardpipe:
-            say(f"run {i}: {cardpipe} consume --until-caught-up of {args.transactions:,} transactions")
-            result = one_run(data_dir, WORK_DIR / "startup", cardpipe)
-            say(f"  {result['summary_line']}")
-            runs.append({"cardpipe": cardpipe, "run": i, **result})
+            for workers in args.workers:
+                say(
+                    f"run {i}: {cardpipe} consume --until-caught-up --workers {workers} of "
+                    f"{args.transactions:,} transactions"
+                )
+                result = one_run(data_dir, WORK_DIR / "startup", cardpipe, workers)
+                say(f"  {result['summary_line']}")
+                runs.append({"cardpipe": cardpipe, "workers": workers, "run": i, **result})
     fresh_dir(WORK_DIR / "startup")
     rows = [
-        [r["run"], r["cardpipe"], r["first_decision_s"], r["exit_after_drained_s"], r["command_s"], r["checkpoints"]]
+        [
+            r["run"],
+            r["cardpipe"],
+            r["workers"],
+            r["first_decision_s"],
+            r["exit_after_drained_s"],
+            r["command_s"],
+            r["checkpoints"],
+        ]
         for r in runs
     ]
     print_table(
         f"consume --until-caught-up, {args.transactions:,} transactions (targets: first decision <= 1 s, "
         "exit <= 1 s after drained)",
-        ["run", "cardpipe", "first decision s", "exit after drained s", "command s", "checkpoints"],
+        ["run", "cardpipe", "workers", "first decision s", "exit after drained s", "command s", "checkpoints"],
         rows,
     )
     medians = {
-        cardpipe: {
-            key: statistics.median(r[key] for r in runs if r["cardpipe"] == cardpipe)
+        f"{cardpipe} --workers {workers}": {
+            key: statistics.median(r[key] for r in runs if r["cardpipe"] == cardpipe and r["workers"] == workers)
             for key in ("first_decision_s", "exit_after_drained_s")
         }
         for cardpipe in args.cardpipe
+        for workers in args.workers
     }
     print(f"medians: {medians}")
     write_json(args.out, {"machine": machine(), "transactions": args.transactions, "runs": runs, "medians": medians})
