@@ -54,17 +54,17 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored while inside (on the main thread only; elsewhere nothing changes)."""
+def signal_handled(signum: int, handler: Any) -> Iterator[None]:
+    """``handler`` for ``signum`` while inside, the previous one restored after (nothing off the main thread)."""
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = signal.signal(signum, handler)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
 
 
 @contextmanager
@@ -93,7 +93,7 @@ class ChildProcess:
         self._receiver, sender = CONTEXT.Pipe(duplex=False)
         self.process = CONTEXT.Process(target=target, args=(sender, *args), name=name, daemon=True)
         # SIG_IGN is inherited through exec: until the child sets its own handlers, Ctrl-C is the parent's alone.
-        with _sigint_ignored():
+        with signal_handled(signal.SIGINT, signal.SIG_IGN):
             self.process.start()
         sender.close()  # the child holds the writing end: EOF here once it is gone
         self.open = True  # the pipe has not reached EOF

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cardpipe.childprocs import usable_cores
-from cardpipe.domain.records import TRANSACTION_COLUMNS
+from cardpipe.domain.records import CARD_COLUMNS, CARD_TYPE_COLUMNS, CUSTOMER_COLUMNS, TRANSACTION_COLUMNS
 from cardpipe.errors import CardpipeError
 
 __all__ = [
@@ -58,36 +58,11 @@ __all__ = [
     "generate_dataset",
 ]
 
-CUSTOMERS_HEADER = (
-    "customer_id",
-    "name",
-    "phone_number",
-    "address",
-    "email",
-    "credit_score",
-    "annual_income",
-)
-CARD_TYPES_HEADER = (
-    "card_type_id",
-    "name",
-    "credit_score_min",
-    "credit_score_max",
-    "credit_limit_min",
-    "credit_limit_max",
-    "annual_fee",
-    "rewards_rate",
-)
-CARDS_HEADER = (
-    "card_id",
-    "customer_id",
-    "card_type_id",
-    "card_number",
-    "expiration_date",
-    "credit_limit",
-    "current_balance",
-    "issue_date",
-)
-TRANSACTIONS_HEADER = TRANSACTION_COLUMNS  # the input CSV's header
+# The input CSVs' headers: the columns of each table, defined once in the domain core.
+CUSTOMERS_HEADER = CUSTOMER_COLUMNS
+CARD_TYPES_HEADER = CARD_TYPE_COLUMNS
+CARDS_HEADER = CARD_COLUMNS
+TRANSACTIONS_HEADER = TRANSACTION_COLUMNS
 
 # The seed's card tiers, verbatim (reference/seed_dataset_22/input/credit_card_types.csv).
 CARD_TYPES: tuple[tuple[str, ...], ...] = (

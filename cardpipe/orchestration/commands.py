@@ -26,7 +26,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SAWarning, SQLAlchemyError
 
 from cardpipe.batch.apart import ExportProcess, SettleProcess
-from cardpipe.childprocs import usable_cores
+from cardpipe.childprocs import signal_handled, usable_cores
 from cardpipe.config import Settings
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
 from cardpipe.errors import BrokerLost, BrokerUnavailable, CardpipeError, ConfigError, first_line
@@ -45,7 +45,7 @@ from cardpipe.serving.transaction_source import count_undecided, messages_from_d
 from cardpipe.stream.broker import BrokerHandle, is_alive
 from cardpipe.stream.clients import client_config
 from cardpipe.stream.codec import encode_transaction
-from cardpipe.stream.consumer import CLIENT_LOG, ConsumeOptions, ConsumeSummary, log_end_offsets, signal_handled
+from cardpipe.stream.consumer import CLIENT_LOG, ConsumeOptions, ConsumeSummary, log_end_offsets
 from cardpipe.stream.consumer import consume as consume_topic
 from cardpipe.stream.producer import PublishSummary, publish_messages
 

@@ -13,8 +13,8 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,6 +30,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from sqlalchemy.exc import IntegrityError
 
+from cardpipe.childprocs import signal_handled
 from cardpipe.errors import BrokerLost, BrokerUnavailable, SettlementChanged
 from cardpipe.faults import crash_point
 from cardpipe.stream.checkpoints import CheckpointBatch, CheckpointStore
@@ -84,20 +85,6 @@ class ConsumeSummary:
         self.batches += other.batches
         self.seconds += other.seconds
         self.latencies_ms.extend(other.latencies_ms[: max(0, MAX_LATENCY_SAMPLES - len(self.latencies_ms))])
-
-
-@contextmanager
-def signal_handled(signum: int, handler: Any) -> Iterator[None]:
-    """``handler`` for ``signum`` while inside, the previous one restored after (nothing off the main thread)."""
-    try:
-        previous = signal.signal(signum, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signum, previous)
 
 
 def stop_on_sigterm(stop: Callable[[], None]) -> AbstractContextManager[None]:
