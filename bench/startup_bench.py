@@ -93,9 +93,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT_DIR / "startup.json")
-    parser.add_argument("--cardpipe", nargs="+", default=[CARDPIPE], help="the cardpipe executables to time")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="consume --workers values to time")
+    parser.add_argument(
+        "--cardpipe", nargs="+", action="extend", help="the cardpipe executables to time (repeatable; default: ours)"
+    )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", action="extend", help="consume --workers values to time (default 1)"
+    )
     args = parser.parse_args()
+    args.cardpipe = args.cardpipe or [CARDPIPE]
+    args.workers = args.workers or [1]
     data_dir = dataset(args.transactions, args.seed)
     runs = []
     for i in range(1, args.runs + 1):
