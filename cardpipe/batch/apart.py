@@ -162,14 +162,14 @@ class ExportProcess:
     child process started ahead: it imports DuckDB and attaches the file while the caller works (a process of
     its own: the file's locks hold between the two), then writes each file it is asked for, in order.
 
-    ``follow``: an insert-only table and its columns to copy while the caller writes it
+    ``follow``: an insert-only table, its columns and its key, to copy while the caller writes it
     (:class:`~cardpipe.batch.embedded.FollowedTable`, every :data:`FOLLOW_SECONDS`, in a folder beside the
-    file), so that writing it out when asked reads only its last rows."""
+    file), so that writing it out when asked (with those columns, ordered by that key) reads only its last rows."""
 
-    def __init__(self, database_url: URL, follow: tuple[str, Sequence[str]] | None = None) -> None:
+    def __init__(self, database_url: URL, follow: tuple[str, Sequence[str], str] | None = None) -> None:
         level = logging.getLogger("cardpipe").getEffectiveLevel()
         jobs, self._jobs = CONTEXT.Pipe(duplex=False)
-        followed = (follow[0], tuple(follow[1])) if follow is not None else None
+        followed = (follow[0], tuple(follow[1]), follow[2]) if follow is not None else None
         self._child = ChildProcess(_export_main, jobs, database_url, level, followed, name="cardpipe-export")
         jobs.close()  # the child holds the reading end: it sees EOF once this process closes or dies
         self._pending: list[str] = []  # the tables asked for, whose result is not read yet
@@ -246,7 +246,7 @@ def _export_main(
     jobs: Connection,
     database_url: URL,
     log_level: int,
-    follow: tuple[str, tuple[str, ...]] | None = None,
+    follow: tuple[str, tuple[str, ...], str] | None = None,
 ) -> None:
     """The export process: attach the database (and follow a table, :class:`ExportProcess`), then for each job
     ("exported", its row count or its CardpipeError); ends when the caller closes its end."""
@@ -267,7 +267,7 @@ def _export_main(
                 folder = _follow_folder(database_url)
                 remove_orphaned_dirs(folder, FOLLOW_DIR_PREFIX)
                 work = Path(tempfile.mkdtemp(prefix=f"{FOLLOW_DIR_PREFIX}{os.getpid()}-", dir=folder))
-                followed = FollowedTable(duck, follow[0], follow[1], work)
+                followed = FollowedTable(duck, *follow, work)
         except CardpipeError as exc:  # reported for each job (the caller may never ask for one)
             failed = exc
         except Exception as exc:  # following is a speed-up: without it, each job reads the table whole
@@ -283,8 +283,12 @@ def _export_main(
                 try:
                     if failed is not None:
                         raise failed
-                    if followed is not None and (table, tuple(columns)) == (followed.table, followed.columns):
-                        result: Any = followed.export_csv(key, path, database_url)
+                    if followed is not None and (table, tuple(columns), key) == (
+                        followed.table,
+                        followed.columns,
+                        followed.key,
+                    ):
+                        result: Any = followed.export_csv(path, database_url)
                     else:
                         result = export_table_csv(database_url, table, columns, key, path, conn=duck)
                 except CardpipeError as exc:

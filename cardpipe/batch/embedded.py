@@ -520,6 +520,27 @@ def _copy_to_csv(conn: duckdb.DuckDBPyConnection, table: str, path: Path, statem
     return int(row[0]) if row else 0
 
 
+def _csv_line(columns: tuple[str, ...], kinds: Mapping[str, str]) -> str:
+    """SQL: one row of ``columns`` (of DuckDB types ``kinds``) as its line of the files, without the line end:
+    each field as :func:`_csv_copy`'s COPY writes it (texts quoted by :func:`csv_field`, money with two
+    decimals, timestamps and dates in the files' formats, NULL empty), joined by commas."""
+    fields = []
+    for column in columns:
+        quoted, kind = _q(column), kinds[column].upper()
+        if column in _TEXT_COLUMNS:
+            field = csv_field(quoted)
+        elif column in _MONEY_COLUMNS:
+            field = f"CAST({rules.money(quoted)} AS VARCHAR)"
+        elif kind.startswith("TIMESTAMP"):
+            field = f"strftime({quoted}, {rules.sql_string(TIMESTAMP_FORMAT)})"
+        elif kind == "DATE":
+            field = f"strftime({quoted}, {rules.sql_string(DATE_FORMAT)})"
+        else:
+            field = f"CAST({quoted} AS VARCHAR)"
+        fields.append(f"coalesce({field}, '')")
+    return " || ',' || ".join(fields)
+
+
 class FollowedTable:
     """A copy of an insert-only table of a SQLite serving file, kept up to date while the stream writes it, so
     that writing it out at the end reads only what came last (:meth:`export_csv`).
@@ -527,24 +548,35 @@ class FollowedTable:
     SQLite gives a table without an integer primary key the next ``rowid`` above its largest at each insert,
     and one writer commits at a time: rows committed later have larger rowids. :meth:`catch_up` copies the
     rows above the last rowid copied (the query runs in SQLite, ``sqlite_query``; one short read each) into a
-    DuckDB file in ``work``, so memory stays within the connection's budget. The copy is trusted only when the
-    table has as many rows as it, up to the same largest rowid: anything else (rows deleted, the table made
-    anew, a read failed) and :meth:`export_csv` reads the table whole, as :func:`export_table_csv` does.
+    DuckDB file in ``work``, so memory stays within the connection's budget. Each row is copied as its line of
+    the file (:func:`_csv_line`) beside its ``key``: writing the file at the end only sorts the lines. The copy is
+    trusted only when the table has as many rows as it, up to the same largest rowid: anything else (rows
+    deleted, the table made anew, a read failed) and :meth:`export_csv` reads the table whole, as
+    :func:`export_table_csv` does.
     """
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection, table: str, columns: tuple[str, ...], work: Path) -> None:
-        self.conn, self.table, self.columns = conn, table, columns
+    def __init__(
+        self, conn: duckdb.DuckDBPyConnection, table: str, columns: tuple[str, ...], key: str, work: Path
+    ) -> None:
+        self.conn, self.table, self.columns, self.key = conn, table, columns, key
         self.last_rowid = 0
         self.rows = 0
         self.broken: str | None = None  # why the copy cannot be trusted
-        quoted = ", ".join(_q(c) for c in columns)
+        read = tuple(dict.fromkeys((*columns, key)))
+        quoted = ", ".join(_q(c) for c in read)
         raw_types = conn.execute(f"DESCRIBE SELECT {quoted} FROM {SERVING}.{_q(table)}").fetchall()
-        self._casts = ", ".join(f"CAST({_q(name)} AS {kind}) AS {_q(name)}" for name, kind, *_ in raw_types)
-        self._read = f"SELECT rowid AS rid, {quoted} FROM {_q(table)} WHERE rowid > "
+        kinds = {name: kind for name, kind, *_ in raw_types}
+        casts = ", ".join(f"CAST({_q(name)} AS {kind}) AS {_q(name)}" for name, kind in kinds.items())
+        query = f"SELECT rowid AS rid, {quoted} FROM {_q(table)} WHERE rowid > "
+        self._copy = (
+            f"INSERT INTO followed.copied SELECT rid, {_q(key)}, {_csv_line(columns, kinds)} "
+            f"FROM (SELECT CAST(rid AS BIGINT) AS rid, {casts} "
+            f"FROM sqlite_query({rules.sql_string(SERVING)}, {{query}}))"
+        )
+        self._read = query
         conn.execute(f"ATTACH {rules.sql_string(str(work / 'copy.duckdb'))} AS followed")
         conn.execute(f"SET temp_directory = {rules.sql_string(str(work / 'spill'))}")
-        kinds = ", ".join(f"{_q(name)} {kind}" for name, kind, *_ in raw_types)
-        conn.execute(f"CREATE TABLE followed.copied (rid BIGINT, {kinds})")
+        conn.execute(f"CREATE TABLE followed.copied (rid BIGINT, k {kinds[key]}, line VARCHAR)")
 
     def catch_up(self) -> int:
         """Copy the rows committed since the last call; how many. A failed read leaves the copy untrusted."""
@@ -552,12 +584,8 @@ class FollowedTable:
             return 0
         import duckdb
 
-        query = rules.sql_string(self._read + str(self.last_rowid))
         try:
-            self.conn.execute(
-                f"INSERT INTO followed.copied SELECT CAST(rid AS BIGINT), {self._casts} "
-                f"FROM sqlite_query({rules.sql_string(SERVING)}, {query})"
-            )
+            self.conn.execute(self._copy.format(query=rules.sql_string(self._read + str(self.last_rowid))))
             count, largest = self.conn.execute(
                 f"SELECT count(*), max(rid) FROM followed.copied WHERE rid > {self.last_rowid}"
             ).fetchone() or (0, None)
@@ -570,9 +598,9 @@ class FollowedTable:
             self.last_rowid = int(largest)
         return int(count)
 
-    def export_csv(self, key: str, path: Path, database_url: URL) -> int:
-        """Catch up, then write the table to ``path`` as :func:`export_table_csv` does, from the copy when it
-        is whole, else from the table itself. Returns the row count."""
+    def export_csv(self, path: Path, database_url: URL) -> int:
+        """Catch up, then write the table to ``path`` as :func:`export_table_csv` does (ordered by the key), from
+        the copy when it is whole, else from the table itself. Returns the row count."""
         import duckdb
 
         before = self.rows
@@ -592,12 +620,18 @@ class FollowedTable:
                     )
         if self.broken is not None:
             log.debug("%s written from the table itself: %s", self.table, self.broken)
-            return export_table_csv(database_url, self.table, self.columns, key, path, conn=self.conn)
+            return export_table_csv(database_url, self.table, self.columns, self.key, path, conn=self.conn)
         log.debug("%s written from its copy: %d rows, %d read when asked", self.table, self.rows, self.rows - before)
-        copied = f"(SELECT {', '.join(_exact_column(c) for c in self.columns)} FROM followed.copied)"
-        return _copy_to_csv(
-            self.conn, self.table, path, lambda staged: _csv_copy(self.conn, self.columns, copied, key, staged)
+        header = rules.sql_string(",".join(self.columns))
+        lines = (
+            f"SELECT line FROM (SELECT 0 AS part, NULL AS k, {header} AS line "
+            "UNION ALL SELECT 1, k, line FROM followed.copied) ORDER BY part, k"
         )
+        options = "FORMAT csv, HEADER false, DELIMITER ',', QUOTE '', ESCAPE '', NEW_LINE '\\n'"
+        written = _copy_to_csv(
+            self.conn, self.table, path, lambda staged: f"COPY ({lines}) TO {rules.sql_string(str(staged))} ({options})"
+        )
+        return written - 1  # the header
 
 
 # --------------------------------------------------------------------------------------------- the engine

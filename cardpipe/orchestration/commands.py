@@ -246,7 +246,7 @@ def consume(
         # the consumers more than it shortens the end. A consumer that follows starts it only when it stops.
         # On MySQL/MariaDB a thread of its own writes it as soon as the topic is drained (:class:`_LinesAhead`).
         sqlite = settings.database_url.get_backend_name() == "sqlite"
-        copied = ("stream_transactions", STREAM_COLUMNS) if workers < usable_cores() else None
+        copied = ("stream_transactions", STREAM_COLUMNS, "transaction_id") if workers < usable_cores() else None
         ahead = (
             rt.start(lambda: ExportProcess(settings.database_url, follow=copied))
             if sqlite and not options.follow

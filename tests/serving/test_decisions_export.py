@@ -203,7 +203,7 @@ def test_the_export_process_follows_the_table_and_writes_it_from_its_copy(tmp_pa
     (orphan / "copy.duckdb").write_bytes(b"\0" * 4096)
     try:
         create_clean_schema(engine)
-        process = ExportProcess(url, follow=("stream_transactions", STREAM_COLUMNS))
+        process = ExportProcess(url, follow=("stream_transactions", STREAM_COLUMNS, "transaction_id"))
         cardpipe_log.setLevel(level)
         try:
             for wave in (rows[:10], rows[10:30], rows[30:50]):
