@@ -577,6 +577,10 @@ class FollowedTable:
         conn.execute(f"ATTACH {rules.sql_string(str(work / 'copy.duckdb'))} AS followed")
         conn.execute(f"SET temp_directory = {rules.sql_string(str(work / 'spill'))}")
         conn.execute(f"CREATE TABLE followed.copied (rid BIGINT, k {kinds[key]}, line VARCHAR)")
+        # The header is a line too, keyed NULL (the key is the table's primary key: no row's is): one sort writes
+        # the file. (A header joined on by UNION ALL instead kept DuckDB from spilling: out of memory at 5M rows.)
+        header = rules.sql_string(",".join(columns))
+        conn.execute(f"INSERT INTO followed.copied VALUES (0, NULL, {header})")
 
     def catch_up(self) -> int:
         """Copy the rows committed since the last call; how many. A failed read leaves the copy untrusted."""
@@ -622,11 +626,7 @@ class FollowedTable:
             log.debug("%s written from the table itself: %s", self.table, self.broken)
             return export_table_csv(database_url, self.table, self.columns, self.key, path, conn=self.conn)
         log.debug("%s written from its copy: %d rows, %d read when asked", self.table, self.rows, self.rows - before)
-        header = rules.sql_string(",".join(self.columns))
-        lines = (
-            f"SELECT line FROM (SELECT 0 AS part, NULL AS k, {header} AS line "
-            "UNION ALL SELECT 1, k, line FROM followed.copied) ORDER BY part, k"
-        )
+        lines = "SELECT line FROM followed.copied ORDER BY k NULLS FIRST"  # the header first
         options = "FORMAT csv, HEADER false, DELIMITER ',', QUOTE '', ESCAPE '', NEW_LINE '\\n'"
         written = _copy_to_csv(
             self.conn, self.table, path, lambda staged: f"COPY ({lines}) TO {rules.sql_string(str(staged))} ({options})"

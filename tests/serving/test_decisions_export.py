@@ -232,3 +232,43 @@ def test_the_export_process_follows_the_table_and_writes_it_from_its_copy(tmp_pa
     assert not multiprocessing.active_children()
     assert not list(tmp_path.glob(".cardpipe-follow-*")), "the copy is removed with the process"
     assert not list(path.parent.glob(".*"))
+
+
+def test_the_copy_is_written_out_beyond_the_memory_budget(tmp_path: Path) -> None:
+    """Writing the file from the followed copy sorts every line of it: past the connection's memory budget DuckDB
+    spills to disk (a header joined on by UNION ALL ran out of memory instead), and the bytes are the same."""
+    import sqlite3
+
+    from sqlalchemy.engine import URL
+
+    from cardpipe.batch.embedded import FollowedTable, connect
+
+    url = URL.create("sqlite", database=str(tmp_path / "cardpipe.db"))
+    engine = make_engine(url)
+    try:
+        create_clean_schema(engine)
+    finally:
+        engine.dispose()
+    n = 400_000
+    rows = [
+        (n - i, 1 + i % 97, f"Merchant {i % 13}, Inc.", f"2025-04-01 {i % 24:02d}:00:00.000000", f"{i % 500}.25")
+        + (f"{i} Main St, Albany, NY 12207", "purchase", None, PENDING, "12.50", None, "5000.00", i % 8, 1 + i // 5000)
+        for i in range(n)
+    ]
+    with sqlite3.connect(tmp_path / "cardpipe.db") as db:
+        db.executemany(f"INSERT INTO stream_transactions VALUES ({', '.join('?' * 14)})", rows)
+    whole = tmp_path / "whole.csv"
+    assert export_table_csv(url, "stream_transactions", STREAM_COLUMNS, "transaction_id", whole) == n
+
+    conn = connect(url, threads=1, memory_limit="32MB")  # the lines alone take about 40 MB
+    try:
+        work = tmp_path / "follow"
+        work.mkdir()
+        followed = FollowedTable(conn, "stream_transactions", STREAM_COLUMNS, "transaction_id", work)
+        assert followed.catch_up() == n
+        path = tmp_path / "followed.csv"
+        assert followed.export_csv(path, url) == n
+    finally:
+        conn.close()
+    assert followed.broken is None, "written from the copy"
+    assert path.read_bytes() == whole.read_bytes()
