@@ -435,6 +435,14 @@ def _terminate(_signum: int, _frame: object) -> None:
     raise Terminated
 
 
+def _signal_wrapped(exc: BaseException) -> BaseException | None:
+    """The ``Terminated`` or ``KeyboardInterrupt`` that ``exc`` stands for, if any: CPython reports an exception that
+    a signal handler raised at some points inside a C call as a ``SystemError`` ("... returned a result with an
+    exception set") whose cause is the handler's exception."""
+    cause = exc.__cause__
+    return cause if isinstance(exc, SystemError) and isinstance(cause, (Terminated, KeyboardInterrupt)) else None
+
+
 def _error_context(args: argparse.Namespace) -> ErrorContext:
     """What the command was working with, for messages whose exception does not name it."""
     settings: Settings | None = getattr(args, "settings", None)
@@ -493,7 +501,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("cardpipe: terminated", file=sys.stderr)
             return 128 + signal.SIGTERM
         except Exception as exc:
-            return _report(exc, args)
+            signalled = _signal_wrapped(exc)
+            if signalled is None:
+                return _report(exc, args)
+            if isinstance(signalled, KeyboardInterrupt):
+                print("cardpipe: interrupted", file=sys.stderr)
+                return 128 + signal.SIGINT
+            print("cardpipe: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # a second Ctrl-C while the first failure was reported
         return 128 + signal.SIGINT
     except Terminated:

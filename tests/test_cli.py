@@ -300,3 +300,32 @@ def test_run_off_a_terminal_prints_plain_progress_lines_and_the_summary_table(tm
     quiet = run(["run", "-q", "--results-dir", str(tmp_path / "quiet")])
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     assert "limits lowered" in quiet.stdout, "-q silences the progress, not the summary"
+
+
+@pytest.mark.parametrize(
+    ("signalled", "status", "line"),
+    [(cli.Terminated, 143, "cardpipe: terminated"), (KeyboardInterrupt, 130, "cardpipe: interrupted")],
+)
+def test_a_signal_reported_as_a_system_error_still_ends_as_the_signal(monkeypatch, capsys, signalled, status, line):
+    """CPython may turn the exception a signal handler raised inside a C call into a ``SystemError`` ("<function
+    Settings.dead_letter_topic> returned a result with an exception set", seen once in CI on SIGTERM to `run`),
+    with the handler's exception as its cause: that is still SIGTERM (or Ctrl-C), not an internal error."""
+
+    def wrapped(_args):
+        try:
+            raise signalled
+        except BaseException as exc:
+            raise SystemError("<function f> returned a result with an exception set") from exc
+
+    monkeypatch.setattr(cli, "cmd_persist", wrapped)
+    assert cli.main(["persist"]) == status
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
+
+
+def test_a_system_error_of_its_own_is_still_an_internal_error(monkeypatch, capsys):
+    def broken(_args):
+        raise SystemError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_persist", broken)
+    assert cli.main(["persist"]) == 70
+    assert "internal error: SystemError: a bug" in capsys.readouterr().err
