@@ -566,14 +566,9 @@ class FollowedTable:
         quoted = ", ".join(_q(c) for c in read)
         raw_types = conn.execute(f"DESCRIBE SELECT {quoted} FROM {SERVING}.{_q(table)}").fetchall()
         kinds = {name: kind for name, kind, *_ in raw_types}
-        casts = ", ".join(f"CAST({_q(name)} AS {kind}) AS {_q(name)}" for name, kind in kinds.items())
-        query = f"SELECT rowid AS rid, {quoted} FROM {_q(table)} WHERE rowid > "
-        self._copy = (
-            f"INSERT INTO followed.copied SELECT rid, {_q(key)}, {_csv_line(columns, kinds)} "
-            f"FROM (SELECT CAST(rid AS BIGINT) AS rid, {casts} "
-            f"FROM sqlite_query({rules.sql_string(SERVING)}, {{query}}))"
-        )
-        self._read = query
+        self._casts = ", ".join(f"CAST({_q(name)} AS {kind}) AS {_q(name)}" for name, kind in kinds.items())
+        self._line = _csv_line(columns, kinds)
+        self._read = f"SELECT rowid AS rid, {quoted} FROM {_q(table)} WHERE rowid > "
         conn.execute(f"ATTACH {rules.sql_string(str(work / 'copy.duckdb'))} AS followed")
         conn.execute(f"SET temp_directory = {rules.sql_string(str(work / 'spill'))}")
         conn.execute(f"CREATE TABLE followed.copied (rid BIGINT, k {kinds[key]}, line VARCHAR)")
@@ -588,8 +583,13 @@ class FollowedTable:
             return 0
         import duckdb
 
+        query = rules.sql_string(self._read + str(self.last_rowid))
         try:
-            self.conn.execute(self._copy.format(query=rules.sql_string(self._read + str(self.last_rowid))))
+            self.conn.execute(
+                f"INSERT INTO followed.copied SELECT rid, {_q(self.key)}, {self._line} "
+                f"FROM (SELECT CAST(rid AS BIGINT) AS rid, {self._casts} "
+                f"FROM sqlite_query({rules.sql_string(SERVING)}, {query}))"
+            )
             count, largest = self.conn.execute(
                 f"SELECT count(*), max(rid) FROM followed.copied WHERE rid > {self.last_rowid}"
             ).fetchone() or (0, None)
@@ -627,7 +627,7 @@ class FollowedTable:
             return export_table_csv(database_url, self.table, self.columns, self.key, path, conn=self.conn)
         log.debug("%s written from its copy: %d rows, %d read when asked", self.table, self.rows, self.rows - before)
         lines = "SELECT line FROM followed.copied ORDER BY k NULLS FIRST"  # the header first
-        options = "FORMAT csv, HEADER false, DELIMITER ',', QUOTE '', ESCAPE '', NEW_LINE '\\n'"
+        options = _copy_options(header=False)  # one column, unquoted: each line as it is
         written = _copy_to_csv(
             self.conn, self.table, path, lambda staged: f"COPY ({lines}) TO {rules.sql_string(str(staged))} ({options})"
         )
