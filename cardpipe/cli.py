@@ -443,6 +443,15 @@ def _signal_wrapped(exc: BaseException) -> BaseException | None:
     return cause if isinstance(exc, SystemError) and isinstance(cause, (Terminated, KeyboardInterrupt)) else None
 
 
+def _signal_exit(signalled: BaseException) -> int:
+    """Say which signal stopped the command (Ctrl-C or SIGTERM); its exit status (130 or 143)."""
+    if isinstance(signalled, KeyboardInterrupt):
+        print("cardpipe: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    print("cardpipe: terminated", file=sys.stderr)
+    return 128 + signal.SIGTERM
+
+
 def _error_context(args: argparse.Namespace) -> ErrorContext:
     """What the command was working with, for messages whose exception does not name it."""
     settings: Settings | None = getattr(args, "settings", None)
@@ -494,21 +503,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             _configure_logging(args)
             return int(args.func(args))
-        except KeyboardInterrupt:
-            print("cardpipe: interrupted", file=sys.stderr)
-            return 128 + signal.SIGINT
-        except Terminated:
-            print("cardpipe: terminated", file=sys.stderr)
-            return 128 + signal.SIGTERM
+        except (KeyboardInterrupt, Terminated) as signalled:
+            return _signal_exit(signalled)
         except Exception as exc:
-            signalled = _signal_wrapped(exc)
-            if signalled is None:
-                return _report(exc, args)
-            if isinstance(signalled, KeyboardInterrupt):
-                print("cardpipe: interrupted", file=sys.stderr)
-                return 128 + signal.SIGINT
-            print("cardpipe: terminated", file=sys.stderr)
-            return 128 + signal.SIGTERM
+            wrapped = _signal_wrapped(exc)
+            return _report(exc, args) if wrapped is None else _signal_exit(wrapped)
     except KeyboardInterrupt:  # a second Ctrl-C while the first failure was reported
         return 128 + signal.SIGINT
     except Terminated:
