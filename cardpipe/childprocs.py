@@ -1,9 +1,10 @@
 """Child processes that report to their parent through a pipe: started, watched, described and stopped alike.
 
 cardpipe runs CPU-bound Python beside the command process: the stream's producer while the consumers decide
-(:mod:`cardpipe.orchestration.publisher`) and the consumer workers (:mod:`cardpipe.stream.workers`). Both are
-spawned (a fresh interpreter: no inherited threads, locks or connections), get their arguments pickled (never
-through argv: the settings hold the database password) and send ``(kind, payload)`` messages back on a
+(:mod:`cardpipe.orchestration.publisher`) and the consumer workers (:mod:`cardpipe.stream.workers`). Both start
+as fresh interpreters (no inherited threads, locks or connections): spawned, or the workers forked from a
+server spawned ahead with their modules imported (:func:`start_forkserver`). They get their arguments pickled
+(never through argv: the settings hold the database password) and send ``(kind, payload)`` messages back on a
 one-way pipe, ending with ``("done", result)`` or ``("error", one line)``.
 
 The parent side is :class:`ChildProcess`; the child side is :func:`prepare_child` (signals and logging as a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import shutil
 import signal
@@ -21,17 +23,26 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cardpipe.errors import CardpipeError, first_line
 from cardpipe.logs import configure as configure_logs
 
-#: The start method of every cardpipe child process.
+if TYPE_CHECKING:
+    from multiprocessing.context import ForkServerContext, SpawnContext
+
+    StartContext = SpawnContext | ForkServerContext
+
+#: The start method of cardpipe's child processes (the consumer workers': see :func:`worker_context`).
 CONTEXT = multiprocessing.get_context("spawn")
+_FORKSERVER = (
+    multiprocessing.get_context("forkserver") if "forkserver" in multiprocessing.get_all_start_methods() else None
+)
+_forkserver_started = False
 
 #: Loggers of the Kafka client library: the parent reports broker trouble itself.
 _QUIET_LOGGERS = ("cardpipe.librdkafka", "cardpipe.stream.broker.librdkafka")
@@ -67,6 +78,30 @@ def signal_handled(signum: int, handler: Any) -> Iterator[None]:
         signal.signal(signum, previous)
 
 
+def start_forkserver(modules: Sequence[str]) -> None:
+    """Start the server process the consumer workers are then forked from (:func:`worker_context`), importing
+    ``modules`` in it while this process goes on with its own imports: returns at once.
+
+    A worker forked from it starts with those modules imported, where a spawned one imports them itself: N
+    workers cost the imports of one, done while the command imports its own. The server is spawned too, a
+    fresh single-threaded interpreter (nothing it forks inherits threads, locks or connections), with Ctrl-C
+    ignored, which the workers keep until they set their own handlers; it ends when this process does.
+    """
+    global _forkserver_started
+    if _FORKSERVER is None:  # not on this platform: the workers are spawned
+        return
+    _FORKSERVER.set_forkserver_preload(list(modules))
+    with signal_handled(signal.SIGINT, signal.SIG_IGN):
+        multiprocessing.forkserver.ensure_running()
+    _forkserver_started = True
+
+
+def worker_context() -> StartContext:
+    """Where the consumer workers are started from: the forkserver once :func:`start_forkserver` started it
+    (the CLI does, first thing, for ``--workers`` above 1), else fresh spawned interpreters."""
+    return _FORKSERVER if _forkserver_started and _FORKSERVER is not None else CONTEXT
+
+
 @contextmanager
 def signals_deferred(*signums: int) -> Iterator[None]:
     """Hold ``signums`` while inside: one that arrives is delivered to the handler in place before, on the way
@@ -89,9 +124,9 @@ def signals_deferred(*signums: int) -> Iterator[None]:
 class ChildProcess:
     """A started child process, ``target(conn, *args)``, and the reading end of its pipe (parent side)."""
 
-    def __init__(self, target: Callable[..., None], *args: Any, name: str):
-        self._receiver, sender = CONTEXT.Pipe(duplex=False)
-        self.process = CONTEXT.Process(target=target, args=(sender, *args), name=name, daemon=True)
+    def __init__(self, target: Callable[..., None], *args: Any, name: str, context: StartContext = CONTEXT):
+        self._receiver, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=target, args=(sender, *args), name=name, daemon=True)
         # SIG_IGN is inherited through exec: until the child sets its own handlers, Ctrl-C is the parent's alone.
         with signal_handled(signal.SIGINT, signal.SIG_IGN):
             self.process.start()

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cardpipe")
 
 
+#: What a consumer worker imports: its entry point's module and that of the store opener it is given.
+_WORKER_MODULES = ("cardpipe.stream.workers", "cardpipe.orchestration.commands", "multiprocessing.synchronize")
+
+
 def _say(message: str) -> None:
     log.info(message)
 
@@ -85,7 +89,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_worker_server(args: argparse.Namespace) -> None:
+    """With ``--workers`` above 1, start the server the workers fork from now, so that it imports their modules
+    while this process imports its own (:func:`~cardpipe.childprocs.start_forkserver`)."""
+    if args.workers > 1:
+        from cardpipe.childprocs import start_forkserver
+
+        start_forkserver(_WORKER_MODULES)
+
+
 def cmd_consume(args: argparse.Namespace) -> int:
+    _start_worker_server(args)
     from cardpipe.orchestration import commands
     from cardpipe.stream.consumer import ConsumeOptions
 
@@ -166,6 +180,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    _start_worker_server(args)
     from cardpipe.orchestration.service import serve
 
     stopped_by = serve(
@@ -187,6 +202,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _start_worker_server(args)
     from cardpipe.orchestration import commands
 
     settings = _settings(args)

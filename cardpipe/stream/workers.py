@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from cardpipe.childprocs import CONTEXT, ChildProcess, error_line, prepare_child, report_to_parent
+from cardpipe.childprocs import ChildProcess, error_line, prepare_child, report_to_parent, worker_context
 from cardpipe.config import Settings
 from cardpipe.errors import CardpipeError
 from cardpipe.stream.checkpoints import CheckpointStore
@@ -140,8 +140,9 @@ def consume_with_workers(
     shares = [share for share in assign_partitions(partitions, workers) if share]
     if len(shares) < workers:
         log.warning("%d workers for %d partitions: starting %d", workers, len(partitions), len(shares))
-    stop = _Stop(CONTEXT.Event(), should_stop)
-    published = CONTEXT.Event()  # set once ``publishing`` says the producer is done
+    context = worker_context()
+    stop = _Stop(context.Event(), should_stop)
+    published = context.Event()  # set once ``publishing`` says the producer is done
     level = logging.getLogger("cardpipe").getEffectiveLevel()
     running: list[_Worker] = []
     started = time.monotonic()
@@ -163,6 +164,7 @@ def consume_with_workers(
                     stop.event,
                     None if publishing is None else published,
                     name=PROCESS_NAME.format(index),
+                    context=context,
                 )
                 running.append(_Worker(job, child))
             _supervise(

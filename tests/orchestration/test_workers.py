@@ -14,6 +14,7 @@ import sys
 import time
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
@@ -251,6 +252,18 @@ def test_a_crashing_worker_exits_non_zero_with_one_line_and_a_rerun_completes(da
     assert stream_rows(settings.database_url) == expected
 
 
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux's /proc)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_sigterm_stops_every_worker_gracefully(tmp_path):
     results = tmp_path / "results"
     settings = Settings.from_env(env={}, results_dir=results, data_dir=SAMPLE_DATA_DIR)
@@ -267,10 +280,22 @@ def test_sigterm_stops_every_worker_gracefully(tmp_path):
         deadline = time.monotonic() + 60
         while count_rows(settings.database_url, schema.stream_transactions) < 600 and time.monotonic() < deadline:
             time.sleep(0.2)
+        # The CLI forks its workers from a server that imported their modules while it imported its own.
+        servers = [
+            child
+            for child in _children(consumer.pid)
+            if b"multiprocessing.forkserver" in Path(f"/proc/{child}/cmdline").read_bytes()
+        ]
+        assert len(servers) == 1, servers
+        assert len(_children(servers[0])) == 2
         consumer.send_signal(signal.SIGTERM)
         out, err = consumer.communicate(timeout=60)
     finally:
         stop_broker(results)
+    deadline = time.monotonic() + 10
+    while _running(servers[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(servers[0]), "the workers' server outlived the command"
     assert consumer.returncode == 0, err
     assert out.startswith("decided 600 messages in "), out + err
     assert (results / "stream_transactions.csv").read_text().count("\n") == 601
