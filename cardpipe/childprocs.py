@@ -127,7 +127,8 @@ class ChildProcess:
     def __init__(self, target: Callable[..., None], *args: Any, name: str, context: StartContext = CONTEXT):
         self._receiver, sender = context.Pipe(duplex=False)
         self.process = context.Process(target=target, args=(sender, *args), name=name, daemon=True)
-        # SIG_IGN is inherited through exec: until the child sets its own handlers, Ctrl-C is the parent's alone.
+        # Until the child sets its own handlers, Ctrl-C is the parent's alone: SIG_IGN is inherited through exec (a
+        # child forked from the server inherits the server's, which ignores it too: :func:`start_forkserver`).
         with signal_handled(signal.SIGINT, signal.SIG_IGN):
             self.process.start()
         sender.close()  # the child holds the writing end: EOF here once it is gone

@@ -32,8 +32,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("cardpipe")
 
 
-#: What a consumer worker imports: its entry point's module and that of the store opener it is given.
-_WORKER_MODULES = ("cardpipe.stream.workers", "cardpipe.orchestration.commands", "multiprocessing.synchronize")
+#: What a consumer worker imports, for the server it is forked from to import ahead: the modules of its entry point
+#: and of the store opener its job names (both pickled by name), SQLite's driver and the stop events' module. (With
+#: MySQL/MariaDB, an extra, each worker imports the driver itself.)
+_WORKER_MODULES = (
+    "cardpipe.stream.workers",
+    "cardpipe.orchestration.runtime",
+    "sqlite3",
+    "multiprocessing.synchronize",
+)
 
 
 def _say(message: str) -> None:

@@ -329,3 +329,33 @@ def test_a_system_error_of_its_own_is_still_an_internal_error(monkeypatch, capsy
     monkeypatch.setattr(cli, "cmd_persist", broken)
     assert cli.main(["persist"]) == 70
     assert "internal error: SystemError: a bug" in capsys.readouterr().err
+
+
+def test_the_workers_server_imports_ahead_all_of_cardpipe_a_worker_job_names(tmp_path):
+    import logging
+    import pickle
+
+    from cardpipe.config import Settings
+    from cardpipe.orchestration.runtime import open_stream_store
+    from cardpipe.stream.consumer import ConsumeOptions
+    from cardpipe.stream.workers import WorkerJob, _worker_main
+
+    job = WorkerJob(
+        0,
+        Settings.from_env(env={}, results_dir=tmp_path),
+        "127.0.0.1:9092",
+        ConsumeOptions(),
+        None,
+        logging.INFO,
+        open_stream_store,
+    )
+    payload = pickle.dumps((_worker_main, job))
+    code = (
+        "import pickle, sys\n"
+        f"for name in {cli._WORKER_MODULES!r}: __import__(name)\n"
+        "before = set(sys.modules)\n"
+        f"pickle.loads({payload!r})\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith('cardpipe')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
