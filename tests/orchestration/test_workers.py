@@ -301,6 +301,52 @@ def test_sigterm_stops_every_worker_gracefully(tmp_path):
     assert (results / "stream_transactions.csv").read_text().count("\n") == 601
 
 
+def test_ctrl_c_to_the_terminal_s_process_group_stops_every_worker_and_leaves_no_process(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the command, the workers' server, the workers and the
+    export process. The command alone acts on it; everything it started ends with it."""
+    results = tmp_path / "results"
+    settings = Settings.from_env(env={}, results_dir=results, data_dir=SAMPLE_DATA_DIR)
+    try:
+        prepared(settings)
+        consumer = subprocess.Popen(
+            [sys.executable, "-m", "cardpipe", "consume", "--results-dir", str(results), "--workers", "2", "--follow"],
+            cwd=REPO_ROOT,
+            env={**env_without_services(), "PYTHONPATH": str(REPO_ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, as a shell gives a foreground job
+        )
+        deadline = time.monotonic() + 60
+        while count_rows(settings.database_url, schema.stream_transactions) < 600 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(consumer.pid, signal.SIGINT)
+        out, err = consumer.communicate(timeout=60)
+    finally:
+        stop_broker(results)
+    assert consumer.returncode == 130, err
+    assert err.splitlines()[-1] == "cardpipe: interrupted" and "Traceback" not in err, err
+    assert count_rows(settings.database_url, schema.stream_transactions) == 600
+    deadline = time.monotonic() + 10
+    while _group_members(consumer.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_members(consumer.pid), "processes of the command outlived it"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The running processes of process group ``pgid`` (Linux's /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
 # --- the cross-worker race: one transaction id, two cards, two partitions ----------------------------------
 
 CARD_A, CARD_B = 1, 2  # sample cards; A's messages go to partition 0, B's to partition 1
