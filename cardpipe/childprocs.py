@@ -91,8 +91,12 @@ def start_forkserver(modules: Sequence[str]) -> None:
     if _FORKSERVER is None:  # not on this platform: the workers are spawned
         return
     _FORKSERVER.set_forkserver_preload(list(modules))
-    with signal_handled(signal.SIGINT, signal.SIG_IGN):
-        multiprocessing.forkserver.ensure_running()
+    try:
+        with signal_handled(signal.SIGINT, signal.SIG_IGN):
+            multiprocessing.forkserver.ensure_running()
+    except OSError as exc:  # a faster start only: without the server, the workers are spawned
+        logging.getLogger(__name__).debug("the workers will be spawned: their server did not start: %s", exc)
+        return
     _forkserver_started = True
 
 

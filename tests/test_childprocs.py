@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from multiprocessing.connection import Connection
 
 import pytest
 
+from cardpipe import childprocs
 from cardpipe.childprocs import ChildProcess, describe_exit, prepare_child, remove_orphaned_dirs, report_to_parent
 from cardpipe.errors import ConfigError
+from tests.orchestration.helpers import REPO_ROOT
 
 
 def _echo(conn: Connection, words: list[str]) -> None:
@@ -50,6 +54,34 @@ def test_a_child_sends_its_messages_then_its_result_and_exits_cleanly() -> None:
         assert child.exitcode == 0 and child.name == "cardpipe-test-echo"
     finally:
         child.stop(1)
+
+
+def test_a_child_forked_from_the_server_started_ahead_reports_as_a_spawned_one() -> None:
+    # In a process of its own: the server lives as long as the process that started it.
+    code = (
+        "from cardpipe.childprocs import CONTEXT, ChildProcess, start_forkserver, worker_context\n"
+        "from tests.test_childprocs import _echo, _received\n"
+        "start_forkserver(['tests.test_childprocs'])\n"
+        "context = worker_context()\n"
+        "assert context is not CONTEXT and context.get_start_method() == 'forkserver'\n"
+        "child = ChildProcess(_echo, ['a', 'b'], name='cardpipe-test-echo', context=context)\n"
+        "print(_received(child))\n"
+        "child.join(10)\n"
+        "print(child.exitcode)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[('progress', 'a'), ('progress', 'b'), ('done', 2)]", "0"], done.stdout
+
+
+def test_the_workers_are_spawned_when_their_server_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    def cannot(*_args: object) -> None:
+        raise OSError("no room for its socket")
+
+    monkeypatch.setattr(childprocs.multiprocessing.forkserver, "ensure_running", cannot)
+    monkeypatch.setattr(childprocs, "_forkserver_started", False)
+    childprocs.start_forkserver(["json"])
+    assert childprocs.worker_context() is childprocs.CONTEXT
 
 
 @pytest.mark.parametrize(("unexpected", "line"), [(False, "failed: bad setting"), (True, "failed: bad value")])
