@@ -5,6 +5,7 @@ consumer, row for row; a worker that dies fails the command with a one-line erro
 reaches two workers with different card ids is decided once and rejected once, whatever the timing.
 """
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -254,7 +255,18 @@ def test_a_crashing_worker_exits_non_zero_with_one_line_and_a_rerun_completes(da
 
 def _children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (Linux's /proc)."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def _command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return b""
 
 
 def _running(pid: int) -> bool:
@@ -281,11 +293,7 @@ def test_sigterm_stops_every_worker_gracefully(tmp_path):
         while count_rows(settings.database_url, schema.stream_transactions) < 600 and time.monotonic() < deadline:
             time.sleep(0.2)
         # The CLI forks its workers from a server that imported their modules while it imported its own.
-        servers = [
-            child
-            for child in _children(consumer.pid)
-            if b"multiprocessing.forkserver" in Path(f"/proc/{child}/cmdline").read_bytes()
-        ]
+        servers = [child for child in _children(consumer.pid) if b"multiprocessing.forkserver" in _command_line(child)]
         assert len(servers) == 1, servers
         assert len(_children(servers[0])) == 2
         consumer.send_signal(signal.SIGTERM)
