@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
     StartContext = SpawnContext | ForkServerContext
 
+log = logging.getLogger(__name__)
+
 #: The start method of cardpipe's child processes (the consumer workers': see :func:`worker_context`).
 CONTEXT = multiprocessing.get_context("spawn")
 _FORKSERVER = (
@@ -95,7 +97,7 @@ def start_forkserver(modules: Sequence[str]) -> None:
         with signal_handled(signal.SIGINT, signal.SIG_IGN):
             multiprocessing.forkserver.ensure_running()
     except OSError as exc:  # a faster start only: without the server, the workers are spawned
-        logging.getLogger(__name__).debug("the workers will be spawned: their server did not start: %s", exc)
+        log.debug("the workers will be spawned: their server did not start: %s", exc)
         return
     _forkserver_started = True
 
