@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, func, select
 from cardpipe import cli
 from cardpipe.generate import GeneratorConfig, generate_dataset
 from cardpipe.serving import schema
-from tests.orchestration.helpers import REPO_ROOT, env_without_services
+from tests.orchestration.helpers import REPO_ROOT, child_pids, env_without_services
 
 #: As root, drop the capabilities that ignore file permissions, so that a folder's mode applies.
 _UNPRIVILEGED = (
@@ -207,20 +207,12 @@ def _finish(proc: subprocess.Popen[str], seen: list[str]) -> tuple[int, str]:
     try:
         _, rest = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        for pid in (*_children(proc.pid), proc.pid):
+        for pid in (*child_pids(proc.pid), proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.communicate()
         raise
     return proc.returncode, "".join(seen) + rest
-
-
-def _children(pid: int) -> list[int]:
-    children: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):  # the thread ended meanwhile
-            children += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    return children
 
 
 SIGNALS = [(signal.SIGINT, 130, "cardpipe: interrupted"), (signal.SIGTERM, 143, "cardpipe: terminated")]
@@ -259,7 +251,7 @@ def test_a_dead_generator_worker_fails_generate_with_one_line(tmp_path, signum):
     """A worker used to print a `Terminated` traceback, and the pool waited forever for its chunk."""
     proc = _start(["generate", str(tmp_path / "data"), "--transactions", "4000000"])
     seen = _wait_for_line(proc, "generated 1,000,000 transactions")
-    workers = _children(proc.pid)
+    workers = child_pids(proc.pid)
     assert workers, "no worker process"
     os.kill(workers[0], signum)
     returncode, err = _finish(proc, seen)

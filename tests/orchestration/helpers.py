@@ -182,3 +182,29 @@ def command_lines() -> list[bytes]:
         with contextlib.suppress(OSError):
             lines.append(cmdline.read_bytes())
     return lines
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc; a thread that ends meanwhile is skipped)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def command_line(pid: int) -> bytes:
+    """The command line of ``pid`` (NUL-separated arguments); empty once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def process_group(pid: int) -> int | None:
+    """The process group of the running process ``pid``; None once it has ended or is a zombie (Linux's /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone (FileNotFoundError, ProcessLookupError)
+        return None
+    return None if fields[0] == "Z" else int(fields[2])

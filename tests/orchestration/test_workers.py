@@ -5,7 +5,6 @@ consumer, row for row; a worker that dies fails the command with a one-line erro
 reaches two workers with different card ids is decided once and rejected once, whatever the timing.
 """
 
-import contextlib
 import multiprocessing
 import os
 import re
@@ -16,6 +15,7 @@ import time
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Producer
@@ -32,7 +32,15 @@ from cardpipe.stream.broker import broker_session, broker_status, ensure_broker,
 from cardpipe.stream.codec import encode_transaction
 from cardpipe.stream.consumer import ConsumeOptions, consume, log_end_offsets
 from cardpipe.stream.workers import WorkerFailed, assign_partitions
-from tests.orchestration.helpers import REPO_ROOT, cardpipe, env_without_services, reference_results
+from tests.orchestration.helpers import (
+    REPO_ROOT,
+    cardpipe,
+    child_pids,
+    command_line,
+    env_without_services,
+    process_group,
+    reference_results,
+)
 
 pytestmark = pytest.mark.kafka
 N_TRANSACTIONS = 20_000
@@ -253,57 +261,41 @@ def test_a_crashing_worker_exits_non_zero_with_one_line_and_a_rerun_completes(da
     assert stream_rows(settings.database_url) == expected
 
 
-def _children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (Linux's /proc)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # the thread ended meanwhile
-            children += [int(c) for c in (task / "children").read_text().split()]
-    return children
-
-
-def _command_line(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # ended meanwhile
-        return b""
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+def _following_the_sample(settings: Settings, results: Path, **popen: Any) -> subprocess.Popen[str]:
+    """``consume --workers 2 --follow`` on the prepared sample, once it has decided all 600 transactions."""
+    prepared(settings)
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "cardpipe", "consume", "--results-dir", str(results), "--workers", "2", "--follow"],
+        cwd=REPO_ROOT,
+        env={**env_without_services(), "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    deadline = time.monotonic() + 60
+    while count_rows(settings.database_url, schema.stream_transactions) < 600 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return consumer
 
 
 def test_sigterm_stops_every_worker_gracefully(tmp_path):
     results = tmp_path / "results"
     settings = Settings.from_env(env={}, results_dir=results, data_dir=SAMPLE_DATA_DIR)
     try:
-        prepared(settings)
-        consumer = subprocess.Popen(
-            [sys.executable, "-m", "cardpipe", "consume", "--results-dir", str(results), "--workers", "2", "--follow"],
-            cwd=REPO_ROOT,
-            env={**env_without_services(), "PYTHONPATH": str(REPO_ROOT)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while count_rows(settings.database_url, schema.stream_transactions) < 600 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        consumer = _following_the_sample(settings, results)
         # The CLI forks its workers from a server that imported their modules while it imported its own.
-        servers = [child for child in _children(consumer.pid) if b"multiprocessing.forkserver" in _command_line(child)]
+        servers = [child for child in child_pids(consumer.pid) if b"multiprocessing.forkserver" in command_line(child)]
         assert len(servers) == 1, servers
-        assert len(_children(servers[0])) == 2
+        assert len(child_pids(servers[0])) == 2
         consumer.send_signal(signal.SIGTERM)
         out, err = consumer.communicate(timeout=60)
     finally:
         stop_broker(results)
     deadline = time.monotonic() + 10
-    while _running(servers[0]) and time.monotonic() < deadline:
+    while process_group(servers[0]) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _running(servers[0]), "the workers' server outlived the command"
+    assert process_group(servers[0]) is None, "the workers' server outlived the command"
     assert consumer.returncode == 0, err
     assert out.startswith("decided 600 messages in "), out + err
     assert (results / "stream_transactions.csv").read_text().count("\n") == 601
@@ -315,19 +307,8 @@ def test_ctrl_c_to_the_terminal_s_process_group_stops_every_worker_and_leaves_no
     results = tmp_path / "results"
     settings = Settings.from_env(env={}, results_dir=results, data_dir=SAMPLE_DATA_DIR)
     try:
-        prepared(settings)
-        consumer = subprocess.Popen(
-            [sys.executable, "-m", "cardpipe", "consume", "--results-dir", str(results), "--workers", "2", "--follow"],
-            cwd=REPO_ROOT,
-            env={**env_without_services(), "PYTHONPATH": str(REPO_ROOT)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own process group, as a shell gives a foreground job
-        )
-        deadline = time.monotonic() + 60
-        while count_rows(settings.database_url, schema.stream_transactions) < 600 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # Its own process group, as a shell gives a foreground job.
+        consumer = _following_the_sample(settings, results, start_new_session=True)
         os.killpg(consumer.pid, signal.SIGINT)
         out, err = consumer.communicate(timeout=60)
     finally:
@@ -342,17 +323,9 @@ def test_ctrl_c_to_the_terminal_s_process_group_stops_every_worker_and_leaves_no
 
 
 def _group_members(pgid: int) -> list[int]:
-    """The running processes of process group ``pgid`` (Linux's /proc)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
+    """The running processes of process group ``pgid``."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [pid for pid in pids if process_group(pid) == pgid]
 
 
 # --- the cross-worker race: one transaction id, two cards, two partitions ----------------------------------
