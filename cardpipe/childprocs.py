@@ -44,7 +44,8 @@ CONTEXT = multiprocessing.get_context("spawn")
 _FORKSERVER = (
     multiprocessing.get_context("forkserver") if "forkserver" in multiprocessing.get_all_start_methods() else None
 )
-_forkserver_started = False
+#: Where :func:`worker_context` starts the workers: spawned until :func:`start_forkserver` starts the server.
+_worker_context: StartContext = CONTEXT
 
 #: Loggers of the Kafka client library: the parent reports broker trouble itself.
 _QUIET_LOGGERS = ("cardpipe.librdkafka", "cardpipe.stream.broker.librdkafka")
@@ -89,7 +90,7 @@ def start_forkserver(modules: Sequence[str]) -> None:
     fresh single-threaded interpreter (nothing it forks inherits threads, locks or connections), with Ctrl-C
     ignored, which the workers keep until they set their own handlers; it ends when this process does.
     """
-    global _forkserver_started
+    global _worker_context
     if _FORKSERVER is None:  # not on this platform: the workers are spawned
         return
     _FORKSERVER.set_forkserver_preload(list(modules))
@@ -99,13 +100,13 @@ def start_forkserver(modules: Sequence[str]) -> None:
     except OSError as exc:  # a faster start only: without the server, the workers are spawned
         log.debug("the workers will be spawned: their server did not start: %s", exc)
         return
-    _forkserver_started = True
+    _worker_context = _FORKSERVER
 
 
 def worker_context() -> StartContext:
     """Where the consumer workers are started from: the forkserver once :func:`start_forkserver` started it
     (the CLI does, first thing, for ``--workers`` above 1), else fresh spawned interpreters."""
-    return _FORKSERVER if _forkserver_started and _FORKSERVER is not None else CONTEXT
+    return _worker_context
 
 
 @contextmanager

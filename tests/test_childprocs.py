@@ -79,7 +79,7 @@ def test_the_workers_are_spawned_when_their_server_cannot_start(monkeypatch: pyt
         raise OSError("no room for its socket")
 
     monkeypatch.setattr(childprocs.multiprocessing.forkserver, "ensure_running", cannot)
-    monkeypatch.setattr(childprocs, "_forkserver_started", False)
+    monkeypatch.setattr(childprocs, "_worker_context", childprocs.CONTEXT)
     childprocs.start_forkserver(["json"])
     assert childprocs.worker_context() is childprocs.CONTEXT
 
