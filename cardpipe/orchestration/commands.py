@@ -240,18 +240,26 @@ def consume(
     )
     finishing = publishing is None and should_stop is None and not options.follow and options.partitions is None
     with _runtime(settings, runtime, broker, command="cardpipe consume") as rt:
-        # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started now so that
+        # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started ahead so that
         # it is ready when the topic is drained; while a core is left beside the consumer processes it copies the
         # decisions as they are committed (it reads only the last ones then), otherwise the copying would slow
         # the consumers more than it shortens the end. A consumer that follows starts it only when it stops.
         # On MySQL/MariaDB a thread of its own writes it as soon as the topic is drained (:class:`_LinesAhead`).
         sqlite = settings.database_url.get_backend_name() == "sqlite"
         copied = ("stream_transactions", STREAM_COLUMNS, "transaction_id") if workers < usable_cores() else None
-        ahead = (
-            rt.start(lambda: ExportProcess(settings.database_url, follow=copied))
-            if sqlite and not options.follow
-            else None
-        )
+        ahead: ExportProcess | None = None
+        export_apart = sqlite and not options.follow
+
+        def start_ahead() -> None:
+            nonlocal ahead
+            if ahead is None and export_apart:
+                ahead = rt.start(lambda: ExportProcess(settings.database_url, follow=copied))
+
+        # Workers on every core start it once the first of them has committed a checkpoint: its own start (an
+        # interpreter importing DuckDB) would otherwise share the cores with theirs and delay the first decision.
+        deciding = start_ahead if workers > 1 and copied is None else None
+        if deciding is None:
+            start_ahead()
         stream_path = settings.results_dir / serving_results.STREAM_RESULTS_FILE
         lines_ahead: _LinesAhead | None = None
         asked_when_drained = False  # the file was asked for when the topic was last drained
@@ -260,6 +268,7 @@ def consume(
         def drained() -> None:
             """The topic is drained (before counting what is undecided): the export can start meanwhile."""
             nonlocal asked_when_drained, lines_ahead
+            start_ahead()  # no worker committed a checkpoint (nothing was left to decide): started now
             if ahead is not None:
                 ahead.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", stream_path)
                 asked_when_drained = True
@@ -282,12 +291,23 @@ def consume(
             stage = progress.stage("consume", total, "msgs")
         try:
             if not finishing:
-                summary = _consume_leg(rt, store, options, workers, progress, publishing, should_stop, stage)
+                summary = _consume_leg(
+                    rt, store, options, workers, progress, publishing, should_stop, stage, deciding=deciding
+                )
             else:
                 terminated: list[bool] = []
                 with signal_handled(signal.SIGTERM, lambda *_: terminated.append(True)):
                     summary = _consume_to_the_end(
-                        rt, store, options, workers, progress, lambda: bool(terminated), stage, left, drained
+                        rt,
+                        store,
+                        options,
+                        workers,
+                        progress,
+                        lambda: bool(terminated),
+                        stage,
+                        left,
+                        drained,
+                        deciding=deciding,
                     )
                     finished = asked_when_drained  # it returns right after the topic was drained
             if stage is not None:
@@ -385,9 +405,13 @@ def _consume_leg(
     publishing: Callable[[], bool] | None,
     should_stop: Callable[[], bool] | None,
     stage: Stage | None = None,
+    *,
+    deciding: Callable[[], None] | None = None,
 ) -> ConsumeSummary:
+    """One leg of the stream: ``workers`` processes, or one consumer here. ``deciding``: called once, here, when the
+    first worker has committed a checkpoint (workers only)."""
     if workers > 1:
-        return _consume_with_workers(rt, options, workers, progress, publishing, should_stop)
+        return _consume_with_workers(rt, options, workers, progress, publishing, should_stop, deciding)
     return _consume_recovering(rt, store, options, progress, publishing, should_stop, stage)
 
 
@@ -401,12 +425,15 @@ def _consume_to_the_end(
     stage: Stage | None = None,
     left: int | None = None,
     drained: Callable[[], None] | None = None,
+    *,
+    deciding: Callable[[], None] | None = None,
 ) -> ConsumeSummary:
     """Consume until every transaction of the database is decided (see :func:`consume`, finishing the stream).
 
     ``terminated``: SIGTERM came (the single consumer then stops after its batch; workers stop on their own).
     ``left``: the messages left on the topic after the committed offsets, when the caller has just read them.
     ``drained``: called each time the consumers have stopped, before what is undecided is counted.
+    ``deciding``: see :func:`_consume_leg`.
     """
     engine = store.engine
     total = ConsumeSummary()
@@ -424,7 +451,7 @@ def _consume_to_the_end(
             )
             total.counts["republished"] += _publish_undecided(rt, terminated)
     for round_ in range(MAX_FINISH_ROUNDS + 1):
-        total.add(_consume_leg(rt, store, options, workers, progress, None, should_stop, stage))
+        total.add(_consume_leg(rt, store, options, workers, progress, None, should_stop, stage, deciding=deciding))
         if drained is not None:
             drained()
         undecided = count_undecided(engine)
@@ -577,6 +604,7 @@ def _consume_with_workers(
     progress: Progress | None,
     publishing: Callable[[], bool] | None,
     should_stop: Callable[[], bool] | None,
+    deciding: Callable[[], None] | None = None,
 ) -> ConsumeSummary:
     from cardpipe.stream.workers import consume_with_workers
 
@@ -593,6 +621,7 @@ def _consume_with_workers(
         publishing=publishing,
         should_stop=should_stop,
         open_store=open_stream_store,
+        first_checkpoint=deciding,
     )
 
 

@@ -63,7 +63,7 @@ class ConsumeOptions:
     # it is whatever has arrived (up to batch_size), so batches grow with the load and shrink with it.
     max_wait_seconds: float = 0.1
     partitions: tuple[int, ...] | None = None  # default: every partition of the topic
-    progress_every: float = 5.0  # seconds between progress lines
+    progress_every: float = 5.0  # seconds between progress reports (the first comes with the first checkpoint)
 
 
 @dataclass
@@ -107,7 +107,8 @@ def consume(
 ) -> ConsumeSummary:
     """Authorize the topic's transactions into ``store`` until drained (or interrupted).
 
-    ``broker_alive`` (for a broker cardpipe runs itself) is checked after every poll; when it says
+    ``progress`` gets the summary so far with the first checkpoint, then every ``options.progress_every``
+    seconds. ``broker_alive`` (for a broker cardpipe runs itself) is checked after every poll; when it says
     no, :class:`BrokerLost` is raised after the last complete checkpoint. ``should_stop`` is checked
     before every poll: when it says yes, the consumer stops as on SIGTERM (after a complete checkpoint);
     with it, signals are the caller's business (no SIGTERM handler is installed).
@@ -227,7 +228,8 @@ def consume(
                 else:
                     store.keep_leases()
                 now = time.monotonic()
-                if progress and now - last_progress >= options.progress_every:
+                first = bool(raw) and summary.batches == 1  # the first checkpoint is committed
+                if progress and (first or now - last_progress >= options.progress_every):
                     summary.seconds = now - started
                     progress(summary)
                     last_progress = now

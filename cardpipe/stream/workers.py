@@ -123,11 +123,14 @@ def consume_with_workers(
     publishing: Callable[[], bool] | None = None,
     should_stop: Callable[[], bool] | None = None,
     open_store: Callable[[Settings], AbstractContextManager[CheckpointStore]],
+    first_checkpoint: Callable[[], None] | None = None,
 ) -> ConsumeSummary:
     """Consume ``partitions`` with ``workers`` processes; their summaries added up (``seconds``: wall time).
 
     ``should_stop`` (asked while supervising) stops every worker after its batch, as SIGTERM does.
     ``open_store`` opens each worker's checkpoint store (a module-level function, sent to the workers pickled).
+    ``first_checkpoint`` is called once, in this process, when the first worker has committed a checkpoint (a
+    worker's first progress line comes with its first checkpoint).
 
     Raises :class:`WorkerFailed` (after stopping the other workers) when a worker raises or dies. On
     SIGTERM every worker finishes its batch and the summary so far is returned; on Ctrl-C the same, then
@@ -145,6 +148,7 @@ def consume_with_workers(
     published = context.Event()  # set once ``publishing`` says the producer is done
     level = logging.getLogger("cardpipe").getEffectiveLevel()
     running: list[_Worker] = []
+    relay = progress if first_checkpoint is None else _FirstLine(first_checkpoint, progress)
     started = time.monotonic()
     try:
         with stop_on_sigterm(stop.signal):
@@ -170,11 +174,11 @@ def consume_with_workers(
             _supervise(
                 running,
                 stop,
-                progress,
+                relay,
                 publishing=None if publishing is None else _PublishingWatch(publishing, published),
             )
     finally:
-        _stop_all(running, stop, progress)
+        _stop_all(running, stop, relay)
     failed = sorted((w for w in running if w.error is not None), key=lambda w: w.failed_at)
     if failed:
         raise WorkerFailed(f"consume {failed[0].name} {failed[0].error}{_others(running, failed)}")
@@ -198,6 +202,21 @@ def _others(running: list[_Worker], failed: list[_Worker]) -> str:
         else f"{also} other{'s' if also > 1 else ''} failed too, the rest were stopped"
     )
     return f"; {stopped}"
+
+
+class _FirstLine:
+    """Relays the workers' progress lines to ``progress``, calling ``first`` once, at the first one."""
+
+    def __init__(self, first: Callable[[], None], progress: Callable[[str], None] | None):
+        self.first: Callable[[], None] | None = first
+        self.progress = progress
+
+    def __call__(self, line: str) -> None:
+        if self.first is not None:
+            first, self.first = self.first, None
+            first()
+        if self.progress is not None:
+            self.progress(line)
 
 
 class _PublishingWatch:

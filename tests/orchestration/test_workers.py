@@ -485,18 +485,24 @@ def test_ids_sent_to_two_workers_with_different_cards_are_decided_once(tmp_path)
             assert rows[tx.transaction_id] == _row(tx, *_decide(authorizer, tx)), tx
 
 
-@pytest.mark.parametrize(("workers", "cores", "follows"), [(1, 2, True), (2, 2, False), (2, 4, True), (1, 1, False)])
+@pytest.mark.parametrize(
+    ("workers", "cores", "follows", "after_decisions"),
+    [(1, 2, True, False), (2, 2, False, True), (2, 4, True, False), (1, 1, False, False)],
+)
 def test_the_export_process_copies_the_decisions_only_while_a_core_is_left(
-    workers, cores, follows, tmp_path, monkeypatch
+    workers, cores, follows, after_decisions, tmp_path, monkeypatch
 ):
     """On SQLite, the process that writes stream_transactions.csv copies the decisions as they are committed only
-    while a core is left beside the consumer processes; either way the file holds every decision."""
+    while a core is left beside the consumer processes; either way the file holds every decision. It starts with
+    the command, except beside workers on every core: then once the first of them has committed a checkpoint."""
     from cardpipe.batch.apart import ExportProcess
 
     asked: list[object] = []
+    decided_before: list[int] = []
 
     def recording(database_url, follow=None):
         asked.append(follow)
+        decided_before.append(count_rows(database_url, schema.stream_transactions))
         return ExportProcess(database_url, follow=follow)
 
     monkeypatch.setattr(commands, "usable_cores", lambda: cores)
@@ -508,5 +514,6 @@ def test_the_export_process_copies_the_decisions_only_while_a_core_is_left(
     finally:
         stop_broker(settings.results_dir)
     assert [follow is not None for follow in asked] == [follows]
+    assert [decided > 0 for decided in decided_before] == [after_decisions]
     lines = (settings.results_dir / "stream_transactions.csv").read_text().splitlines()
     assert len(lines) == summary.messages + 1 == count_rows(settings.database_url, schema.stream_transactions) + 1
