@@ -257,7 +257,7 @@ def consume(
 
         # Workers on every core start it once the first of them has committed a checkpoint: its own start (an
         # interpreter importing DuckDB) would otherwise share the cores with theirs and delay the first decision.
-        deciding = start_ahead if workers > 1 and copied is None else None
+        deciding = start_ahead if export_apart and workers > 1 and copied is None else None
         if deciding is None:
             start_ahead()
         stream_path = settings.results_dir / serving_results.STREAM_RESULTS_FILE
