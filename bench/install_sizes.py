@@ -1,12 +1,13 @@
 """Installed size of cardpipe per extra: site-packages of a fresh venv after a non-editable install.
 
-    python3 bench/install_sizes.py [--configs base,mysql,spark,mysql-spark] [--keep]
+    python3 bench/install_sizes.py [--configs base,mysql,spark,mysql-spark,fast] [--keep]
 
 For each configuration (``base`` = ``cardpipe`` without extra, ``mysql`` = ``cardpipe[mysql]``, ``spark``,
-``mysql-spark`` = ``cardpipe[mysql,spark]``): ``python3 -m venv bench/out/install-sizes/<name>``, then that
-venv's ``pip install "<project>[extra]"`` (not editable: a wheel is built and installed). The project is a
-copy of /work/main's pyproject.toml, README.md and cardpipe/ under bench/out/install-sizes/src, so that the
-build (setuptools' ``build/`` and ``*.egg-info``) leaves the project's tree untouched; the wheel is the same.
+``mysql-spark`` = ``cardpipe[mysql,spark]``, ``fast`` = ``cardpipe[fast]``):
+``python3 -m venv bench/out/install-sizes/<name>``, then that venv's ``pip install "<project>[extra]"`` (not
+editable: a wheel is built and installed). The project is a copy of /work/main's pyproject.toml, README.md and
+cardpipe/ under bench/out/install-sizes/src, so that the build (setuptools' ``build/`` and ``*.egg-info``) leaves
+the project's tree untouched; the wheel is the same.
 pip runs with the machine's pip configuration (index, constraints, its wheel cache: a cached wheel does not
 change what is installed).
 
@@ -31,7 +32,14 @@ from typing import Any
 
 from common import OUT_DIR, ROOT, fresh_dir, load_average, machine, print_table, say, write_json
 
-CONFIGS = {"empty": None, "base": "", "mysql": "[mysql]", "spark": "[spark]", "mysql-spark": "[mysql,spark]"}
+CONFIGS = {
+    "empty": None,
+    "base": "",
+    "mysql": "[mysql]",
+    "spark": "[spark]",
+    "mysql-spark": "[mysql,spark]",
+    "fast": "[fast]",
+}
 WORK = OUT_DIR / "install-sizes"
 #: What the wheel is built from (copied): setuptools reads pyproject.toml, the readme and the package.
 PROJECT_FILES = ("pyproject.toml", "README.md", "cardpipe")

@@ -25,6 +25,14 @@ SQLITE_FILENAME = "cardpipe.db"
 MAX_CONSUMER_BATCH_SIZE = 1_000_000  # confluent-kafka refuses to consume more messages per call
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """``env[name]`` (lower case) if it is one of ``choices``, the first of them when unset."""
+    value = (env.get(name) or choices[0]).strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
+    return value
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -91,6 +99,8 @@ class Settings:
     kafka_client: Mapping[str, str] = field(default_factory=dict)
     #: replication factor of the topics cardpipe creates (None: 1 on the embedded broker, the cluster's default)
     kafka_replication_factor: int | None = None
+    #: the stream's column-by-column path (cardpipe.stream.columnar): auto (when pyarrow is installed) | on | off
+    stream_columnar: str = "auto"
 
     @property
     def kafka_client_in_use(self) -> Mapping[str, str]:
@@ -173,6 +183,7 @@ class Settings:
             spark_remote=(env.get("SPARK_REMOTE") or "").strip() or None,
             kafka_client=kafka_client_settings(env),
             kafka_replication_factor=_int(env, "KAFKA_REPLICATION_FACTOR", 0) or None,
+            stream_columnar=_choice(env, "CARDPIPE_COLUMNAR", ("auto", "on", "off")),
         )
 
 

@@ -3,7 +3,7 @@
 #
 #   scripts/install.sh          Java (for Spark) and .venv with `pip install -e .`
 #   scripts/install.sh --test   also Debian's mariadb-server and libmariadb-java (JDBC driver),
-#                               chromium and chromium-driver (report tests), and `pip install -e '.[test]'`
+#                               chromium and chromium-driver (report tests), and `pip install -e '.[test,spark,mysql,fast]'`
 #
 # Runs from any working directory. Debian packages are installed with apt-get (run it as
 # root); `apt-get update` runs only when something has to be installed.
@@ -83,7 +83,7 @@ if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
 fi
 
 if [ "$WITH_TEST" = 1 ]; then
-    target='.[test,spark,mysql]'
+    target='.[test,spark,mysql,fast]'
 else
     target='.'
 fi

@@ -105,6 +105,11 @@ class Authorizer:
     def knows(self, card_id: int) -> bool:
         return card_id in self._terms
 
+    def card_terms(self, card_id: int) -> tuple[Decimal, Decimal, str | None] | None:
+        """What ``card_id`` is judged by now: ``(credit limit, half of it, the owner's zip head)``, the same tuple
+        until its terms change (:meth:`adopt`, a new load); None for a card not known."""
+        return self._terms.get(card_id)
+
     def limit_of(self, card_id: int) -> Decimal:
         """The credit limit ``card_id`` is judged against now."""
         return self._terms[card_id][0]

@@ -21,6 +21,19 @@ class MoneyError(CheckError):
     """A value is not a valid amount of money."""
 
 
+def to_cents(amount: Decimal) -> int | None:
+    """Money as integer cents, exactly; None when it is not a whole number of cents (or not finite)."""
+    if not amount.is_finite():
+        return None
+    scaled = amount.scaleb(2)
+    return int(scaled) if scaled == scaled.to_integral_value() else None
+
+
+def from_cents(cents: int) -> Decimal:
+    """Integer cents as money with two decimals (``from_cents(-5) == Decimal("-0.05")``)."""
+    return Decimal(cents).scaleb(-2)
+
+
 def parse_money(value: object) -> Decimal:
     """Parse a money value (decimal string, int or Decimal) to exact cents.
 

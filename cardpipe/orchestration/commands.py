@@ -42,6 +42,7 @@ from cardpipe.serving.loader import INPUT_FILES, LoadSummary, check_data_dir, lo
 from cardpipe.serving.settlements import COUNT_COLUMNS
 from cardpipe.serving.stream_store import StreamStore
 from cardpipe.serving.transaction_source import count_undecided, messages_from_database, transactions_from_csv
+from cardpipe.stream import columnar
 from cardpipe.stream.broker import BrokerHandle, is_alive
 from cardpipe.stream.clients import client_config
 from cardpipe.stream.codec import encode_transaction
@@ -238,6 +239,8 @@ def consume(
     options = options or ConsumeOptions(
         idle_seconds=settings.consumer_idle_seconds, batch_size=settings.consumer_batch_size
     )
+    if options.columnar is None:
+        options = replace_options(options, columnar=columnar.wanted(settings.stream_columnar))
     finishing = publishing is None and should_stop is None and not options.follow and options.partitions is None
     with _runtime(settings, runtime, broker, command="cardpipe consume") as rt:
         # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started ahead so that

@@ -332,9 +332,10 @@ class BulkWriter:
             return
         self._execute(conn, self.params(rows))
 
-    def write_columns(self, conn: Connection, values: Sequence[Sequence[Any]]) -> None:
+    def write_columns(self, conn: Connection, values: Sequence[Sequence[Any]], *, converted: bool = False) -> None:
         """:meth:`write` of the rows whose columns are ``values`` (one equally long sequence per column, in
-        ``columns`` order): no row is built before the values are converted."""
+        ``columns`` order): no row is built before the values are converted. ``converted``: the values are the
+        driver's already (no bind processor is applied)."""
         if len(values) != len(self.columns) or len(set(map(len, values))) != 1:
             raise ValueError(f"{len(self.columns)} columns of one length expected")
         if not values[0]:
@@ -343,7 +344,7 @@ class BulkWriter:
             with _dbapi_cursor(conn, self.sql) as cursor:
                 self._mysql.execute_columns(cursor, values)
             return
-        self._execute(conn, list(zip(*self._processed(values), strict=True)))
+        self._execute(conn, list(zip(*(values if converted else self._processed(values)), strict=True)))
 
     def _execute(self, conn: Connection, params: list[tuple[Any, ...]]) -> None:
         per_statement = self.rows_per_statement

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from cardpipe.domain.authorization import zip_of
+from cardpipe.domain.money import from_cents
 from cardpipe.domain.records import STREAM_COLUMNS, TRANSACTION_COLUMNS, CardProfile, Transaction
 from cardpipe.errors import DatabaseUnavailable, LeaseLost, PartitionsHeld, SettlementChanged
 from cardpipe.faults import crash_point
@@ -29,6 +30,7 @@ from cardpipe.serving.bulk import BulkWriter, KeyReader
 from cardpipe.serving.database import describe_error
 from cardpipe.serving.owners import holder_is_dead, unique_owner
 from cardpipe.stream.checkpoints import CheckpointBatch, checkpoint_log_row
+from cardpipe.stream.columnar import DecidedColumns
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,24 +56,97 @@ _decision_values = itemgetter(*STREAM_COLUMNS)
 _partition_of, _limit_of = itemgetter(0), itemgetter(1)
 
 
-def _decision_columns(batch: CheckpointBatch, seqs: Mapping[int, int]) -> list[Sequence[Any]] | None:
+def _decision_columns(
+    batch: CheckpointBatch, seqs: Mapping[int, int], dialect: Dialect
+) -> tuple[list[Sequence[Any]], bool] | None:
     """The ``stream_transactions`` rows of ``batch`` as columns, in ``DECISION_COLUMNS`` order (the decision's own,
     then the credit limit it was judged against, its partition and that partition's checkpoint sequence), built
-    column by column at C speed; None when it decided nothing."""
-    rows: Sequence[Any] = batch.decided
+    column by column at C speed, and whether they are the driver's values already (a batch decided column by
+    column: :func:`_driver_columns`); None when it decided nothing."""
+    if batch.columns is not None:
+        if not batch.columns:
+            return None
+        driver = _driver_columns(batch.columns, seqs, dialect.name)
+        if driver is not None:
+            return driver, True
+        rows: Sequence[Any] = batch.columns.rows()
+        positions: Sequence[tuple[int, Decimal | None]] = batch.columns.positions()
+    else:
+        rows, positions = batch.decided, batch.positions
     if not rows:
         return None
-    if len(batch.positions) != len(rows):
-        raise ValueError(f"{len(rows)} decisions but {len(batch.positions)} positions")
+    if len(positions) != len(rows):
+        raise ValueError(f"{len(rows)} decisions but {len(positions)} positions")
     if not all(map(isinstance, rows, repeat(tuple))):
         rows = [row if isinstance(row, tuple) else _decision_values(row) for row in rows]
-    partitions = list(map(_partition_of, batch.positions))
-    return [
+    partitions = list(map(_partition_of, positions))
+    columns = [
         *zip(*rows, strict=True),
-        list(map(_limit_of, batch.positions)),
+        list(map(_limit_of, positions)),
         partitions,
         list(map(seqs.__getitem__, partitions)),
     ]
+    return columns, False
+
+
+def _driver_columns(columns: DecidedColumns, seqs: Mapping[int, int], dialect: str) -> list[Sequence[Any]] | None:
+    """A column-by-column batch's rows as the driver takes them, in ``DECISION_COLUMNS`` order: what the dialect
+    stores for the per-message path's ``Decimal`` and ``datetime``. SQLite: money as the nearest double (the
+    Numeric bind processor's ``float``; cents / 100 is that double) and timestamps as SQLAlchemy's text with
+    microseconds; MySQL/MariaDB: both as text, which the server reads into the same DECIMAL and DATETIME. None
+    for another dialect (the rows then go the per-message way)."""
+    if dialect == "sqlite":
+        stamps: Sequence[str] = [stamp + ".000000" for stamp in columns.timestamp]
+        amounts: Sequence[Any] = list(map(float, columns.amount))
+        money: Callable[[list[int]], list[Any]] = _cents_as_floats
+    elif dialect in ("mysql", "mariadb"):
+        stamps, amounts, money = columns.timestamp, columns.amount, _cents_as_texts
+    else:
+        return None
+    return [
+        columns.transaction_id,
+        columns.card_id,
+        columns.merchant_name,
+        stamps,
+        amounts,
+        columns.location,
+        columns.transaction_type,
+        columns.related_transaction_id,
+        columns.status,
+        money(columns.pending_balance),
+        columns.decline_reason,
+        money(columns.credit_limit),
+        columns.partition,
+        list(map(seqs.__getitem__, columns.partition)),
+    ]
+
+
+def _card_state_rows(batch: CheckpointBatch, dialect: Dialect) -> list[tuple[Any, ...]]:
+    """``batch``'s ``card_states`` rows, sorted by card (concurrent workers lock rows in one order: no deadlocks).
+    A batch decided column by column gives its balances in cents: SQLite takes them as the nearest double (the
+    Numeric type's own conversion of the ``Decimal``), MySQL/MariaDB as text."""
+    columns = batch.columns
+    if columns is None or dialect.name not in ("sqlite", "mysql", "mariadb"):
+        return [(s.card_id, s.pending_balance, s.pending_added) for _, s in sorted(batch.card_state_rows().items())]
+    added = columns.card_pending_added
+    money: Callable[[int], Any] = _cents_as_float if dialect.name == "sqlite" else _cents_as_text
+    return [(c, money(b), added.get(c, 0)) for c, b in sorted(columns.card_balances.items())]
+
+
+def _cents_as_float(cents: int) -> float:
+    return cents / 100
+
+
+def _cents_as_text(cents: int) -> str:
+    return str(from_cents(cents))
+
+
+def _cents_as_floats(cents: list[int]) -> list[float]:
+    return [c / 100 for c in cents]
+
+
+def _cents_as_texts(cents: list[int]) -> list[str]:
+    return list(map(str, map(from_cents, cents)))
 
 
 _rejection_values = itemgetter(*REJECTION_COLUMNS)
@@ -366,14 +441,14 @@ class StreamStore:
         one the batch was decided with, and :class:`LeaseLost` when another consumer took a partition over.
         """
         seqs = {p: self._seq.get(p, 0) + 1 for p in batch.next_offsets}
-        decided = _decision_columns(batch, seqs)
+        decided = _decision_columns(batch, seqs, self.engine.dialect)
         rejected = [_rejection_values(row) for row in batch.rejected]
         # Sorted keys: concurrent workers lock rows in one order (no deadlocks).
-        card_states = [(s.card_id, s.pending_balance, s.pending_added) for _, s in sorted(batch.card_states.items())]
+        card_states = _card_state_rows(batch, self.engine.dialect)
         offsets = [(self.topic, p, o, seqs[p]) for p, o in sorted(batch.next_offsets.items())]
         with self.engine.begin() as conn:
             if decided is not None:
-                self._decisions.write_columns(conn, decided)
+                self._decisions.write_columns(conn, decided[0], converted=decided[1])
             self._rejections.write(conn, rejected)
             self._card_states.write(conn, card_states)
             self._offsets.write(conn, offsets)

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from cardpipe.domain.records import (
     DECLINED,
@@ -28,6 +28,9 @@ from cardpipe.domain.records import (
     Transaction,
 )
 from cardpipe.errors import PartitionsHeld, SettlementChanged
+
+if TYPE_CHECKING:
+    from cardpipe.stream.columnar import DecidedColumns
 
 
 class CardState(NamedTuple):
@@ -78,6 +81,18 @@ class CheckpointBatch:
     settlement_id: int | None = None
     #: Messages left on the consumer's partitions after this batch (None: not known yet).
     lag_messages: int | None = None
+    #: The decisions and card states as columns when the batch was decided column by column
+    #: (:mod:`cardpipe.stream.columnar`); ``decided``, ``positions`` and ``card_states`` are then empty. See
+    #: :meth:`decision_rows` and :meth:`card_state_rows`.
+    columns: DecidedColumns | None = None
+
+    def decision_rows(self) -> list[DecisionRow]:
+        """The batch's ``stream_transactions`` rows, however it was decided."""
+        return self.columns.rows() if self.columns is not None else self.decided
+
+    def card_state_rows(self) -> dict[int, CardState]:
+        """The batch's ``card_states``, however it was decided."""
+        return self.columns.card_states() if self.columns is not None else self.card_states
 
 
 #: Upper bounds (milliseconds, inclusive) of the decision-latency histogram kept per checkpoint.
@@ -251,13 +266,12 @@ class MemoryCheckpointStore:
     def commit_durably(self, batch: CheckpointBatch) -> None:
         if batch.settlement_id != self.in_force:
             raise SettlementChanged()
-        for row in batch.decided:
+        for row in batch.decision_rows():
             self.decided[row[0]] = row
         self.rejected.extend(batch.rejected)
-        self.balances.update(
-            {c: s.pending_balance for c, s in batch.card_states.items() if s.pending_balance is not None}
-        )
-        for c, s in batch.card_states.items():
+        card_states = batch.card_state_rows()
+        self.balances.update({c: s.pending_balance for c, s in card_states.items() if s.pending_balance is not None})
+        for c, s in card_states.items():
             self.pending_counts[c] = self.pending_counts.get(c, 0) + s.pending_added
         self.offsets.update(batch.next_offsets)
         self.checkpoints += 1

@@ -35,6 +35,7 @@ from cardpipe.errors import BrokerLost, BrokerUnavailable, SettlementChanged
 from cardpipe.faults import crash_point
 from cardpipe.stream.checkpoints import CheckpointBatch, CheckpointStore
 from cardpipe.stream.clients import client_config
+from cardpipe.stream.columnar import ColumnarDecider
 from cardpipe.stream.processing import RawMessage, StreamProcessor
 from cardpipe.stream.producer import make_producer
 from cardpipe.stream.stopping import StopPolicy
@@ -64,6 +65,9 @@ class ConsumeOptions:
     max_wait_seconds: float = 0.1
     partitions: tuple[int, ...] | None = None  # default: every partition of the topic
     progress_every: float = 5.0  # seconds between progress reports (the first comes with the first checkpoint)
+    #: Offer each batch to the column-by-column path (cardpipe.stream.columnar, needs pyarrow); None: not here,
+    #: and ``commands.consume`` sets it from the settings (CARDPIPE_COLUMNAR).
+    columnar: bool | None = None
 
 
 @dataclass
@@ -152,7 +156,11 @@ def consume(
             end_offsets=lambda: log_end_offsets(bootstrap_servers, topic, partitions),
         )
         stop.watch(partitions)
-        processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
+
+        def resume() -> StreamProcessor:
+            return _resume(consumer, bootstrap_servers, store, topic, partitions, columnar=bool(options.columnar))
+
+        processor = resume()
         conflicts = 0
         batch_limit = min(FIRST_BATCH_SIZE, options.batch_size)
         frozen_at = 0  # processor.cards_loaded when the collector last froze what was alive
@@ -199,7 +207,9 @@ def consume(
                         # Published between the check above and the commit: decide the batch again with
                         # the new limits, from the last checkpoint.
                         summary.counts["settlement_changes"] += 1
-                        processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
+                        processor = _resume(
+                            consumer, bootstrap_servers, store, topic, partitions, columnar=bool(options.columnar)
+                        )
                         frozen_at = 0
                         stop.rewound()
                         continue
@@ -216,7 +226,9 @@ def consume(
                             ", ".join(map(str, sorted(batch.next_offsets))),
                         )
                         summary.counts["checkpoint_conflicts"] += 1
-                        processor = _resume(consumer, bootstrap_servers, store, topic, partitions)
+                        processor = _resume(
+                            consumer, bootstrap_servers, store, topic, partitions, columnar=bool(options.columnar)
+                        )
                         frozen_at = 0
                         stop.rewound()
                         continue
@@ -295,7 +307,13 @@ def _topic_partitions(consumer: Consumer, topic: str, wanted: tuple[int, ...] | 
 
 
 def _resume(
-    consumer: Consumer, bootstrap_servers: str, store: CheckpointStore, topic: str, partitions: list[int]
+    consumer: Consumer,
+    bootstrap_servers: str,
+    store: CheckpointStore,
+    topic: str,
+    partitions: list[int],
+    *,
+    columnar: bool = False,
 ) -> StreamProcessor:
     """A processor deciding with the limits of the settlement in force, and ``consumer`` positioned right after
     the last checkpoint. The processor loads each card (with its balance of that checkpoint) the first time one
@@ -305,7 +323,14 @@ def _resume(
     consumer.assign(positions)
     settlement_id = store.settlement_in_force()
     return StreamProcessor(
-        topic, {}, {}, store.lookup_decided, settlement_id=settlement_id, load_cards=store.load_cards
+        topic,
+        {},
+        {},
+        store.lookup_decided,
+        settlement_id=settlement_id,
+        load_cards=store.load_cards,
+        # Arrow is imported on a thread meanwhile: the first batches do not wait for it.
+        columnar=ColumnarDecider(background=True) if columnar else False,
     )
 
 
