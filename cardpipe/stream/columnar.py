@@ -4,8 +4,9 @@ The per-message path (:func:`~cardpipe.stream.codec.decode_fields`, :meth:`Autho
 <cardpipe.domain.authorization.Authorizer.decide>`) defines what is accepted and how it is decided. This path
 takes a batch only when every message is one the codec's fast path takes, decides it with the same rules as
 Arrow kernels over the batch's columns, and gives the same decisions; any batch it does not take (a message of
-another shape, an unknown card, a transaction already decided) goes to the per-message path whole. It needs
-``pyarrow`` (the ``fast`` extra), imported by the first :class:`ColumnarDecider`.
+another shape, an unknown card, a transaction twice in the batch or decided before) goes to the per-message path
+whole. It needs ``pyarrow`` (the ``fast`` extra), imported by the first :class:`ColumnarDecider` (on a thread of
+its own for a consumer: :func:`load`).
 
 What a batch must be to be taken, and why each check gives the per-message path's answer:
 
@@ -122,7 +123,7 @@ def _load_arrow() -> None:
 @dataclass
 class DecidedColumns:
     """A batch's decisions as columns, in message order: the transaction's fields as the message gave them (the
-    timestamp as its text, the amount as its text and in cents), the decision, and where each came from."""
+    timestamp and the amount as their texts), the decision with its money in cents, and where each came from."""
 
     transaction_id: list[int]
     card_id: list[int]
