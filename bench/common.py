@@ -201,6 +201,10 @@ def dataset_counts(path: Path) -> dict[str, int]:
 # --- settings and the serving database ------------------------------------------------------------
 
 
+#: Settings taken from the benchmark's own environment (the rest come from the sink's): what a run compares.
+PASSED_SETTINGS = ("CARDPIPE_COLUMNAR",)
+
+
 def sqlite_env() -> dict[str, str]:
     return {}
 
@@ -250,7 +254,8 @@ def sink_env(sink: str, database: str = DEFAULT_BENCH_DB) -> dict[str, str]:
 def settings(env: Mapping[str, str], results_dir: Path, data_dir: Path, **extra: str) -> Any:
     from cardpipe.config import Settings
 
-    merged = {**env, **extra}
+    passed = {name: os.environ[name] for name in PASSED_SETTINGS if name in os.environ}
+    merged = {**passed, **env, **extra}
     return Settings.from_env(env=merged, results_dir=results_dir, data_dir=data_dir)
 
 
