@@ -75,6 +75,13 @@ def test_bad_setting_value(tmp_path):
     assert_one_line_error(proc, "KAFKA_PARTITIONS must be an integer")
 
 
+def test_bad_columnar_setting(tmp_path):
+    proc = cardpipe(
+        ["setup", "--results-dir", str(tmp_path)], env_without_services(CARDPIPE_COLUMNAR="fast"), check=False
+    )
+    assert_one_line_error(proc, "CARDPIPE_COLUMNAR must be one of auto, on, off, got 'fast'")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 12, part 4: each library's errors mapped once (cardpipe.errors.user_message), one line with what to do
 # ---------------------------------------------------------------------------------------------------------------
