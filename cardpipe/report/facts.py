@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Connection, Engine, case, cast, column, func, select, table
 
-from cardpipe.domain.money import CENT
+from cardpipe.domain.money import CENT, from_cents
 from cardpipe.domain.records import APPROVED, DECLINED, PENDING, REJECTED, response_code
 from cardpipe.domain.settlement import SCORE_CHANGE_ABOVE, SCORE_STEPS
 from cardpipe.serving import schema
@@ -629,7 +629,7 @@ def _cents(col: Any) -> Any:
 
 
 def _from_cents(value: Any) -> Decimal:
-    return (Decimal(int(value)) / 100).quantize(CENT) if value is not None else _ZERO
+    return from_cents(int(value)) if value is not None else _ZERO
 
 
 def _dec(value: Any) -> Decimal:

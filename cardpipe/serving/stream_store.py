@@ -91,18 +91,18 @@ def _decision_columns(
 
 def _driver_columns(columns: DecidedColumns, seqs: Mapping[int, int], dialect: str) -> list[Sequence[Any]] | None:
     """A column-by-column batch's rows as the driver takes them, in ``DECISION_COLUMNS`` order: what the dialect
-    stores for the per-message path's ``Decimal`` and ``datetime``. SQLite: money as the nearest double (the
-    Numeric bind processor's ``float``; cents / 100 is that double) and timestamps as SQLAlchemy's text with
-    microseconds; MySQL/MariaDB: both as text, which the server reads into the same DECIMAL and DATETIME. None
-    for another dialect (the rows then go the per-message way)."""
+    stores for the per-message path's ``Decimal`` and ``datetime``. Money as :func:`_driver_money` gives it (an
+    amount from its text: SQLite's ``float`` of it, MySQL/MariaDB the text); timestamps as SQLAlchemy's text with
+    microseconds on SQLite, as the text on MySQL/MariaDB, which the server reads into the same DATETIME. None for
+    another dialect (the rows then go the per-message way)."""
+    money = _driver_money(dialect)
+    if money is None:
+        return None
     if dialect == "sqlite":
         stamps: Sequence[str] = [stamp + ".000000" for stamp in columns.timestamp]
         amounts: Sequence[Any] = list(map(float, columns.amount))
-        money: Callable[[list[int]], list[Any]] = _cents_as_floats
-    elif dialect in ("mysql", "mariadb"):
-        stamps, amounts, money = columns.timestamp, columns.amount, _cents_as_texts
     else:
-        return None
+        stamps, amounts = columns.timestamp, columns.amount
     return [
         columns.transaction_id,
         columns.card_id,
@@ -113,9 +113,9 @@ def _driver_columns(columns: DecidedColumns, seqs: Mapping[int, int], dialect: s
         columns.transaction_type,
         columns.related_transaction_id,
         columns.status,
-        money(columns.pending_balance),
+        list(map(money, columns.pending_balance)),
         columns.decline_reason,
-        money(columns.credit_limit),
+        list(map(money, columns.credit_limit)),
         columns.partition,
         list(map(seqs.__getitem__, columns.partition)),
     ]
@@ -126,11 +126,22 @@ def _card_state_rows(batch: CheckpointBatch, dialect: Dialect) -> list[tuple[Any
     A batch decided column by column gives its balances in cents: SQLite takes them as the nearest double (the
     Numeric type's own conversion of the ``Decimal``), MySQL/MariaDB as text."""
     columns = batch.columns
-    if columns is None or dialect.name not in ("sqlite", "mysql", "mariadb"):
+    money = None if columns is None else _driver_money(dialect.name)
+    if columns is None or money is None:
         return [(s.card_id, s.pending_balance, s.pending_added) for _, s in sorted(batch.card_state_rows().items())]
     added = columns.card_pending_added
-    money: Callable[[int], Any] = _cents_as_float if dialect.name == "sqlite" else _cents_as_text
     return [(c, money(b), added.get(c, 0)) for c, b in sorted(columns.card_balances.items())]
+
+
+def _driver_money(dialect: str) -> Callable[[int], Any] | None:
+    """How the driver is given money held in cents, as the dialect stores the per-message path's ``Decimal``:
+    SQLite the nearest double (the Numeric bind processor's ``float``; cents / 100 is that double),
+    MySQL/MariaDB the decimal text; None for another dialect."""
+    if dialect == "sqlite":
+        return _cents_as_float
+    if dialect in ("mysql", "mariadb"):
+        return _cents_as_text
+    return None
 
 
 def _cents_as_float(cents: int) -> float:
@@ -139,14 +150,6 @@ def _cents_as_float(cents: int) -> float:
 
 def _cents_as_text(cents: int) -> str:
     return str(from_cents(cents))
-
-
-def _cents_as_floats(cents: list[int]) -> list[float]:
-    return [c / 100 for c in cents]
-
-
-def _cents_as_texts(cents: list[int]) -> list[str]:
-    return list(map(str, map(from_cents, cents)))
 
 
 _rejection_values = itemgetter(*REJECTION_COLUMNS)

@@ -182,8 +182,8 @@ class DecidedColumns:
 
 @dataclass
 class ColumnarOutcome:
-    """What :meth:`ColumnarDecider.decide` decided: the decisions, the cards' states after the batch and the
-    checkpoint's counts."""
+    """What :meth:`ColumnarDecider.decide` decided: the decisions with the cards' states after the batch
+    (:class:`DecidedColumns`), and the checkpoint's counts."""
 
     columns: DecidedColumns
     counts: Counter[str]
@@ -197,7 +197,7 @@ class ColumnarDecider:
         if not available():
             raise RuntimeError("the columnar path needs pyarrow (pip install 'cardpipe[fast]')")
         load(background=background)
-        self._schema: Any = None
+        self._parse: Any = None  # Arrow's reading options, made once Arrow is imported (:meth:`_ready`)
         # The running balances this path moved, in cents; the authorizer's (``Decimal``) get them back before the
         # per-message path decides (:meth:`hand_back`), and forget them after it did (:meth:`forget`).
         self._balances: dict[int, int] = {}
@@ -217,13 +217,12 @@ class ColumnarDecider:
 
     def _ready(self) -> bool:
         """Whether Arrow is imported (then the reading options are made, once)."""
-        if self._schema is None:
+        if self._parse is None:
             if pa is None:
                 return False
-            self._parse = pa_json.ParseOptions(explicit_schema=_wire_schema(), unexpected_field_behavior="error")
             self._read = pa_json.ReadOptions(use_threads=False, block_size=1 << 26)
             self._types = pa.array(sorted(TRANSACTION_TYPES), pa.string())
-            self._schema = self._parse.explicit_schema
+            self._parse = pa_json.ParseOptions(explicit_schema=_wire_schema(), unexpected_field_behavior="error")
         return True
 
     def read(self, values: Sequence[Any]) -> Any | None:
@@ -330,30 +329,25 @@ class ColumnarDecider:
         amounts: list[int] = cents.to_pylist()
         balances = start  # from here on: as they run
         after = [0] * n
-        if len(distinct) == n:  # every card once: each judged on its balance before the batch
-            for i, (card_id, reason) in enumerate(zip(card_ids, reasons, strict=True)):
-                if reason is None:
-                    balances[card_id] += amounts[i]
-                after[i] = balances[card_id]
-        else:
-            seen: set[int] = set()
-            halves, fars = half.to_pylist(), far.to_pylist()
-            for i, card_id in enumerate(card_ids):
-                if card_id in seen:  # a later transaction of the card: judged on the balance as it runs
-                    reasons[i] = (
-                        AMOUNT_OVER_HALF_LIMIT
-                        if halves[i]
-                        else LOCATION_TOO_FAR
-                        if fars[i]
-                        else OVER_CREDIT_LIMIT
-                        if balances[card_id] + amounts[i] > limits[i]
-                        else None
-                    )
-                else:
-                    seen.add(card_id)
-                if reasons[i] is None:
-                    balances[card_id] += amounts[i]
-                after[i] = balances[card_id]
+        # Only when a card comes more than once are the first two rules read back, for its later transactions.
+        halves, fars = (half.to_pylist(), far.to_pylist()) if len(distinct) < n else ((), ())
+        seen: set[int] = set()
+        for i, card_id in enumerate(card_ids):
+            if card_id in seen:  # a later transaction of the card: judged on the balance as it runs
+                reasons[i] = (
+                    AMOUNT_OVER_HALF_LIMIT
+                    if halves[i]
+                    else LOCATION_TOO_FAR
+                    if fars[i]
+                    else OVER_CREDIT_LIMIT
+                    if balances[card_id] + amounts[i] > limits[i]
+                    else None
+                )
+            else:
+                seen.add(card_id)
+            if reasons[i] is None:
+                balances[card_id] += amounts[i]
+            after[i] = balances[card_id]
         pending = [r is None for r in reasons]
         pending_added = Counter(compress(card_ids, pending))
         counts: Counter[str] = Counter(f"{DECLINED}:{r}" for r in reasons if r is not None)

@@ -207,9 +207,7 @@ def consume(
                         # Published between the check above and the commit: decide the batch again with
                         # the new limits, from the last checkpoint.
                         summary.counts["settlement_changes"] += 1
-                        processor = _resume(
-                            consumer, bootstrap_servers, store, topic, partitions, columnar=bool(options.columnar)
-                        )
+                        processor = resume()
                         frozen_at = 0
                         stop.rewound()
                         continue
@@ -226,9 +224,7 @@ def consume(
                             ", ".join(map(str, sorted(batch.next_offsets))),
                         )
                         summary.counts["checkpoint_conflicts"] += 1
-                        processor = _resume(
-                            consumer, bootstrap_servers, store, topic, partitions, columnar=bool(options.columnar)
-                        )
+                        processor = resume()
                         frozen_at = 0
                         stop.rewound()
                         continue
