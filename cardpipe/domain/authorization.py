@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 
+from cardpipe.domain.money import to_cents
 from cardpipe.domain.records import (
     AMOUNT_OVER_HALF_LIMIT,
     DECLINED,
@@ -60,14 +61,19 @@ def _decline_reason(
     return None
 
 
-def _terms(card: CardProfile) -> tuple[Decimal, Decimal, str | None]:
-    """(credit limit, half of it exactly, the customer's zip head): what the rules read of a card."""
-    return card.credit_limit, card.credit_limit / 2, zip_head(card.customer_zip)
+#: What the rules read of a card: (credit limit, half of it exactly, the owner's zip head, the limit in integer
+#: cents or None when it is not whole cents).
+CardTerms = tuple[Decimal, Decimal, str | None, int | None]
+
+
+def _terms(card: CardProfile) -> CardTerms:
+    limit = card.credit_limit
+    return limit, limit / 2, zip_head(card.customer_zip), to_cents(limit)
 
 
 def decline_reason(amount: Decimal, location: str, card: CardProfile, pending_balance: Decimal) -> str | None:
     """The first rule the transaction fails, in SPEC order, or ``None`` when it may go pending."""
-    return _decline_reason(amount, zip_head(zip_of(location)), *_terms(card), pending_balance)
+    return _decline_reason(amount, zip_head(zip_of(location)), *_terms(card)[:3], pending_balance)
 
 
 def decide(tx: Transaction, card: CardProfile, pending_balance: Decimal) -> Decision:
@@ -105,10 +111,9 @@ class Authorizer:
     def knows(self, card_id: int) -> bool:
         return card_id in self._terms
 
-    def card_terms(self, card_id: int) -> tuple[Decimal, Decimal, str | None] | None:
-        """What ``card_id`` is judged by now: ``(credit limit, half of it, the owner's zip head)``, the same tuple
-        until its terms change (:meth:`adopt`, a new load); None for a card not known."""
-        return self._terms.get(card_id)
+    def terms_of(self, card_ids: Iterable[int]) -> list[CardTerms | None]:
+        """What each card of ``card_ids`` is judged by now (:data:`CardTerms`); None for a card not known."""
+        return list(map(self._terms.get, card_ids))
 
     def limit_of(self, card_id: int) -> Decimal:
         """The credit limit ``card_id`` is judged against now."""
@@ -150,7 +155,7 @@ class Authorizer:
         terms = self._terms.get(card_id)
         if terms is None:
             return None
-        limit, half_limit, customer_zip_head = terms
+        limit, half_limit, customer_zip_head, _ = terms
         balance = self.balances[card_id]
         heads = self._zip_heads
         head = heads.get(location, _UNSEEN)

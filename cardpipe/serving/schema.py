@@ -205,7 +205,9 @@ stream_checkpoint_log = Table(
 card_states = Table(
     "card_states",
     metadata,
-    Column("card_id", BigInteger, primary_key=True, autoincrement=False),
+    # BigId: on SQLite the table's own key (INTEGER PRIMARY KEY), so that each checkpoint's upsert of its cards
+    # finds and writes one b-tree instead of a key index and the table beside it.
+    Column("card_id", BigId, primary_key=True, autoincrement=False),
     _money("pending_balance", nullable=True),  # NULL: a card the serving data does not know
     # How many of the card's decisions so far are pending (settled or not): with a settlement's count per card
     # (settled_cards.settled_count) it gives the card view's pending count without reading the decisions.

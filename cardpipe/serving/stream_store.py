@@ -100,7 +100,7 @@ def _driver_columns(columns: DecidedColumns, seqs: Mapping[int, int], dialect: s
         return None
     if dialect == "sqlite":
         stamps: Sequence[str] = [stamp + ".000000" for stamp in columns.timestamp]
-        amounts: Sequence[Any] = list(map(float, columns.amount))
+        amounts: Sequence[Any] = list(map(float, columns.amount))  # the nearest double, as float(Decimal(text))
     else:
         stamps, amounts = columns.timestamp, columns.amount
     return [
@@ -113,9 +113,9 @@ def _driver_columns(columns: DecidedColumns, seqs: Mapping[int, int], dialect: s
         columns.transaction_type,
         columns.related_transaction_id,
         columns.status,
-        list(map(money, columns.pending_balance)),
+        money(columns.pending_balance),
         columns.decline_reason,
-        list(map(money, columns.credit_limit)),
+        money(columns.credit_limit),
         columns.partition,
         list(map(seqs.__getitem__, columns.partition)),
     ]
@@ -129,27 +129,30 @@ def _card_state_rows(batch: CheckpointBatch, dialect: Dialect) -> list[tuple[Any
     money = None if columns is None else _driver_money(dialect.name)
     if columns is None or money is None:
         return [(s.card_id, s.pending_balance, s.pending_added) for _, s in sorted(batch.card_state_rows().items())]
-    added = columns.card_pending_added
-    return [(c, money(b), added.get(c, 0)) for c, b in sorted(columns.card_balances.items())]
+    balances, added = columns.card_balances, columns.card_pending_added
+    cards = sorted(balances)
+    return list(
+        zip(cards, money(list(map(balances.__getitem__, cards))), map(added.get, cards, repeat(0)), strict=True)
+    )
 
 
-def _driver_money(dialect: str) -> Callable[[int], Any] | None:
-    """How the driver is given money held in cents, as the dialect stores the per-message path's ``Decimal``:
-    SQLite the nearest double (the Numeric bind processor's ``float``; cents / 100 is that double),
+def _driver_money(dialect: str) -> Callable[[list[int]], list[Any]] | None:
+    """How the driver is given amounts of money held in cents, as the dialect stores the per-message path's
+    ``Decimal``: SQLite the nearest double (the Numeric bind processor's ``float``; cents / 100 is that double),
     MySQL/MariaDB the decimal text; None for another dialect."""
     if dialect == "sqlite":
-        return _cents_as_float
+        return _cents_as_floats
     if dialect in ("mysql", "mariadb"):
-        return _cents_as_text
+        return _cents_as_texts
     return None
 
 
-def _cents_as_float(cents: int) -> float:
-    return cents / 100
+def _cents_as_floats(cents: list[int]) -> list[float]:
+    return [c / 100 for c in cents]
 
 
-def _cents_as_text(cents: int) -> str:
-    return str(from_cents(cents))
+def _cents_as_texts(cents: list[int]) -> list[str]:
+    return [str(from_cents(c)) for c in cents]
 
 
 _rejection_values = itemgetter(*REJECTION_COLUMNS)

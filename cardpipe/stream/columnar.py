@@ -37,10 +37,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from itertools import compress
-from typing import TYPE_CHECKING, Any
+from itertools import compress, repeat
+from operator import is_, itemgetter
+from typing import TYPE_CHECKING, Any, cast
 
-from cardpipe.domain.authorization import Authorizer, zip_head, zip_of
+from cardpipe.domain.authorization import Authorizer, CardTerms, zip_head, zip_of
 from cardpipe.domain.checks import TRANSACTION_TYPES
 from cardpipe.domain.money import from_cents, to_cents
 from cardpipe.domain.records import (
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 #: Longest message this path reads (the codec's fast path reads longer ones only after a nesting check).
 MAX_BYTES = 1024
+_BLOCK_BYTES = 1 << 19  # of a batch, that Arrow reads on one of its threads (more than a message: MAX_BYTES)
 _REQUIRED = ("transaction_id", "card_id", "merchant_name", "timestamp", "amount", "location", "transaction_type")
 _FORBIDDEN = "[\\x00-\\x1f\\x7f-\\x9f]"  # checks.FORBIDDEN_IN_TEXT but the surrogates, which Arrow's UTF-8 cannot hold
 _TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -74,6 +76,7 @@ _FIRST_SECOND = -62135596800  # 0001-01-01 00:00:00 in seconds since the epoch
 _PLAIN_CENTS = r"^-?[0-9]{1,10}\.[0-9]{2}$"  # money's fast path (its Decimal is the exact text)
 _LAST_WORD = r"(?P<word>[^ ]+) *$"  # an ASCII location's only whitespace is the space (the rest are controls)
 _REASONS = (AMOUNT_OVER_HALF_LIMIT, LOCATION_TOO_FAR, OVER_CREDIT_LIMIT)
+_third, _fourth = itemgetter(2), itemgetter(3)  # of a card's terms: its owner's zip head, its limit in cents
 
 
 def available() -> bool:
@@ -202,7 +205,6 @@ class ColumnarDecider:
         # per-message path decides (:meth:`hand_back`), and forget them after it did (:meth:`forget`).
         self._balances: dict[int, int] = {}
         self._moved: set[int] = set()
-        self._limits: dict[int, tuple[Any, int]] = {}  # card -> (the authorizer's terms, their limit in cents)
 
     def hand_back(self, authorizer: Authorizer) -> None:
         """Write the balances this path moved into ``authorizer`` (before it decides a message itself)."""
@@ -220,7 +222,7 @@ class ColumnarDecider:
         if self._parse is None:
             if pa is None:
                 return False
-            self._read = pa_json.ReadOptions(use_threads=False, block_size=1 << 26)
+            self._read = pa_json.ReadOptions(use_threads=True, block_size=_BLOCK_BYTES)
             self._types = pa.array(sorted(TRANSACTION_TYPES), pa.string())
             self._parse = pa_json.ParseOptions(explicit_schema=_wire_schema(), unexpected_field_behavior="error")
         return True
@@ -233,15 +235,16 @@ class ColumnarDecider:
         if not values or set(map(type, values)) != {bytes} or max(map(len, values)) > MAX_BYTES:
             return None
         joined = b"\n".join(values)
+        ascii_ = joined.isascii()
         if (
             joined.count(b"\n") != len(values) - 1
             or b"\\u" in joined
             or b"\xef\xbb\xbf" in joined
-            or not joined.isascii()
+            or not ascii_
             and not _is_utf8(joined)
         ):
             return None
-        try:
+        try:  # a large batch in blocks read on Arrow's threads, the table's rows in the messages' order
             table = pa_json.read_json(pa.BufferReader(joined), read_options=self._read, parse_options=self._parse)
         except pa.ArrowException:  # not this path's: the per-message path says why
             return None
@@ -250,19 +253,28 @@ class ColumnarDecider:
         table = table.combine_chunks()
         if any(table.column(name).null_count for name in _REQUIRED):
             return None
-        return table if self._well_formed(table) else None
+        # JSON holds no control character unescaped (Arrow's reader refuses them): with no escape and no DEL, an
+        # ASCII batch's texts hold none.
+        plain = ascii_ and b"\\" not in joined and b"\x7f" not in joined
+        return table if self._well_formed(table, ascii_=ascii_, plain=plain) else None
 
-    def _well_formed(self, t: Any) -> bool:
+    def _well_formed(self, t: Any, *, ascii_: bool, plain: bool) -> bool:
+        """The codec's checks of the fields, as kernels. ``ascii_``: every text is ASCII (its length is its bytes');
+        ``plain``: no text holds a control character either."""
         tid, cid, rel = t.column("transaction_id"), t.column("card_id"), t.column("related_transaction_id")
         merchant, location, stamp = t.column("merchant_name"), t.column("location"), t.column("timestamp")
+        length = pc.binary_length if ascii_ else pc.utf8_length
         if (
             pc.min(tid).as_py() <= 0
             or pc.min(cid).as_py() <= 0
             or (rel.null_count < len(rel) and pc.min(rel).as_py() <= 0)
-            or pc.max(pc.utf8_length(merchant)).as_py() > 255
-            or pc.max(pc.utf8_length(location)).as_py() > 512
-            or pc.any(pc.match_substring_regex(merchant, _FORBIDDEN)).as_py()
-            or pc.any(pc.match_substring_regex(location, _FORBIDDEN)).as_py()
+            or pc.max(length(merchant)).as_py() > 255
+            or pc.max(length(location)).as_py() > 512
+            or not plain
+            and (
+                pc.any(pc.match_substring_regex(merchant, _FORBIDDEN)).as_py()
+                or pc.any(pc.match_substring_regex(location, _FORBIDDEN)).as_py()
+            )
             or not pc.all(pc.is_in(t.column("transaction_type"), value_set=self._types)).as_py()
             or not pc.all(pc.match_substring_regex(stamp, _TIMESTAMP_SHAPE)).as_py()
             or not pc.all(pc.match_substring_regex(t.column("amount"), _PLAIN_CENTS)).as_py()
@@ -291,72 +303,47 @@ class ColumnarDecider:
         """Decide the batch ``table`` (from :meth:`read`; its card and transaction ids as lists, and each message's
         partition) with ``authorizer``'s cards and running balances, which it updates; None (and nothing changed)
         when a card is unknown or its money is not whole cents."""
-        distinct = dict.fromkeys(card_ids)
-        balances, limits_memo = self._balances, self._limits
-        terms: dict[int, tuple[int, str | None]] = {}
-        start: dict[int, int] = {}
-        for card_id in distinct:
-            card = authorizer.card_terms(card_id)
-            if card is None:
-                return None
-            known = limits_memo.get(card_id)
-            if known is None or known[0] is not card:
-                limit_cents = to_cents(card[0])
-                if limit_cents is None:
-                    return None
-                known = limits_memo[card_id] = (card, limit_cents)
-            terms[card_id] = (known[1], card[2])
-            balance = balances.get(card_id)
-            if balance is None:
-                balance = to_cents(authorizer.balances[card_id])
-                if balance is None:
-                    return None
-            start[card_id] = balance
         n = len(card_ids)
-        per_row = list(map(terms.__getitem__, card_ids))
-        limits: list[int] = [t[0] for t in per_row]
-        before = list(map(start.__getitem__, card_ids))
+        found = authorizer.terms_of(card_ids)
+        if None in found:
+            return None
+        terms = cast(list[CardTerms], found)
+        limits: list[int] = list(map(_fourth, terms))
+        if None in limits:  # a limit that is not whole cents
+            return None
+        before: list[int | None] = list(map(self._balances.get, card_ids))
+        if None in before:
+            for i, balance in enumerate(before):
+                if balance is None:
+                    before[i] = to_cents(authorizer.balances[card_ids[i]])
+                    if before[i] is None:
+                        return None
         amount_text = table.column("amount")
         cents = pc.cast(pc.replace_substring(amount_text, ".", ""), pa.int64())
         location = table.column("location")
-        merchant_heads = self._merchant_heads(location)
-        customer_heads = pa.array([t[1] for t in per_row], pa.string())
-        limit_col = pa.array(limits, pa.int64())
+        limit_col, before_col = pa.array(limits, pa.int64()), pa.array(before, pa.int64())
         half = pc.greater_equal(pc.multiply(pc.abs(cents), 2), limit_col)
-        far = pc.invert(pc.fill_null(pc.equal(customer_heads, merchant_heads), False))
-        over = pc.greater(pc.add(pa.array(before, pa.int64()), cents), limit_col)
-        reasons: list[str | None] = pc.case_when(pc.make_struct(half, far, over), *_REASONS).to_pylist()
-        amounts: list[int] = cents.to_pylist()
-        balances = start  # from here on: as they run
-        after = [0] * n
-        # Only when a card comes more than once are the first two rules read back, for its later transactions.
-        halves, fars = (half.to_pylist(), far.to_pylist()) if len(distinct) < n else ((), ())
-        seen: set[int] = set()
-        for i, card_id in enumerate(card_ids):
-            if card_id in seen:  # a later transaction of the card: judged on the balance as it runs
-                reasons[i] = (
-                    AMOUNT_OVER_HALF_LIMIT
-                    if halves[i]
-                    else LOCATION_TOO_FAR
-                    if fars[i]
-                    else OVER_CREDIT_LIMIT
-                    if balances[card_id] + amounts[i] > limits[i]
-                    else None
-                )
-            else:
-                seen.add(card_id)
-            if reasons[i] is None:
-                balances[card_id] += amounts[i]
-            after[i] = balances[card_id]
-        pending = [r is None for r in reasons]
-        pending_added = Counter(compress(card_ids, pending))
-        counts: Counter[str] = Counter(f"{DECLINED}:{r}" for r in reasons if r is not None)
-        declined = n - sum(pending)
-        if n - declined:
-            counts[PENDING] = n - declined
-        if declined:
-            counts[DECLINED] = declined
-        self._balances.update(balances)
+        customer_heads = pa.array(list(map(_third, terms)), pa.string())
+        far = pc.invert(pc.fill_null(pc.equal(customer_heads, self._merchant_heads(location)), False))
+        over = pc.greater(pc.add(before_col, cents), limit_col)
+        reason_col = pc.case_when(pc.make_struct(half, far, over), *_REASONS)
+        # Each transaction judged on its card's balance before the batch, and the balance after it ...
+        reasons: list[str | None] = reason_col.to_pylist()
+        after: list[int] = pc.if_else(pc.is_null(reason_col), pc.add(before_col, cents), before_col).to_pylist()
+        card_balances = dict(zip(card_ids, after, strict=True))
+        if len(card_balances) < n:  # ... which holds for each card's first; its later ones go one by one, in order
+            self._judge_repeats(card_ids, reasons, after, limits, cents.to_pylist(), half, far)
+            card_balances = dict(zip(card_ids, after, strict=True))
+        status = [DECLINED if reason else PENDING for reason in reasons]
+        pending_added = Counter(compress(card_ids, map(is_, reasons, repeat(None))))
+        by_reason = Counter(reasons)
+        pending = by_reason.pop(None, 0)
+        counts: Counter[str] = Counter({f"{DECLINED}:{reason}": k for reason, k in by_reason.items()})
+        if pending:
+            counts[PENDING] = pending
+        if n - pending:
+            counts[DECLINED] = n - pending
+        self._balances.update(card_balances)
         self._moved.update(pending_added)
         columns = DecidedColumns(
             transaction_id=transaction_ids,
@@ -367,15 +354,48 @@ class ColumnarDecider:
             location=location.to_pylist(),
             transaction_type=t_list(table, "transaction_type"),
             related_transaction_id=t_list(table, "related_transaction_id"),
-            status=[PENDING if p else DECLINED for p in pending],
+            status=status,
             pending_balance=after,
             decline_reason=reasons,
             credit_limit=limits,
             partition=partitions,
-            card_balances=balances,
+            card_balances=card_balances,
             card_pending_added=pending_added,
         )
         return ColumnarOutcome(columns, counts)
+
+    @staticmethod
+    def _judge_repeats(
+        card_ids: list[int],
+        reasons: list[str | None],
+        after: list[int],
+        limits: list[int],
+        amounts: list[int],
+        half: Any,
+        far: Any,
+    ) -> None:
+        """Judge again, in order, the transactions of cards that come more than once in the batch (all but each
+        card's first) on the balance as it runs: ``reasons`` and ``after`` are updated in place."""
+        times = Counter(card_ids)
+        rows = [i for i, card_id in enumerate(card_ids) if times[card_id] > 1]
+        halves, fars = half.to_pylist(), far.to_pylist()
+        running: dict[int, int] = {}
+        for i in rows:
+            card_id = card_ids[i]
+            balance = running.get(card_id)
+            if balance is not None:  # a later transaction of the card
+                reason = (
+                    AMOUNT_OVER_HALF_LIMIT
+                    if halves[i]
+                    else LOCATION_TOO_FAR
+                    if fars[i]
+                    else OVER_CREDIT_LIMIT
+                    if balance + amounts[i] > limits[i]
+                    else None
+                )
+                reasons[i] = reason
+                after[i] = balance + amounts[i] if reason is None else balance
+            running[card_id] = after[i]
 
     def _merchant_heads(self, location: Any) -> Any:
         """Each location's zip head (:func:`~cardpipe.domain.authorization.zip_head` of its last word): by kernels

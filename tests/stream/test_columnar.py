@@ -102,7 +102,7 @@ def test_real_dates_and_other_scripts_are_taken() -> None:
 CARD_IDS = (1, 2, 3, 4, 5)
 ZIPS = ("11513", "12345", "20001", "1234", None, "A2345")
 LOCATIONS = ("x, NY 11777", "y 20002", "z 1234", "Zürich 11011", "Zürich\u00a012345", "a b", "", "q  29999  ", "12345")
-AMOUNTS = ("0.01", "-0.00", "12.34", "333.33", "500.00", "499.99", "-75.25", "2500.00", "9999999999.99")
+AMOUNTS = ("0.01", "-0.00", "12.34", "250.00", "333.33", "500.00", "499.99", "-75.25", "2500.00", "9999999999.99")
 
 
 @st.composite
@@ -216,6 +216,24 @@ def test_well_formed_batches_are_taken_and_decided_as_one_by_one() -> None:
     assert checkpoint(got) == checkpoint(expected)
     # Each card's three transactions in the batch, 1,199.99 in all against 1,000.00: its third goes over the limit.
     assert +got.counts == {"pending": 10, "declined": 5, "declined:over_credit_limit": 5}
+
+
+def test_a_later_transaction_reaching_the_limit_exactly_goes_pending() -> None:
+    """The over-limit rule is ``pending + amount > limit``, for a card's later transactions in a batch too."""
+    cards = {c: CardProfile(c, D("1000.00"), "11513") for c in CARD_IDS}
+    balances = dict.fromkeys(CARD_IDS, D("0.00"))
+    amounts = [(1, "400.00"), (2, "100.00"), (1, "400.00"), (1, "200.00"), (1, "0.01"), (1, "-0.01"), (1, "0.01")]
+    values = [
+        encode_transaction(Transaction(t, card, "M", datetime(2025, 4, 1), D(a), "x 11000", "purchase"))[1]
+        for t, (card, a) in enumerate(amounts, 1)
+    ]
+    per_message = StreamProcessor("t", cards, balances, lambda ids: {})
+    by_columns = StreamProcessor("t", cards, balances, lambda ids: {}, columnar=True)
+    messages = [RawMessage(0, i, None, v, None) for i, v in enumerate(values)]
+    expected, got = per_message.process(messages), by_columns.process(messages)
+    assert got.columns is not None and checkpoint(got) == checkpoint(expected)
+    assert got.columns.status == ["pending", "pending", "pending", "pending", "declined", "pending", "pending"]
+    assert got.columns.card_balances == {1: 100_000, 2: 10_000}
 
 
 def test_the_setting_chooses_the_path() -> None:
