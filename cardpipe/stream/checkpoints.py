@@ -104,7 +104,7 @@ def checkpoint_log_row(batch: CheckpointBatch, topic: str, owner: str, committed
     dashboard and the metrics read of the stream's history."""
     counts = batch.counts
     reasons = {key: n for key, n in sorted(counts.items()) if ":" in key}  # "declined:<reason>", "rejected:<reason>"
-    latencies = sorted(committed_ms - t for t in batch.publish_times_ms)
+    latencies = sorted(map(committed_ms.__sub__, batch.publish_times_ms))  # committed_ms - t, in C
     return {
         "topic": topic,
         "owner": owner,

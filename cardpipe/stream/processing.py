@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
+from itertools import compress, repeat
+from operator import is_not, itemgetter
 from typing import NamedTuple
 
 from cardpipe.domain.authorization import Authorizer
@@ -33,6 +35,9 @@ class RawMessage(NamedTuple):
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None = None
+
+
+_partition, _offset, _value, _timestamp = itemgetter(0), itemgetter(1), itemgetter(3), itemgetter(4)  # of a RawMessage
 
 
 class StreamProcessor:
@@ -166,7 +171,7 @@ class StreamProcessor:
         message of another shape, an unknown card, or a transaction twice in the batch or decided before (a
         redelivery: the per-message path tells a duplicate from a conflict)."""
         assert self.columnar is not None
-        table = self.columnar.read([m.value for m in messages])
+        table = self.columnar.read(list(map(_value, messages)))
         if table is None:
             return None
         card_ids, transaction_ids = table.column("card_id").to_pylist(), table.column("transaction_id").to_pylist()
@@ -175,13 +180,15 @@ class StreamProcessor:
         self.cards_loaded += self.authorizer.prepare(card_ids)
         if self.lookup(transaction_ids):
             return None
-        partitions = [m.partition for m in messages]
+        partitions = list(map(_partition, messages))
         outcome = self.columnar.decide(table, card_ids, transaction_ids, partitions, self.authorizer)
         if outcome is None:
             return None
         batch = CheckpointBatch(settlement_id=self.settlement_id, columns=outcome.columns)
-        batch.next_offsets = {m.partition: m.offset + 1 for m in messages}
-        batch.publish_times_ms = [m.timestamp_ms for m in messages if m.timestamp_ms is not None]
+        last_offsets = dict(zip(partitions, map(_offset, messages), strict=True))  # each partition's last
+        batch.next_offsets = {p: offset + 1 for p, offset in last_offsets.items()}
+        stamps = list(map(_timestamp, messages))
+        batch.publish_times_ms = list(compress(stamps, map(is_not, stamps, repeat(None))))
         batch.counts.update(outcome.counts)
         return batch
 
