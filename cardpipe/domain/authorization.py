@@ -125,7 +125,8 @@ class Authorizer:
         if self._load is None:
             return 0
         terms, unknown = self._terms, self._unknown
-        missing = [c for c in set(card_ids) if c not in terms and c not in unknown]
+        # One argument each: a set's difference with a dict or set looks its own members up (not the other's).
+        missing = sorted(set(card_ids).difference(terms).difference(unknown))
         if not missing:
             return 0
         found = self._load(missing)

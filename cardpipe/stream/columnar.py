@@ -332,7 +332,7 @@ class ColumnarDecider:
         after: list[int] = pc.if_else(pc.is_null(reason_col), pc.add(before_col, cents), before_col).to_pylist()
         card_balances = dict(zip(card_ids, after, strict=True))
         if len(card_balances) < n:  # ... which holds for each card's first; its later ones go one by one, in order
-            self._judge_repeats(card_ids, reasons, after, limits, cents.to_pylist(), half, far)
+            self._judge_repeats(table.column("card_id"), reasons, after, limits, cents, half, far)
             card_balances = dict(zip(card_ids, after, strict=True))
         status = [DECLINED if reason else PENDING for reason in reasons]
         pending_added = Counter(compress(card_ids, map(is_, reasons, repeat(None))))
@@ -366,35 +366,36 @@ class ColumnarDecider:
 
     @staticmethod
     def _judge_repeats(
-        card_ids: list[int],
+        card_column: Any,
         reasons: list[str | None],
         after: list[int],
         limits: list[int],
-        amounts: list[int],
+        amounts: Any,
         half: Any,
         far: Any,
     ) -> None:
         """Judge again, in order, the transactions of cards that come more than once in the batch (all but each
         card's first) on the balance as it runs: ``reasons`` and ``after`` are updated in place."""
-        times = Counter(card_ids)
-        rows = [i for i, card_id in enumerate(card_ids) if times[card_id] > 1]
-        halves, fars = half.to_pylist(), far.to_pylist()
+        seen = pc.value_counts(card_column)
+        repeated = pc.filter(seen.field("values"), pc.greater(seen.field("counts"), 1))
+        rows = pc.indices_nonzero(pc.is_in(card_column, value_set=repeated))
+        card_ids, amounts_, halves, fars = (pc.take(c, rows).to_pylist() for c in (card_column, amounts, half, far))
         running: dict[int, int] = {}
-        for i in rows:
-            card_id = card_ids[i]
+        for k, i in enumerate(rows.to_pylist()):
+            card_id = card_ids[k]
             balance = running.get(card_id)
             if balance is not None:  # a later transaction of the card
                 reason = (
                     AMOUNT_OVER_HALF_LIMIT
-                    if halves[i]
+                    if halves[k]
                     else LOCATION_TOO_FAR
-                    if fars[i]
+                    if fars[k]
                     else OVER_CREDIT_LIMIT
-                    if balance + amounts[i] > limits[i]
+                    if balance + amounts_[k] > limits[i]
                     else None
                 )
                 reasons[i] = reason
-                after[i] = balance + amounts[i] if reason is None else balance
+                after[i] = balance + amounts_[k] if reason is None else balance
             running[card_id] = after[i]
 
     def _merchant_heads(self, location: Any) -> Any:

@@ -458,7 +458,7 @@ def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int) -> 
     if batch.publish_times_ms:
         decided_ms = time.time() * 1000
         if len(summary.latencies_ms) < MAX_LATENCY_SAMPLES:  # bounded memory on long runs
-            summary.latencies_ms.extend(map(decided_ms.__rsub__, batch.publish_times_ms))  # decided_ms - t
+            summary.latencies_ms.extend(map(decided_ms.__sub__, batch.publish_times_ms))  # decided_ms - t, in C
 
 
 def log_end_offsets(
