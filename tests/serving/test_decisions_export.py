@@ -5,6 +5,7 @@ carriage return quoted too, money with two decimals, ``YYYY-MM-DD HH:MM:SS``, NU
 from __future__ import annotations
 
 import os
+import re
 import signal
 from datetime import datetime
 from decimal import Decimal as D
@@ -216,7 +217,9 @@ def test_the_export_process_follows_the_table_and_writes_it_from_its_copy(tmp_pa
                 conn.execute(schema.stream_transactions.insert(), rows[50:])
             assert process.export_table_csv("stream_transactions", STREAM_COLUMNS, "transaction_id", path) == 60
             assert path.read_bytes() == expected_bytes(rows)
-            assert "stream_transactions written from its copy: 60 rows, 10 read when asked" in capfd.readouterr().err
+            # The last 10 rows are read when the file is asked for, unless the copy caught up with them first.
+            err = capfd.readouterr().err
+            assert re.search(r"stream_transactions written from its copy: 60 rows, (10|0) read when asked", err), err
             with engine.begin() as conn:
                 conn.execute(schema.stream_transactions.delete().where(schema.stream_transactions.c.card_id == 1))
             kept = [row for row in rows if row["card_id"] != 1]
