@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -539,5 +540,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The ``cardpipe`` executable: :func:`main`, then the exit. ``gc.freeze()`` first: the interpreter's last
+    collections at shutdown then skip every object alive, which takes them a tenth of a second once SQLAlchemy
+    is imported; nothing is lost (they run no finalizer that the exit itself does not)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

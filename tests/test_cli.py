@@ -351,3 +351,19 @@ def test_the_workers_server_imports_ahead_all_of_cardpipe_a_worker_job_names(tmp
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_executable_exits_with_mains_status_and_the_collector_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cardpipe`` (``cli.run``) exits with what the command returned, every object frozen first so that the
+    interpreter's shutdown does not collect them all once more."""
+    import gc
+
+    monkeypatch.setattr(cli, "main", lambda argv=None: 3)
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.run()
+        assert exited.value.code == 3
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
