@@ -330,10 +330,9 @@ class ColumnarDecider:
         # Each transaction judged on its card's balance before the batch, and the balance after it ...
         reasons: list[str | None] = reason_col.to_pylist()
         after: list[int] = pc.if_else(pc.is_null(reason_col), pc.add(before_col, cents), before_col).to_pylist()
-        card_balances = dict(zip(card_ids, after, strict=True))
-        if len(card_balances) < n:  # ... which holds for each card's first; its later ones go one by one, in order
+        if len(set(card_ids)) < n:  # ... which holds for each card's first; its later ones go one by one, in order
             self._judge_repeats(table.column("card_id"), reasons, after, limits, cents, half, far)
-            card_balances = dict(zip(card_ids, after, strict=True))
+        card_balances = dict(zip(card_ids, after, strict=True))  # each card's last
         status = [DECLINED if reason else PENDING for reason in reasons]
         pending_added = Counter(compress(card_ids, map(is_, reasons, repeat(None))))
         by_reason = Counter(reasons)
