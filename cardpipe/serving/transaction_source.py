@@ -16,6 +16,7 @@ from sqlalchemy.types import NullType
 from cardpipe.domain.records import TRANSACTION_COLUMNS, Transaction
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import exported_text, read_typed_rows
+from cardpipe.serving.driver_query import DriverQuery
 from cardpipe.stream.codec import encode_fields
 
 
@@ -111,17 +112,14 @@ def messages_from_database(
     raw = NullType()  # no result processor: the driver's own value
     rendered_columns = _rendered_by_database(engine.dialect.name)
     if rendered_columns is not None:
-        query = _in_publish_order(*rendered_columns, only_undecided=only_undecided)
+        query = DriverQuery(_in_publish_order(*rendered_columns, only_undecided=only_undecided))
         with engine.connect() as conn:
-            rendered = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
-            for partition in rendered.partitions():
-                yield from partition  # rows of two bytes values
+            yield from query.rows(conn, chunk=chunk)  # rows of two bytes values
         return
     columns = [type_coerce(c, raw) if c.name in ("timestamp", "amount") else c for c in t.columns]
-    query = _in_publish_order(*columns, only_undecided=only_undecided)
+    query = DriverQuery(_in_publish_order(*columns, only_undecided=only_undecided))
     with engine.connect() as conn:
-        rows = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
-        for tid, cid, merchant, stamp, amount, location, kind, related in rows:
+        for tid, cid, merchant, stamp, amount, location, kind, related in query.rows(conn, chunk=chunk):
             yield encode_fields(
                 tid, cid, merchant, _timestamp_text(stamp), _money_text(amount), location, kind, related
             )

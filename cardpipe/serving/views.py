@@ -15,7 +15,6 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, Select, and_, bindparam, func, select
-from sqlalchemy.exc import DBAPIError
 
 from cardpipe.domain.money import CENT
 from cardpipe.domain.records import (
@@ -28,6 +27,7 @@ from cardpipe.domain.records import (
     response_code,
 )
 from cardpipe.serving import schema
+from cardpipe.serving.driver_query import DriverQuery
 
 __all__ = [
     "MAX_ID",
@@ -175,49 +175,7 @@ def _card_query() -> Select:
     )
 
 
-class _DriverQuery:
-    """A Core statement compiled once per dialect and run on the driver's own cursor.
-
-    For the card view, the hot path of the API: SQLAlchemy's execution layer (result objects, type processors)
-    costs more than the indexed query itself there. The statement binds only integers and plain strings (no
-    bind processors to apply); values come back as the driver gives them (:func:`_money` converts).
-    """
-
-    def __init__(self, statement: Select) -> None:
-        self.statement = statement
-        self.keys = [str(column.key) for column in statement.selected_columns]
-        self._compiled: dict[tuple[str, str, str], tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
-
-    def first(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any] | None:
-        dialect = conn.dialect
-        key = (dialect.name, dialect.driver, dialect.paramstyle)
-        entry = self._compiled.get(key)
-        if entry is None:
-            compiled = self.statement.compile(dialect=dialect)
-            order = tuple(compiled.positiontup or ()) if dialect.positional else None
-            entry = self._compiled[key] = (str(compiled), order, dict(compiled.construct_params(params)))
-        sql, order, constants = entry
-        values = {**constants, **params}
-        args = tuple(values[name] for name in order) if order is not None else values
-        dbapi_connection = conn.connection.dbapi_connection
-        driver_error = dialect.loaded_dbapi.Error
-        cursor = None
-        try:
-            cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
-            cursor.execute(sql, args)
-            row = cursor.fetchone()
-        except driver_error as exc:  # as SQLAlchemy's execution would: a DBAPIError, a dead connection discarded
-            lost = dialect.is_disconnect(exc, dbapi_connection, cursor)
-            if lost:
-                conn.invalidate(exc)
-            raise DBAPIError.instance(sql, args, exc, driver_error, connection_invalidated=lost) from exc
-        finally:
-            if cursor is not None:
-                cursor.close()
-        return None if row is None else dict(zip(self.keys, row, strict=True))
-
-
-_CARD = _DriverQuery(_card_query())
+_CARD = DriverQuery(_card_query())
 
 _CUSTOMER = (
     select(
