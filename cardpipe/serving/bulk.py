@@ -344,7 +344,23 @@ class BulkWriter:
             with _dbapi_cursor(conn, self.sql) as cursor:
                 self._mysql.execute_columns(cursor, values)
             return
-        self._execute(conn, list(zip(*(values if converted else self._processed(values)), strict=True)))
+        columns = values if converted else self._processed(values)
+        if self.rows_per_statement == 1:
+            self._execute(conn, list(zip(*columns, strict=True)))
+            return
+        # The multi-row statements' parameters, row after row, straight from the columns: one slice assignment
+        # per column instead of a tuple per row chained again.
+        width, count = len(columns), len(columns[0])
+        flat: list[Any] = [None] * (width * count)
+        for index, column in enumerate(columns):
+            flat[index::width] = column
+        step = self.rows_per_statement * width
+        whole = count // self.rows_per_statement * step
+        with _dbapi_cursor(conn, self.sql) as cursor:
+            for start in range(0, whole, step):
+                cursor.execute(self.multi_sql, flat[start : start + step])
+            if whole < len(flat):
+                cursor.executemany(self.sql, [flat[i : i + width] for i in range(whole, len(flat), width)])
 
     def _execute(self, conn: Connection, params: list[tuple[Any, ...]]) -> None:
         per_statement = self.rows_per_statement
