@@ -121,19 +121,23 @@ def _driver_columns(columns: DecidedColumns, seqs: Mapping[int, int], dialect: s
     ]
 
 
-def _card_state_rows(batch: CheckpointBatch, dialect: Dialect) -> list[tuple[Any, ...]]:
-    """``batch``'s ``card_states`` rows, sorted by card (concurrent workers lock rows in one order: no deadlocks).
-    A batch decided column by column gives its balances in cents: SQLite takes them as the nearest double (the
-    Numeric type's own conversion of the ``Decimal``), MySQL/MariaDB as text."""
+def _card_state_columns(batch: CheckpointBatch, dialect: Dialect) -> tuple[list[Sequence[Any]], bool]:
+    """``batch``'s ``card_states`` rows as columns (card, balance, pending added), sorted by card (concurrent
+    workers lock rows in one order: no deadlocks), and whether they are the driver's values already. A batch
+    decided column by column gives its balances in cents: SQLite takes them as the nearest double (the Numeric
+    type's own conversion of the ``Decimal``), MySQL/MariaDB as text."""
     columns = batch.columns
     money = None if columns is None else _driver_money(dialect.name)
     if columns is None or money is None:
-        return [(s.card_id, s.pending_balance, s.pending_added) for _, s in sorted(batch.card_state_rows().items())]
+        states = sorted(batch.card_state_rows().items())
+        return [
+            [c for c, _ in states],
+            [s.pending_balance for _, s in states],
+            [s.pending_added for _, s in states],
+        ], False
     balances, added = columns.card_balances, columns.card_pending_added
     cards = sorted(balances)
-    return list(
-        zip(cards, money(list(map(balances.__getitem__, cards))), map(added.get, cards, repeat(0)), strict=True)
-    )
+    return [cards, money(list(map(balances.__getitem__, cards))), list(map(added.get, cards, repeat(0)))], True
 
 
 def _driver_money(dialect: str) -> Callable[[list[int]], list[Any]] | None:
@@ -450,13 +454,13 @@ class StreamStore:
         decided = _decision_columns(batch, seqs, self.engine.dialect)
         rejected = [_rejection_values(row) for row in batch.rejected]
         # Sorted keys: concurrent workers lock rows in one order (no deadlocks).
-        card_states = _card_state_rows(batch, self.engine.dialect)
+        card_states = _card_state_columns(batch, self.engine.dialect)
         offsets = [(self.topic, p, o, seqs[p]) for p, o in sorted(batch.next_offsets.items())]
         with self.engine.begin() as conn:
             if decided is not None:
                 self._decisions.write_columns(conn, decided[0], converted=decided[1])
             self._rejections.write(conn, rejected)
-            self._card_states.write(conn, card_states)
+            self._card_states.write_columns(conn, card_states[0], converted=card_states[1])
             self._offsets.write(conn, offsets)
             conn.execute(
                 schema.stream_checkpoint_log.insert(),
