@@ -81,9 +81,20 @@ def ours_produce(env: dict[str, str], work: Path, data: Path) -> dict[str, Any]:
     }
 
 
+def _worker_server(workers: int) -> None:
+    """As the ``cardpipe`` command does first thing with ``--workers`` above 1: the server the workers are forked
+    from, importing their modules meanwhile (without it they would be spawned, each importing them itself)."""
+    if workers > 1:
+        from cardpipe.childprocs import start_forkserver
+        from cardpipe.cli import _WORKER_MODULES
+
+        start_forkserver(_WORKER_MODULES)
+
+
 def ours_consume(
     env: dict[str, str], work: Path, data: Path, profile: Path | None = None, workers: int = 1
 ) -> dict[str, Any]:
+    _worker_server(workers)
     from cardpipe.orchestration import commands
     from cardpipe.stream.consumer import ConsumeOptions
 
@@ -108,6 +119,7 @@ def ours_consume(
 
 def ours_stream(env: dict[str, str], work: Path, data: Path, workers: int = 1) -> dict[str, Any]:
     """``commands.stream``: the producer (its own process) and the consumer(s) at once, as ``cardpipe run``."""
+    _worker_server(workers)
     from cardpipe.orchestration import commands
     from cardpipe.stream.broker import BrokerHandle
 
