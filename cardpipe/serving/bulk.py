@@ -14,7 +14,7 @@ PyMySQL's own ``escape`` on the connection before use; other values go through `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
@@ -22,7 +22,7 @@ from itertools import chain, repeat
 from operator import attrgetter, is_
 from typing import Any
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import ColumnElement, Connection, Select, Table, select
 from sqlalchemy.dialects.sqlite.base import DATETIME as SQLITE_DATETIME
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
@@ -373,18 +373,32 @@ class BulkWriter:
 
 
 class KeyReader:
-    """Read ``table``'s ``columns`` for many values of its integer ``key`` column, a chunk of keys per query."""
+    """Read ``table``'s ``columns`` for many values of its integer ``key`` column, a chunk of keys per query
+    (:meth:`of_select`: the columns of any SELECT without a WHERE clause, joins included)."""
 
     def __init__(self, dialect: Dialect, table: Table, columns: Sequence[str], key: str, *, chunk: int = 900):
-        self.columns = tuple(columns)
+        self._prepare(dialect, select(*(table.c[c] for c in columns)), table.c[key], chunk)
+
+    @classmethod
+    def of_select(
+        cls, dialect: Dialect, statement: Select[Any], key: ColumnElement[Any], *, chunk: int = 900
+    ) -> KeyReader:
+        """Read ``statement``'s columns for many values of ``key`` (one of its FROM clause's integer columns).
+        Its own values (not the keys) are compiled into the SQL: integers only."""
+        reader = cls.__new__(cls)
+        reader._prepare(dialect, statement, key, chunk)
+        return reader
+
+    def _prepare(self, dialect: Dialect, statement: Select[Any], key: ColumnElement[Any], chunk: int) -> None:
+        if statement.whereclause is not None:
+            raise ValueError("a KeyReader's statement has a WHERE clause of its own")
+        self.columns = tuple(str(column.key) for column in statement.selected_columns)
         self.chunk = chunk  # SQLite: stays under its bound-parameter limit
-        quote = dialect.identifier_preparer.quote
-        self._select = (
-            f"SELECT {', '.join(quote(c) for c in self.columns)} FROM {quote(table.name)} WHERE {quote(key)} IN "
-        )
+        compiled = statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+        self._select = f"{compiled} WHERE {key.compile(dialect=dialect)} IN "
         self._mark = "?" if dialect.paramstyle == "qmark" else "%s"
         self._dialect = dialect
-        self._types = [table.c[c].type for c in self.columns]
+        self._types = [column.type for column in statement.selected_columns]
         # PyMySQL inlines parameters as literals anyway; integers it writes as str(n): so do we, faster.
         self._inline_ints = dialect.name == "mysql" and dialect.driver == "pymysql"
 
@@ -407,9 +421,10 @@ class KeyReader:
                     for i, (type_, desc) in enumerate(zip(self._types, cursor.description, strict=True))
                     if (proc := type_._cached_result_processor(self._dialect, desc[1])) is not None  # noqa: SLF001
                 ]
-            for row in rows:
-                if procs:
-                    row = list(row)
-                    for index, proc in procs:
-                        row[index] = proc(row[index])
-                yield tuple(row)
+            if not procs:
+                yield from rows
+                continue
+            columns: list[Iterable[Any]] = list(zip(*rows, strict=True))
+            for index, proc in procs:  # a column at a time, at C speed
+                columns[index] = map(proc, columns[index])
+            yield from zip(*columns, strict=True)

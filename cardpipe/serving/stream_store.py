@@ -16,7 +16,7 @@ from itertools import repeat
 from operator import itemgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, select
+from sqlalchemy import Connection, Engine, and_, func, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
@@ -167,6 +167,20 @@ def is_transient(exc: DBAPIError) -> bool:
     return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
 
 
+def _card_reader(dialect: Dialect, settlement_id: int | None) -> KeyReader:
+    """Cards by id: each one's limit (settlement ``settlement_id``'s, else the original one), its owner's address
+    and its pending balance (checkpointed, else the card's current balance)."""
+    c, cu, st, sc = schema.cards, schema.customers, schema.card_states, schema.settled_cards
+    source = c.join(cu, c.c.customer_id == cu.c.customer_id).outerjoin(st, st.c.card_id == c.c.card_id)
+    limit: Any = c.c.credit_limit
+    if settlement_id is not None:
+        source = source.outerjoin(sc, and_(sc.c.card_id == c.c.card_id, sc.c.settlement_id == int(settlement_id)))
+        limit = func.coalesce(sc.c.credit_limit, c.c.credit_limit)
+    balance = func.coalesce(st.c.pending_balance, c.c.current_balance)
+    query = select(c.c.card_id, limit, cu.c.address, balance).select_from(source)
+    return KeyReader.of_select(dialect, query, c.c.card_id, chunk=_LOOKUP_CHUNK)
+
+
 def card_states_writer(dialect: Dialect) -> BulkWriter:
     """Upserts ``card_states`` rows (:data:`CARD_STATE_COLUMNS`): the balance replaced, the count of pending
     decisions added to the card's running count."""
@@ -205,6 +219,7 @@ class StreamStore:
         self._decided = KeyReader(
             dialect, schema.stream_transactions, TRANSACTION_COLUMNS, "transaction_id", chunk=_LOOKUP_CHUNK
         )
+        self._card_readers: dict[int | None, KeyReader] = {}
 
     def settlement_in_force(
         self, *, give_up_after: float = 300.0, sleep: Callable[[float], None] = time.sleep
@@ -402,25 +417,13 @@ class StreamStore:
         return found or {}
 
     def _load_cards(self, card_ids: list[int], settlement_id: int | None) -> dict[int, tuple[CardProfile, Decimal]]:
-        c, cu, st, sc = schema.cards, schema.customers, schema.card_states, schema.settled_cards
-        source = c.join(cu, c.c.customer_id == cu.c.customer_id).outerjoin(st, st.c.card_id == c.c.card_id)
-        limit: Any = c.c.credit_limit
-        if settlement_id is not None:
-            source = source.outerjoin(sc, and_(sc.c.card_id == c.c.card_id, sc.c.settlement_id == settlement_id))
-            limit = func.coalesce(sc.c.credit_limit, c.c.credit_limit)
-        balance = func.coalesce(st.c.pending_balance, c.c.current_balance)
-        query = (
-            select(c.c.card_id, limit, cu.c.address, balance)
-            .select_from(source)
-            .where(c.c.card_id.in_(bindparam("ids", expanding=True)))
-        )
-        ids = sorted(set(card_ids))
+        reader = self._card_readers.get(settlement_id)
+        if reader is None:  # one per settlement whose limits the consumer judges with
+            reader = self._card_readers[settlement_id] = _card_reader(self.engine.dialect, settlement_id)
         found: dict[int, tuple[CardProfile, Decimal]] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), _LOOKUP_CHUNK):
-                rows = conn.execute(query, {"ids": ids[start : start + _LOOKUP_CHUNK]}).all()
-                for card_id, credit_limit, address, pending_balance in rows:
-                    found[card_id] = (CardProfile(card_id, credit_limit, zip_of(address)), pending_balance)
+            for card_id, credit_limit, address, pending_balance in reader.read(conn, sorted(set(card_ids))):
+                found[card_id] = (CardProfile(card_id, credit_limit, zip_of(address)), pending_balance)
         return found
 
     def lookup_decided(
