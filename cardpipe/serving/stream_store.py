@@ -418,8 +418,9 @@ class StreamStore:
 
     def _load_cards(self, card_ids: list[int], settlement_id: int | None) -> dict[int, tuple[CardProfile, Decimal]]:
         reader = self._card_readers.get(settlement_id)
-        if reader is None:  # one per settlement whose limits the consumer judges with
-            reader = self._card_readers[settlement_id] = _card_reader(self.engine.dialect, settlement_id)
+        if reader is None:  # the settlement whose limits the consumer judges with: only the latest is kept
+            self._card_readers = {settlement_id: _card_reader(self.engine.dialect, settlement_id)}
+            reader = self._card_readers[settlement_id]
         found: dict[int, tuple[CardProfile, Decimal]] = {}
         with self.engine.connect() as conn:
             for card_id, credit_limit, address, pending_balance in reader.read(conn, sorted(set(card_ids))):
