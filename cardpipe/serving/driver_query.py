@@ -64,15 +64,14 @@ class DriverQuery:
     def _cursor(self, conn: Connection, sql: str, args: Any, *, streaming: bool) -> Iterator[Any]:
         """A cursor that has executed ``sql``; closed on leaving."""
         dbapi_connection: Any = conn.connection.dbapi_connection
-        cursor = None
+        with _driver_errors(conn, sql, args):
+            cursor = dbapi_connection.cursor(*_streaming_cursor(conn) if streaming else ())
         try:
             with _driver_errors(conn, sql, args, cursor):
-                cursor = dbapi_connection.cursor(*_streaming_cursor(conn) if streaming else ())
                 cursor.execute(sql, args)
             yield cursor
         finally:
-            if cursor is not None:
-                cursor.close()
+            cursor.close()
 
 
 def _streaming_cursor(conn: Connection) -> tuple[Any, ...]:
@@ -84,7 +83,7 @@ def _streaming_cursor(conn: Connection) -> tuple[Any, ...]:
 
 
 @contextmanager
-def _driver_errors(conn: Connection, sql: str, args: Any, cursor: Any) -> Iterator[None]:
+def _driver_errors(conn: Connection, sql: str, args: Any, cursor: Any = None) -> Iterator[None]:
     """A driver error as SQLAlchemy's execution would raise it: a DBAPIError, a dead connection discarded."""
     dialect = conn.dialect
     driver_error = dialect.loaded_dbapi.Error
