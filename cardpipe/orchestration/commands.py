@@ -34,6 +34,7 @@ from cardpipe.faults import crash_point
 from cardpipe.orchestration.locks import EXCLUSIVE, SHARED
 from cardpipe.orchestration.publisher import PublisherProcess, StreamStopped
 from cardpipe.orchestration.runtime import Runtime, open_stream_store
+from cardpipe.orchestration.undecided import UndecidedAhead
 from cardpipe.progress import Reporter, Stage, stage_of
 from cardpipe.serving import results as serving_results
 from cardpipe.serving import schema
@@ -335,7 +336,7 @@ def _export_lines(engine: Engine, path: Path) -> int:
 
 class _LinesAhead:
     """MySQL/MariaDB: :func:`_export_lines` on a thread of its own, begun when the topic is drained, while the
-    consumer counts what is undecided: both mostly wait for the server, which runs them side by side."""
+    consumer counts what is undecided."""
 
     def __init__(self, engine: Engine, path: Path) -> None:
         self.engine, self.path = engine, path
@@ -453,11 +454,21 @@ def _consume_to_the_end(
                 f"{left:,}",
             )
             total.counts["republished"] += _publish_undecided(rt, terminated)
+    # MySQL/MariaDB: the first leg's undecided are mostly counted while it decides its last messages.
+    mysql = engine.dialect.name in ("mysql", "mariadb")
+    ahead = UndecidedAhead(engine, rt.settings.kafka_topic, undecided) if undecided and mysql else None
     for round_ in range(MAX_FINISH_ROUNDS + 1):
-        total.add(_consume_leg(rt, store, options, workers, progress, None, should_stop, stage, deciding=deciding))
-        if drained is not None:
-            drained()
-        undecided = count_undecided(engine)
+        if ahead is not None:
+            ahead.start()
+        try:
+            total.add(_consume_leg(rt, store, options, workers, progress, None, should_stop, stage, deciding=deciding))
+            if drained is not None:
+                drained()
+            undecided = ahead.count() if ahead is not None else count_undecided(engine)
+        finally:
+            if ahead is not None:
+                ahead.close()
+        ahead = None  # a later leg's (after publishing again) counts afresh
         if not undecided:
             return total
         others = store.other_consumers()

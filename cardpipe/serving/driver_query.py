@@ -1,6 +1,7 @@
 """Core statements run on the driver's own cursor, for the few hot reads where SQLAlchemy's execution layer
 (its result objects, a ``Row`` per row, type processors) costs more than the query itself: the API's card view
-(one row) and the messages ``produce`` publishes (every transaction, already rendered by the database).
+(one row), the messages ``produce`` publishes (every transaction, already rendered by the database) and the lines
+of ``stream_transactions.csv`` on MySQL/MariaDB (rendered by the server too).
 
 The statement is compiled once per dialect by SQLAlchemy; it must bind only integers and plain strings (no bind
 processors to apply), and its values come back as the driver gives them. Driver errors become SQLAlchemy's
@@ -37,6 +38,11 @@ class DriverQuery:
     def rows(self, conn: Connection, params: Mapping[str, Any] | None = None, *, chunk: int) -> Iterator[Any]:
         """Every row as the driver's tuple, fetched ``chunk`` at a time: without holding the whole result (a
         server-side cursor on MySQL/MariaDB; SQLite's cursor steps as rows are fetched)."""
+        for rows in self.chunks(conn, params, chunk=chunk):
+            yield from rows
+
+    def chunks(self, conn: Connection, params: Mapping[str, Any] | None = None, *, chunk: int) -> Iterator[list[Any]]:
+        """:meth:`rows` a list of up to ``chunk`` rows at a time, as the driver fetched them."""
         sql, args = self._prepared(conn, params)
         with self._cursor(conn, sql, args, streaming=True) as cursor:
             fetch = cursor.fetchmany
@@ -45,7 +51,17 @@ class DriverQuery:
                     rows = fetch(chunk)
                 if not rows:
                     return
-                yield from rows
+                yield list(rows)
+
+    def rendered(self, conn: Connection, params: Mapping[str, Any] | None = None) -> str:
+        """The statement's text with its values quoted in, exactly as PyMySQL sends it (MySQL/MariaDB)."""
+        sql, args = self._prepared(conn, params)
+        dbapi_connection: Any = conn.connection.dbapi_connection
+        cursor = dbapi_connection.cursor()
+        try:
+            return str(cursor.mogrify(sql, args))
+        finally:
+            cursor.close()
 
     def _prepared(self, conn: Connection, params: Mapping[str, Any] | None) -> tuple[str, Any]:
         """The dialect's SQL and the driver's arguments for ``params`` (the statement's own constants included)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from typing import cast as cast_type
 
 from sqlalchemy import CHAR, Engine, LargeBinary, Select, Text, cast, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.mysql import BINARY
@@ -17,6 +18,7 @@ from cardpipe.domain.records import TRANSACTION_COLUMNS, Transaction
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import exported_text, read_typed_rows
 from cardpipe.serving.driver_query import DriverQuery
+from cardpipe.serving.mysql_client import client_rows
 from cardpipe.stream.codec import encode_fields
 
 
@@ -112,9 +114,16 @@ def messages_from_database(
     raw = NullType()  # no result processor: the driver's own value
     rendered_columns = _rendered_by_database(engine.dialect.name)
     if rendered_columns is not None:
-        query = DriverQuery(_in_publish_order(*rendered_columns, only_undecided=only_undecided))
+        statement = _in_publish_order(*rendered_columns, only_undecided=only_undecided)
+        # MySQL/MariaDB: read by the server's command-line client where it can (a key and a JSON text hold no tab
+        # and no line break); else on the driver's cursor.
+        by_client = client_rows(engine, statement) if engine.dialect.name != "sqlite" else None
+        if by_client is not None:
+            for rows in by_client:
+                yield from cast_type(list[tuple[bytes, bytes]], rows)
+            return
         with engine.connect() as conn:
-            yield from query.rows(conn, chunk=chunk)  # rows of two bytes values
+            yield from DriverQuery(statement).rows(conn, chunk=chunk)  # rows of two bytes values
         return
     columns = [type_coerce(c, raw) if c.name in ("timestamp", "amount") else c for c in t.columns]
     query = DriverQuery(_in_publish_order(*columns, only_undecided=only_undecided))
@@ -125,11 +134,11 @@ def messages_from_database(
             )
 
 
-def count_undecided(engine: Engine) -> int:
-    """How many transactions of the ``transactions`` table have no decision in ``stream_transactions`` yet."""
+def _undecided(*columns: Any) -> Select[Any]:
+    """``columns`` of the transactions of the ``transactions`` table with no decision in ``stream_transactions``."""
     t, s = schema.transactions, schema.stream_transactions
-    query = (
-        select(func.count())
+    return (
+        select(*columns)
         .select_from(t.outerjoin(s, s.c.transaction_id == t.c.transaction_id))
         .where(s.c.transaction_id.is_(None))
         # MySQL/MariaDB would read transactions through a secondary index, so look the decisions up in random
@@ -137,10 +146,48 @@ def count_undecided(engine: Engine) -> int:
         .with_hint(t, "FORCE INDEX (PRIMARY)", dialect_name="mysql")
         .with_hint(t, "FORCE INDEX (PRIMARY)", dialect_name="mariadb")
     )
+
+
+def count_undecided(engine: Engine) -> int:
+    """How many transactions of the ``transactions`` table have no decision in ``stream_transactions`` yet."""
+    t, s = schema.transactions, schema.stream_transactions
     with engine.connect() as conn:
         if conn.execute(select(s.c.transaction_id).limit(1)).first() is None:  # nothing decided: no join
             return int(conn.execute(select(func.count()).select_from(t)).scalar_one())
-        return int(conn.execute(query).scalar_one())
+        return int(conn.execute(_undecided(func.count())).scalar_one())
+
+
+def undecided_ids(engine: Engine, *, chunk: int = 20_000) -> list[int]:
+    """The ids :func:`count_undecided` counts, in id order."""
+    query = DriverQuery(_undecided(schema.transactions.c.transaction_id).order_by(schema.transactions.c.transaction_id))
+    with engine.connect() as conn:
+        return [row[0] for rows in query.chunks(conn, chunk=chunk) for row in rows]
+
+
+def still_undecided(engine: Engine, ids: Sequence[int], *, chunk: int = 20_000) -> list[int]:
+    """Those of ``ids`` that have no decision in ``stream_transactions``, in id order: what :func:`undecided_ids`
+    gave earlier, looked up again (decisions are only ever added while the stream runs). MySQL/MariaDB: the ids
+    go to the server as one JSON array per ``chunk`` (``JSON_TABLE``, MariaDB 10.6 and MySQL 8.0 on) and only
+    the undecided come back; elsewhere an ``IN`` list per chunk."""
+    s = schema.stream_transactions
+    left: list[int] = []
+    with engine.connect() as conn:
+        if conn.dialect.name in ("mysql", "mariadb"):
+            table = conn.dialect.identifier_preparer.format_table(s)
+            key = conn.dialect.identifier_preparer.quote(s.c.transaction_id.name)
+            sql = (
+                "SELECT j.id FROM JSON_TABLE(%s, '$[*]' COLUMNS (id BIGINT PATH '$')) AS j "
+                f"LEFT JOIN {table} AS s ON s.{key} = j.id WHERE s.{key} IS NULL"
+            )
+            for start in range(0, len(ids), chunk):
+                array = "[" + ",".join(map(str, ids[start : start + chunk])) + "]"
+                left += conn.exec_driver_sql(sql, (array,)).scalars()
+            return sorted(left)
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            decided = set(conn.execute(select(s.c.transaction_id).where(s.c.transaction_id.in_(part))).scalars())
+            left += [i for i in part if i not in decided]
+    return sorted(left)
 
 
 def transactions_from_csv(path: Path) -> list[Transaction]:

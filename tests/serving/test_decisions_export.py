@@ -19,6 +19,7 @@ from cardpipe.domain.records import DECLINED, PENDING, REJECTED, STREAM_COLUMNS
 from cardpipe.serving import schema
 from cardpipe.serving.csv_io import export_table_lines
 from cardpipe.serving.database import create_clean_schema, make_engine
+from cardpipe.serving.mysql_client import CLIENT_ENV
 
 TEXTS = [
     "plain",
@@ -86,7 +87,7 @@ def expected_bytes(rows: list[dict[str, Any]]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def test_stream_results_file_is_the_same_on_every_backend(database_url, tmp_path: Path) -> None:
+def test_stream_results_file_is_the_same_on_every_backend(database_url, tmp_path: Path, monkeypatch) -> None:
     engine = make_engine(database_url)
     try:
         create_clean_schema(engine)
@@ -94,16 +95,24 @@ def test_stream_results_file_is_the_same_on_every_backend(database_url, tmp_path
         with engine.begin() as conn:
             conn.execute(schema.stream_transactions.insert(), rows)
         path = tmp_path / "out" / "stream_transactions.csv"
-        if engine.dialect.name == "mysql":
-            with engine.connect() as conn:
-                count = export_table_lines(conn, schema.stream_transactions, path, STREAM_COLUMNS)
-        else:
-            count = export_table_csv(database_url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path)
-        assert count == len(rows)
-        written = path.read_bytes()
-        assert written == expected_bytes(rows)
-        assert b',"a, comma",' in written and b'"carriage\rreturn"' in written
-        assert not list(path.parent.glob(".*"))  # no staged or spill file left behind
+        # MySQL/MariaDB: written by the server's command-line client (three ranges of the key at once), by the
+        # driver, and by the driver when the client fails.
+        failing = tmp_path / "failing-client"
+        failing.write_text("#!/bin/sh\necho 'ERROR 2002 (HY000): Cannot connect' >&2\nexit 1\n")
+        failing.chmod(0o755)
+        for client in ("auto", "off", str(failing)) if engine.dialect.name == "mysql" else ("auto",):
+            monkeypatch.setenv(CLIENT_ENV, client)
+            path.unlink(missing_ok=True)
+            if engine.dialect.name == "mysql":
+                with engine.connect() as conn:
+                    count = export_table_lines(conn, schema.stream_transactions, path, STREAM_COLUMNS)
+            else:
+                count = export_table_csv(database_url, "stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+            assert count == len(rows), client
+            written = path.read_bytes()
+            assert written == expected_bytes(rows), client
+            assert b',"a, comma",' in written and b'"carriage\rreturn"' in written
+            assert not list(path.parent.glob(".*"))  # no staged, part or spill file left behind
     finally:
         engine.dispose()
 

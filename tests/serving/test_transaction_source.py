@@ -11,8 +11,9 @@ from typing import Any
 
 from sqlalchemy import URL, text
 
-from cardpipe.serving import schema
+from cardpipe.serving import schema, transaction_source
 from cardpipe.serving.database import create_clean_schema, make_engine
+from cardpipe.serving.mysql_client import CLIENT_ENV, client_rows
 from cardpipe.serving.transaction_source import messages_from_database, transactions_from_database
 from cardpipe.stream.codec import encode_transaction
 
@@ -72,7 +73,16 @@ def transaction_rows(count: int) -> list[dict[str, Any]]:
     return rows
 
 
-def test_messages_are_the_encoded_transactions_in_the_same_order(database_url) -> None:
+def test_messages_are_the_encoded_transactions_in_the_same_order(database_url, monkeypatch) -> None:
+    """On MySQL/MariaDB both ways: read by the server's command-line client, and on the driver's cursor."""
+    read_by_client: list[bool] = []
+
+    def spied(*args: Any) -> Any:
+        rows = client_rows(*args)
+        read_by_client.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(transaction_source, "client_rows", spied)
     engine = make_engine(database_url)
     try:
         create_clean_schema(engine)
@@ -91,13 +101,18 @@ def test_messages_are_the_encoded_transactions_in_the_same_order(database_url) -
                     for r in decided
                 ],
             )
-        for only_undecided in (True, False):
-            expected = [
-                encode_transaction(tx) for tx in transactions_from_database(engine, only_undecided=only_undecided)
-            ]
-            got = list(messages_from_database(engine, only_undecided=only_undecided, chunk=500))
-            assert got == expected
-            assert len(got) == len(rows) - (len(decided) if only_undecided else 0)
+        clients = ("auto",) if engine.dialect.name == "sqlite" else ("auto", "off")
+        for client in clients:
+            monkeypatch.setenv(CLIENT_ENV, client)
+            for only_undecided in (True, False):
+                expected = [
+                    encode_transaction(tx) for tx in transactions_from_database(engine, only_undecided=only_undecided)
+                ]
+                got = list(messages_from_database(engine, only_undecided=only_undecided, chunk=500))
+                assert got == expected
+                assert len(got) == len(rows) - (len(decided) if only_undecided else 0)
+        if engine.dialect.name != "sqlite":
+            assert read_by_client == [True, True, False, False]
         assert any(b'"amount":"-9999999999.99"' in value for _, value in got)
         assert any(b'"timestamp":"0999-02-03 04:05:06"' in value for _, value in got)
     finally:
