@@ -43,12 +43,13 @@ LEAD_SECONDS_PER_TRANSACTION = 2e-6
 class UndecidedAhead:
     """The count of undecided transactions once ``topic`` is drained, mostly computed before (module docstring).
 
-    ``transactions``: how many the database holds undecided now (it sets how long before the end to begin).
+    ``transactions``: how many the database holds undecided now (it sets how long before the end to begin, and
+    what is left while a consumer does not know its lag yet).
     :meth:`start` before the consumers start, :meth:`count` once they stopped, :meth:`close` in any case.
     """
 
     def __init__(self, engine: Engine, topic: str, transactions: int) -> None:
-        self.engine, self.topic = engine, topic
+        self.engine, self.topic, self.transactions = engine, topic, transactions
         self.lead_seconds = LEAD_SECONDS + LEAD_SECONDS_PER_TRANSACTION * transactions
         self._ids: list[int] | None = None  # listed, and looked up again since
         self._stop = threading.Event()
@@ -87,24 +88,36 @@ class UndecidedAhead:
             log.debug("counting the undecided ahead stopped: %s", exc)
 
     def _wait_for_the_end(self) -> bool:
-        """Read the checkpoint log until the messages left (each consumer's lag after its last checkpoint) are no
-        more than the consumers decide in :attr:`lead_seconds`; False when stopped first."""
+        """Read the checkpoint log until the messages left are no more than the consumers decide (their rate over
+        :data:`RATE_WINDOW_SECONDS`) in :attr:`lead_seconds`; False when stopped first. The messages left: the
+        consumers' lags after their last checkpoints, once each knows its own (a consumer knows it once it has read
+        from every partition it holds); until then, the transactions undecided at the start less the messages
+        decided since."""
         log_ = schema.stream_checkpoint_log
         with self.engine.connect() as conn:
             last = conn.execute(select(func.max(log_.c.checkpoint_id))).scalar() or 0
         query = (
-            select(log_.c.checkpoint_id, log_.c.owner, log_.c.committed_ms, log_.c.messages, log_.c.lag_messages)
+            select(
+                log_.c.checkpoint_id,
+                log_.c.owner,
+                log_.c.committed_ms,
+                log_.c.messages,
+                log_.c.duplicates,
+                log_.c.lag_messages,
+            )
             .where(log_.c.topic == self.topic)
             .order_by(log_.c.checkpoint_id)
         )
         lags: dict[str, int | None] = {}
+        decided = 0
         recent: deque[tuple[int, int]] = deque()  # (committed_ms, messages) within the rate's window
         while not self._stop.wait(POLL_SECONDS):
             with self.engine.connect() as conn:
                 rows = conn.execute(query.where(log_.c.checkpoint_id > last)).all()
-            for checkpoint_id, owner, committed_ms, messages, lag in rows:
+            for checkpoint_id, owner, committed_ms, messages, duplicates, lag in rows:
                 last = checkpoint_id
                 lags[owner] = lag
+                decided += messages - duplicates
                 recent.append((committed_ms, messages))
             if not recent:
                 continue
@@ -112,10 +125,11 @@ class UndecidedAhead:
             while recent and recent[0][0] < newest - RATE_WINDOW_SECONDS * 1000:
                 recent.popleft()
             span = (newest - recent[0][0]) / 1000
-            if span <= 0 or None in lags.values():
+            if span <= 0:
                 continue
             rate = sum(messages for _, messages in list(recent)[1:]) / span
-            left = sum(lag or 0 for lag in lags.values())
+            known = [lag for lag in lags.values() if lag is not None]
+            left = sum(known) if len(known) == len(lags) else max(0, self.transactions - decided)
             if left <= rate * self.lead_seconds:
                 log.debug("%d messages left at %.0f a second: listing the undecided ids", left, rate)
                 return True

@@ -1,15 +1,19 @@
-"""MySQL/MariaDB: a large read through the server's own command-line client (``mariadb``, or ``mysql``).
+"""MySQL/MariaDB: the large reads through the server's own command-line client (``mariadb``, or ``mysql``).
 
-PyMySQL parses every row of a result in Python. For the one read that moves every transaction (the messages
-``produce`` publishes, already rendered by the server), the client does that in C in a process of its own, beside
-the publisher, and hands over its output: each row a line, its values separated by tabs, as they are
-(``--batch --raw``). Only values that hold no tab and no line break may be read this way.
+PyMySQL parses every row of a result in Python. For the two reads that move every row, the client does that in C,
+in a process of its own:
+
+* the messages ``produce`` publishes, already rendered by the server (:func:`client_rows`): the client's output is
+  read beside the publisher, each row a line, its values separated by tabs, as they are (``--batch --raw``); only
+  values that hold no tab and no line break may be read this way;
+* the lines of ``stream_transactions.csv``, rendered by the server too (:func:`write_lines`): several clients
+  write ranges of the key into files at once, each followed by its ``FOUND_ROWS()``, and the files are joined.
 
 ``CARDPIPE_MYSQL_CLIENT``: ``auto`` (the default) uses the client when it is on the ``PATH``, ``off`` never does, and
 any other value is the client's path. The client is used only for a URL it can be told in full (host, port, user,
 password, database, ``unix_socket``, ``charset=utf8mb4``); a URL with other options (TLS, say) is read through the
-driver. So is every read when the client cannot start or cannot connect: :func:`client_rows` says so by returning
-None before anything was read, and the caller falls back.
+driver. So is every read when the client cannot start or cannot connect: the functions here say so by returning
+None before anything was read or written, and the caller falls back.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def messages_from_database(
         statement = _in_publish_order(*rendered_columns, only_undecided=only_undecided)
         # MySQL/MariaDB: read by the server's command-line client where it can (a key and a JSON text hold no tab
         # and no line break); else on the driver's cursor.
-        by_client = client_rows(engine, statement) if engine.dialect.name != "sqlite" else None
+        by_client = client_rows(engine, statement)
         if by_client is not None:
             for rows in by_client:
                 yield from cast_type(list[tuple[bytes, bytes]], rows)
