@@ -45,7 +45,8 @@ class UndecidedAhead:
 
     ``transactions``: how many the database holds undecided now (it sets how long before the end to begin, and
     what is left while a consumer does not know its lag yet).
-    :meth:`start` before the consumers start, :meth:`count` once they stopped, :meth:`close` in any case.
+    :meth:`start` before the consumers start, :meth:`count` once they stopped, :meth:`close` in any case (a daemon
+    thread: the interpreter does not wait for it).
     """
 
     def __init__(self, engine: Engine, topic: str, transactions: int) -> None:
@@ -61,16 +62,17 @@ class UndecidedAhead:
     def count(self) -> int:
         """How many transactions are undecided now (the consumers having stopped): the ids listed ahead looked up
         once more, or :func:`count_undecided` when none were listed (the stream ended first, or a read failed)."""
-        self.close()
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()  # it ends the query it runs first: the listing, that is the count's own work
         if self._ids is None:
             return count_undecided(self.engine)
         return len(still_undecided(self.engine, self._ids))
 
     def close(self) -> None:
-        """Stop the thread (it ends the query it is running first)."""
+        """Stop the thread without waiting for it (on Ctrl-C, say: the listing can take seconds at 10M); a query it
+        runs on meanwhile ends in an error it only logs."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
     def _run(self) -> None:
         try:
