@@ -150,6 +150,7 @@ def read_rows(url: URL, sql: str) -> Iterator[list[tuple[bytes, ...]]] | None:
         log.info(
             "reading through the driver: the MySQL client %s failed (%s)", args[0], _message(errors, process.returncode)
         )
+        process.stdout.close()
         errors.close()
         return None
     return _rows(process, args[0], first, errors)
