@@ -455,8 +455,7 @@ def _consume_to_the_end(
             )
             total.counts["republished"] += _publish_undecided(rt, terminated)
     # MySQL/MariaDB: the first leg's undecided are mostly counted while it decides its last messages.
-    mysql = engine.dialect.name in ("mysql", "mariadb")
-    ahead = UndecidedAhead(engine, rt.settings.kafka_topic, undecided) if undecided and mysql else None
+    ahead = UndecidedAhead(engine, rt.settings.kafka_topic, undecided) if undecided and rt.settings.is_mysql else None
     for round_ in range(MAX_FINISH_ROUNDS + 1):
         if ahead is not None:
             ahead.start()

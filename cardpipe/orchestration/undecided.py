@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from itertools import islice
 
 from sqlalchemy import Engine, func, select
 
@@ -129,7 +130,7 @@ class UndecidedAhead:
             span = (newest - recent[0][0]) / 1000
             if span <= 0:
                 continue
-            rate = sum(messages for _, messages in list(recent)[1:]) / span
+            rate = sum(messages for _, messages in islice(recent, 1, None)) / span  # the first one's came before
             known = [lag for lag in lags.values() if lag is not None]
             left = sum(known) if len(known) == len(lags) else max(0, self.transactions - decided)
             if left <= rate * self.lead_seconds:

@@ -51,7 +51,7 @@ class DriverQuery:
                     rows = fetch(chunk)
                 if not rows:
                     return
-                yield list(rows)
+                yield rows  # the list fetchmany made
 
     def rendered(self, conn: Connection, params: Mapping[str, Any] | None = None) -> str:
         """The statement's text with its values quoted in, exactly as PyMySQL sends it (MySQL/MariaDB)."""

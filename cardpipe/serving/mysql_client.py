@@ -23,8 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,17 +33,7 @@ from sqlalchemy.engine import URL
 from cardpipe.errors import CardpipeError, ConfigError
 from cardpipe.serving.driver_query import DriverQuery
 
-__all__ = [
-    "CLIENT_ENV",
-    "RenderedPart",
-    "client_command",
-    "client_rows",
-    "discard",
-    "join_parts",
-    "read_rows",
-    "render_parts",
-    "write_lines",
-]
+__all__ = ["CLIENT_ENV", "client_command", "client_rows", "read_rows", "write_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +102,12 @@ def client_command(url: URL) -> tuple[list[str], dict[str, str]] | None:
 def client_rows(engine: Engine, statement: Select[Any]) -> Iterator[list[tuple[bytes, ...]]] | None:
     """``statement``'s rows read by the command-line client (:func:`read_rows`), or None when it is not used for
     this engine or failed before its first row: the caller then reads through the driver."""
-    if client_command(engine.url) is None:
+    command = client_command(engine.url)
+    if command is None:
         return None
     with engine.connect() as conn:
         text = DriverQuery(statement).rendered(conn)
-    return read_rows(engine.url, text)
+    return _read(command, text)
 
 
 def read_rows(url: URL, sql: str) -> Iterator[list[tuple[bytes, ...]]] | None:
@@ -128,8 +118,11 @@ def read_rows(url: URL, sql: str) -> Iterator[list[tuple[bytes, ...]]] | None:
     Every value must be free of tabs and line breaks (the client's separators), and not NULL (written ``NULL``).
     """
     command = client_command(url)
-    if command is None:
-        return None
+    return None if command is None else _read(command, sql)
+
+
+def _read(command: tuple[list[str], dict[str, str]], sql: str) -> Iterator[list[tuple[bytes, ...]]] | None:
+    """:func:`read_rows` with the client's command line and environment from :func:`client_command`."""
     args, environment = command
     errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _rows, which reads the client's output)
     try:
@@ -191,51 +184,31 @@ def _message(errors: IO[bytes], status: int | None) -> str:
     return lines[-1] if lines else f"exit status {status}"
 
 
-@dataclass
-class RenderedPart:
-    """A file of rows a client wrote (:func:`render_parts`): ``rows`` lines, each ended by a line feed."""
-
-    path: Path
-    rows: int
-
-
-def render_parts(
-    conn: Connection,
-    statement: Select[Any],
-    key: Any,
-    folder: Path,
-    stem: str,
-    *,
-    parts: int = _PARTS,
-    low: int | None = None,
-    high: int | None = None,
-) -> list[RenderedPart] | None:
-    """The one text column of ``statement``'s rows with ``low`` <= ``key`` <= ``high`` (None: the table's least or
-    greatest key), each followed by a line feed, written through the command-line client: ``statement`` is ordered
-    by the integer ``key`` and read in ``parts`` ranges of it by as many clients at once (the server renders each
-    range on a thread of its own), each into a file of its own in ``folder`` (named ``stem`` and its number), in
-    order. None, having left no file, when the client is not used or one of them failed.
+def write_lines(conn: Connection, statement: Select[Any], key: Any, path: Path, header: bytes) -> int | None:
+    """Write ``path`` (created or replaced whole): ``header``, then the one text column of ``statement``'s rows,
+    each followed by a line feed. ``statement`` is ordered by the integer ``key`` and read in :data:`_PARTS` ranges
+    of it by as many command-line clients at once (the server renders each range on a thread of its own), each into
+    a file of its own beside ``path``; the files are then joined. The row count; None, having written nothing, when
+    the client is not used or one of them failed.
 
     A value may hold any character: each client is asked for ``FOUND_ROWS()`` after its rows, which is its
-    output's last line (cut off here), so no line needs to be told from a line break inside a value."""
+    output's last line (cut off), so no line needs to be told from a line break inside a value."""
     command = client_command(conn.engine.url)
     if command is None:
         return None
-    if low is None or high is None:
-        least, greatest = conn.execute(select(func.min(key), func.max(key))).one()
-        low = least if low is None else low
-        high = greatest if high is None else high
-    texts = [DriverQuery(statement.where(key.between(a, b))).rendered(conn) for a, b in _ranges(low, high, parts)]
+    low, high = conn.execute(select(func.min(key), func.max(key))).one()
+    texts = [DriverQuery(statement.where(key.between(a, b))).rendered(conn) for a, b in _ranges(low, high, _PARTS)]
     args, environment = command
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{stem}-{i}" for i in range(len(texts))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = f".{path.name}.part-{os.getpid()}"
+    parts = [path.with_name(f"{stem}-{i}") for i in range(len(texts))]
+    staged = path.with_name(f"{stem}-joined")
     processes: list[subprocess.Popen[bytes]] = []
     messages: list[IO[bytes]] = []  # each client's error output
-    done = False
     try:
-        for text, path in zip(texts, paths, strict=True):
+        for text, part in zip(texts, parts, strict=True):
             messages.append(tempfile.TemporaryFile())  # noqa: SIM115 (closed below, once the clients ended)
-            with path.open("wb") as out:
+            with part.open("wb") as out:
                 processes.append(
                     subprocess.Popen(
                         [*args, f"--execute={text}; SELECT FOUND_ROWS()"],
@@ -248,13 +221,18 @@ def render_parts(
         statuses = [process.wait() for process in processes]
         failed = [_message(m, status) for m, status in zip(messages, statuses, strict=True) if status != 0]
         if failed:
-            log.info("reading through the driver: the MySQL client %s failed (%s)", args[0], failed[0])
+            log.info("writing %s through the driver: the MySQL client %s failed (%s)", path.name, args[0], failed[0])
             return None
-        rendered = [RenderedPart(path, _cut_count_line(path)) for path in paths]
-        done = True
-        return rendered
+        count = sum(_cut_count_line(part) for part in parts)
+        with staged.open("wb") as joined:
+            joined.write(header)
+            for part in parts:
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, joined, _BLOCK)
+        os.replace(staged, path)
+        return count
     except OSError as exc:
-        log.info("reading through the driver: the MySQL client %s (%s)", args[0], exc)
+        log.info("writing %s through the driver: the MySQL client %s (%s)", path.name, args[0], exc)
         return None
     finally:
         for process in processes:
@@ -263,45 +241,14 @@ def render_parts(
                 process.wait()
         for message in messages:
             message.close()
-        if not done:
-            for path in paths:
-                path.unlink(missing_ok=True)
-
-
-def join_parts(path: Path, header: bytes, parts: Sequence[RenderedPart]) -> int:
-    """``header`` then the ``parts`` in order, written aside and renamed onto ``path``; the parts removed. The row
-    count."""
-    staged = path.with_name(f".{path.name}.joined-{os.getpid()}")
-    try:
-        with staged.open("wb") as joined:
-            joined.write(header)
-            for part in parts:
-                with part.path.open("rb") as source:
-                    shutil.copyfileobj(source, joined, _BLOCK)
-        os.replace(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
-        discard(parts)
-    return sum(part.rows for part in parts)
-
-
-def discard(parts: Sequence[RenderedPart]) -> None:
-    """Remove the files of ``parts``."""
-    for part in parts:
-        part.path.unlink(missing_ok=True)
-
-
-def write_lines(conn: Connection, statement: Select[Any], key: Any, path: Path, header: bytes) -> int | None:
-    """``path`` (created or replaced whole): ``header``, then :func:`render_parts` of all of ``statement``'s rows.
-    The row count; None, having written nothing, when the client is not used or failed."""
-    parts = render_parts(conn, statement, key, path.parent, f".{path.name}.part-{os.getpid()}")
-    return None if parts is None else join_parts(path, header, parts)
+        for leftover in (*parts, staged):
+            leftover.unlink(missing_ok=True)
 
 
 def _ranges(low: int | None, high: int | None, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous ranges of integers covering ``low`` to ``high`` (one when there is nothing to split)."""
-    if low is None or high is None or high < low:
-        return [(0, -1)]  # nothing to read: one client, no row
+    if low is None or high is None:
+        return [(0, -1)]  # an empty table: one client, no row
     step = max(1, -(-(high - low + 1) // parts))
     return [(start, min(start + step - 1, high)) for start in range(low, high + 1, step)]
 
