@@ -42,6 +42,7 @@ from typing import IO, Any, Literal
 from sqlalchemy import BigInteger, Column, Connection, Integer, Table
 from sqlalchemy.exc import DBAPIError
 
+from cardpipe.serving.bulk import LOCAL_INFILE_REFUSED, load_data_sql
 from cardpipe.serving.csv_io import NormalisedBatch, normalised_batches
 
 try:
@@ -60,13 +61,6 @@ PROGRESS_ROWS = 500_000
 MISSING_PARENT = 1452
 #: ``LoadRejected.code`` of a duplicate key (MySQL's ER_DUP_ENTRY).
 DUPLICATE_KEY = 1062
-#: Server/client errors meaning "LOAD DATA LOCAL is not allowed here".
-LOCAL_INFILE_REFUSED = {
-    1148,  # ER_NOT_ALLOWED_COMMAND (MariaDB, MySQL 5.x: local_infile off on the server or the client)
-    2068,  # CR_LOAD_DATA_LOCAL_INFILE_REJECTED (C clients)
-    3948,  # ER_CLIENT_LOCAL_FILES_DISABLED (MySQL 8)
-    4166,  # ER_LOAD_INFILE_CAPABILITY_DISABLED (MariaDB 10.5+)
-}
 _ROW_IN_MESSAGE = re.compile(r"\bat row (\d+)")
 _PIPE_BYTES = 1 << 20  # a pipe buffer of 1 MB (Linux; the default is 64 KB)
 
@@ -220,15 +214,8 @@ class MySqlBulkLoader:
                 assignments.append(f"{quote(name)} = NULLIF(@v{position}, '')")
             else:
                 targets.append(quote(name))
-        # No backslash in the statement, so it means the same under NO_BACKSLASH_ESCAPES. Lines end
-        # with "\n" (the default); every field is quoted, quotes doubled, no escape character.
-        sql = (
-            f"LOAD DATA LOCAL INFILE %s INTO TABLE {quote(table.name)} CHARACTER SET utf8mb4 "
-            f"FIELDS TERMINATED BY ',' ENCLOSED BY '\"' ESCAPED BY '' ({', '.join(targets)})"
-        )
-        if assignments:
-            sql += " SET " + ", ".join(assignments)
-        return sql
+        # Every field is quoted, quotes doubled, no escape character.
+        return load_data_sql(self.conn.dialect, table, targets, assignments)
 
     def _load_data(
         self,

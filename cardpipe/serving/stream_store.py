@@ -207,7 +207,7 @@ class StreamStore:
         self._renewed_at = 0.0
         self._seq: dict[int, int] = {}
         dialect = engine.dialect
-        self._decisions = BulkWriter(dialect, schema.stream_transactions, DECISION_COLUMNS)
+        self._decisions = BulkWriter(dialect, schema.stream_transactions, DECISION_COLUMNS, load_data=True)
         self._rejections = BulkWriter(dialect, schema.rejected_transactions, REJECTION_COLUMNS)
         self._card_states = card_states_writer(dialect)
         self._offsets = BulkWriter(

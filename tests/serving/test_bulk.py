@@ -251,3 +251,154 @@ def test_upserts_in_multi_row_statements_apply_row_by_row_in_order(database_url)
         assert stored == expected
     finally:
         engine.dispose()
+
+
+# --- MariaDB: decisions loaded with LOAD DATA LOCAL INFILE store what the INSERTs store ----------------------------
+
+LOADED_TEXTS = st.text(
+    st.one_of(st.sampled_from(list("'\",\\\x01\n\r\t%é✓😀N")), st.characters(codec="utf-8")),
+    max_size=12,
+)
+
+
+def _stored(conn, columns):
+    t = schema.stream_transactions
+    return conn.execute(select(*(t.c[c] for c in columns)).order_by(t.c.transaction_id)).all()
+
+
+@pytest.fixture
+def mysql_engine(mysql_database):
+    engine = make_engine(mysql_database)
+    try:
+        create_clean_schema(engine)
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.one_of(LOADED_TEXTS, st.sampled_from(["NULL", '"NULL"', "", ",", '"'])),
+            st.one_of(st.none(), LOADED_TEXTS, st.just("NULL")),
+            st.one_of(st.none(), money, st.sampled_from([D("-0.00"), D("1E+3"), D("0.005")])),
+            st.datetimes(min_value=datetime(1000, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    as_text=st.booleans(),
+)
+def test_loaded_rows_are_the_inserted_rows(mysql_engine, monkeypatch, rows, as_text):
+    """Any texts (quotes, commas, line ends, the word NULL), NULLs, money and timestamps, as the per-message path's
+    values or as the column path's texts: LOAD DATA stores exactly what the INSERTs store, or leaves them to it."""
+    monkeypatch.setattr("cardpipe.serving.bulk.LOAD_MIN_ROWS", 1)
+    columns = ("transaction_id", "merchant_name", "decline_reason", "pending_balance", "timestamp", "card_id", "amount")
+    values = [
+        list(range(1, len(rows) + 1)),
+        *map(list, zip(*rows, strict=True)),
+        [7] * len(rows),
+        [D("1.25")] * len(rows),
+    ]
+    if as_text:
+        values[3] = [None if v is None else format(v, "f") for v in values[3]]
+        values[4] = [v.isoformat(" ") for v in values[4]]
+    writes = {}
+    for load in (False, True):
+        writer = BulkWriter(
+            mysql_engine.dialect, schema.stream_transactions, columns + tuple(_REQUIRED), load_data=load
+        )
+        with mysql_engine.connect() as conn:  # begins by itself; rolled back
+            writer.write_columns(conn, [*values, *([_REQUIRED[c]] * len(rows) for c in _REQUIRED)])
+            writes[load] = _stored(conn, columns)
+            conn.rollback()
+    assert writes[True] == writes[False]
+
+
+_REQUIRED = {
+    "location": "City",
+    "transaction_type": "purchase",
+    "status": "pending",
+    "kafka_partition": 0,
+    "checkpoint_seq": 1,
+}
+
+
+def _decisions(ids, *, timestamp="2025-04-01 00:00:02"):
+    n = len(ids)
+    return [
+        list(ids),
+        [7] * n,
+        ['Shop, "x"\n'] * n,
+        [timestamp] * n,
+        ["1.25"] * n,
+        ["City"] * n,
+        ["purchase"] * n,
+        [None] * n,
+        ["pending"] * n,
+        ["1.25"] * n,
+        [None] * n,
+        ["100.00"] * n,
+        [0] * n,
+        [1] * n,
+    ]
+
+
+def test_a_load_that_the_server_would_refuse_as_an_insert_raises_the_inserts_error(mysql_engine):
+    """A duplicate key or an impossible date is a warning to LOAD DATA LOCAL (the row skipped or zeroed): the load is
+    undone and the INSERTs raise the error, leaving the transaction as it was."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    writer = BulkWriter(mysql_engine.dialect, schema.stream_transactions, DECISION_COLUMNS, load_data=True)
+    with mysql_engine.begin() as conn:
+        writer.write_columns(conn, _decisions(range(1, 1001)), converted=True)
+    with mysql_engine.connect() as conn:
+        assert len(_stored(conn, ["transaction_id"])) == 1000
+        with pytest.raises(IntegrityError, match="Duplicate entry '1000'"):
+            writer.write_columns(conn, _decisions(range(1000, 2000)), converted=True)
+        assert len(_stored(conn, ["transaction_id"])) == 1000  # nothing of the load is left
+        conn.rollback()
+        with pytest.raises(OperationalError, match="Incorrect datetime value"):
+            writer.write_columns(conn, _decisions(range(3000, 4000), timestamp="2025-02-30 00:00:00"), converted=True)
+        assert len(_stored(conn, ["transaction_id"])) == 1000
+        conn.rollback()
+    assert not writer._mysql_load.refused
+
+
+def test_a_client_without_local_infile_inserts_after_one_warning(mysql_database, caplog):
+    from sqlalchemy import create_engine
+
+    engine = create_engine(mysql_database, connect_args={"local_infile": False})
+    try:
+        create_clean_schema(engine)
+        writer = BulkWriter(engine.dialect, schema.stream_transactions, DECISION_COLUMNS, load_data=True)
+        with caplog.at_level("WARNING", logger="cardpipe.serving.bulk"):
+            for start in (1, 1001):
+                with engine.begin() as conn:
+                    writer.write_columns(conn, _decisions(range(start, start + 1000)), converted=True)
+        with engine.connect() as conn:
+            assert [r[0] for r in _stored(conn, ["transaction_id"])] == list(range(1, 2001))
+        assert writer._mysql_load.refused
+        told = [r.getMessage() for r in caplog.records if "LOAD DATA LOCAL INFILE" in r.getMessage()]
+        assert len(told) == 1 and told[0].endswith("stream_transactions rows go as multi-row INSERTs")
+    finally:
+        engine.dispose()
+
+
+def test_decisions_are_loaded_when_there_are_many(mysql_engine, monkeypatch):
+    """The checkpoint's decisions go through LOAD DATA from LOAD_MIN_ROWS rows on, as INSERTs below."""
+    from cardpipe.serving import bulk
+
+    writer = BulkWriter(mysql_engine.dialect, schema.stream_transactions, DECISION_COLUMNS, load_data=True)
+    loaded = []
+    real = bulk._MySQLLoad.execute_columns
+    monkeypatch.setattr(
+        bulk._MySQLLoad, "execute_columns", lambda self, *a: loaded.append(real(self, *a)) or loaded[-1]
+    )
+    with mysql_engine.begin() as conn:
+        writer.write_columns(conn, _decisions(range(1, bulk.LOAD_MIN_ROWS)), converted=True)
+        writer.write_columns(conn, _decisions(range(10_000, 10_000 + bulk.LOAD_MIN_ROWS)), converted=True)
+    assert loaded == [False, True]
+    with mysql_engine.connect() as conn:
+        assert len(_stored(conn, ["transaction_id"])) == 2 * bulk.LOAD_MIN_ROWS - 1
