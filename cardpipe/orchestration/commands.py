@@ -242,6 +242,9 @@ def consume(
     )
     if options.columnar is None:
         options = replace_options(options, columnar=columnar.wanted(settings.stream_columnar))
+    spare_core = workers < usable_cores()  # a core left beside the consumer processes
+    if options.pipelined is None:
+        options = replace_options(options, pipelined=spare_core)
     finishing = publishing is None and should_stop is None and not options.follow and options.partitions is None
     with _runtime(settings, runtime, broker, command="cardpipe consume") as rt:
         # On SQLite the file is written by a process of its own (see cardpipe.batch.apart), started ahead so that
@@ -250,7 +253,7 @@ def consume(
         # the consumers more than it shortens the end. A consumer that follows starts it only when it stops.
         # On MySQL/MariaDB a thread of its own writes it as soon as the topic is drained (:class:`_LinesAhead`).
         sqlite = settings.database_url.get_backend_name() == "sqlite"
-        copied = ("stream_transactions", STREAM_COLUMNS, "transaction_id") if workers < usable_cores() else None
+        copied = ("stream_transactions", STREAM_COLUMNS, "transaction_id") if spare_core else None
         ahead: ExportProcess | None = None
         export_apart = sqlite and not options.follow
 

@@ -14,6 +14,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -69,6 +70,12 @@ class ConsumeOptions:
     #: Offer each batch to the column-by-column path (cardpipe.stream.columnar, needs pyarrow); None: not here,
     #: and ``commands.consume`` sets it from the settings (CARDPIPE_COLUMNAR).
     columnar: bool | None = None
+    #: Commit each checkpoint on a thread of its own while the next batch is polled and decided (the database's
+    #: work beside the consumer's); that next batch is committed only after this one, and decided again from the
+    #: last checkpoint when this one fails. False: each checkpoint is committed before the next poll. None (the
+    #: consumer: on) ``commands.consume`` sets: on while a core is left beside the consumer processes (with one
+    #: on every core, the thread's share of the interpreter lock costs more than the overlap gives).
+    pipelined: bool | None = None
 
 
 @dataclass
@@ -162,77 +169,106 @@ def consume(
             return _resume(consumer, bootstrap_servers, store, topic, partitions, columnar=bool(options.columnar))
 
         processor = resume()
+        checkpoints = _Checkpoints(store, dlq, dead_letter_topic, pipelined=options.pipelined is not False)
         conflicts = 0
         batch_limit = min(FIRST_BATCH_SIZE, options.batch_size)
         frozen_at = 0  # processor.cards_loaded when the collector last froze what was alive
         started = last_progress = time.monotonic()
-        with stop_on_sigterm(stop.request) if should_stop is None else nullcontext():
-            while not stop.stop_requested():
-                polled = poll_ready(consumer, batch_limit, options.max_wait_seconds)
-                if broker_alive is not None and not broker_alive():
-                    summary.seconds = time.monotonic() - started
-                    lost = BrokerLost(f"the broker at {bootstrap_servers} stopped while consuming {topic!r}")
-                    lost.summary = summary  # type: ignore[attr-defined]  # what was committed before
-                    raise lost
-                raw = _messages(polled, stop)
-                if raw:
-                    crash_point("consume.polled")
-                    settlement_id = store.settlement_in_force()
-                    if settlement_id != processor.settlement_id:
-                        processor.adopt(settlement_id)  # its cards are loaded again, with the new limits
-                        log.info("deciding with the credit limits of settlement %s from now on", settlement_id)
-                    batch = processor.process(raw)
-                    if processor.cards_loaded > 2 * frozen_at:
-                        # The per-card state lives as long as the consumer: keep the cyclic collector from
-                        # re-scanning it on every collection (about a tenth of the loop's CPU). Once more each
-                        # time the cards loaded have doubled: a few times, however many cards there are.
-                        gc.collect()
-                        gc.freeze()
-                        frozen_at = processor.cards_loaded
-                    batch.lag_messages = _lag(consumer, topic, partitions)
-                    crash_point("consume.decided")
-                    try:
-                        _checkpoint(store, batch, dlq, dead_letter_topic)
-                    except SettlementChanged:
-                        # Published between the check above and the commit: decide the batch again with
-                        # the new limits, from the last checkpoint.
-                        summary.counts["settlement_changes"] += 1
-                        processor = resume()
-                        frozen_at = 0
-                        stop.rewound()
-                        continue
-                    except IntegrityError:
-                        # Not this batch committed before (commit_durably checks): another consumer
-                        # committed one of its transaction ids after our lookup. Start over from the
-                        # last checkpoint; this time the lookup finds that row.
-                        conflicts += 1
-                        if conflicts > MAX_CHECKPOINT_CONFLICTS:
-                            raise
-                        log.warning(
-                            "partition(s) %s: a transaction id of this batch was decided meanwhile by "
-                            "another consumer; resuming from the last checkpoint",
-                            ", ".join(map(str, sorted(batch.next_offsets))),
-                        )
-                        summary.counts["checkpoint_conflicts"] += 1
-                        processor = resume()
-                        frozen_at = 0
-                        stop.rewound()
-                        continue
+        reported_first = False
+
+        def finish(*, rewind: bool = True) -> bool:
+            """Wait for the checkpoint in flight: True once it is committed (or none was), False when it failed
+            and the consumer was rewound to the last checkpoint (``rewind``; else the failure is let go)."""
+            nonlocal processor, frozen_at, conflicts
+            in_flight = checkpoints.in_flight
+            try:
+                done = checkpoints.wait()
+            except SettlementChanged:
+                if not rewind:
+                    return False
+                # Published between the check before deciding and the commit: decide the batch again with the
+                # new limits, from the last checkpoint.
+                summary.counts["settlement_changes"] += 1
+            except IntegrityError:
+                if not rewind:
+                    return False
+                # Not this batch committed before (commit_durably checks): another consumer committed one of
+                # its transaction ids after our lookup (or the batch before, in flight, held it). Start over
+                # from the last checkpoint; this time the lookup finds that row.
+                conflicts += 1
+                if conflicts > MAX_CHECKPOINT_CONFLICTS:
+                    raise
+                log.warning(
+                    "partition(s) %s: a transaction id of this batch was decided meanwhile by another "
+                    "consumer; resuming from the last checkpoint",
+                    ", ".join(map(str, sorted(in_flight.next_offsets if in_flight is not None else ()))),
+                )
+                summary.counts["checkpoint_conflicts"] += 1
+            else:
+                if done is not None:
+                    batch, messages, committed_at = done
                     conflicts = 0
                     crash_point("consume.committed")
                     group.commit(batch.next_offsets)
-                    _account(summary, batch, len(raw))
-                    batch_limit = min(options.batch_size, 2 * batch_limit)
-                else:
-                    store.keep_leases()
-                now = time.monotonic()
-                first = bool(raw) and summary.batches == 1  # the first checkpoint is committed
-                if progress and (first or now - last_progress >= options.progress_every):
-                    summary.seconds = now - started
-                    progress(summary)
-                    last_progress = now
-                if stop.done_after(bool(raw)):
-                    break
+                    _account(summary, batch, messages, committed_at)
+                return True
+            processor = resume()
+            frozen_at = 0
+            stop.rewound()
+            return False
+
+        try:
+            with stop_on_sigterm(stop.request) if should_stop is None else nullcontext():
+                while not stop.stop_requested():
+                    polled = poll_ready(consumer, batch_limit, options.max_wait_seconds)
+                    if broker_alive is not None and not broker_alive():
+                        finish(rewind=False)  # a commit in flight goes to the database, not the broker
+                        summary.seconds = time.monotonic() - started
+                        lost = BrokerLost(f"the broker at {bootstrap_servers} stopped while consuming {topic!r}")
+                        lost.summary = summary  # type: ignore[attr-defined]  # what was committed before
+                        raise lost
+                    raw = _messages(polled, stop)
+                    if raw:
+                        crash_point("consume.polled")
+                        settlement_id = store.settlement_in_force()
+                        if settlement_id != processor.settlement_id:
+                            if not finish():  # the cards are loaded again below: the last checkpoint first
+                                continue
+                            processor.adopt(settlement_id)  # its cards are loaded again, with the new limits
+                            log.info("deciding with the credit limits of settlement %s from now on", settlement_id)
+                        batch = processor.process(raw)
+                        if processor.cards_loaded > 2 * frozen_at:
+                            # The per-card state lives as long as the consumer: keep the cyclic collector from
+                            # re-scanning it on every collection (about a tenth of the loop's CPU). Once more each
+                            # time the cards loaded have doubled: a few times, however many cards there are.
+                            gc.collect()
+                            gc.freeze()
+                            frozen_at = processor.cards_loaded
+                        batch.lag_messages = _lag(consumer, topic, partitions)
+                        crash_point("consume.decided")
+                        if not finish():  # this batch was decided on the one in flight, which failed
+                            continue
+                        checkpoints.submit(batch, len(raw))
+                        if options.pipelined is False and not finish():
+                            continue
+                        batch_limit = min(options.batch_size, 2 * batch_limit)
+                    elif checkpoints.in_flight is None or checkpoints.committed():  # else poll on meanwhile
+                        if not finish():
+                            continue
+                        store.keep_leases()
+                    now = time.monotonic()
+                    first = not reported_first and summary.batches > 0  # the first checkpoint is committed
+                    if progress and (first or now - last_progress >= options.progress_every):
+                        summary.seconds = now - started
+                        progress(summary)
+                        last_progress, reported_first = now, True
+                    if stop.done_after(bool(raw)):
+                        if not finish():
+                            continue
+                        break
+                finish(rewind=False)  # stopped on request: the batch in flight is committed, or decided next time
+        finally:
+            checkpoints.close()
         summary.seconds = time.monotonic() - started
         group.flush()
         return summary
@@ -451,12 +487,65 @@ class GroupOffsets:
             log.debug("offsets not committed to consumer group %s: %s", self.group_id, exc)
 
 
-def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int) -> None:
+class _Checkpoints:
+    """A consumer's checkpoints in flight: at most one, committed on a thread of its own (``pipelined``) or at once.
+
+    :meth:`wait` gives the committed checkpoint (its batch, its message count, when it was committed) or raises
+    what its commit raised. The thread's database work leaves the interpreter's lock to the deciding thread
+    while the server (or SQLite's own code) works.
+    """
+
+    def __init__(self, store: CheckpointStore, dlq: Any, dead_letter_topic: str | None, *, pipelined: bool) -> None:
+        self.store, self.dlq, self.dead_letter_topic = store, dlq, dead_letter_topic
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cardpipe-checkpoint") if pipelined else None
+        self._in_flight: tuple[Future[float], CheckpointBatch, int] | None = None
+
+    def submit(self, batch: CheckpointBatch, messages: int) -> None:
+        """Commit ``batch`` (``messages`` polled); the one before must have been waited for."""
+        assert self._in_flight is None, "one checkpoint in flight at a time"
+        if self._pool is not None:
+            future = self._pool.submit(self._commit, batch)
+        else:
+            future = Future()
+            try:
+                future.set_result(self._commit(batch))
+            except BaseException as exc:  # raised again by wait(), as the thread's would be
+                future.set_exception(exc)
+        self._in_flight = (future, batch, messages)
+
+    def wait(self) -> tuple[CheckpointBatch, int, float] | None:
+        """The checkpoint in flight once committed (None: there was none); raises what its commit raised."""
+        if self._in_flight is None:
+            return None
+        future, batch, messages = self._in_flight
+        self._in_flight = None
+        return batch, messages, future.result()
+
+    def committed(self) -> bool:
+        """Whether the commit in flight has ended (:meth:`wait` then returns at once)."""
+        return self._in_flight is not None and self._in_flight[0].done()
+
+    @property
+    def in_flight(self) -> CheckpointBatch | None:
+        """The batch being committed, if any."""
+        return None if self._in_flight is None else self._in_flight[1]
+
+    def close(self) -> None:
+        """Let a commit in flight end (a database transaction is not abandoned halfway); stop the thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _commit(self, batch: CheckpointBatch) -> float:
+        _checkpoint(self.store, batch, self.dlq, self.dead_letter_topic)
+        return time.time()
+
+
+def _account(summary: ConsumeSummary, batch: CheckpointBatch, messages: int, committed_at: float) -> None:
     summary.messages += messages
     summary.batches += 1
     summary.counts.update(batch.counts)
     if batch.publish_times_ms:
-        decided_ms = time.time() * 1000
+        decided_ms = committed_at * 1000
         if len(summary.latencies_ms) < MAX_LATENCY_SAMPLES:  # bounded memory on long runs
             summary.latencies_ms.extend(map(decided_ms.__sub__, batch.publish_times_ms))  # decided_ms - t, in C
 

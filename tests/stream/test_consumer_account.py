@@ -12,7 +12,7 @@ def test_latencies_are_from_publish_to_decision() -> None:
     batch = CheckpointBatch(counts=Counter(pending=2, declined=1), publish_times_ms=[now_ms - 1500, now_ms - 200])
     summary = ConsumeSummary()
     before = time.time() * 1000
-    _account(summary, batch, 3)
+    _account(summary, batch, 3, time.time())
     after = time.time() * 1000
     assert (summary.messages, summary.batches, summary.counts) == (3, 1, Counter(pending=2, declined=1))
     assert len(summary.latencies_ms) == 2
