@@ -70,11 +70,13 @@ class ConsumeOptions:
     #: Offer each batch to the column-by-column path (cardpipe.stream.columnar, needs pyarrow); None: not here,
     #: and ``commands.consume`` sets it from the settings (CARDPIPE_COLUMNAR).
     columnar: bool | None = None
-    #: Commit each checkpoint on a thread of its own while the next batch is polled and decided (the database's
-    #: work beside the consumer's); that next batch is committed only after this one, and decided again from the
-    #: last checkpoint when this one fails. False: each checkpoint is committed before the next poll. None (the
-    #: consumer: on) ``commands.consume`` sets: on while a core is left beside the consumer processes (with one
-    #: on every core, the thread's share of the interpreter lock costs more than the overlap gives).
+    #: Commit each full batch's checkpoint (a backlog) on a thread of its own while the next batch is polled and
+    #: decided (the database's work beside the consumer's); that next batch is committed only after this one,
+    #: and decided again from the last checkpoint when this one fails. A smaller batch (the consumer keeps up)
+    #: is committed in place before the next poll: its latency does not wait on the next batch. False: every
+    #: checkpoint is committed in place. None (the consumer: on) ``commands.consume`` sets: on while a core is
+    #: left beside the consumer processes (with one on every core, the thread's turns at the interpreter lock
+    #: cost more than the overlap gives).
     pipelined: bool | None = None
 
 
@@ -179,7 +181,7 @@ def consume(
         def finish(*, rewind: bool = True) -> bool:
             """Wait for the checkpoint in flight: True once it is committed (or none was), False when it failed
             and the consumer was rewound to the last checkpoint (``rewind``; else the failure is let go)."""
-            nonlocal processor, frozen_at, conflicts
+            nonlocal processor, frozen_at, conflicts, last_progress, reported_first
             in_flight = checkpoints.in_flight
             try:
                 done = checkpoints.wait()
@@ -211,6 +213,11 @@ def consume(
                     crash_point("consume.committed")
                     group.commit(batch.next_offsets)
                     _account(summary, batch, messages, committed_at)
+                    if progress and not reported_first:  # the first report comes with the first checkpoint
+                        last_progress = time.monotonic()
+                        summary.seconds = last_progress - started
+                        progress(summary)
+                        reported_first = True
                 return True
             processor = resume()
             frozen_at = 0
@@ -248,8 +255,11 @@ def consume(
                         crash_point("consume.decided")
                         if not finish():  # this batch was decided on the one in flight, which failed
                             continue
-                        checkpoints.submit(batch, len(raw))
-                        if options.pipelined is False and not finish():
+                        # Only a full batch (a backlog) is left in flight: a smaller one means the consumer keeps up
+                        # with the stream, and its decisions are committed before anything else is done.
+                        background = options.pipelined is not False and len(raw) >= batch_limit
+                        checkpoints.submit(batch, len(raw), background=background)
+                        if not background and not finish():
                             continue
                         batch_limit = min(options.batch_size, 2 * batch_limit)
                     elif checkpoints.in_flight is None or checkpoints.committed():  # else poll on meanwhile
@@ -257,11 +267,10 @@ def consume(
                             continue
                         store.keep_leases()
                     now = time.monotonic()
-                    first = not reported_first and summary.batches > 0  # the first checkpoint is committed
-                    if progress and (first or now - last_progress >= options.progress_every):
+                    if progress and reported_first and now - last_progress >= options.progress_every:
                         summary.seconds = now - started
                         progress(summary)
-                        last_progress, reported_first = now, True
+                        last_progress = now
                     if stop.done_after(bool(raw)):
                         if not finish():
                             continue
@@ -500,10 +509,11 @@ class _Checkpoints:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cardpipe-checkpoint") if pipelined else None
         self._in_flight: tuple[Future[float], CheckpointBatch, int] | None = None
 
-    def submit(self, batch: CheckpointBatch, messages: int) -> None:
-        """Commit ``batch`` (``messages`` polled); the one before must have been waited for."""
+    def submit(self, batch: CheckpointBatch, messages: int, *, background: bool) -> None:
+        """Commit ``batch`` (``messages`` polled) on the thread (``background``, when pipelined) or at once; the one
+        before must have been waited for."""
         assert self._in_flight is None, "one checkpoint in flight at a time"
-        if self._pool is not None:
+        if self._pool is not None and background:
             future = self._pool.submit(self._commit, batch)
         else:
             future = Future()
