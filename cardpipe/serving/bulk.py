@@ -137,35 +137,58 @@ _MYSQL_SAMPLES: dict[type, list[Any]] = {
 }
 
 
+def _quoted_texts(values: list[str], quote: str, escapes: Iterable[tuple[str, str]]) -> list[str] | None:
+    """Each text of ``values`` between ``quote`` s with ``escapes`` applied, the whole column joined at once (None
+    when a text holds the separator: the caller renders them one by one)."""
+    text = _SEPARATOR.join(values)
+    if text.count(_SEPARATOR) != len(values) - 1:
+        return None
+    for char, escaped in escapes:
+        if char in text:
+            text = text.replace(char, escaped)
+    return (quote + text.replace(_SEPARATOR, quote + _SEPARATOR + quote) + quote).split(_SEPARATOR)
+
+
+def _decimal_texts(values: list[Any]) -> list[str] | None:
+    """Finite ``Decimal`` s as plain digits (None if one is not finite)."""
+    return list(map(format, values, repeat("f"))) if all(map(Decimal.is_finite, values)) else None
+
+
+def _naive_datetime_texts(values: list[Any]) -> list[str] | None:
+    """Naive datetimes as ``isoformat`` with a space (None if one has a time zone: PyMySQL would ignore it)."""
+    if not all(map(is_, map(_tzinfo, values), repeat(None))):
+        return None
+    return list(map(datetime.isoformat, values, repeat(" ")))
+
+
+def _around_nulls(values: list[Any], render: Callable[[list[Any]], list[str] | None]) -> list[str] | None:
+    """``render`` of the values that are not None, with ``NULL`` in place of each None (None: not rendered)."""
+    rendered = render([v for v in values if v is not None])
+    if rendered is None:
+        return None
+    it = iter(rendered)
+    return ["NULL" if v is None else next(it) for v in values]
+
+
 def _mysql_renderers(db: Any) -> dict[type, Callable[[list[Any]], list[str] | None]]:
     """Column renderers (values of one exact type -> PyMySQL's literals; None: not for these values), each kept
     only if it agrees with ``db.escape`` (the PyMySQL connection's own) on samples."""
     escapes = (("'", "''"),) if db.server_status & _SERVER_STATUS_NO_BACKSLASH_ESCAPES else _MYSQL_ESCAPES
 
     def strings(values: list[Any]) -> list[str] | None:
-        text = _SEPARATOR.join(values)
-        if text.count(_SEPARATOR) != len(values) - 1:
-            return None
-        for char, escaped in escapes:
-            if char in text:
-                text = text.replace(char, escaped)
-        return ("'" + text.replace(_SEPARATOR, "'" + _SEPARATOR + "'") + "'").split(_SEPARATOR)
+        return _quoted_texts(values, "'", escapes)
 
     def integers(values: list[Any]) -> list[str] | None:
         return list(map(str, values))
 
-    def decimals(values: list[Any]) -> list[str] | None:
-        return list(map(format, values, repeat("f"))) if all(map(Decimal.is_finite, values)) else None
-
-    def datetimes(values: list[Any]) -> list[str] | None:  # naive ones: PyMySQL ignores a time zone
-        if not all(map(is_, map(_tzinfo, values), repeat(None))):
-            return None
-        return list(map("'{}'".format, map(datetime.isoformat, values, repeat(" "))))
+    def datetimes(values: list[Any]) -> list[str] | None:
+        texts = _naive_datetime_texts(values)
+        return None if texts is None else list(map("'{}'".format, texts))
 
     def nones(values: list[Any]) -> list[str] | None:
         return ["NULL"] * len(values)
 
-    candidates = {int: integers, str: strings, Decimal: decimals, datetime: datetimes, _NONE: nones}
+    candidates = {int: integers, str: strings, Decimal: _decimal_texts, datetime: datetimes, _NONE: nones}
     return {
         kind: render
         for kind, render in candidates.items()
@@ -208,11 +231,9 @@ class _MySQLStatements:
         elif len(kinds) == 2 and _NONE in kinds:  # a nullable column
             kinds.discard(_NONE)
             render = renderers.get(kinds.pop())
-            present = [v for v in values if v is not None]
-            rendered = render(present) if render is not None else None
+            rendered = _around_nulls(values, render) if render is not None else None
             if rendered is not None:
-                it = iter(rendered)
-                return ["NULL" if v is None else next(it) for v in values]
+                return rendered
         return list(map(db.escape, values))
 
     def execute(self, cursor: Any, rows: Sequence[Sequence[Any]]) -> None:
@@ -275,30 +296,15 @@ def _csv_fields(values: list[Any]) -> list[str] | None:
         kinds.discard(_NONE)
         if not kinds:
             return ["NULL"] * len(values)
-        if len(kinds) > 1:
-            return None
-        present = _csv_fields([v for v in values if v is not None])
-        if present is None:
-            return None
-        it = iter(present)
-        return ["NULL" if v is None else next(it) for v in values]
+        return _around_nulls(values, _csv_fields) if len(kinds) == 1 else None
     if kinds == {str}:
-        text = _SEPARATOR.join(values)
-        if text.count(_SEPARATOR) != len(values) - 1:
-            return None
-        if _CSV_QUOTE in text:
-            text = text.replace(_CSV_QUOTE, _CSV_QUOTE * 2)
-        return (_CSV_QUOTE + text.replace(_SEPARATOR, f"{_CSV_QUOTE}{_SEPARATOR}{_CSV_QUOTE}") + _CSV_QUOTE).split(
-            _SEPARATOR
-        )
+        return _quoted_texts(values, _CSV_QUOTE, ((_CSV_QUOTE, _CSV_QUOTE * 2),))
     if kinds == {int}:
         return list(map(str, values))
     if kinds == {Decimal}:
-        return list(map(format, values, repeat("f"))) if all(map(Decimal.is_finite, values)) else None
+        return _decimal_texts(values)
     if kinds == {datetime}:
-        if not all(map(is_, map(_tzinfo, values), repeat(None))):
-            return None
-        return list(map(datetime.isoformat, values, repeat(" ")))
+        return _naive_datetime_texts(values)
     return None
 
 

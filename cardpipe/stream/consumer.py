@@ -178,10 +178,18 @@ def consume(
         started = last_progress = time.monotonic()
         reported_first = False
 
+        def report() -> None:
+            nonlocal last_progress, reported_first
+            assert progress is not None
+            last_progress = time.monotonic()
+            summary.seconds = last_progress - started
+            progress(summary)
+            reported_first = True
+
         def finish(*, rewind: bool = True) -> bool:
             """Wait for the checkpoint in flight: True once it is committed (or none was), False when it failed
             and the consumer was rewound to the last checkpoint (``rewind``; else the failure is let go)."""
-            nonlocal processor, frozen_at, conflicts, last_progress, reported_first
+            nonlocal processor, frozen_at, conflicts
             in_flight = checkpoints.in_flight
             try:
                 done = checkpoints.wait()
@@ -214,10 +222,7 @@ def consume(
                     group.commit(batch.next_offsets)
                     _account(summary, batch, messages, committed_at)
                     if progress and not reported_first:  # the first report comes with the first checkpoint
-                        last_progress = time.monotonic()
-                        summary.seconds = last_progress - started
-                        progress(summary)
-                        reported_first = True
+                        report()
                 return True
             processor = resume()
             frozen_at = 0
@@ -266,11 +271,8 @@ def consume(
                         if not finish():
                             continue
                         store.keep_leases()
-                    now = time.monotonic()
-                    if progress and reported_first and now - last_progress >= options.progress_every:
-                        summary.seconds = now - started
-                        progress(summary)
-                        last_progress = now
+                    if progress and reported_first and time.monotonic() - last_progress >= options.progress_every:
+                        report()
                     if stop.done_after(bool(raw)):
                         if not finish():
                             continue
