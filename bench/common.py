@@ -202,7 +202,7 @@ def dataset_counts(path: Path) -> dict[str, int]:
 
 
 #: Settings taken from the benchmark's own environment (the rest come from the sink's): what a run compares.
-PASSED_SETTINGS = ("CARDPIPE_COLUMNAR",)
+PASSED_SETTINGS = ("CARDPIPE_COLUMNAR", "CONSUMER_BATCH_SIZE")
 
 
 def sqlite_env() -> dict[str, str]:

@@ -35,12 +35,15 @@ log = logging.getLogger("cardpipe")
 
 #: What a consumer worker imports, for the server it is forked from to import ahead: the modules of its entry point
 #: and of the store opener its job names (both pickled by name), SQLite's driver and the stop events' module. (With
-#: MySQL/MariaDB, an extra, each worker imports the driver itself.)
+#: MySQL/MariaDB, an extra, each worker imports the driver itself.) Then what the export process forked from the
+#: same server beside them imports (on SQLite, :class:`~cardpipe.batch.apart.ExportProcess`): DuckDB and the engine.
 _WORKER_MODULES = (
     "cardpipe.stream.workers",
     "cardpipe.orchestration.runtime",
     "sqlite3",
     "multiprocessing.synchronize",
+    "cardpipe.batch.embedded",
+    "duckdb",
 )
 
 

@@ -23,6 +23,8 @@ SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 DEFAULT_TOPIC = "credit-card-transactions"
 SQLITE_FILENAME = "cardpipe.db"
 MAX_CONSUMER_BATCH_SIZE = 1_000_000  # confluent-kafka refuses to consume more messages per call
+#: Messages per poll and per checkpoint (CONSUMER_BATCH_SIZE): a backlog is decided in checkpoints this large.
+DEFAULT_CONSUMER_BATCH_SIZE = 20_000
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
@@ -91,7 +93,7 @@ class Settings:
     kafka_group_id: str = "cardpipe"
     spark_master: str = "local[*]"
     consumer_idle_seconds: float = 5.0
-    consumer_batch_size: int = 5000
+    consumer_batch_size: int = DEFAULT_CONSUMER_BATCH_SIZE
     spark_shuffle_partitions: int = 0  # 0: chosen from the data size
     batch_engine: str = "auto"  # auto | embedded | spark (cardpipe.batch.engines.choose_engine)
     spark_remote: str | None = None  # a Spark Connect URL, sc://host:port
@@ -177,7 +179,9 @@ class Settings:
             kafka_group_id=(env.get("KAFKA_GROUP_ID") or "cardpipe").strip(),
             spark_master=(env.get("SPARK_MASTER") or "local[*]").strip(),
             consumer_idle_seconds=_float(env, "CONSUMER_IDLE_SECONDS", 5.0),
-            consumer_batch_size=_int(env, "CONSUMER_BATCH_SIZE", 5000, maximum=MAX_CONSUMER_BATCH_SIZE),
+            consumer_batch_size=_int(
+                env, "CONSUMER_BATCH_SIZE", DEFAULT_CONSUMER_BATCH_SIZE, maximum=MAX_CONSUMER_BATCH_SIZE
+            ),
             spark_shuffle_partitions=_int(env, "SPARK_SHUFFLE_PARTITIONS", 0, minimum=0),
             batch_engine=(env.get("CARDPIPE_BATCH_ENGINE") or "auto").strip().lower(),
             spark_remote=(env.get("SPARK_REMOTE") or "").strip() or None,

@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cardpipe.batch.outputs import EMBEDDED_DIR_PREFIX, SettledRows, SettlementSummary
-from cardpipe.childprocs import CONTEXT, ChildProcess, prepare_child, remove_orphaned_dirs, report_to_parent
+from cardpipe.childprocs import (
+    CONTEXT,
+    ChildProcess,
+    prepare_child,
+    remove_orphaned_dirs,
+    report_to_parent,
+    worker_context,
+)
 from cardpipe.errors import CardpipeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -168,9 +175,14 @@ class ExportProcess:
 
     def __init__(self, database_url: URL, follow: tuple[str, Sequence[str], str] | None = None) -> None:
         level = logging.getLogger("cardpipe").getEffectiveLevel()
-        jobs, self._jobs = CONTEXT.Pipe(duplex=False)
+        # Forked from the consumer workers' server when it runs (it imports this process's modules too), else
+        # spawned: beside workers on every core, an interpreter importing its modules would take their CPU.
+        context = worker_context()
+        jobs, self._jobs = context.Pipe(duplex=False)
         followed = (follow[0], tuple(follow[1]), follow[2]) if follow is not None else None
-        self._child = ChildProcess(_export_main, jobs, database_url, level, followed, name="cardpipe-export")
+        self._child = ChildProcess(
+            _export_main, jobs, database_url, level, followed, name="cardpipe-export", context=context
+        )
         jobs.close()  # the child holds the reading end: it sees EOF once this process closes or dies
         self._pending: list[str] = []  # the tables asked for, whose result is not read yet
         self._folder = _follow_folder(database_url)

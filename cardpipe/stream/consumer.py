@@ -33,6 +33,7 @@ from confluent_kafka.admin import AdminClient
 from sqlalchemy.exc import IntegrityError
 
 from cardpipe.childprocs import signal_handled
+from cardpipe.config import DEFAULT_CONSUMER_BATCH_SIZE
 from cardpipe.errors import BrokerLost, BrokerUnavailable, SettlementChanged
 from cardpipe.faults import crash_point
 from cardpipe.stream.checkpoints import CheckpointBatch, CheckpointStore
@@ -61,7 +62,7 @@ class ConsumeOptions:
     follow: bool = False  # run until interrupted
     idle_seconds: float = 5.0  # otherwise stop after this long without a message...
     until_caught_up: bool = False  # ...or as soon as every partition is read to its end
-    batch_size: int = 5000
+    batch_size: int = DEFAULT_CONSUMER_BATCH_SIZE
     # How long one poll waits for the first message when none is ready. A batch never waits to be filled:
     # it is whatever has arrived (up to batch_size), so batches grow with the load and shrink with it.
     max_wait_seconds: float = 0.1
@@ -136,6 +137,12 @@ def consume(
     A transaction id that comes twice with different card ids can then reach two of them at once; the
     second commit fails on the primary key, and that consumer resumes from its last checkpoint, where
     the other's row is seen and its own copy rejected as ``duplicate_conflict``.
+
+    Idempotency: a batch's transaction ids are looked up before it is decided, except at first. A batch the
+    column-by-column path takes is decided without that look-up until a commit fails on the decisions' primary
+    key (a redelivered id, or one just committed by another consumer). The consumer then resumes from its last
+    checkpoint and looks every batch's ids up from then on, so a redelivery is told apart as before (a
+    ``duplicate_ignored``, or a ``duplicate_conflict``). A stream without redeliveries skips the look-ups.
     """
     consumer = Consumer(
         client_config(
@@ -167,8 +174,19 @@ def consume(
         )
         stop.watch(partitions)
 
+        # Batches are decided without looking their ids up first until a redelivery is caught (see the docstring).
+        look_up_first = False
+
         def resume() -> StreamProcessor:
-            return _resume(consumer, bootstrap_servers, store, topic, partitions, columnar=bool(options.columnar))
+            return _resume(
+                consumer,
+                bootstrap_servers,
+                store,
+                topic,
+                partitions,
+                columnar=bool(options.columnar),
+                look_up_first=look_up_first,
+            )
 
         processor = resume()
         checkpoints = _Checkpoints(store, dlq, dead_letter_topic, pipelined=options.pipelined is not False)
@@ -189,7 +207,7 @@ def consume(
         def finish(*, rewind: bool = True) -> bool:
             """Wait for the checkpoint in flight: True once it is committed (or none was), False when it failed
             and the consumer was rewound to the last checkpoint (``rewind``; else the failure is let go)."""
-            nonlocal processor, frozen_at, conflicts
+            nonlocal processor, frozen_at, conflicts, look_up_first
             in_flight = checkpoints.in_flight
             try:
                 done = checkpoints.wait()
@@ -202,17 +220,21 @@ def consume(
             except IntegrityError:
                 if not rewind:
                     return False
-                # Not this batch committed before (commit_durably checks): another consumer committed one of
-                # its transaction ids after our lookup (or the batch before, in flight, held it). Start over
-                # from the last checkpoint; this time the lookup finds that row.
+                # Not this batch committed before (commit_durably checks): one of its transaction ids was decided
+                # before it (a redelivery, in a batch decided without the lookup), or by another consumer after our
+                # lookup (or the batch before, in flight, held it). Start over from the last checkpoint, looking
+                # the ids up from now on: this time the lookup finds that row.
                 conflicts += 1
                 if conflicts > MAX_CHECKPOINT_CONFLICTS:
                     raise
                 log.warning(
-                    "partition(s) %s: a transaction id of this batch was decided meanwhile by another "
-                    "consumer; resuming from the last checkpoint",
+                    "partition(s) %s: a transaction id of this batch was decided %s; resuming from the last "
+                    "checkpoint%s",
                     ", ".join(map(str, sorted(in_flight.next_offsets if in_flight is not None else ()))),
+                    "meanwhile by another consumer" if look_up_first else "before (redelivered) or by another consumer",
+                    "" if look_up_first else ", looking each batch's ids up from now on",
                 )
+                look_up_first = True
                 summary.counts["checkpoint_conflicts"] += 1
             else:
                 if done is not None:
@@ -347,10 +369,12 @@ def _resume(
     partitions: list[int],
     *,
     columnar: bool = False,
+    look_up_first: bool = True,
 ) -> StreamProcessor:
     """A processor deciding with the limits of the settlement in force, and ``consumer`` positioned right after
     the last checkpoint. The processor loads each card (with its balance of that checkpoint) the first time one
-    of its transactions comes: the first decisions do not wait for every card to be read."""
+    of its transactions comes: the first decisions do not wait for every card to be read. ``look_up_first``:
+    see :class:`StreamProcessor`."""
     positions = _start_positions(bootstrap_servers, store, topic, partitions, store.restore_offsets())
     consumer.unassign()  # drops whatever was fetched past the checkpoint
     consumer.assign(positions)
@@ -364,6 +388,7 @@ def _resume(
         load_cards=store.load_cards,
         # Arrow is imported on a thread meanwhile: the first batches do not wait for it.
         columnar=ColumnarDecider(background=True) if columnar else False,
+        look_up_first=look_up_first,
     )
 
 

@@ -44,8 +44,9 @@ class StreamProcessor:
     """Authorizes polled batches, absorbing duplicates by transaction_id (the idempotency key).
 
     The batch's transaction ids are looked up in one query (primary-key lookups): memory holds per-card
-    state only, never the set of decided ids. The cards are given (``cards``, ``balances``), or loaded as they
-    first come with ``load_cards``: a batch's new cards in one call.
+    state only, never the set of decided ids. (Without ``look_up_first``, a batch the column-by-column path
+    takes is not looked up: the store's primary key catches a redelivery at the commit.) The cards are given
+    (``cards``, ``balances``), or loaded as they first come with ``load_cards``: a batch's new cards in one call.
     """
 
     def __init__(
@@ -59,8 +60,13 @@ class StreamProcessor:
         load_cards: CardsLoader | None = None,
         *,
         columnar: bool | ColumnarDecider = False,
+        look_up_first: bool = True,
     ):
         self.topic = topic
+        #: False: the column-by-column path decides a batch without looking its ids up first. A redelivered id
+        #: then fails the checkpoint on the decisions' primary key, and the consumer decides again from its last
+        #: checkpoint with a processor that looks them up (:func:`cardpipe.stream.consumer.consume`).
+        self.look_up_first = look_up_first
         self.authorizer = Authorizer(
             cards, balances, load=None if load_cards is None else lambda ids: load_cards(ids, self.settlement_id)
         )
@@ -178,7 +184,7 @@ class StreamProcessor:
         if len(set(transaction_ids)) != len(transaction_ids):  # a transaction twice in the batch (re-published)
             return None
         self.cards_loaded += self.authorizer.prepare(card_ids)
-        if self.lookup(transaction_ids):
+        if self.look_up_first and self.lookup(transaction_ids):
             return None
         partitions = list(map(_partition, messages))
         outcome = self.columnar.decide(table, card_ids, transaction_ids, partitions, self.authorizer)

@@ -236,6 +236,31 @@ def test_a_later_transaction_reaching_the_limit_exactly_goes_pending() -> None:
     assert got.columns.card_balances == {1: 100_000, 2: 10_000}
 
 
+def test_without_looking_up_first_a_taken_batch_is_decided_without_the_lookup() -> None:
+    """``look_up_first=False``: the column-by-column path skips the lookup (the store's primary key catches a
+    redelivery at the commit); the decisions are the same. A batch that path leaves is still looked up."""
+    cards = {c: CardProfile(c, D("1000.00"), "11513") for c in CARD_IDS}
+    balances = dict.fromkeys(CARD_IDS, D("0.00"))
+    values = [
+        encode_transaction(Transaction(t, CARD_IDS[t % 5], "M", datetime(2025, 4, 1), D("400.00"), "x 1", "purchase"))[
+            1
+        ]
+        for t in range(1, 11)
+    ]
+    messages = [RawMessage(0, i, None, v, None) for i, v in enumerate(values)]
+    asked: dict[str, list[list[int]]] = {"first": [], "not first": []}
+    looking = StreamProcessor("t", cards, balances, lambda ids: asked["first"].append(ids) or {}, columnar=True)
+    trusting = StreamProcessor(
+        "t", cards, balances, lambda ids: asked["not first"].append(ids) or {}, columnar=True, look_up_first=False
+    )
+    expected, got = looking.process(messages), trusting.process(messages)
+    assert trusting.columnar_batches == looking.columnar_batches == 1
+    assert checkpoint(got) == checkpoint(expected)
+    assert asked == {"first": [list(range(1, 11))], "not first": []}
+    trusting.process([RawMessage(0, 10, None, NOT_TAKEN["extra field"], None)])  # left to the per-message path
+    assert asked["not first"] == [[1]]
+
+
 def test_the_setting_chooses_the_path() -> None:
     assert columnar.wanted("off") is False
     assert columnar.wanted("auto") is columnar.available()

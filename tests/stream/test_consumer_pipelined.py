@@ -6,17 +6,12 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import create_engine, select
 from sqlalchemy.exc import IntegrityError
 
-from cardpipe.config import SAMPLE_DATA_DIR, Settings
-from cardpipe.domain.records import STREAM_COLUMNS
 from cardpipe.errors import SettlementChanged
-from cardpipe.orchestration import commands
-from cardpipe.serving import schema
 from cardpipe.serving.stream_store import StreamStore
-from cardpipe.stream.broker import broker_session
-from cardpipe.stream.consumer import ConsumeOptions, consume
+from cardpipe.stream.consumer import ConsumeOptions
+from tests.stream.helpers import consume_sample
 
 pytestmark = pytest.mark.kafka
 
@@ -30,7 +25,7 @@ class FailingOnce(StreamStore):
         self.error, self.in_thread, self.calls, self.threads = error, in_thread, 0, set()
         self.failed_call: int | None = None
         self.failing: tuple[float, float] | None = None  # when the failing commit ran
-        self.lookups: list[float] = []  # when batches were decided (each looks its ids up)
+        self.checks: list[float] = []  # when batches were decided (each checks the settlement first), or resumed
 
     def commit_durably(self, batch, **kwargs):
         started = time.monotonic()
@@ -45,33 +40,17 @@ class FailingOnce(StreamStore):
             raise self.error
         super().commit_durably(batch, **kwargs)
 
-    def lookup_decided(self, transaction_ids, **kwargs):
-        self.lookups.append(time.monotonic())
-        return super().lookup_decided(transaction_ids, **kwargs)
+    def settlement_in_force(self):
+        self.checks.append(time.monotonic())
+        return super().settlement_in_force()
 
 
 def run(tmp_path, name, *, pipelined, error):
-    settings = Settings.from_env(env={}, results_dir=tmp_path / name, data_dir=SAMPLE_DATA_DIR)
-    commands.setup(settings)
-    commands.load(settings)
-    engine = create_engine(settings.database_url)
-    try:
-        with broker_session(None, settings.results_dir) as broker:
-            published = commands.produce(settings, broker=broker).published
-            store = FailingOnce(engine, settings.kafka_topic, error=error, in_thread=bool(pipelined))
-            summary = consume(
-                broker.bootstrap_servers,
-                settings.kafka_topic,
-                store,
-                options=ConsumeOptions(until_caught_up=True, batch_size=10, pipelined=pipelined),
-            )
-        t = schema.stream_transactions
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(*(t.c[c] for c in (*STREAM_COLUMNS, "credit_limit"))).order_by(t.c.transaction_id)
-            ).all()
-    finally:
-        engine.dispose()
+    summary, store, rows, published = consume_sample(
+        tmp_path / name,
+        lambda engine, topic: FailingOnce(engine, topic, error=error, in_thread=bool(pipelined)),
+        ConsumeOptions(until_caught_up=True, batch_size=10, pipelined=pipelined),
+    )
     assert summary.messages == published == len(rows)
     return summary, store, rows
 
@@ -91,9 +70,9 @@ def test_a_failed_commit_rewinds_and_the_results_are_a_clean_runs(tmp_path, pipe
     assert summary.counts[counted] == 1
     assert rows == expected
     # The batches up to the failing one were decided before it failed, and pipelined the next one too (on the
-    # failing one, in flight).
+    # failing one, in flight); the first check is the consumer's start.
     assert store.failing is not None and store.failed_call is not None
-    assert sum(t < store.failing[1] for t in store.lookups) == store.failed_call + (1 if pipelined else 0)
+    assert sum(t < store.failing[1] for t in store.checks) == 1 + store.failed_call + (1 if pipelined else 0)
     # The full batches' commits ran on the checkpoint thread (pipelined), the others on the consumer's own.
     here = threading.current_thread().name
     assert store.threads - {here} == ({"cardpipe-checkpoint_0"} if pipelined else set())
