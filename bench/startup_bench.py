@@ -125,7 +125,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT_DIR / "startup.json")
     parser.add_argument(
-        "--cardpipe", nargs="+", action="extend", help="the cardpipe executables to time (repeatable; default: ours)"
+        "--cardpipe",
+        nargs="+",
+        action="extend",
+        help="the cardpipe executables to time (repeatable; default: ours). Compile another checkout's package "
+        "first (python -m compileall DIR/cardpipe): with PYTHONDONTWRITEBYTECODE set, it would compile its modules "
+        "in every run",
     )
     parser.add_argument(
         "--workers", type=int, nargs="+", action="extend", help="consume --workers values to time (default 1)"
