@@ -22,7 +22,7 @@ from cardpipe.config import Settings
 from cardpipe.orchestration.locks import RUN_SETUP, SHARED, DatabaseLock, FolderLock, NotReady, require_loaded
 from cardpipe.serving.database import check_connection, create_clean_schema, ensure_schema, make_engine
 from cardpipe.serving.stream_store import StreamStore
-from cardpipe.stream.broker import BrokerHandle, ensure_broker, ensure_topic, stop_broker
+from cardpipe.stream.broker import BrokerHandle, ensure_broker, ensure_topics, stop_broker
 from cardpipe.stream.clients import use_client_settings
 
 log = logging.getLogger("cardpipe")
@@ -224,9 +224,8 @@ class Runtime:
             if servers not in self._partitions:
                 replicas = self.settings.topic_replication_factor
                 topic = self.settings.kafka_topic
-                count = ensure_topic(servers, topic, self.settings.kafka_partitions, replication_factor=replicas)
-                ensure_topic(servers, self.settings.dead_letter_topic, 1, replication_factor=replicas)
-                self._partitions[servers] = count
+                wanted = {self.settings.dead_letter_topic: 1, topic: self.settings.kafka_partitions}
+                self._partitions[servers] = ensure_topics(servers, wanted, replication_factor=replicas)[topic]
             return self._partitions[servers]
 
     # ------------------------------------------------------------------------------------------ children

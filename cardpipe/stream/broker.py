@@ -39,7 +39,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -407,13 +407,15 @@ def broker_session(bootstrap_servers: str | None, work_dir: Path) -> Iterator[Br
 # --- topics -------------------------------------------------------------------------------------------
 
 
-def _partition_count(admin: AdminClient, topic: str, timeout: float) -> int | None:
-    """Partitions of ``topic`` per broker metadata, or None if it does not exist (never auto-creates)."""
+def _partition_counts(admin: AdminClient, topics: Iterable[str], timeout: float) -> dict[str, int | None]:
+    """Partitions of each of ``topics`` per one metadata request, None for one that does not exist (never
+    auto-creates)."""
     metadata = admin.list_topics(timeout=timeout)  # all topics: a named lookup could auto-create
-    info = metadata.topics.get(topic)
-    if info is None or info.error is not None:
-        return None
-    return len(info.partitions)
+    counts: dict[str, int | None] = {}
+    for topic in topics:
+        info = metadata.topics.get(topic)
+        counts[topic] = None if info is None or info.error is not None else len(info.partitions)
+    return counts
 
 
 def ensure_topic(
@@ -421,32 +423,47 @@ def ensure_topic(
 ) -> int:
     """Create ``topic`` with ``partitions`` partitions and ``replication_factor`` replicas (-1: the cluster's
     default) if missing; return its actual partition count."""
-    if partitions < 1:
-        raise ValueError(f"partitions must be at least 1, got {partitions}")
+    wanted = {topic: partitions}
+    return ensure_topics(bootstrap_servers, wanted, replication_factor=replication_factor, timeout=timeout)[topic]
+
+
+def ensure_topics(
+    bootstrap_servers: str, partitions: Mapping[str, int], *, replication_factor: int = 1, timeout: float = 15.0
+) -> dict[str, int]:
+    """:func:`ensure_topic` for each topic of ``partitions`` (topic -> its partitions when created), with one
+    client: topics that all exist cost one metadata request. Returns each topic's actual partition count."""
+    for count in partitions.values():
+        if count < 1:
+            raise ValueError(f"partitions must be at least 1, got {count}")
     admin = _admin(bootstrap_servers)
     deadline = time.monotonic() + timeout
+    topic = next(iter(partitions), "")  # the one an error names
     try:
-        count = _partition_count(admin, topic, timeout)
-        if count is None:
+        counts = _partition_counts(admin, partitions, timeout)
+        missing = [t for t, count in counts.items() if not count]
+        if missing:
             futures = admin.create_topics(
-                [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)],
+                [NewTopic(t, num_partitions=partitions[t], replication_factor=replication_factor) for t in missing],
                 request_timeout=timeout,
             )
-            try:
-                futures[topic].result()
-            except KafkaException as exc:
-                code = exc.args[0].code() if exc.args and isinstance(exc.args[0], KafkaError) else None
-                if code == KafkaError.INVALID_TOPIC_EXCEPTION:  # type: ignore[attr-defined]  # not in the stubs
-                    raise ConfigError(f"Invalid Kafka topic name {topic!r}: {kafka_error_text(exc)}") from None
-                if code != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
-        while True:  # wait until the metadata shows the topic with its partitions
-            count = _partition_count(admin, topic, max(0.1, deadline - time.monotonic()))
-            if count:
-                return count
-            if time.monotonic() >= deadline:
-                raise BrokerUnavailable(f"Kafka topic {topic!r} on {bootstrap_servers} has no partitions")
-            time.sleep(0.05)
+            for topic in missing:
+                try:
+                    futures[topic].result()
+                except KafkaException as exc:
+                    code = exc.args[0].code() if exc.args and isinstance(exc.args[0], KafkaError) else None
+                    if code == KafkaError.INVALID_TOPIC_EXCEPTION:  # type: ignore[attr-defined]  # not in the stubs
+                        raise ConfigError(f"Invalid Kafka topic name {topic!r}: {kafka_error_text(exc)}") from None
+                    if code != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
+            while True:  # wait until the metadata shows the topics with their partitions
+                counts = _partition_counts(admin, partitions, max(0.1, deadline - time.monotonic()))
+                waiting = [t for t, count in counts.items() if not count]
+                if not waiting:
+                    break
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(f"Kafka topic {waiting[0]!r} on {bootstrap_servers} has no partitions")
+                time.sleep(0.05)
+        return {t: int(count or 0) for t, count in counts.items()}
     except KafkaException as exc:
         raise BrokerUnavailable(
             f"Cannot create Kafka topic {topic!r} on {bootstrap_servers} ({kafka_error_text(exc)})"

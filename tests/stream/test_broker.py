@@ -23,6 +23,7 @@ from cardpipe.stream.broker import (
     broker_status,
     ensure_broker,
     ensure_topic,
+    ensure_topics,
     stop_broker,
 )
 
@@ -81,6 +82,12 @@ def test_lifecycle_reuse_topic_roundtrip_and_stop(work_dir: Path) -> None:
     bootstrap = first.bootstrap_servers
     assert ensure_topic(bootstrap, "transactions", 8) == 8
     assert ensure_topic(bootstrap, "transactions", 8) == 8
+    # Several at once: the existing one keeps its partitions, the new one is made with its own.
+    assert ensure_topics(bootstrap, {"transactions": 3, "transactions.dlq": 1}) == {
+        "transactions": 8,
+        "transactions.dlq": 1,
+    }
+    assert ensure_topics(bootstrap, {"transactions.dlq": 5}) == {"transactions.dlq": 1}
 
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
     for partition in range(8):
