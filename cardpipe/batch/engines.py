@@ -63,6 +63,10 @@ def choose_engine(requested: str, spark_master: str | None, spark_remote: str | 
     return EMBEDDED
 
 
+#: The folder (inside the output folder) of the inputs the Spark engine reads on SQLite, one per settlement.
+SPARK_INPUTS_PREFIX = ".spark-inputs-"
+
+
 def run_engine(
     name: str,
     settings: Settings,
@@ -100,8 +104,14 @@ def run_engine(
         from cardpipe.batch.embedded import settle_embedded
 
         return settle_embedded(settings.database_url, watermark, out_dir, progress=progress, on_settled=on_settled)
-    with spark_session(settings, progress) as spark:
-        return settle_spark(spark, settings, watermark, out_dir, progress=progress)
+    try:
+        with spark_session(settings, progress) as spark:
+            return settle_spark(spark, settings, watermark, out_dir, progress=progress)
+    finally:
+        # An interrupted settlement's inputs are removed only now, once its session is stopped: a job it left running
+        # would fail on the missing files and log that failure while Ctrl-C goes through.
+        for left in out_dir.glob(f"{SPARK_INPUTS_PREFIX}*"):
+            shutil.rmtree(left, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -190,7 +200,10 @@ def settle_spark(
             spark, options, partitions=jdbc_partitions(settings.spark_master), watermark=watermark
         )
         return run_settlement(spark, inputs, out_dir, progress)
-    staging = out_dir / f".spark-inputs-{uuid.uuid4().hex[:12]}"
+    from cardpipe.batch.spark import interruption
+
+    staging = out_dir / f"{SPARK_INPUTS_PREFIX}{uuid.uuid4().hex[:12]}"
+    interrupted = False
     try:
         if progress:
             progress("exporting the settling decisions, cards and customers for Spark")
@@ -199,8 +212,12 @@ def settle_spark(
             progress("settling with Spark")
         inputs = read_csv_inputs(spark, paths["stream_transactions"], paths["cards"], paths["customers"])
         return run_settlement(spark, inputs, out_dir, progress)
+    except BaseException as exc:
+        interrupted = interruption(exc) is not None
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not interrupted:  # else a job may still read them: the session's owner removes them (run_engine)
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_inputs(settings: Settings, watermark: Mapping[int, int], folder: Path) -> dict[str, Path]:

@@ -152,6 +152,34 @@ def test_run_engine_runs_either_engine_on_the_seed_dataset(
     assert not spark.sparkContext._jsc.sc().isStopped()  # the active session was used, not stopped
 
 
+@pytest.mark.spark
+def test_an_interrupted_spark_settlement_keeps_its_inputs_until_the_session_is_done_with(
+    spark: Any, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: Ctrl-C while a job ran removed the CSV inputs it was reading, before the session was stopped; the
+    job then failed on the missing file and the JVM logged the failure (the Ctrl-C test's rare noise)."""
+    from cardpipe.batch import settlement_job
+    from cardpipe.batch.engines import SPARK_INPUTS_PREFIX, run_engine, settle_spark
+
+    serving = serving_database(tmp_path_factory, "seed", SEED_DATASET / "input", unknown_cards=0)
+    watermark = serving.full_watermark()
+    read: list[Path] = []
+
+    def interrupted(spark_: Any, inputs: Any, out_dir: Path, progress: Any = None) -> Any:
+        read.extend(sorted(out_dir.glob(f"{SPARK_INPUTS_PREFIX}*")))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(settlement_job, "run_settlement", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        settle_spark(spark, settings_for(serving.url, tmp_path), watermark, tmp_path / "alone")
+    assert read and all(folder.is_dir() for folder in read), "left for the session's owner"
+    read.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_engine("spark", settings_for(serving.url, tmp_path), watermark, tmp_path / "engine")
+    assert read and not any(folder.exists() for folder in read), "removed once the session is done with"
+    # Not interrupted: removed by settle_spark itself (the equality tests above leave only the outputs).
+
+
 # ------------------------------------------------------------------------------------------ MariaDB over JDBC
 
 
