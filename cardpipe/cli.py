@@ -458,7 +458,12 @@ class Terminated(BaseException):
     ``finally`` blocks stop what the command started (the embedded broker, the producer, Spark)."""
 
 
+#: Set once SIGTERM has come: an error that surfaces after it is reported as the termination (see :func:`main`).
+_TERMINATED: list[bool] = []
+
+
 def _terminate(_signum: int, _frame: object) -> None:
+    _TERMINATED.append(True)
     raise Terminated
 
 
@@ -524,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure ends as one line on stderr and an exit status:
     2 an error the user can act on (or bad usage), 70 a bug, 130 Ctrl-C, 143 SIGTERM."""
     previous = signal.signal(signal.SIGTERM, _terminate)
+    _TERMINATED.clear()
     args = argparse.Namespace()
     try:
         try:
@@ -534,6 +540,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _signal_exit(signalled)
         except Exception as exc:
             wrapped = _signal_wrapped(exc)
+            if wrapped is None and _TERMINATED:
+                # The handler's exception was lost inside a C call, which raised its own instead (confluent-kafka's
+                # client configuration reports any failure while reading its settings as a TypeError).
+                wrapped = Terminated()
+                if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
+                    traceback.print_exception(exc, file=sys.stderr)
             return _report(exc, args) if wrapped is None else _signal_exit(wrapped)
     except KeyboardInterrupt:  # a second Ctrl-C while the first failure was reported
         return 128 + signal.SIGINT

@@ -314,6 +314,28 @@ def test_a_signal_reported_as_a_system_error_still_ends_as_the_signal(monkeypatc
     assert capsys.readouterr().err.strip().splitlines()[-1] == line
 
 
+def test_an_error_raised_in_place_of_sigterms_exception_still_ends_as_sigterm(monkeypatch, capsys):
+    """A C call that ran the SIGTERM handler may lose its exception and raise its own: confluent-kafka's client
+    configuration reported "TypeError: expected configuration property name as type unicode string" when SIGTERM
+    reached `run` while it made a client (seen once in CI). SIGTERM came: the command ends as terminated."""
+
+    def masked(_args):
+        lost = False
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except cli.Terminated:
+            lost = True
+        if lost:
+            raise TypeError("expected configuration property name as type unicode string")
+
+    monkeypatch.setattr(cli, "cmd_persist", masked)
+    assert cli.main(["persist"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "cardpipe: terminated"
+    # The next command in this process starts afresh: its own error is an error again.
+    monkeypatch.setattr(cli, "cmd_persist", lambda _args: (_ for _ in ()).throw(TypeError("a bug")))
+    assert cli.main(["persist"]) == 70
+
+
 def test_a_system_error_of_its_own_is_still_an_internal_error(monkeypatch, capsys):
     def broken(_args):
         raise SystemError("a bug")
