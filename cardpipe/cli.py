@@ -470,9 +470,19 @@ def _terminate(_signum: int, _frame: object) -> None:
 def _signal_wrapped(exc: BaseException) -> BaseException | None:
     """The ``Terminated`` or ``KeyboardInterrupt`` that ``exc`` stands for, if any: CPython reports an exception that
     a signal handler raised at some points inside a C call as a ``SystemError`` ("... returned a result with an
-    exception set") whose cause is the handler's exception."""
+    exception set") whose cause is the handler's exception; other C calls lose the handler's exception and raise
+    their own (confluent-kafka's client configuration reports any failure while reading its settings as a
+    ``TypeError``), so any error after SIGTERM came stands for it."""
     cause = exc.__cause__
-    return cause if isinstance(exc, SystemError) and isinstance(cause, (Terminated, KeyboardInterrupt)) else None
+    if isinstance(exc, SystemError) and isinstance(cause, (Terminated, KeyboardInterrupt)):
+        return cause
+    return Terminated() if _TERMINATED else None
+
+
+def _print_traceback_when_debugging(exc: BaseException) -> None:
+    """The whole traceback on stderr when CARDPIPE_DEBUG is set (the command still ends with its one line)."""
+    if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
+        traceback.print_exception(exc, file=sys.stderr)
 
 
 def _signal_exit(signalled: BaseException) -> int:
@@ -499,8 +509,7 @@ def _error_context(args: argparse.Namespace) -> ErrorContext:
 def _report(exc: Exception, args: argparse.Namespace) -> int:
     """Print one line for ``exc`` (the traceback too with CARDPIPE_DEBUG=1); return the exit status."""
     context = _error_context(args)
-    if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
-        traceback.print_exception(exc, file=sys.stderr)
+    _print_traceback_when_debugging(exc)
     message = user_message(exc, context)
     if message is None:
         print(f"cardpipe: {internal_error_line(exc, context)}", file=sys.stderr)
@@ -540,13 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _signal_exit(signalled)
         except Exception as exc:
             wrapped = _signal_wrapped(exc)
-            if wrapped is None and _TERMINATED:
-                # The handler's exception was lost inside a C call, which raised its own instead (confluent-kafka's
-                # client configuration reports any failure while reading its settings as a TypeError).
-                wrapped = Terminated()
-                if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
-                    traceback.print_exception(exc, file=sys.stderr)
-            return _report(exc, args) if wrapped is None else _signal_exit(wrapped)
+            if wrapped is None:
+                return _report(exc, args)
+            _print_traceback_when_debugging(exc)
+            return _signal_exit(wrapped)
     except KeyboardInterrupt:  # a second Ctrl-C while the first failure was reported
         return 128 + signal.SIGINT
     except Terminated:
