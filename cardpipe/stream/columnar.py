@@ -236,12 +236,13 @@ class ColumnarDecider:
             return None
         joined = b"\n".join(values)
         ascii_ = joined.isascii()
+        escaped = b"\\" in joined  # one pass at memchr speed: most batches hold no backslash at all
         if (
             joined.count(b"\n") != len(values) - 1
-            or b"\\u" in joined
-            or b"\xef\xbb\xbf" in joined
-            or not ascii_
-            and not _is_utf8(joined)
+            or escaped
+            and b"\\u" in joined
+            or not ascii_  # a byte order mark, like any text that is not valid UTF-8, is not ASCII
+            and (b"\xef\xbb\xbf" in joined or not _is_utf8(joined))
         ):
             return None
         try:  # a large batch in blocks read on Arrow's threads, the table's rows in the messages' order
@@ -255,7 +256,7 @@ class ColumnarDecider:
             return None
         # JSON holds no control character unescaped (Arrow's reader refuses them): with no escape and no DEL, an
         # ASCII batch's texts hold none.
-        plain = ascii_ and b"\\" not in joined and b"\x7f" not in joined
+        plain = ascii_ and not escaped and b"\x7f" not in joined
         return table if self._well_formed(table, ascii_=ascii_, plain=plain) else None
 
     def _well_formed(self, t: Any, *, ascii_: bool, plain: bool) -> bool:

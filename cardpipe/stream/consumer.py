@@ -13,9 +13,9 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, cast
@@ -53,6 +53,10 @@ MAX_CHECKPOINT_CONFLICTS = 5
 #: The first batch a consumer takes is at most this large, and each next one at most twice the last, up to
 #: ``batch_size``: one that starts on a backlog commits its first decisions at once, then runs on full batches.
 FIRST_BATCH_SIZE = 500
+#: While a consumer runs, the cyclic collector's youngest generation is collected after this many new container
+#: objects at the least (Python's default is 700). A batch makes tens of thousands that live as long as it does:
+#: collected every 700, they were scanned again and again, and promoted to be scanned by the older collections.
+YOUNG_COLLECTION_THRESHOLD = 50_000
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,7 @@ def consume(
             return False
 
         try:
-            with stop_on_sigterm(stop.request) if should_stop is None else nullcontext():
+            with stop_on_sigterm(stop.request) if should_stop is None else nullcontext(), collections_spaced():
                 while not stop.stop_requested():
                     polled = poll_ready(consumer, batch_limit, options.max_wait_seconds)
                     if broker_alive is not None and not broker_alive():
@@ -310,6 +314,20 @@ def consume(
         store.release()
         if dlq is not None:
             dlq.flush(10)
+
+
+@contextmanager
+def collections_spaced(threshold: int = YOUNG_COLLECTION_THRESHOLD) -> Iterator[None]:
+    """Collect the youngest generation of cyclic garbage after ``threshold`` new container objects at the least
+    while the block runs, then put the thresholds back (unless someone else changed them meanwhile)."""
+    before = gc.get_threshold()
+    spaced = (max(before[0], threshold), *before[1:])
+    gc.set_threshold(*spaced)
+    try:
+        yield
+    finally:
+        if gc.get_threshold() == spaced:
+            gc.set_threshold(*before)
 
 
 def _lag(consumer: Consumer, topic: str, partitions: list[int]) -> int | None:
