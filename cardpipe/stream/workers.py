@@ -13,6 +13,7 @@ finishing its current batch (its checkpoint is committed), as a single consumer 
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import time
@@ -304,6 +305,10 @@ def _worker_main(conn: Connection, job: WorkerJob, stop: Any, published: Any = N
     ``stop``: the parent's stop request (an event); ``published``: an event the parent sets once the stream's
     producer is done (None: no producer runs). The summary goes with whether this worker got SIGTERM itself.
     """
+    # What this process holds from the server it was forked from (the modules it imported) lives as long as it:
+    # kept out of its collections, the first of which scanned it all, copying its pages on write, before the first
+    # decision.
+    gc.freeze()
     orphaned = prepare_child(job.log_level, f"cardpipe: worker {job.index}: %(message)s")
     use_client_settings(job.settings.kafka_client_in_use)
     terminated: list[bool] = []
