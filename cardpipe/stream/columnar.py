@@ -23,9 +23,11 @@ What a batch must be to be taken, and why each check gives the per-message path'
 
 The rules (SPEC §3, :func:`cardpipe.domain.authorization._decline_reason`) in integer cents, exactly:
 ``abs(amount) >= limit / 2`` is ``2 * abs(amount) >= limit``; the location rule compares the first character
-of the last word of the location (5 characters at least) with the owner's; ``pending + amount > limit``. Each
-card's first transaction in the batch is judged on its balance before the batch, all at once; a card's later
-transactions (a few percent of a batch) one by one, in order, on the balance as it runs.
+of the last word of the location (5 characters at least) with the owner's; ``pending + amount > limit``. The
+balance each transaction is judged on is the card's balance before the batch plus what its earlier transactions
+in the batch moved, taken all at once as if every one not declined by the first two rules went pending (a running
+sum per card); that holds up to a card's first transaction over its limit, and from it on that card's
+transactions are judged one by one, in order, on the balance as it runs (a declined one moves nothing).
 """
 
 from __future__ import annotations
@@ -326,13 +328,18 @@ class ColumnarDecider:
         half = pc.greater_equal(pc.multiply(pc.abs(cents), 2), limit_col)
         customer_heads = pa.array(list(map(_third, terms)), pa.string())
         far = pc.invert(pc.fill_null(pc.equal(customer_heads, self._merchant_heads(location)), False))
-        over = pc.greater(pc.add(before_col, cents), limit_col)
+        # Declined whatever the balance (half the limit, too far) or judged on the card's balance as it runs: its
+        # balance before the batch plus what its earlier transactions in the batch moved, all of them taken to
+        # have gone pending (a running sum per card, in batch order) ...
+        held = pc.or_(half, far)
+        card_column = table.column("card_id").combine_chunks()
+        after_col = pc.add(before_col, _running_sums(card_column, pc.if_else(held, 0, cents)))
+        over = pc.and_(pc.invert(held), pc.greater(after_col, limit_col))
         reason_col = pc.case_when(pc.make_struct(half, far, over), *_REASONS)
-        # Each transaction judged on its card's balance before the batch, and the balance after it ...
         reasons: list[str | None] = reason_col.to_pylist()
-        after: list[int] = pc.if_else(pc.is_null(reason_col), pc.add(before_col, cents), before_col).to_pylist()
-        if len(set(card_ids)) < n:  # ... which holds for each card's first; its later ones go one by one, in order
-            self._judge_repeats(table.column("card_id"), reasons, after, limits, cents, half, far)
+        after: list[int] = after_col.to_pylist()
+        if pc.any(over).as_py():  # ... which holds for each card until it goes over its limit; from then on, in order
+            self._judge_in_order(card_column, over, reasons, after, limits, cents, half, far)
         card_balances = dict(zip(card_ids, after, strict=True))  # each card's last
         status = [DECLINED if reason else PENDING for reason in reasons]
         pending_added = Counter(compress(card_ids, map(is_, reasons, repeat(None))))
@@ -365,8 +372,9 @@ class ColumnarDecider:
         return ColumnarOutcome(columns, counts)
 
     @staticmethod
-    def _judge_repeats(
+    def _judge_in_order(
         card_column: Any,
+        over: Any,
         reasons: list[str | None],
         after: list[int],
         limits: list[int],
@@ -374,29 +382,34 @@ class ColumnarDecider:
         half: Any,
         far: Any,
     ) -> None:
-        """Judge again, in order, the transactions of cards that come more than once in the batch (all but each
-        card's first) on the balance as it runs: ``reasons`` and ``after`` are updated in place."""
-        seen = pc.value_counts(card_column)
-        repeated = pc.filter(seen.field("values"), pc.greater(seen.field("counts"), 1))
-        rows = pc.indices_nonzero(pc.is_in(card_column, value_set=repeated))
+        """Judge again, one by one in order, the transactions of each card that went over its limit in the batch
+        from the first that did on, on the balance as it runs (a declined transaction moves nothing): ``reasons``
+        and ``after`` are updated in place. Those before it were judged on the right balance already."""
+        over_rows = pc.indices_nonzero(over)
+        over_cards = pc.take(card_column, over_rows)
+        cards = pc.unique(over_cards)
+        first_over = pc.take(over_rows, pc.index_in(cards, value_set=over_cards))  # each card's first, in order
+        each_first = pc.take(first_over, pc.index_in(card_column, value_set=cards))  # per row: its card's, or null
+        candidates = pc.indices_nonzero(pc.is_valid(each_first))
+        rows = pc.filter(candidates, pc.greater_equal(candidates, pc.take(each_first, candidates)))
         card_ids, amounts_, halves, fars = (pc.take(c, rows).to_pylist() for c in (card_column, amounts, half, far))
         running: dict[int, int] = {}
         for k, i in enumerate(rows.to_pylist()):
             card_id = card_ids[k]
             balance = running.get(card_id)
-            if balance is not None:  # a later transaction of the card
-                reason = (
-                    AMOUNT_OVER_HALF_LIMIT
-                    if halves[k]
-                    else LOCATION_TOO_FAR
-                    if fars[k]
-                    else OVER_CREDIT_LIMIT
-                    if balance + amounts_[k] > limits[i]
-                    else None
-                )
-                reasons[i] = reason
-                after[i] = balance + amounts_[k] if reason is None else balance
-            running[card_id] = after[i]
+            if balance is None:  # the card's first over its limit: its running sum counted its own amount
+                balance = after[i] - amounts_[k]
+            reason = (
+                AMOUNT_OVER_HALF_LIMIT
+                if halves[k]
+                else LOCATION_TOO_FAR
+                if fars[k]
+                else OVER_CREDIT_LIMIT
+                if balance + amounts_[k] > limits[i]
+                else None
+            )
+            reasons[i] = reason
+            after[i] = running[card_id] = balance + amounts_[k] if reason is None else balance
 
     def _merchant_heads(self, location: Any) -> Any:
         """Each location's zip head (:func:`~cardpipe.domain.authorization.zip_head` of its last word): by kernels
@@ -411,6 +424,23 @@ class ColumnarDecider:
             if not is_ascii:
                 heads_list[i] = zip_head(zip_of(texts[i]))
         return pa.array(heads_list, pa.string())
+
+
+def _running_sums(keys: Any, values: Any) -> Any:
+    """Per row, the sum of ``values`` over the rows of its key up to it (itself included), in row order: one
+    cumulative sum over the rows sorted by key (a stable sort keeps each key's rows in order), less the sum
+    before its key's first row, put back in row order."""
+    order = pc.sort_indices(keys).cast(pa.int64())
+    sorted_keys, sorted_values = pc.take(keys, order), pc.take(values, order)
+    total = pc.cumulative_sum_checked(sorted_values)
+    n = len(sorted_keys)
+    first = pa.concat_arrays(
+        [pa.array([True]), pc.not_equal(sorted_keys.slice(1), sorted_keys.slice(0, n - 1))]
+        if n
+        else [pa.array([], pa.bool_())]
+    )
+    before_key = pc.fill_null_forward(pc.if_else(first, pc.subtract(total, sorted_values), None))
+    return pc.scatter(pc.subtract(total, before_key), order)
 
 
 def _wire_schema() -> Any:

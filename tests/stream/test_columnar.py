@@ -236,6 +236,75 @@ def test_a_later_transaction_reaching_the_limit_exactly_goes_pending() -> None:
     assert got.columns.card_balances == {1: 100_000, 2: 10_000}
 
 
+def test_running_sums_add_up_each_keys_values_in_row_order() -> None:
+    columnar.load()
+    keys = columnar.pa.array([7, 3, 7, 9, 3, 7, 9], columnar.pa.int64())
+    values = columnar.pa.array([5, 1, -2, 0, 10, 4, 6], columnar.pa.int64())
+    assert columnar._running_sums(keys, values).to_pylist() == [5, 1, 3, 0, 11, 7, 6]
+    empty = columnar.pa.array([], columnar.pa.int64())
+    assert columnar._running_sums(empty, empty).to_pylist() == []
+
+
+def test_a_card_is_judged_one_by_one_from_its_first_transaction_over_the_limit() -> None:
+    """Card 1 goes over its limit at its third transaction: that one is declined and moves nothing, the refund after
+    it goes pending, and so does the one that fits again; its declines for half the limit and the location moved
+    nothing before. Card 2 never goes over, card 3 only at its last."""
+    cards = {c: CardProfile(c, D("1000.00"), "11513") for c in CARD_IDS}
+    balances = {1: D("100.00"), 2: D("0.00"), 3: D("990.00"), 4: D("0.00"), 5: D("0.00")}
+    rows = [
+        (1, "600.00", "x 11000"),  # half the limit: declined
+        (1, "300.00", "x 11000"),  # 400.00
+        (2, "100.00", "x 11000"),
+        (1, "100.00", "x 99999"),  # too far: declined
+        (1, "499.00", "x 11000"),  # 899.00
+        (3, "5.00", "x 11000"),  # 995.00
+        (1, "200.00", "x 11000"),  # 1,099.00: over, declined
+        (1, "-50.00", "x 11000"),  # 849.00
+        (2, "400.00", "x 11000"),
+        (1, "150.00", "x 11000"),  # 999.00
+        (1, "1.01", "x 11000"),  # over, declined
+        (3, "5.01", "x 11000"),  # over, declined
+    ]
+    values = [
+        encode_transaction(Transaction(t, card, "M", datetime(2025, 4, 1), D(a), loc, "purchase"))[1]
+        for t, (card, a, loc) in enumerate(rows, 1)
+    ]
+    per_message = StreamProcessor("t", cards, balances, lambda ids: {})
+    by_columns = StreamProcessor("t", cards, balances, lambda ids: {}, columnar=True)
+    messages = [RawMessage(0, i, None, v, None) for i, v in enumerate(values)]
+    expected, got = per_message.process(messages), by_columns.process(messages)
+    assert got.columns is not None and checkpoint(got) == checkpoint(expected)
+    assert got.columns.decline_reason == [
+        "amount_over_half_limit",
+        None,
+        None,
+        "location_too_far",
+        None,
+        None,
+        "over_credit_limit",
+        None,
+        None,
+        None,
+        "over_credit_limit",
+        "over_credit_limit",
+    ]
+    assert got.columns.pending_balance == [
+        10_000,
+        40_000,
+        10_000,
+        40_000,
+        89_900,
+        99_500,
+        89_900,
+        84_900,
+        50_000,
+        99_900,
+        99_900,
+        99_500,
+    ]
+    assert got.columns.card_balances == {1: 99_900, 2: 50_000, 3: 99_500}
+
+
 def test_without_looking_up_first_a_taken_batch_is_decided_without_the_lookup() -> None:
     """``look_up_first=False``: the column-by-column path skips the lookup (the store's primary key catches a
     redelivery at the commit); the decisions are the same. A batch that path leaves is still looked up."""
