@@ -125,7 +125,7 @@ def publish_messages(
     for key, value in messages:
         while True:
             try:
-                send(value=value, key=key)
+                send(value, key)  # positional: the C call parses keywords more slowly (docs/performance.md, stop 34)
                 break
             except BufferError:
                 producer.poll(0.05)  # local queue full: serve delivery reports, then retry
