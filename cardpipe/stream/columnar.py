@@ -386,10 +386,13 @@ class ColumnarDecider:
         from the first that did on, on the balance as it runs (a declined transaction moves nothing): ``reasons``
         and ``after`` are updated in place. Those before it were judged on the right balance already."""
         over_rows = pc.indices_nonzero(over)
-        over_cards = pc.take(card_column, over_rows)
-        cards = pc.unique(over_cards)
-        first_over = pc.take(over_rows, pc.index_in(cards, value_set=over_cards))  # each card's first, in order
-        each_first = pc.take(first_over, pc.index_in(card_column, value_set=cards))  # per row: its card's, or null
+        firsts = (
+            pa.table({"card": pc.take(card_column, over_rows), "row": over_rows})
+            .group_by("card")
+            .aggregate([("row", "min")])
+        )  # each card that went over its limit, and the row where it first did
+        rows_of = pc.index_in(card_column, value_set=firsts.column("card"))  # per row: its card's entry, or null
+        each_first = pc.take(firsts.column("row_min"), rows_of)
         candidates = pc.indices_nonzero(pc.is_valid(each_first))
         rows = pc.filter(candidates, pc.greater_equal(candidates, pc.take(each_first, candidates)))
         card_ids, amounts_, halves, fars = (pc.take(c, rows).to_pylist() for c in (card_column, amounts, half, far))
