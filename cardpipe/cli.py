@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cardpipe import __version__
-from cardpipe.config import MAX_CONSUMER_BATCH_SIZE, Settings
+from cardpipe.config import MAX_CONSUMER_BATCH_SIZE, Settings, backend_named, publishing_processes
 from cardpipe.errors import (
     DEBUG_VARIABLE,
     EXIT_ERROR,
@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("cardpipe")
 
 
+#: What ``produce``'s publishing processes import, done ahead in the server they are forked from.
+_PUBLISHER_MODULES = (
+    "cardpipe.orchestration.publisher",
+    "cardpipe.serving.database",
+    "cardpipe.serving.transaction_source",
+    "cardpipe.stream.producer",
+    "sqlite3",
+)
 #: What a consumer worker imports, for the server it is forked from to import ahead: the modules of its entry point
 #: and of the store opener its job names (both pickled by name), SQLite's driver and the stop events' module. (With
 #: MySQL/MariaDB, an extra, each worker imports the driver itself.) Then what the export process forked from the
@@ -91,11 +99,19 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    if args.from_csv is None:
+        from cardpipe.childprocs import start_forkserver, usable_cores
+
+        if publishing_processes(args.processes, usable_cores(), backend_named(os.environ)) > 1:
+            start_forkserver(_PUBLISHER_MODULES)  # importing them while this process imports its own
     from cardpipe.orchestration import commands
 
     settings = _settings(args)
+
     with _reporter(args) as progress:
-        summary = commands.produce(settings, from_csv=args.from_csv, republish_all=args.all, progress=progress)
+        summary = commands.produce(
+            settings, from_csv=args.from_csv, republish_all=args.all, processes=args.processes, progress=progress
+        )
     print(f"published {summary.published:,} transactions in {summary.seconds:.1f} s ({summary.rate:,.0f}/s)")
     return 0
 
@@ -369,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("produce", cmd_produce, "publish transactions to the topic in timestamp order, keyed by card")
     p.add_argument("--from-csv", type=Path, default=None, help="publish this transactions CSV instead of the database")
     p.add_argument("--all", action="store_true", help="also republish transactions already decided")
+    p.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="publish from the database in N processes at once, each the cards of its own partitions "
+        "(default: one per usable core on SQLite, one on MySQL/MariaDB; at most one per partition)",
+    )
     p = add("consume", cmd_consume, "authorize the topic's transactions; stops when drained unless --follow")
     p.add_argument("--follow", action="store_true", help="keep running until interrupted (Ctrl-C)")
     p.add_argument(

@@ -128,6 +128,10 @@ class Settings:
     def uses_embedded_broker(self) -> bool:
         return not self.kafka_bootstrap_servers
 
+    def publishing_processes(self, requested: int | None, cores: int) -> int:
+        """:func:`publishing_processes` for this database."""
+        return publishing_processes(requested, cores, self.database_url.get_backend_name())
+
     def describe_database(self) -> str:
         """The database URL with the password hidden, safe for logs and errors."""
         return self.database_url.render_as_string(hide_password=True)
@@ -208,6 +212,24 @@ def _probe_writable(folder: Path) -> None:
     finally:
         os.close(fd)
         os.unlink(name)
+
+
+def publishing_processes(requested: int | None, cores: int, backend: str) -> int:
+    """How many processes ``cardpipe produce`` publishes from the database in: ``requested``, or for None one
+    per usable core (``cores``) on SQLite (``backend``), the only database read in shares, and one elsewhere.
+    The topic's partitions cap it (one process per partition at most)."""
+    if requested is not None:
+        return requested
+    return cores if backend == "sqlite" else 1
+
+
+def backend_named(env: Mapping[str, str]) -> str:
+    """The serving database's backend as the environment names it (``sqlite``, ``mysql``, ``mariadb``...),
+    read without SQLAlchemy: for what the CLI starts before importing it. :class:`Settings` checks the URL."""
+    raw = (env.get("DATABASE_URL") or "").strip()
+    if raw:
+        return raw.partition(":")[0].partition("+")[0].lower()
+    return "mysql" if (env.get("DB_HOST") or "").strip() else "sqlite"
 
 
 def _database_url(env: Mapping[str, str], results_dir: Path) -> URL:

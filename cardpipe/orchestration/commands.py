@@ -26,13 +26,13 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SAWarning, SQLAlchemyError
 
 from cardpipe.batch.apart import ExportProcess, SettleProcess
-from cardpipe.childprocs import signal_handled, usable_cores
+from cardpipe.childprocs import signal_handled, usable_cores, worker_context
 from cardpipe.config import Settings
 from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS, STREAM_COLUMNS
 from cardpipe.errors import BrokerLost, BrokerUnavailable, CardpipeError, ConfigError, first_line
 from cardpipe.faults import crash_point
 from cardpipe.orchestration.locks import EXCLUSIVE, SHARED
-from cardpipe.orchestration.publisher import PublisherProcess, StreamStopped
+from cardpipe.orchestration.publisher import PublisherProcess, StreamStopped, publish_in_processes
 from cardpipe.orchestration.runtime import Runtime, open_stream_store
 from cardpipe.orchestration.undecided import UndecidedAhead
 from cardpipe.progress import Reporter, Stage, stage_of
@@ -42,13 +42,20 @@ from cardpipe.serving.csv_io import export_table_lines, read_typed_rows
 from cardpipe.serving.loader import INPUT_FILES, LoadSummary, check_data_dir, load_inputs
 from cardpipe.serving.settlements import COUNT_COLUMNS
 from cardpipe.serving.stream_store import StreamStore
-from cardpipe.serving.transaction_source import count_undecided, messages_from_database, transactions_from_csv
+from cardpipe.serving.transaction_source import (
+    CardShare,
+    count_undecided,
+    messages_from_database,
+    shares_supported,
+    transactions_from_csv,
+)
 from cardpipe.stream import columnar
 from cardpipe.stream.broker import BrokerHandle, is_alive
 from cardpipe.stream.clients import client_config
 from cardpipe.stream.codec import encode_transaction
 from cardpipe.stream.consumer import CLIENT_LOG, ConsumeOptions, ConsumeSummary, log_end_offsets
 from cardpipe.stream.consumer import consume as consume_topic
+from cardpipe.stream.partitioner import split_by_partition
 from cardpipe.stream.producer import PublishSummary, publish_messages
 
 log = logging.getLogger("cardpipe")
@@ -144,35 +151,69 @@ def produce(
     *,
     from_csv: Path | None = None,
     republish_all: bool = False,
+    processes: int | None = 1,
     broker: BrokerHandle | None = None,
     progress: Progress | None = None,
     runtime: Runtime | None = None,
 ) -> PublishSummary:
     """Publish transactions (from the database, or a CSV) to the topic in timestamp order (the database set up
-    and loaded first: :class:`~cardpipe.orchestration.locks.NotReady` otherwise)."""
+    and loaded first: :class:`~cardpipe.orchestration.locks.NotReady` otherwise). ``processes``: how many
+    publish at once from a SQLite database, each the cards of its own partitions (None: as many as the usable
+    cores, at most one per partition); one elsewhere."""
     with _runtime(settings, runtime, broker, command="cardpipe produce") as rt:
         engine = rt.loaded_engine("cardpipe produce") if runtime is None else rt.ensure_schema()
-        if from_csv is not None:
-            messages: Iterable[tuple[bytes, bytes]] = map(encode_transaction, transactions_from_csv(from_csv))
-        else:
-            messages = messages_from_database(engine, only_undecided=not republish_all)
-        rt.ensure_topics()
+        partitions = rt.ensure_topics()
+        count = settings.publishing_processes(processes, usable_cores())
+        shares = _publishing_shares(engine, count, partitions) if from_csv is None else []
         total, every = None, 100_000
         if isinstance(progress, Reporter):  # a bar: its total, and updates often enough to move
             every = 5_000
             if from_csv is None:
                 total = _transactions_loaded(engine) if republish_all else count_undecided(engine)
         stage = stage_of(progress, "produce", lambda n: f"published {n:,} transactions", total=total, unit="msgs")
-        summary = publish_messages(
-            messages,
-            rt.broker.bootstrap_servers,
-            settings.kafka_topic,
-            progress=stage.update if progress else None,
-            progress_every=every,
-        )
+        if shares:
+            log.info("publishing in %d processes, each the cards of its own partitions", len(shares))
+            summary = publish_in_processes(
+                rt.start,
+                settings,
+                rt.broker.bootstrap_servers,
+                shares,
+                republish_all=republish_all,
+                context=worker_context(),
+                progress=stage.update if progress else None,
+            )
+        else:
+            if from_csv is not None:
+                messages: Iterable[tuple[bytes, bytes]] = map(encode_transaction, transactions_from_csv(from_csv))
+            else:
+                messages = messages_from_database(engine, only_undecided=not republish_all)
+            summary = publish_messages(
+                messages,
+                rt.broker.bootstrap_servers,
+                settings.kafka_topic,
+                progress=stage.update if progress else None,
+                progress_every=every,
+            )
         stage.update(summary.published)
         stage.done()
         return summary
+
+
+def _publishing_shares(engine: Engine, processes: int, partitions: int) -> list[CardShare]:
+    """The shares of the cards that many publishing processes take, at most one per partition (none: publish in
+    this process), each the cards of its own partitions; the last takes every card the others do not, known or
+    not."""
+    wanted = min(processes, partitions)
+    if wanted < 2:
+        return []
+    if not shares_supported(engine):
+        log.info("publishing in one process: only a SQLite database is read in shares")
+        return []
+    with engine.connect() as conn:
+        card_ids = conn.execute(select(schema.cards.c.card_id)).scalars().all()
+    groups = split_by_partition(card_ids, partitions, wanted)
+    named = [CardShare(tuple(group)) for group in groups[:-1]]
+    return [*named, CardShare(tuple(card for share in named for card in share.card_ids), others=True)]
 
 
 def stream_broker(runtime: Runtime) -> BrokerHandle:

@@ -14,13 +14,19 @@ acknowledged by the broker, :class:`PublisherFailed` when the child failed or di
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from multiprocessing.connection import Connection
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
 
-from cardpipe.childprocs import ChildProcess, prepare_child, report_to_parent
+from cardpipe.childprocs import CONTEXT, ChildProcess, prepare_child, report_to_parent
 from cardpipe.config import Settings
 from cardpipe.errors import CardpipeError
 from cardpipe.stream.producer import PublishSummary
+
+if TYPE_CHECKING:
+    from cardpipe.childprocs import StartContext
+    from cardpipe.serving.transaction_source import CardShare
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +43,33 @@ class StreamStopped(CardpipeError):
 
 
 class PublisherProcess:
-    """Publishes the undecided transactions of ``settings``' database to its topic, in a child process."""
+    """Publishes the undecided transactions of ``settings``' database to its topic, in a child process; with
+    ``share``, only those of its cards (``republish_all``: the decided ones too)."""
 
     def __init__(
-        self, settings: Settings, bootstrap_servers: str, on_published: Callable[[int], None] | None = None
+        self,
+        settings: Settings,
+        bootstrap_servers: str,
+        on_published: Callable[[int], None] | None = None,
+        *,
+        share: CardShare | None = None,
+        republish_all: bool = False,
+        context: StartContext = CONTEXT,
+        name: str = "cardpipe-publish",
     ) -> None:
         level = logging.getLogger("cardpipe").getEffectiveLevel()
         self._on_published = on_published
+        told = on_published is not None
         self._child = ChildProcess(
-            _publisher_main, settings, bootstrap_servers, level, on_published is not None, name="cardpipe-publish"
+            _publisher_main,
+            settings,
+            bootstrap_servers,
+            level,
+            told,
+            share,
+            republish_all,
+            name=name,
+            context=context,
         )
         self._summary: PublishSummary | None = None
         self._error: str | None = None
@@ -75,6 +99,11 @@ class PublisherProcess:
         """Stop the child if it still runs (SIGTERM: it stops publishing at once); no-op once it finished."""
         self._child.stop(STOP_GRACE_SECONDS)
 
+    @property
+    def handles(self) -> list[Any]:
+        """What :func:`multiprocessing.connection.wait` watches for this child (its pipe and its process)."""
+        return self._child.handles
+
     def _receive(self) -> None:
         for kind, payload in self._child.receive():
             if kind == "published":  # progress: how many are published so far
@@ -86,14 +115,78 @@ class PublisherProcess:
                 self._error = payload
 
 
+def publish_in_processes(
+    start: Callable[[Callable[[], PublisherProcess]], PublisherProcess],
+    settings: Settings,
+    bootstrap_servers: str,
+    shares: Sequence[CardShare],
+    *,
+    republish_all: bool = False,
+    context: StartContext = CONTEXT,
+    progress: Callable[[int], None] | None = None,
+) -> PublishSummary:
+    """Publish the transactions of ``settings``' database in one child process per share of the cards, at once;
+    ``start`` starts each child and owns it (:meth:`~cardpipe.orchestration.runtime.Runtime.start`: the children
+    are stopped if this one fails or is stopped). When every share is one partition's cards or more (see
+    :func:`~cardpipe.stream.partitioner.split_by_partition`), each partition still has one producer, which
+    writes it in timestamp order. ``progress``: told how many all the children published so far. Raises
+    :class:`PublisherFailed` (the others stopped) when one fails."""
+    published = [0] * len(shares)
+
+    def publisher(k: int, share: CardShare) -> Callable[[], PublisherProcess]:
+        def told(n: int) -> None:
+            published[k] = n
+            if progress is not None:
+                progress(sum(published))
+
+        return lambda: PublisherProcess(
+            settings,
+            bootstrap_servers,
+            told,
+            share=share,
+            republish_all=republish_all,
+            context=context,
+            name=f"cardpipe-publish-{k}",
+        )
+
+    started = time.perf_counter()
+    children = [start(publisher(k, share)) for k, share in enumerate(shares)]
+    running = list(enumerate(children))
+    while running:
+        wait([handle for _, p in running for handle in p.handles], timeout=1.0)
+        still = []
+        for k, p in running:
+            try:
+                if p.publishing():
+                    still.append((k, p))
+            except PublisherFailed as exc:
+                for other in children:
+                    other.stop()
+                others = "the other was stopped" if len(children) == 2 else "the others were stopped"
+                raise PublisherFailed(f"{exc}, in publishing process {k + 1} of {len(children)}; {others}") from None
+        running = still
+    summaries = [p.result() for p in children]
+    return PublishSummary(
+        published=sum(s.published for s in summaries),
+        failed=sum(s.failed for s in summaries),
+        seconds=time.perf_counter() - started,
+    )
+
+
 def _publisher_main(
-    conn: Connection, settings: Settings, bootstrap_servers: str, log_level: int, tell_progress: bool = False
+    conn: Connection,
+    settings: Settings,
+    bootstrap_servers: str,
+    log_level: int,
+    tell_progress: bool = False,
+    share: CardShare | None = None,
+    republish_all: bool = False,
 ) -> None:
-    """The child: publish what is undecided, then send ("done", summary) or ("error", one line); with
-    ``tell_progress``, ("published", n) every 10,000 messages too (instead of logging them)."""
+    """The child: publish what is undecided (of ``share``'s cards), then send ("done", summary) or ("error", one
+    line); with ``tell_progress``, ("published", n) every 10,000 messages too (instead of logging them)."""
     orphaned = prepare_child(log_level, "cardpipe: %(message)s")
     told = (lambda n: conn.send(("published", n))) if tell_progress else None
-    report_to_parent(conn, lambda: _publish(settings, bootstrap_servers, orphaned, told))
+    report_to_parent(conn, lambda: _publish(settings, bootstrap_servers, orphaned, told, share, republish_all))
 
 
 def _publish(
@@ -101,6 +194,8 @@ def _publish(
     bootstrap_servers: str,
     orphaned: Callable[[], bool],
     told: Callable[[int], None] | None = None,
+    share: CardShare | None = None,
+    republish_all: bool = False,
 ) -> PublishSummary:
     from cardpipe.serving.database import make_engine
     from cardpipe.serving.transaction_source import messages_from_database
@@ -111,7 +206,7 @@ def _publish(
     engine = make_engine(settings.database_url, create_database=False)
     try:
         return publish_messages(
-            messages_from_database(engine),
+            messages_from_database(engine, only_undecided=not republish_all, share=share),
             bootstrap_servers,
             settings.kafka_topic,
             progress=told or (lambda n: log.info("published %s transactions", f"{n:,}")),

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from typing import cast as cast_type
 
-from sqlalchemy import CHAR, Engine, LargeBinary, Select, Text, cast, func, literal_column, select, type_coerce
+from sqlalchemy import (
+    CHAR,
+    Engine,
+    LargeBinary,
+    Select,
+    String,
+    Text,
+    bindparam,
+    cast,
+    func,
+    literal_column,
+    select,
+    type_coerce,
+)
 from sqlalchemy.dialects.mysql import BINARY
 from sqlalchemy.types import NullType
 
@@ -22,13 +37,30 @@ from cardpipe.serving.mysql_client import client_rows
 from cardpipe.stream.codec import encode_fields
 
 
-def _in_publish_order(*columns: Any, only_undecided: bool) -> Select[Any]:
+@dataclass(frozen=True)
+class CardShare:
+    """The transactions of some cards only: those of ``card_ids``, or with ``others`` those of every other card
+    (so that the shares of a publication in parts leave no transaction out, whatever card it names)."""
+
+    card_ids: tuple[int, ...]
+    others: bool = False
+
+    def param(self) -> str:
+        """The ids as the one value the query binds (a JSON array)."""
+        return json.dumps(self.card_ids)
+
+
+def _in_publish_order(*columns: Any, only_undecided: bool, share: CardShare | None = None) -> Select[Any]:
     """``columns`` of the transactions to publish, in timestamp order (ties by id); with ``only_undecided``
-    those not in ``stream_transactions`` yet."""
+    those not in ``stream_transactions`` yet; with ``share`` those of its cards (SQLite: the ids bound as one
+    JSON array, ``cards``, read by ``json_each``)."""
     t, s = schema.transactions, schema.stream_transactions
     query = select(*columns)
     if only_undecided:
         query = query.outerjoin(s, s.c.transaction_id == t.c.transaction_id).where(s.c.transaction_id.is_(None))
+    if share is not None:
+        cards = select(func.json_each(bindparam("cards", type_=String)).table_valued("value").c.value)
+        query = query.where(t.c.card_id.not_in(cards) if share.others else t.c.card_id.in_(cards))
     return query.order_by(t.c.timestamp, t.c.transaction_id)
 
 
@@ -103,16 +135,30 @@ def _rendered_by_database(dialect: str) -> tuple[Any, Any] | None:
     return key, value
 
 
+def shares_supported(engine: Engine) -> bool:
+    """Whether :func:`messages_from_database` can read a :class:`CardShare` of the transactions from ``engine``:
+    SQLite (3.38 or later, for its JSON functions)."""
+    return engine.dialect.name == "sqlite" and _SQLITE_JSON
+
+
 def messages_from_database(
-    engine: Engine, *, only_undecided: bool = True, chunk: int = 20_000
+    engine: Engine, *, only_undecided: bool = True, chunk: int = 20_000, share: CardShare | None = None
 ) -> Iterator[tuple[bytes, bytes]]:
     """The topic's (key, value) of :func:`transactions_from_database`'s transactions, in its order, encoded
     from the values as the driver gives them: no Transaction, Decimal or datetime per row, the same bytes as
     :func:`~cardpipe.stream.codec.encode_transaction` of each (tested on both backends). The database renders
-    them where it can (:func:`_rendered_by_database`)."""
+    them where it can (:func:`_rendered_by_database`). ``share``: only those of its cards (where
+    :func:`shares_supported`)."""
     t = schema.transactions
     raw = NullType()  # no result processor: the driver's own value
     rendered_columns = _rendered_by_database(engine.dialect.name)
+    if share is not None:
+        if not shares_supported(engine) or rendered_columns is None:
+            raise ValueError(f"a share of the transactions is read from SQLite 3.38 or later, not {engine.url}")
+        query = DriverQuery(_in_publish_order(*rendered_columns, only_undecided=only_undecided, share=share))
+        with engine.connect() as conn:
+            yield from query.rows(conn, {"cards": share.param()}, chunk=chunk)
+        return
     if rendered_columns is not None:
         statement = _in_publish_order(*rendered_columns, only_undecided=only_undecided)
         # MySQL/MariaDB: read by the server's command-line client where it can (a key and a JSON text hold no tab

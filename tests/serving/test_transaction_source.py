@@ -9,12 +9,18 @@ from datetime import datetime, timedelta
 from decimal import Decimal as D
 from typing import Any
 
+import pytest
 from sqlalchemy import URL, text
 
 from cardpipe.serving import schema, transaction_source
 from cardpipe.serving.database import create_clean_schema, make_engine
 from cardpipe.serving.mysql_client import CLIENT_ENV, client_rows
-from cardpipe.serving.transaction_source import messages_from_database, transactions_from_database
+from cardpipe.serving.transaction_source import (
+    CardShare,
+    messages_from_database,
+    shares_supported,
+    transactions_from_database,
+)
 from cardpipe.stream.codec import encode_transaction
 
 AMOUNTS = [
@@ -134,5 +140,33 @@ def test_without_sqlites_json_functions_python_encodes_the_same_bytes(tmp_path, 
         assert transaction_source._rendered_by_database("sqlite") is None
         in_python = list(messages_from_database(engine, only_undecided=False))
         assert in_python == by_sqlite == [encode_transaction(tx) for tx in transactions_from_database(engine)]
+    finally:
+        engine.dispose()
+
+
+def test_a_share_of_the_cards_is_their_messages_in_order_and_the_others_the_rest(database_url) -> None:
+    """Publishing in parts (``produce --processes``): a share reads the messages of its cards, the other share of
+    every card but them, in the same order as all of them; only SQLite reads shares (MySQL/MariaDB: an error)."""
+    engine = make_engine(database_url)
+    try:
+        create_clean_schema(engine)
+        with engine.begin() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.execute(text("PRAGMA foreign_keys = OFF"))  # cards 1-11 are in no ``cards`` row
+            else:
+                conn.execute(text("SET FOREIGN_KEY_CHECKS = 0"))
+            conn.execute(schema.transactions.insert(), transaction_rows(1_000))
+        share = CardShare((2, 5, 11))
+        if not shares_supported(engine):
+            with pytest.raises(ValueError, match="SQLite"):
+                list(messages_from_database(engine, share=share))
+            return
+        every = list(messages_from_database(engine, only_undecided=False))
+        mine = list(messages_from_database(engine, only_undecided=False, share=share, chunk=100))
+        rest = list(messages_from_database(engine, only_undecided=False, share=CardShare((2, 5, 11), others=True)))
+        assert mine == [m for m in every if int(m[0]) in share.card_ids]
+        assert rest == [m for m in every if int(m[0]) not in share.card_ids]
+        assert len(mine) > 0 and len(rest) > len(mine)
+        assert list(messages_from_database(engine, only_undecided=False, share=CardShare(()))) == []
     finally:
         engine.dispose()

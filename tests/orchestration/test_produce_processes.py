@@ -1,0 +1,101 @@
+"""``produce`` in several processes (SQLite), against the real (embedded) broker: each partition gets the same
+messages in the same order as when one process publishes them all, every transaction once, and the command
+line's ``--processes`` does it from a server started ahead."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from cardpipe.config import SAMPLE_DATA_DIR, Settings
+from cardpipe.errors import EXIT_ERROR
+from cardpipe.generate import GeneratorConfig, generate_dataset
+from cardpipe.orchestration import commands
+from cardpipe.stream.broker import broker_session
+from cardpipe.stream.partitioner import partition_of
+
+pytestmark = pytest.mark.kafka
+
+SAMPLE_TRANSACTIONS = 600  # the lines of cardpipe/sample_data/transactions.csv but its header
+
+
+def _partitions(bootstrap_servers: str, topic: str, partitions: int) -> dict[int, list[tuple[bytes, bytes]]]:
+    """Every partition's (key, value) messages, in order."""
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "read-back", "enable.auto.commit": False})
+    try:
+        got: dict[int, list[tuple[bytes, bytes]]] = {}
+        for p in range(partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            consumer.assign([TopicPartition(topic, p, low)])
+            messages: list[tuple[bytes, bytes]] = []
+            while len(messages) < high - low:
+                messages += [(m.key(), m.value()) for m in consumer.consume(1000, timeout=1) if m.error() is None]
+            got[p] = messages
+        return got
+    finally:
+        consumer.close()
+
+
+def test_two_processes_write_each_partition_as_one_does(tmp_path: Path) -> None:
+    settings = Settings.from_env(env={}, results_dir=tmp_path / "results", data_dir=SAMPLE_DATA_DIR)
+    commands.setup(settings)
+    commands.load(settings)
+    with broker_session(None, settings.results_dir) as broker:
+        alone = commands.produce(settings.with_(kafka_topic="alone"), broker=broker, processes=1)
+        shared = commands.produce(settings.with_(kafka_topic="shared"), broker=broker, processes=2)
+        assert alone.published == shared.published == SAMPLE_TRANSACTIONS
+        one = _partitions(broker.bootstrap_servers, "alone", settings.kafka_partitions)
+        two = _partitions(broker.bootstrap_servers, "shared", settings.kafka_partitions)
+    assert two == one
+    assert sum(map(len, two.values())) == SAMPLE_TRANSACTIONS
+    assert sum(1 for messages in two.values() if messages) > 1
+    for p, messages in two.items():
+        assert all(partition_of(key, settings.kafka_partitions) == p for key, _ in messages)
+
+
+def test_the_command_publishes_in_the_processes_asked_for(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST", "KAFKA_BOOTSTRAP_SERVERS")}
+    cardpipe = [sys.executable, "-m", "cardpipe"]
+    for args in (["setup"], ["load", "--data-dir", str(SAMPLE_DATA_DIR)]):
+        subprocess.run([*cardpipe, *args, "-q", "--results-dir", str(results)], env=env, check=True)
+    try:
+        done = subprocess.run(
+            [*cardpipe, "produce", "--processes", "3", "--results-dir", str(results)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        subprocess.run([*cardpipe, "broker", "stop", "--results-dir", str(results)], env=env, check=False)
+    assert f"published {SAMPLE_TRANSACTIONS} transactions" in done.stdout
+    assert "publishing in 3 processes" in done.stderr
+
+
+def test_a_publishing_process_that_dies_fails_the_command_and_stops_the_others(tmp_path: Path) -> None:
+    results, data = tmp_path / "results", tmp_path / "data"
+    generate_dataset(data, GeneratorConfig(transactions=6_000, customers=200, seed=5))
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST", "KAFKA_BOOTSTRAP_SERVERS")}
+    cardpipe = [sys.executable, "-m", "cardpipe"]
+    for args in (["setup"], ["load", "--data-dir", str(data)]):
+        subprocess.run([*cardpipe, *args, "-q", "--results-dir", str(results)], env=env, check=True)
+    try:
+        died = subprocess.run(
+            [*cardpipe, "produce", "--processes", "2", "--results-dir", str(results)],
+            env={**env, "CARDPIPE_CRASH_AT": "produce.sent:2"},  # a child dies at its 2,000th message
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        subprocess.run([*cardpipe, "broker", "stop", "--results-dir", str(results)], env=env, check=False)
+    assert died.returncode == EXIT_ERROR, died.stderr
+    assert "error: publishing failed: was killed (SIGKILL) before finishing, in publishing process" in died.stderr
+    assert "of 2; the other was stopped" in died.stderr
+    assert "published" not in died.stdout
