@@ -164,6 +164,8 @@ def produce(
         engine = rt.loaded_engine("cardpipe produce") if runtime is None else rt.ensure_schema()
         partitions = rt.ensure_topics()
         count = settings.publishing_processes(processes, usable_cores())
+        if from_csv is not None and processes is not None and processes > 1:
+            log.info("publishing %s in one process: only the database is read in shares", from_csv)
         shares = _publishing_shares(engine, count, partitions) if from_csv is None else []
         total, every = None, 100_000
         if isinstance(progress, Reporter):  # a bar: its total, and updates often enough to move
