@@ -58,43 +58,37 @@ def test_two_processes_write_each_partition_as_one_does(tmp_path: Path) -> None:
         assert all(partition_of(key, settings.kafka_partitions) == p for key, _ in messages)
 
 
-def test_the_command_publishes_in_the_processes_asked_for(tmp_path: Path) -> None:
+def _produce_command(tmp_path: Path, data: Path, args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """``cardpipe produce ARGS`` on embedded defaults after ``setup`` and ``load`` of ``data``, as a user runs it
+    (the embedded broker stopped after); extra environment variables from ``env``."""
     results = tmp_path / "results"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST", "KAFKA_BOOTSTRAP_SERVERS")}
+    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST", "KAFKA_BOOTSTRAP_SERVERS")}
     cardpipe = [sys.executable, "-m", "cardpipe"]
-    for args in (["setup"], ["load", "--data-dir", str(SAMPLE_DATA_DIR)]):
-        subprocess.run([*cardpipe, *args, "-q", "--results-dir", str(results)], env=env, check=True)
+    for step in (["setup"], ["load", "--data-dir", str(data)]):
+        subprocess.run([*cardpipe, *step, "-q", "--results-dir", str(results)], env=base, check=True)
     try:
-        done = subprocess.run(
-            [*cardpipe, "produce", "--processes", "3", "--results-dir", str(results)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    finally:
-        subprocess.run([*cardpipe, "broker", "stop", "--results-dir", str(results)], env=env, check=False)
-    assert f"published {SAMPLE_TRANSACTIONS} transactions" in done.stdout
-    assert "publishing in 3 processes" in done.stderr
-
-
-def test_a_publishing_process_that_dies_fails_the_command_and_stops_the_others(tmp_path: Path) -> None:
-    results, data = tmp_path / "results", tmp_path / "data"
-    generate_dataset(data, GeneratorConfig(transactions=6_000, customers=200, seed=5))
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST", "KAFKA_BOOTSTRAP_SERVERS")}
-    cardpipe = [sys.executable, "-m", "cardpipe"]
-    for args in (["setup"], ["load", "--data-dir", str(data)]):
-        subprocess.run([*cardpipe, *args, "-q", "--results-dir", str(results)], env=env, check=True)
-    try:
-        died = subprocess.run(
-            [*cardpipe, "produce", "--processes", "2", "--results-dir", str(results)],
-            env={**env, "CARDPIPE_CRASH_AT": "produce.sent:2"},  # a child dies at its 2,000th message
+        return subprocess.run(
+            [*cardpipe, "produce", *args, "--results-dir", str(results)],
+            env={**base, **env},
             capture_output=True,
             text=True,
             timeout=120,
         )
     finally:
-        subprocess.run([*cardpipe, "broker", "stop", "--results-dir", str(results)], env=env, check=False)
+        subprocess.run([*cardpipe, "broker", "stop", "--results-dir", str(results)], env=base, check=False)
+
+
+def test_the_command_publishes_in_the_processes_asked_for(tmp_path: Path) -> None:
+    done = _produce_command(tmp_path, SAMPLE_DATA_DIR, ["--processes", "3"])
+    assert done.returncode == 0, done.stderr
+    assert f"published {SAMPLE_TRANSACTIONS} transactions" in done.stdout
+    assert "publishing in 3 processes" in done.stderr
+
+
+def test_a_publishing_process_that_dies_fails_the_command_and_stops_the_others(tmp_path: Path) -> None:
+    generate_dataset(tmp_path / "data", GeneratorConfig(transactions=6_000, customers=200, seed=5))
+    # a child dies at its 2,000th message
+    died = _produce_command(tmp_path, tmp_path / "data", ["--processes", "2"], CARDPIPE_CRASH_AT="produce.sent:2")
     assert died.returncode == EXIT_ERROR, died.stderr
     assert "error: publishing failed: was killed (SIGKILL) before finishing, in publishing process" in died.stderr
     assert "of 2; the other was stopped" in died.stderr
