@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any, cast
 
 from confluent_kafka import (
@@ -39,7 +38,7 @@ from cardpipe.faults import crash_point
 from cardpipe.stream.checkpoints import CheckpointBatch, CheckpointStore
 from cardpipe.stream.clients import client_config
 from cardpipe.stream.columnar import ColumnarDecider
-from cardpipe.stream.processing import RawMessage, StreamProcessor
+from cardpipe.stream.processing import RawBatch, RawMessage, StreamProcessor
 from cardpipe.stream.producer import make_producer
 from cardpipe.stream.stopping import StopPolicy
 
@@ -437,7 +436,7 @@ def _start_positions(
     return positions
 
 
-def _messages(polled: list[Message], stop: StopPolicy) -> list[RawMessage]:
+def _messages(polled: list[Message], stop: StopPolicy) -> RawBatch:
     """The messages of a poll, telling ``stop`` of each partition that has more and of each that reached its end,
     in order; a fatal error raises :class:`BrokerUnavailable`, another is logged."""
     if not any(map(Message.error, polled)):  # messages only (the common case): made column by column, in C
@@ -445,15 +444,8 @@ def _messages(polled: list[Message], stop: StopPolicy) -> list[RawMessage]:
         for partition in set(partitions):
             stop.message(partition)  # type: ignore[arg-type]
         stamps = [ts if kind else None for kind, ts in map(Message.timestamp, polled)]
-        fields = zip(
-            partitions,
-            map(Message.offset, polled),
-            map(Message.key, polled),
-            map(Message.value, polled),
-            stamps,
-            strict=True,
-        )
-        return list(map(tuple.__new__, repeat(RawMessage), fields))
+        offsets, keys, values = (list(map(column, polled)) for column in (Message.offset, Message.key, Message.value))
+        return RawBatch(partitions, offsets, keys, values, stamps)  # type: ignore[arg-type]
     raw: list[RawMessage] = []
     for msg in polled:
         err = msg.error()
@@ -466,7 +458,7 @@ def _messages(polled: list[Message], stop: StopPolicy) -> list[RawMessage]:
             raise BrokerUnavailable(f"consumer failed: {err.str()}")
         else:
             log.warning("consumer: %s", err.str())
-    return raw
+    return RawBatch.of(raw)
 
 
 def _raw(msg: Message) -> RawMessage:

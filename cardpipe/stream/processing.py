@@ -7,12 +7,12 @@ checkpoint. Tests drive it with plain lists and dicts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from itertools import compress, repeat
-from operator import is_not, itemgetter
-from typing import NamedTuple
+from operator import is_not
+from typing import NamedTuple, cast, overload
 
 from cardpipe.domain.authorization import Authorizer
 from cardpipe.domain.records import DECLINED, REJECTED, CardProfile, Transaction
@@ -37,7 +37,58 @@ class RawMessage(NamedTuple):
     timestamp_ms: int | None = None
 
 
-_partition, _offset, _value, _timestamp = itemgetter(0), itemgetter(1), itemgetter(3), itemgetter(4)  # of a RawMessage
+class RawBatch(Sequence[RawMessage]):
+    """A poll's messages as columns, in order: each message's partition, offset, key, value and timestamp. The
+    column-by-column path reads the columns as they are (no tuple per message); indexing or iterating gives
+    :class:`RawMessage` tuples, made as they are asked for."""
+
+    __slots__ = ("keys", "offsets", "partitions", "timestamps", "values")
+
+    def __init__(
+        self,
+        partitions: list[int],
+        offsets: list[int],
+        keys: list[bytes | None],
+        values: list[bytes | None],
+        timestamps: list[int | None],
+    ) -> None:
+        if not len(partitions) == len(offsets) == len(keys) == len(values) == len(timestamps):
+            raise ValueError("a batch's columns must be equally long")
+        self.partitions, self.offsets, self.keys, self.values = partitions, offsets, keys, values
+        self.timestamps = timestamps
+
+    @classmethod
+    def of(cls, messages: Iterable[RawMessage]) -> RawBatch:
+        """The batch of ``messages``, in their order."""
+        if isinstance(messages, RawBatch):
+            return messages
+        listed = list(messages)
+        if not listed:
+            return cls([], [], [], [], [])
+        partitions, offsets, keys, values, timestamps = map(list, zip(*listed, strict=True))
+        return cls(partitions, offsets, keys, values, timestamps)
+
+    def __len__(self) -> int:
+        return len(self.partitions)
+
+    def __iter__(self) -> Iterator[RawMessage]:
+        columns = zip(self.partitions, self.offsets, self.keys, self.values, self.timestamps, strict=True)
+        return map(tuple.__new__, repeat(RawMessage), columns)
+
+    @overload
+    def __getitem__(self, index: int) -> RawMessage: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> RawBatch: ...
+
+    def __getitem__(self, index: int | slice) -> RawMessage | RawBatch:
+        p, o, k, v, t = self.partitions, self.offsets, self.keys, self.values, self.timestamps
+        if isinstance(index, slice):
+            return RawBatch(p[index], o[index], k[index], v[index], t[index])
+        return RawMessage(p[index], o[index], k[index], v[index], t[index])
+
+    def __repr__(self) -> str:
+        return f"RawBatch({list(self)!r})"
 
 
 class StreamProcessor:
@@ -93,7 +144,7 @@ class StreamProcessor:
         per-message way, which works on tuples (:func:`decode_fields`, :meth:`Authorizer.decide`,
         :class:`DecisionRow`): no object per message beyond the row itself.
         """
-        messages = messages if isinstance(messages, list) else list(messages)
+        messages = RawBatch.of(messages)
         if self.columnar is not None and messages:
             taken = self._process_columns(messages)
             if taken is not None:
@@ -105,10 +156,10 @@ class StreamProcessor:
             self.columnar.forget(batch.card_states)
         return batch
 
-    def _process_messages(self, messages: list[RawMessage]) -> CheckpointBatch:
+    def _process_messages(self, messages: RawBatch) -> CheckpointBatch:
         """The per-message path."""
         batch = CheckpointBatch(settlement_id=self.settlement_id)
-        decoded = [decode_fields(m.value) for m in messages]
+        decoded = list(map(decode_fields, messages.values))
         ids = [r[0] for r in decoded if type(r) is tuple]
         self.cards_loaded += self.authorizer.prepare(r[1] for r in decoded if type(r) is tuple)
         known: dict[int, TransactionFields] = {}
@@ -172,12 +223,12 @@ class StreamProcessor:
         batch.counts.update(counts)
         return batch
 
-    def _process_columns(self, messages: list[RawMessage]) -> CheckpointBatch | None:
+    def _process_columns(self, messages: RawBatch) -> CheckpointBatch | None:
         """The batch decided column by column, or None (nothing changed) when that path does not take it: a
         message of another shape, an unknown card, or a transaction twice in the batch or decided before (a
         redelivery: the per-message path tells a duplicate from a conflict)."""
         assert self.columnar is not None
-        table = self.columnar.read(list(map(_value, messages)))
+        table = self.columnar.read(messages.values)
         if table is None:
             return None
         card_ids, transaction_ids = table.column("card_id").to_pylist(), table.column("transaction_id").to_pylist()
@@ -186,15 +237,15 @@ class StreamProcessor:
         self.cards_loaded += self.authorizer.prepare(card_ids)
         if self.look_up_first and self.lookup(transaction_ids):
             return None
-        partitions = list(map(_partition, messages))
+        partitions = messages.partitions
         outcome = self.columnar.decide(table, card_ids, transaction_ids, partitions, self.authorizer)
         if outcome is None:
             return None
         batch = CheckpointBatch(settlement_id=self.settlement_id, columns=outcome.columns)
-        last_offsets = dict(zip(partitions, map(_offset, messages), strict=True))  # each partition's last
+        last_offsets = dict(zip(partitions, messages.offsets, strict=True))  # each partition's last
         batch.next_offsets = {p: offset + 1 for p, offset in last_offsets.items()}
-        stamps = list(map(_timestamp, messages))
-        batch.publish_times_ms = list(compress(stamps, map(is_not, stamps, repeat(None))))
+        stamps = messages.timestamps
+        batch.publish_times_ms = cast(list[int], list(compress(stamps, map(is_not, stamps, repeat(None)))))
         batch.counts.update(outcome.counts)
         return batch
 
@@ -216,4 +267,4 @@ class StreamProcessor:
         )
 
 
-__all__ = ["CardState", "CheckpointBatch", "DecisionRow", "RawMessage", "StreamProcessor", "decision_row"]
+__all__ = ["CardState", "CheckpointBatch", "DecisionRow", "RawBatch", "RawMessage", "StreamProcessor", "decision_row"]

@@ -5,13 +5,14 @@ from collections import Counter
 from datetime import datetime
 from decimal import Decimal as D
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cardpipe.domain.authorization import Authorizer
 from cardpipe.domain.records import DECLINED, PENDING, REJECTED, TRANSACTION_COLUMNS, CardProfile, Transaction
 from cardpipe.stream.codec import Rejection, decode_transaction, encode_transaction
-from cardpipe.stream.processing import RawMessage, StreamProcessor
+from cardpipe.stream.processing import RawBatch, RawMessage, StreamProcessor
 
 CARDS = {1: CardProfile(1, D("1000.00"), "11513"), 2: CardProfile(2, D("500.00"), "20001")}
 NEAR1, NEAR2 = "x, NY 10001", "y, DC 20002"
@@ -238,3 +239,44 @@ def test_processor_decides_as_the_plain_algorithm(items, cuts):
         new_store.commit(batch)
         ref_store.commit(batch)
     assert new.authorizer.balances == ref.authorizer.balances
+
+
+def test_a_raw_batch_is_its_messages_as_columns() -> None:
+    listed = [RawMessage(3, 10, b"1", b"{}", 5), RawMessage(1, 4, None, None), RawMessage(3, 11, b"2", b"[]", 7)]
+    batch = RawBatch.of(listed)
+    assert (batch.partitions, batch.offsets, batch.keys, batch.values, batch.timestamps) == (
+        [3, 1, 3],
+        [10, 4, 11],
+        [b"1", None, b"2"],
+        [b"{}", None, b"[]"],
+        [5, None, 7],
+    )
+    assert list(batch) == listed and all(type(m) is RawMessage for m in batch)
+    assert (len(batch), batch[1], batch[-1]) == (3, listed[1], listed[2])
+    assert list(batch[1:]) == listed[1:] and isinstance(batch[1:], RawBatch)
+    assert RawBatch.of(batch) is batch and len(RawBatch.of([])) == 0 and not RawBatch.of(iter([]))
+    with pytest.raises(ValueError, match="equally long"):
+        RawBatch([0], [1, 2], [None], [None], [None])
+
+
+@pytest.mark.parametrize("columnar", [False, True])  # True: pyarrow, which the test install has
+@pytest.mark.parametrize("valid", [True, False])
+def test_a_batch_is_decided_the_same_given_as_a_list_or_as_columns(columnar: bool, valid: bool) -> None:
+    items = [tx(1, 1, "100.00"), tx(2, 2, "600.00"), tx(3, 1, "95.50", 2), tx(4, 2, "-20.00", 3)]
+    if not valid:
+        items.insert(1, b"not json")  # the whole batch goes the per-message way
+    decided = []
+    for given_as in (messages, lambda xs: RawBatch.of(messages(xs))):
+        processor = StreamProcessor(
+            "t",
+            CARDS,
+            {1: D("0.00"), 2: D("100.00")},
+            Store().lookup,
+            clock=lambda: datetime(2025, 4, 1),
+            columnar=columnar,
+        )
+        batch = processor.process(given_as(items))
+        assert processor.columnar_batches == (1 if columnar and valid else 0)
+        decided.append((batch.decision_rows(), batch.rejected, batch.next_offsets, dict(batch.counts)))
+    assert decided[0] == decided[1]
+    assert decided[0][2] == {0: len(items)}
