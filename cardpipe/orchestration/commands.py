@@ -55,7 +55,7 @@ from cardpipe.stream.clients import client_config
 from cardpipe.stream.codec import encode_transaction
 from cardpipe.stream.consumer import CLIENT_LOG, ConsumeOptions, ConsumeSummary, log_end_offsets
 from cardpipe.stream.consumer import consume as consume_topic
-from cardpipe.stream.partitioner import split_by_partition
+from cardpipe.stream.partitioner import MURMUR2_PARTITIONERS, split_by_partition
 from cardpipe.stream.producer import PublishSummary, publish_messages
 
 log = logging.getLogger("cardpipe")
@@ -166,7 +166,7 @@ def produce(
         count = settings.publishing_processes(processes, usable_cores())
         if from_csv is not None and processes is not None and processes > 1:
             log.info("publishing %s in one process: only the database is read in shares", from_csv)
-        shares = _publishing_shares(engine, count, partitions) if from_csv is None else []
+        shares = _publishing_shares(settings, engine, count, partitions) if from_csv is None else []
         total, every = None, 100_000
         if isinstance(progress, Reporter):  # a bar: its total, and updates often enough to move
             every = 5_000
@@ -201,7 +201,7 @@ def produce(
         return summary
 
 
-def _publishing_shares(engine: Engine, processes: int, partitions: int) -> list[CardShare]:
+def _publishing_shares(settings: Settings, engine: Engine, processes: int, partitions: int) -> list[CardShare]:
     """The shares of the cards that many publishing processes take, at most one per partition (none: publish in
     this process), each the cards of its own partitions; the last takes every card the others do not, known or
     not."""
@@ -210,6 +210,10 @@ def _publishing_shares(engine: Engine, processes: int, partitions: int) -> list[
         return []
     if not shares_supported(engine):
         log.info("publishing in one process: only a SQLite database is read in shares")
+        return []
+    partitioner = settings.kafka_client_in_use.get("partitioner", "murmur2_random")
+    if partitioner not in MURMUR2_PARTITIONERS:
+        log.info("publishing in one process: the client's partitioner %r is not murmur2", partitioner)
         return []
     with engine.connect() as conn:
         card_ids = conn.execute(select(schema.cards.c.card_id)).scalars().all()

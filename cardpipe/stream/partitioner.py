@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+#: librdkafka's partitioners that place a keyed message where :func:`partition_of` says (the producer's setting is
+#: ``murmur2_random``; a client setting from the environment may name another).
+MURMUR2_PARTITIONERS = frozenset({"murmur2", "murmur2_random"})
+
 _SEED = 0x9747B28C
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF

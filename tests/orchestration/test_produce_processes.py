@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from sqlalchemy import create_engine
 
 from cardpipe.config import SAMPLE_DATA_DIR, Settings
 from cardpipe.errors import EXIT_ERROR
@@ -93,3 +94,20 @@ def test_a_publishing_process_that_dies_fails_the_command_and_stops_the_others(t
     assert "error: publishing failed: was killed (SIGKILL) before finishing, in publishing process" in died.stderr
     assert "of 2; the other was stopped" in died.stderr
     assert "published" not in died.stdout
+
+
+def test_another_partitioner_set_for_the_cluster_publishes_in_one_process(tmp_path: Path) -> None:
+    """The shares follow murmur2's partitions: with a client partitioner from the environment that places keys
+    otherwise (``KAFKA_PARTITIONER``), one process publishes everything, so a partition never has two producers."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "cluster.example:9092"}
+    settings = Settings.from_env(env=env, results_dir=tmp_path / "results", data_dir=SAMPLE_DATA_DIR)
+    commands.setup(settings)
+    commands.load(settings)
+    engine = create_engine(settings.database_url)
+    try:
+        assert len(commands._publishing_shares(settings, engine, 2, 8)) == 2
+        for partitioner, shares in (("murmur2", 2), ("random", 0), ("consistent_random", 0)):
+            passed = Settings.from_env(env={**env, "KAFKA_PARTITIONER": partitioner}, results_dir=tmp_path / "results")
+            assert len(commands._publishing_shares(passed, engine, 2, 8)) == shares
+    finally:
+        engine.dispose()
