@@ -1,4 +1,5 @@
-"""The stream's producer in a process of its own, so that publishing and authorizing overlap.
+"""The stream's producer in processes of its own: so that publishing and authorizing overlap, and so that
+``cardpipe produce`` publishes on every core.
 
 ``cardpipe run`` publishes the ``transactions`` table while its consumer (or consumer workers) decide what
 has arrived, as a card network and an issuer's authorizer would: the first decisions are committed while
@@ -9,6 +10,9 @@ would take the consumer's interpreter lock half of the time.
 The parent asks :meth:`PublisherProcess.publishing` (the ``publishing`` callable of
 :func:`cardpipe.stream.consumer.consume`): True while the child publishes, False once every message is
 acknowledged by the broker, :class:`PublisherFailed` when the child failed or died.
+
+``cardpipe produce`` on SQLite publishes in several such children at once (:func:`publish_in_processes`), each
+the cards of its own partitions, forked from a server started ahead (:func:`~cardpipe.childprocs.start_forkserver`).
 """
 
 from __future__ import annotations
