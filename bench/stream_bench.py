@@ -70,12 +70,9 @@ def ours_prepare(env: dict[str, str], work: Path, data: Path) -> dict[str, Any]:
 
 def ours_produce(env: dict[str, str], work: Path, data: Path) -> dict[str, Any]:
     """As ``cardpipe produce`` does: in as many processes as its default, forked from a server started first."""
-    from cardpipe.childprocs import start_forkserver, usable_cores
-    from cardpipe.cli import _PUBLISHER_MODULES
-    from cardpipe.config import backend_named, publishing_processes
+    from cardpipe.cli import start_publisher_server
 
-    if publishing_processes(None, usable_cores(), backend_named(env)) > 1:
-        start_forkserver(_PUBLISHER_MODULES)
+    start_publisher_server(None, env)
     from cardpipe.orchestration import commands
 
     s = settings(env, work, data)

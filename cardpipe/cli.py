@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,16 +98,22 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_publisher_server(processes: int | None, env: Mapping[str, str]) -> None:
+    """When ``produce`` will publish from the database in several processes (``processes``, None for its
+    default, with the database ``env`` names), start the server they fork from now, so that it imports their
+    modules while this process imports its own (:func:`~cardpipe.childprocs.start_forkserver`)."""
+    from cardpipe.childprocs import start_forkserver, usable_cores
+
+    if publishing_processes(processes, usable_cores(), backend_named(env)) > 1:
+        start_forkserver(_PUBLISHER_MODULES)
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
     if args.from_csv is None:
-        from cardpipe.childprocs import start_forkserver, usable_cores
-
-        if publishing_processes(args.processes, usable_cores(), backend_named(os.environ)) > 1:
-            start_forkserver(_PUBLISHER_MODULES)  # importing them while this process imports its own
+        start_publisher_server(args.processes, os.environ)
     from cardpipe.orchestration import commands
 
     settings = _settings(args)
-
     with _reporter(args) as progress:
         summary = commands.produce(
             settings, from_csv=args.from_csv, republish_all=args.all, processes=args.processes, progress=progress
