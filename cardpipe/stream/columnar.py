@@ -33,6 +33,7 @@ transactions are judged one by one, in order, on the balance as it runs (a decli
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -98,6 +99,12 @@ def wanted(setting: str) -> bool:
     return False
 
 
+#: Arrow's own setting of its allocator. Unless it is set, this path's Arrow allocates with the C library's
+#: ``malloc`` rather than Arrow's default (mimalloc), which hands the pages a batch freed back to the kernel and
+#: has them faulted in again, zeroed, for the next batch: measured in ``docs/performance.md`` (stop 36).
+ARROW_POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
+
+
 def load(*, background: bool = False) -> None:
     """Import Arrow now, or on a thread of its own: a consumer's first batches then go the per-message way
     instead of waiting for it (:meth:`ColumnarDecider.read` takes a batch once it is there)."""
@@ -121,6 +128,8 @@ def _load_arrow() -> None:
             import pyarrow.compute
             import pyarrow.json
 
+            if ARROW_POOL_VARIABLE not in os.environ:
+                pyarrow.set_memory_pool(pyarrow.system_memory_pool())
             pc, pa_json = pyarrow.compute, pyarrow.json
             pa = pyarrow  # last: ``pa`` set means all three are
 

@@ -3,6 +3,9 @@
 Needs pyarrow (the ``fast`` extra, which ``scripts/install.sh --test`` installs).
 """
 
+import os
+import subprocess
+import sys
 from datetime import datetime
 from decimal import Decimal as D
 
@@ -341,3 +344,16 @@ def test_on_without_pyarrow_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
     assert columnar.wanted("auto") is False
     with pytest.raises(ConfigError, match=r"cardpipe\[fast\]"):
         columnar.wanted("on")
+
+
+@pytest.mark.parametrize(("setting", "backend"), [(None, "system"), ("jemalloc", "jemalloc"), ("mimalloc", "mimalloc")])
+def test_arrow_allocates_with_malloc_unless_its_own_setting_says_otherwise(setting: str | None, backend: str) -> None:
+    """A fresh process: the allocator is chosen where Arrow is imported, once."""
+    env = {k: v for k, v in os.environ.items() if k != columnar.ARROW_POOL_VARIABLE}
+    if setting is not None:
+        env[columnar.ARROW_POOL_VARIABLE] = setting
+    script = (
+        "from cardpipe.stream import columnar; columnar.load(); print(columnar.pa.default_memory_pool().backend_name)"
+    )
+    shown = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == backend
