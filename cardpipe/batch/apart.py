@@ -22,6 +22,7 @@ imports.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -63,8 +64,9 @@ def settle_embedded_apart(
 ) -> SettlementSummary:
     """:func:`~cardpipe.batch.embedded.settle_embedded` in a child process (see the module's docstring): its
     progress lines and settled rows are passed on here, in this process (``on_settled`` runs here, while the
-    child writes the files); its :class:`~cardpipe.errors.CardpipeError` is raised here as it was raised.
-    ``process``: one started ahead (stopped here, used or not), else one is started now."""
+    child writes the files, which it renames into place only once ``on_settled`` has returned: what it raises
+    leaves them unpublished, as in place); its :class:`~cardpipe.errors.CardpipeError` is raised here as it was
+    raised. ``process``: one started ahead (stopped here, used or not), else one is started now."""
     return (process or SettleProcess()).settle(
         database_url, watermark, out_dir, progress=progress, on_settled=on_settled
     )
@@ -114,6 +116,7 @@ class SettleProcess:
                         settled = payload
                         if on_settled is not None:
                             on_settled(payload)
+                        self._stored()
                     elif kind == "done":
                         if isinstance(payload, CardpipeError):
                             raise payload
@@ -127,6 +130,11 @@ class SettleProcess:
             self.stop()
             remove_orphaned_dirs(Path(out_dir), EMBEDDED_DIR_PREFIX)  # the child's, if stopped before its end
 
+    def _stored(self) -> None:
+        """Tell the child that the settled rows are stored: it may rename its files into place."""
+        with contextlib.suppress(OSError):  # the process is gone: the loop sees how it ended
+            self._jobs.send("stored")
+
     def stop(self) -> None:
         """Stop the process (at once if it waits for its job); harmless when it has ended."""
         if not self._jobs.closed:
@@ -137,16 +145,23 @@ class SettleProcess:
 def _settle_main(conn: Connection, jobs: Connection, log_level: int) -> None:
     """The settlement process: import the engine, wait for the job; then ("progress", line)…, ("settled",
     rows), then ("done", the summary without its rows, which went ahead, or the CardpipeError that stopped
-    it). Ends without a word when the caller closes its end first (it did not need the process)."""
+    it). The files are renamed into place only once the caller has said it stored the rows ("stored" on
+    ``jobs``). Ends without a word when the caller closes its end first (it did not need the process)."""
     prepare_child(log_level, "cardpipe: %(message)s")
     from cardpipe.batch.embedded import settle_embedded
 
     try:
         database_url, watermark, out_dir, tell_progress = jobs.recv()
     except EOFError:  # not wanted after all (or the caller is gone)
-        sys.exit(0)
-    finally:
         jobs.close()
+        sys.exit(0)
+
+    def hand_over(rows: SettledRows) -> None:
+        conn.send(("settled", rows))
+        try:
+            jobs.recv()  # "stored"
+        except EOFError:  # the caller failed to store them (and stops this process), or is gone
+            raise CardpipeError("the settled rows were not stored") from None
 
     def settle() -> Any:
         try:
@@ -155,10 +170,12 @@ def _settle_main(conn: Connection, jobs: Connection, log_level: int) -> None:
                 watermark,
                 out_dir,
                 progress=(lambda line: conn.send(("progress", line))) if tell_progress else None,
-                on_settled=lambda rows: conn.send(("settled", rows)),
+                on_settled=hand_over,
             )
         except CardpipeError as exc:
             return exc
+        finally:
+            jobs.close()
         return dataclasses.replace(summary, settled=None)
 
     report_to_parent(conn, settle)

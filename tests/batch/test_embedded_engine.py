@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -713,6 +714,7 @@ def test_apart_the_engines_errors_and_the_callers_reach_the_caller(seed_serving:
         settle_embedded_apart(URL.create("sqlite", database=str(tmp_path / "missing.db")), {0: 1}, tmp_path)
 
     def store_fails(_rows: object) -> None:
+        time.sleep(1.0)  # the settlement's process has written its files meanwhile: they must stay unpublished
         raise RuntimeError("the store is down")
 
     with pytest.raises(RuntimeError, match="the store is down"):
