@@ -395,13 +395,13 @@ class ColumnarDecider:
         from the first that did on, on the balance as it runs (a declined transaction moves nothing): ``reasons``
         and ``after`` are updated in place. Those before it were judged on the right balance already."""
         over_rows = pc.indices_nonzero(over)
-        firsts = (
-            pa.table({"card": pc.take(card_column, over_rows), "row": over_rows})
-            .group_by("card")
-            .aggregate([("row", "min")])
-        )  # each card that went over its limit, and the row where it first did
-        rows_of = pc.index_in(card_column, value_set=firsts.column("card"))  # per row: its card's entry, or null
-        each_first = pc.take(firsts.column("row_min"), rows_of)
+        # Each card that went over its limit, and the row where it first did (the rows ascend: its first seen). Not
+        # Arrow's group_by: that imports Arrow's query engine and its Parquet libraries into every consumer.
+        firsts: dict[int, int] = {}
+        for card_id, row in zip(pc.take(card_column, over_rows).to_pylist(), over_rows.to_pylist(), strict=True):
+            firsts.setdefault(card_id, row)
+        rows_of = pc.index_in(card_column, value_set=pa.array(list(firsts), pa.int64()))  # its card's entry, or null
+        each_first = pc.take(pa.array(list(firsts.values()), pa.int64()), rows_of)
         candidates = pc.indices_nonzero(pc.is_valid(each_first))
         rows = pc.filter(candidates, pc.greater_equal(candidates, pc.take(each_first, candidates)))
         card_ids, amounts_, halves, fars = (pc.take(c, rows).to_pylist() for c in (card_column, amounts, half, far))

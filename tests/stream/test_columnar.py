@@ -357,3 +357,28 @@ def test_arrow_allocates_with_malloc_unless_its_own_setting_says_otherwise(setti
     )
     shown = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert shown.stdout.strip() == backend
+
+
+def test_a_card_over_its_limit_is_judged_without_arrows_query_engine() -> None:
+    """A fresh process: judging a card one by one from its first transaction over the limit does not import
+    Arrow's query engine (``pyarrow.acero``, which loads its Parquet and dataset libraries into each consumer)."""
+    script = """
+import sys
+from datetime import datetime
+from decimal import Decimal as D
+from cardpipe.domain.records import CardProfile, Transaction
+from cardpipe.stream import columnar
+from cardpipe.stream.codec import encode_transaction
+from cardpipe.stream.processing import RawMessage, StreamProcessor
+columnar.load()
+cards = {1: CardProfile(1, D("1000.00"), "11513")}
+values = [
+    encode_transaction(Transaction(t, 1, "M", datetime(2025, 4, 1), D(a), "x 11000", "purchase"))[1]
+    for t, a in enumerate(["400.00", "499.00", "200.00", "100.00"], 1)
+]
+processor = StreamProcessor("t", cards, {1: D("0.00")}, lambda ids: {}, columnar=True)
+got = processor.process([RawMessage(0, i, None, v, None) for i, v in enumerate(values)])
+print(processor.columnar_batches, got.columns.decline_reason, "pyarrow.acero" in sys.modules)
+"""
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == ["1", "[None,", "None,", "'over_credit_limit',", "None]", "False"]
