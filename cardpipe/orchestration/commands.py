@@ -56,7 +56,7 @@ from cardpipe.stream.codec import encode_transaction
 from cardpipe.stream.consumer import CLIENT_LOG, ConsumeOptions, ConsumeSummary, log_end_offsets
 from cardpipe.stream.consumer import consume as consume_topic
 from cardpipe.stream.partitioner import MURMUR2_PARTITIONERS, split_by_partition
-from cardpipe.stream.producer import PRODUCER_DEFAULTS, PublishSummary, publish_messages
+from cardpipe.stream.producer import PublishSummary, producer_setting, publish_messages
 
 log = logging.getLogger("cardpipe")
 
@@ -211,7 +211,7 @@ def _publishing_shares(settings: Settings, engine: Engine, processes: int, parti
     if not shares_supported(engine):
         log.info("publishing in one process: only a SQLite database is read in shares")
         return []
-    partitioner = settings.kafka_client_in_use.get("partitioner", PRODUCER_DEFAULTS["partitioner"])
+    partitioner = producer_setting("partitioner", settings.kafka_client_in_use)
     if partitioner not in MURMUR2_PARTITIONERS:
         log.info("publishing in one process: the client's partitioner %r is not murmur2", partitioner)
         return []

@@ -20,7 +20,13 @@ def use_client_settings(settings: Mapping[str, str]) -> None:
     _client_settings.update(settings)
 
 
-def client_config(bootstrap_servers: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """A client's configuration: its own ``config`` on ``bootstrap_servers``, then the process's client settings
-    (which win: a cluster's security settings apply to every client)."""
-    return {**config, "bootstrap.servers": bootstrap_servers, **_client_settings}
+def client_config(
+    bootstrap_servers: str, config: Mapping[str, Any], client_settings: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A client's configuration: its own ``config`` on ``bootstrap_servers``, then the client settings (which win:
+    a cluster's security settings apply to every client): ``client_settings``, else the process's."""
+    return {
+        **config,
+        "bootstrap.servers": bootstrap_servers,
+        **(_client_settings if client_settings is None else client_settings),
+    }

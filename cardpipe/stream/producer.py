@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
@@ -47,6 +48,13 @@ class PublishSummary:
     @property
     def rate(self) -> float:
         return self.published / self.seconds if self.seconds > 0 else 0.0
+
+
+def producer_setting(name: str, client_settings: Mapping[str, str]) -> Any:
+    """What a producer of :func:`make_producer` runs with for the librdkafka key ``name``, in a process given
+    ``client_settings``: theirs when they set it (:func:`~cardpipe.stream.clients.client_config`), else
+    :data:`PRODUCER_DEFAULTS`' (None when neither does)."""
+    return client_config("", PRODUCER_DEFAULTS, client_settings).get(name)
 
 
 def make_producer(bootstrap_servers: str, **overrides: object) -> Producer:

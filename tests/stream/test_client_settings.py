@@ -11,6 +11,7 @@ from cardpipe.config import Settings, kafka_client_settings
 from cardpipe.errors import ConfigError
 from cardpipe.stream.broker import broker_session
 from cardpipe.stream.clients import client_config, use_client_settings
+from cardpipe.stream.producer import PRODUCER_DEFAULTS, producer_setting
 from tests.orchestration.helpers import REPO_ROOT, env_without_services
 
 
@@ -97,3 +98,16 @@ def test_the_settings_reach_the_kafka_client(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "security.protocol" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_a_producers_setting_is_the_client_settings_else_its_default():
+    """:func:`producer_setting` applies :func:`client_config`'s precedence to the producer's defaults, whatever
+    the process's own client settings are."""
+    use_client_settings({"partitioner": "random"})  # the process's: not the ones asked about
+    try:
+        assert producer_setting("partitioner", {}) == PRODUCER_DEFAULTS["partitioner"] == "murmur2_random"
+        assert producer_setting("partitioner", {"partitioner": "consistent"}) == "consistent"
+        assert producer_setting("acks", {"security.protocol": "SSL"}) == "all"
+        assert producer_setting("client.id", {}) is None
+    finally:
+        use_client_settings({})
