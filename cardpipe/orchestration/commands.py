@@ -750,7 +750,12 @@ def batch(
                 stored: list[SettledRows] = []
 
                 def store_settled(rows: SettledRows) -> None:
-                    store.store_rows(settlement_id, rows.cards, rows.customers)
+                    cards, customers = rows.fetched_cards, rows.fetched_customers
+                    as_fetched = store.store_texts(
+                        settlement_id, (cards.names, cards.rows), (customers.names, customers.rows)
+                    )
+                    if as_fetched is None:  # not on SQLite: the rows typed
+                        store.store_rows(settlement_id, rows.cards, rows.customers)
                     stored.append(rows)
 
                 summary = run_engine(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 
 from cardpipe.errors import CardpipeError
 from cardpipe.serving import schema
+from cardpipe.serving.bulk import BulkWriter
 from cardpipe.serving.csv_io import insert_rows
 from cardpipe.serving.owners import holder_is_dead
 
@@ -168,6 +169,40 @@ class SettlementStore:
             schema.CARDS_UPDATED: self._insert_chunked(schema.settled_cards, settlement_id, cards),
             schema.CUSTOMERS_UPDATED: self._insert_chunked(schema.settled_customers, settlement_id, customers),
         }
+
+    def store_texts(
+        self,
+        settlement_id: int,
+        cards: tuple[Sequence[str], Sequence[tuple[Any, ...]]],
+        customers: tuple[Sequence[str], Sequence[tuple[Any, ...]]],
+    ) -> dict[str, int] | None:
+        """:meth:`store_rows` for rows as an engine fetched them: (column names, row tuples) with money and dates
+        as their text. On SQLite they are stored as they are, with no value made and converted back per cell: a
+        NUMERIC column takes a money text as the number SQLAlchemy would bind (the nearest double, an integer when
+        whole) and a date is kept as that text. None elsewhere (nothing stored): the caller types the rows and
+        calls :meth:`store_rows`."""
+        if self.engine.dialect.name != "sqlite":
+            return None
+        return {
+            schema.CARDS_UPDATED: self._insert_texts(schema.settled_cards, settlement_id, *cards),
+            schema.CUSTOMERS_UPDATED: self._insert_texts(schema.settled_customers, settlement_id, *customers),
+        }
+
+    def _insert_texts(
+        self,
+        table: Table,
+        settlement_id: int,
+        names: Sequence[str],
+        rows: Sequence[tuple[Any, ...]],
+        chunk: int = 5000,
+    ) -> int:
+        writer = BulkWriter(self.engine.dialect, table, ("settlement_id", *names))
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            columns: list[Sequence[Any]] = [[settlement_id] * len(part), *zip(*part, strict=True)]
+            with self.engine.begin() as conn:  # small transactions, as _insert_chunked: the consumer keeps committing
+                writer.write_columns(conn, columns, converted=True)
+        return len(rows)
 
     def _insert_chunked(
         self, table: Table, settlement_id: int, rows: Iterable[dict[str, Any]], chunk: int = 5000

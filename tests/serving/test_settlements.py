@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal as D
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from cardpipe.domain.records import Transaction
 from cardpipe.errors import LeaseLost, PartitionsHeld, SettlementChanged
@@ -298,3 +298,44 @@ def test_a_processor_loading_its_cards_decides_as_one_given_them_all(engine):
     assert asked == [[26, 27], [26, 27, 999_999]]
     assert lazy.authorizer.limit_of(26) == D("60.00") and lazy.cards_loaded == 5
     assert sum(r["status"] == "rejected" for r in second[1].decided) == 1
+
+
+def test_rows_stored_as_fetched_hold_what_the_typed_rows_hold(engine):
+    """``store_texts`` (money and dates as their text, as an engine fetches them) stores on SQLite every value
+    as ``store_rows`` stores it typed: the same storage class and the same value, whole amounts, cents and
+    negative ones included. Elsewhere it stores nothing and says so (None): the caller types the rows."""
+    from cardpipe.domain.records import CARD_COLUMNS, CUSTOMER_COLUMNS
+
+    with engine.connect() as conn:
+        cards = [dict(r._mapping) for r in conn.execute(select(*[schema.cards.c[c] for c in CARD_COLUMNS]))]
+        customers = [dict(r._mapping) for r in conn.execute(select(*[schema.customers.c[c] for c in CUSTOMER_COLUMNS]))]
+    for card, balance in zip(cards, ["-0.01", "0.10", "12345678.91", "700.00", "-250.50"], strict=False):
+        card["current_balance"] = D(balance)
+    customers[0]["annual_income"], customers[1]["annual_income"] = D("85000.00"), D("0.05")
+    for card in cards:
+        card["settled_count"] = card["card_id"] % 3
+
+    def as_fetched(rows):  # money and dates as their text, the rest as it is
+        names = tuple(rows[0])
+        texts = [tuple(v if v is None or isinstance(v, int | str) else str(v) for v in row.values()) for row in rows]
+        return names, texts
+
+    store = SettlementStore(engine, "t")
+    stored = store.store_texts(2, as_fetched(cards), as_fetched(customers))
+    if engine.dialect.name != "sqlite":
+        assert stored is None
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(schema.settled_cards)).scalar() == 0
+        return
+    assert stored == {schema.CARDS_UPDATED: len(cards), schema.CUSTOMERS_UPDATED: len(customers)}
+    assert store.store_rows(1, cards, customers) == stored
+    for table, key in ((schema.settled_cards, "card_id"), (schema.settled_customers, "customer_id")):
+        names = [c.name for c in table.columns if c.name != "settlement_id"]
+        cells = ", ".join(f"{n}, typeof({n})" for n in names)
+        with engine.connect() as conn:
+            typed, fetched = (
+                conn.execute(text(f"SELECT {cells} FROM {table.name} WHERE settlement_id = {sid} ORDER BY {key}")).all()
+                for sid in (1, 2)
+            )
+        assert len(typed) == len(table.name == "settled_cards" and cards or customers)
+        assert fetched == typed
