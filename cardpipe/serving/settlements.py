@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: A running settlement whose heartbeat is older than this is taken for dead.
 STALE_SECONDS = 20.0
 HEARTBEAT_SECONDS = 2.0
+#: A settlement's cards and customers are stored this many rows to a transaction: the consumer keeps committing.
+STORE_CHUNK_ROWS = 5000
 #: Counts a settlement records (the columns of ``settlements`` of the same names).
 COUNT_COLUMNS = (
     "transactions",
@@ -194,18 +196,18 @@ class SettlementStore:
         settlement_id: int,
         names: Sequence[str],
         rows: Sequence[tuple[Any, ...]],
-        chunk: int = 5000,
+        chunk: int = STORE_CHUNK_ROWS,
     ) -> int:
         writer = BulkWriter(self.engine.dialect, table, ("settlement_id", *names))
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
             columns: list[Sequence[Any]] = [[settlement_id] * len(part), *zip(*part, strict=True)]
-            with self.engine.begin() as conn:  # small transactions, as _insert_chunked: the consumer keeps committing
+            with self.engine.begin() as conn:
                 writer.write_columns(conn, columns, converted=True)
         return len(rows)
 
     def _insert_chunked(
-        self, table: Table, settlement_id: int, rows: Iterable[dict[str, Any]], chunk: int = 5000
+        self, table: Table, settlement_id: int, rows: Iterable[dict[str, Any]], chunk: int = STORE_CHUNK_ROWS
     ) -> int:
         total = 0
         pending: list[dict[str, Any]] = []

@@ -329,7 +329,10 @@ def test_rows_stored_as_fetched_hold_what_the_typed_rows_hold(engine):
         return
     assert stored == {schema.CARDS_UPDATED: len(cards), schema.CUSTOMERS_UPDATED: len(customers)}
     assert store.store_rows(1, cards, customers) == stored
-    for table, key in ((schema.settled_cards, "card_id"), (schema.settled_customers, "customer_id")):
+    for table, key, rows in (
+        (schema.settled_cards, "card_id", cards),
+        (schema.settled_customers, "customer_id", customers),
+    ):
         names = [c.name for c in table.columns if c.name != "settlement_id"]
         cells = ", ".join(f"{n}, typeof({n})" for n in names)
         with engine.connect() as conn:
@@ -337,5 +340,5 @@ def test_rows_stored_as_fetched_hold_what_the_typed_rows_hold(engine):
                 conn.execute(text(f"SELECT {cells} FROM {table.name} WHERE settlement_id = {sid} ORDER BY {key}")).all()
                 for sid in (1, 2)
             )
-        assert len(typed) == len(table.name == "settled_cards" and cards or customers)
+        assert len(typed) == len(rows)
         assert fetched == typed
