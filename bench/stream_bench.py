@@ -168,6 +168,11 @@ def _consume_result(s: Any, work: Path, summary: Any, seconds: float) -> dict[st
     }
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median end-to-end rate (the lower middle one of an even count): a run that was measured."""
+    return sorted(runs, key=lambda r: r["e2e_rate"])[(len(runs) - 1) // 2]
+
+
 def run_name(sink: str, workers: int, pipelined: bool) -> str:
     return sink + (f"/{workers}w" if workers > 1 else "") + ("/pipelined" if pipelined else "")
 
@@ -489,7 +494,37 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+def report_rounds(results: dict[str, Any]) -> None:
+    """Each round's rates of every run measured more than once, and how many reached the end-to-end target."""
+    rows = []
+    for name, runs in results.get("rounds", {}).items():
+        if len(runs) < 2:
+            continue
+        target = 100_000 if runs[0]["sink"] == "sqlite" else 50_000
+        rates = {
+            "e2e tx/s": [r["e2e_rate"] for r in runs],
+            "consume/s": [r["consume"]["rate"] for r in runs],
+            "loop/s": [r["consume"]["loop_rate"] for r in runs],
+        }
+        for label, values in rates.items():
+            reached = f"{sum(v >= target for v in values)} of {len(values)}" if label == "e2e tx/s" else None
+            rows.append([f"{name} {label}", " / ".join(f"{v:,.0f}" for v in values), median_of(values), reached])
+    if rows:
+        print_table(
+            "rounds (end-to-end targets: 100,000 tx/s on SQLite, 50,000 on MariaDB)",
+            ["run", "each round", "median", "e2e at target"],
+            rows,
+        )
+
+
+def median_of(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def report(results: dict[str, Any]) -> None:
+    report_rounds(results)
     ours, seed, raw = results["ours"], results.get("seed"), results.get("raw")
     rows = []
     for name, r in ours.items():
@@ -621,10 +656,18 @@ def main() -> None:
         default="sequential,pipelined",
         help="sequential (produce, then consume) and/or pipelined (commands.stream: both at once)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every run, interleaved (the JSON keeps each; the tables use the run of median e2e tx/s)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--bench-db", default=common.DEFAULT_BENCH_DB, help="MariaDB database to create and drop")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "stream.json")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
     modes = [{"sequential": False, "pipelined": True}[m.strip()] for m in args.modes.split(",") if m.strip()]
 
@@ -636,8 +679,10 @@ def main() -> None:
             "sinks": sinks,
             "seed_sample": args.seed_sample,
             "generator_seed": args.seed,
+            "repeat": args.repeat,
         },
         "ours": {},
+        "rounds": {},
         "ratios": {},
         "scale_out": {},
         "seed_system_reference": {"consumer_rate": 17_600, "note": "SPEC section 8"},
@@ -646,14 +691,16 @@ def main() -> None:
     results["config"]["dataset"] = {"path": str(data), "counts": dataset_counts(data)}
     envs = {sink: sink_env(sink, args.bench_db) for sink in sinks}
     try:
-        for sink in sinks:
-            for pipelined in modes:
-                for workers in sorted({int(w) for w in args.workers.split(",")}):
-                    if sink == "mysql":
-                        drop_mysql_database(envs[sink], recreate=True)
-                    r = measure_ours(sink, envs[sink], data, args.transactions, workers, pipelined)
-                    r["config_transactions"] = args.transactions
-                    results["ours"][run_name(sink, workers, pipelined)] = r
+        for _ in range(args.repeat):  # round by round, so that a slower hour weighs on every run alike
+            for sink in sinks:
+                for pipelined in modes:
+                    for workers in sorted({int(w) for w in args.workers.split(",")}):
+                        if sink == "mysql":
+                            drop_mysql_database(envs[sink], recreate=True)
+                        r = measure_ours(sink, envs[sink], data, args.transactions, workers, pipelined)
+                        r["config_transactions"] = args.transactions
+                        results["rounds"].setdefault(run_name(sink, workers, pipelined), []).append(r)
+        results["ours"] = {name: median_run(runs) for name, runs in results["rounds"].items()}
         if not args.no_raw:
             results["raw"] = measure_raw(data, args.transactions)
         if args.seed_sample > 0:
