@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,11 @@ def _consume_result(s: Any, work: Path, summary: Any, seconds: float) -> dict[st
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run of median end-to-end rate (the lower middle one of an even count): a run that was measured."""
     return sorted(runs, key=lambda r: r["e2e_rate"])[(len(runs) - 1) // 2]
+
+
+def target_rate(sink: str) -> int:
+    """Issue 14's end-to-end target on ``sink``, transactions/s."""
+    return 100_000 if sink == "sqlite" else 50_000
 
 
 def run_name(sink: str, workers: int, pipelined: bool) -> str:
@@ -500,7 +506,7 @@ def report_rounds(results: dict[str, Any]) -> None:
     for name, runs in results.get("rounds", {}).items():
         if len(runs) < 2:
             continue
-        target = 100_000 if runs[0]["sink"] == "sqlite" else 50_000
+        target = target_rate(runs[0]["sink"])
         rates = {
             "e2e tx/s": [r["e2e_rate"] for r in runs],
             "consume/s": [r["consume"]["rate"] for r in runs],
@@ -508,19 +514,15 @@ def report_rounds(results: dict[str, Any]) -> None:
         }
         for label, values in rates.items():
             reached = f"{sum(v >= target for v in values)} of {len(values)}" if label == "e2e tx/s" else None
-            rows.append([f"{name} {label}", " / ".join(f"{v:,.0f}" for v in values), median_of(values), reached])
+            rows.append(
+                [f"{name} {label}", " / ".join(f"{v:,.0f}" for v in values), statistics.median(values), reached]
+            )
     if rows:
         print_table(
             "rounds (end-to-end targets: 100,000 tx/s on SQLite, 50,000 on MariaDB)",
             ["run", "each round", "median", "e2e at target"],
             rows,
         )
-
-
-def median_of(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def report(results: dict[str, Any]) -> None:
@@ -598,7 +600,7 @@ def report(results: dict[str, Any]) -> None:
         if r.get("workers", 1) != 1:
             continue
         sink = r["sink"]
-        target = 100_000 if sink == "sqlite" else 50_000
+        target = target_rate(sink)
         ours_seed = ratio(r["e2e_rate"], seed[sink]["e2e_rate"]) if seed and sink in seed else None
         ours_raw = ratio(r["e2e_rate"], raw["e2e_rate"]) if raw else None
         ratio_rows.append([name, r["e2e_rate"], target, ours_seed, ours_raw])

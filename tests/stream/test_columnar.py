@@ -133,19 +133,18 @@ def scenario(draw: st.DrawFn) -> tuple[dict[int, CardProfile], dict[int, D], lis
     any_card = well_formed((*CARD_IDS, 99))  # 99: not a card
     message = st.one_of(any_card, any_card, any_card, st.sampled_from(sorted(NOT_TAKEN.values())), st.none())
     mixed = st.lists(message, min_size=1, max_size=12)
+
     # A clean batch (ids new to the batch, all well-formed) is the column-by-column path's to take, unless it
     # holds an unknown card or a transaction decided before.
-    clean = st.lists(
-        well_formed(CARD_IDS), min_size=1, max_size=16, unique_by=lambda v: orjson.loads(v)["transaction_id"]
-    )
+    def clean_batch(messages: st.SearchStrategy[bytes]) -> st.SearchStrategy[list[bytes]]:
+        return st.lists(messages, min_size=1, max_size=16, unique_by=lambda v: orjson.loads(v)["transaction_id"])
+
+    clean = clean_batch(well_formed(CARD_IDS))
     batches = draw(st.lists(st.one_of(clean, clean, mixed), min_size=0, max_size=6))
     # And one clean batch of ids no other batch holds, anywhere among them: every example has a batch that path
     # must take, so the property test compares the two paths on at least one batch decided column by column.
-    fresh = well_formed(CARD_IDS, st.integers(41, 80))
-    batches.insert(
-        draw(st.integers(0, len(batches))),
-        draw(st.lists(fresh, min_size=1, max_size=16, unique_by=lambda v: orjson.loads(v)["transaction_id"])),
-    )
+    fresh = clean_batch(well_formed(CARD_IDS, st.integers(41, 80)))
+    batches.insert(draw(st.integers(0, len(batches))), draw(fresh))
     adopt_after = set(draw(st.lists(st.integers(0, 5), max_size=2)))  # new limits after these batches
     return cards, balances, batches, adopt_after
 
