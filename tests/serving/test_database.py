@@ -208,3 +208,28 @@ def test_a_database_of_an_older_cardpipe_is_refused_with_what_to_run(engine):
     with pytest.raises(ConfigError, match=r"older cardpipe \(table card_states has no column pending_count\).*setup"):
         ensure_schema(engine)
     assert "pending_count" not in {c["name"] for c in inspect(engine).get_columns("card_states")}
+
+
+def test_sqlite_binds_none_as_null_through_its_registered_adapter(tmp_path):
+    """make_engine registers an adapter for None (binding it skips sqlite3's search for __adapt__/__conform__):
+    None is still stored as NULL, through SQLAlchemy and through the driver's multi-row statements alike."""
+    import sqlite3
+
+    engine = make_engine(URL.create("sqlite", database=str(tmp_path / "nulls.db")))
+    try:
+        assert sqlite3.adapters[(type(None), sqlite3.PrepareProtocol)](None) is None
+        with engine.begin() as conn:
+            driver = conn.connection.driver_connection
+            driver.execute("CREATE TABLE t (a INTEGER, b TEXT, c REAL)")
+            driver.execute("INSERT INTO t VALUES (?, ?, ?), (?, ?, ?)", [1, None, None, None, "x", 2.5])
+            driver.executemany("INSERT INTO t VALUES (?, ?, ?)", [(None, None, None)])
+        with engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            rows = driver.execute("SELECT a, typeof(a), b, typeof(b), c, typeof(c) FROM t ORDER BY rowid").fetchall()
+    finally:
+        engine.dispose()
+    assert rows == [
+        (1, "integer", None, "null", None, "null"),
+        (None, "null", "x", "text", 2.5, "real"),
+        (None, "null", None, "null", None, "null"),
+    ]
