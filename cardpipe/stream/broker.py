@@ -85,8 +85,7 @@ class BrokerHandle:
 def _admin(bootstrap_servers: str) -> AdminClient:
     config: dict[str, Any] = {
         "allow.auto.create.topics": False,
-        "reconnect.backoff.ms": 50,
-        "reconnect.backoff.max.ms": 500,
+        "reconnect.backoff.max.ms": 500,  # from clients.CLIENT_DEFAULTS' reconnect.backoff.ms
         "logger": _client_log,
     }
     return AdminClient(client_config(bootstrap_servers, config))

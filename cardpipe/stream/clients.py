@@ -13,6 +13,13 @@ from typing import Any
 
 _client_settings: dict[str, str] = {}
 
+#: What every client starts from, under its own configuration. librdkafka waits at least half of
+#: ``reconnect.backoff.ms`` (100 ms by default) between choosing a broker for its cluster requests, so a client
+#: whose first metadata request comes while its group coordinator lookup has just chosen one waits 50 ms before
+#: its first answer; at 10 ms the wait is 11 ms at most. Reconnecting to a lost broker still backs
+#: off exponentially, up to ``reconnect.backoff.max.ms``.
+CLIENT_DEFAULTS: dict[str, Any] = {"reconnect.backoff.ms": 10}
+
 
 def use_client_settings(settings: Mapping[str, str]) -> None:
     """Give every Kafka client created from now on in this process ``settings`` (librdkafka keys)."""
@@ -26,6 +33,7 @@ def client_config(
     """A client's configuration: its own ``config`` on ``bootstrap_servers``, then the client settings (which win:
     a cluster's security settings apply to every client): ``client_settings``, else the process's."""
     return {
+        **CLIENT_DEFAULTS,
         **config,
         "bootstrap.servers": bootstrap_servers,
         **(_client_settings if client_settings is None else client_settings),

@@ -52,6 +52,7 @@ def test_client_settings_win_over_a_clients_own():
     try:
         use_client_settings({"security.protocol": "SSL", "client.id": "x"})
         assert client_config("b:1", {"client.id": "own", "acks": "all"}) == {
+            "reconnect.backoff.ms": 10,
             "client.id": "x",
             "acks": "all",
             "bootstrap.servers": "b:1",
@@ -59,6 +60,14 @@ def test_client_settings_win_over_a_clients_own():
         }
     finally:
         use_client_settings({})
+
+
+def test_every_client_starts_from_the_defaults_which_its_own_and_the_client_settings_override():
+    """``reconnect.backoff.ms`` 10 (CLIENT_DEFAULTS): a client's first metadata request waits 11 ms at most for a
+    broker to be chosen, not librdkafka's 50; a client's own value or a cluster's client settings win."""
+    assert client_config("b:1", {})["reconnect.backoff.ms"] == 10
+    assert client_config("b:1", {"reconnect.backoff.ms": 250})["reconnect.backoff.ms"] == 250
+    assert client_config("b:1", {}, {"reconnect.backoff.ms": "500"})["reconnect.backoff.ms"] == "500"
 
 
 @pytest.mark.kafka
