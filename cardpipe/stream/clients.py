@@ -14,10 +14,10 @@ from typing import Any
 _client_settings: dict[str, str] = {}
 
 #: What every client starts from, under its own configuration. librdkafka waits at least half of
-#: ``reconnect.backoff.ms`` (100 ms by default) between choosing a broker for its cluster requests, so a client
-#: whose first metadata request comes while its group coordinator lookup has just chosen one waits 50 ms before
-#: its first answer; at 10 ms the wait is 11 ms at most. Reconnecting to a lost broker still backs
-#: off exponentially, up to ``reconnect.backoff.max.ms``.
+#: ``reconnect.backoff.ms`` (100 ms by default) between two choices of a broker for its cluster requests, and at a
+#: client's start several requests choose one (the leader query, a consumer's coordinator lookup, the first metadata
+#: request): one that comes within that interval of another could wait 50 ms for its answer. At 10 ms the wait is 11 ms
+#: at most. Reconnecting to a lost broker still backs off exponentially, up to ``reconnect.backoff.max.ms``.
 CLIENT_DEFAULTS: dict[str, Any] = {"reconnect.backoff.ms": 10}
 
 
