@@ -85,7 +85,7 @@ class BrokerHandle:
 def _admin(bootstrap_servers: str) -> AdminClient:
     config: dict[str, Any] = {
         "allow.auto.create.topics": False,
-        "reconnect.backoff.max.ms": 500,  # from clients.CLIENT_DEFAULTS' reconnect.backoff.ms
+        "reconnect.backoff.max.ms": 500,  # backing off from clients.CLIENT_DEFAULTS' reconnect.backoff.ms
         "logger": _client_log,
     }
     return AdminClient(client_config(bootstrap_servers, config))
