@@ -6,7 +6,7 @@ from datetime import datetime
 from decimal import Decimal as D
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.engine import URL
 
 from cardpipe.errors import ConfigError, DatabaseUnavailable, InputFileError
@@ -212,7 +212,7 @@ def test_a_database_of_an_older_cardpipe_is_refused_with_what_to_run(engine):
 
 def test_sqlite_binds_none_as_null_through_its_registered_adapter(tmp_path):
     """make_engine registers an adapter for None (binding it skips sqlite3's search for __adapt__/__conform__):
-    None is still stored as NULL, through SQLAlchemy and through the driver's multi-row statements alike."""
+    None is still stored as NULL, through the driver's multi-row and single-row statements and through SQLAlchemy."""
     import sqlite3
 
     engine = make_engine(URL.create("sqlite", database=str(tmp_path / "nulls.db")))
@@ -223,6 +223,7 @@ def test_sqlite_binds_none_as_null_through_its_registered_adapter(tmp_path):
             driver.execute("CREATE TABLE t (a INTEGER, b TEXT, c REAL)")
             driver.execute("INSERT INTO t VALUES (?, ?, ?), (?, ?, ?)", [1, None, None, None, "x", 2.5])
             driver.executemany("INSERT INTO t VALUES (?, ?, ?)", [(None, None, None)])
+            conn.execute(text("INSERT INTO t VALUES (:a, :b, :c)"), {"a": None, "b": "y", "c": None})
         with engine.connect() as conn:
             driver = conn.connection.driver_connection
             rows = driver.execute("SELECT a, typeof(a), b, typeof(b), c, typeof(c) FROM t ORDER BY rowid").fetchall()
@@ -232,4 +233,5 @@ def test_sqlite_binds_none_as_null_through_its_registered_adapter(tmp_path):
         (1, "integer", None, "null", None, "null"),
         (None, "null", "x", "text", 2.5, "real"),
         (None, "null", None, "null", None, "null"),
+        (None, "null", "y", "text", None, "null"),
     ]
