@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -220,7 +221,12 @@ def serve(
                     signal.signal(sig, handler)
 
     required = api_token_for(host, token)
-    with Service(settings, settle_every=settle_every, workers=workers) as service:
+    # The API's port is taken before anything starts: an embedded broker choosing a free port cannot take it, and a
+    # port in use is said at once.
+    with (
+        listening_socket(host, port) as listener,
+        Service(settings, settle_every=settle_every, workers=workers) as service,
+    ):
         app = create_app(service.engine, token=required, status=service.health)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=1
@@ -229,7 +235,22 @@ def serve(
         log.info(
             "serving on http://%s:%d (API docs at /docs)%s", host, port, "; bearer token required" if required else ""
         )
-        server.run()
+        server.run(sockets=[listener])
         if not server.started and server.stopped_by is None:
-            raise CardpipeError(f"could not serve on {host}:{port} (is the port in use?)")
+            raise CardpipeError(f"could not serve on {host}:{port}")
         return server.stopped_by
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (an IPv6 address when ``host`` holds a colon), as uvicorn binds its
+    own; a :class:`CardpipeError` naming the address when it cannot be bound (a port in use, an unknown host)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CardpipeError(f"could not serve on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock

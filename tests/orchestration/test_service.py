@@ -393,6 +393,41 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path):
     ]
 
 
+def test_serve_on_a_port_in_use_says_so_before_starting_anything(seed_dataset, tmp_path):
+    """The API's port is bound first: taken, the command fails at once with one line naming it, and no embedded
+    broker is started (nor could one have taken the port from the API, as a broker choosing a free port once did)."""
+    env = env_without_services()
+    results = tmp_path / "results"
+    cardpipe(["setup", "--results-dir", str(results)], env)
+    cardpipe(["load", "--results-dir", str(results), "--data-dir", str(seed_dataset / "input")], env)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "cardpipe", "serve", "--results-dir", str(results), "--port", str(port)],
+            env={**env, "PYTHONPATH": str(REPO_ROOT)},
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"cardpipe: error: could not serve on 127.0.0.1:{port}: Address already in use"
+    ]
+    assert not (results / ".cardpipe-broker.json").exists()
+
+
+def test_listening_socket_is_bound_to_the_address_it_is_given():
+    from cardpipe.orchestration.service import listening_socket
+
+    port = free_port()
+    with listening_socket("127.0.0.1", port) as sock:
+        assert sock.getsockname() == ("127.0.0.1", port)
+        assert sock.get_inheritable()
+
+
 def test_serve_on_a_public_address_requires_the_bearer_token(seed_dataset, tmp_path):
     results = tmp_path / "results"
     env = env_without_services(CARDPIPE_API_TOKEN="s3cret-token")
