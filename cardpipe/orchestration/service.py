@@ -243,7 +243,8 @@ def serve(
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host``:``port`` (an IPv6 address when ``host`` holds a colon), as uvicorn binds its
-    own; a :class:`CardpipeError` naming the address when it cannot be bound (a port in use, an unknown host)."""
+    own but not inherited by child processes (a broker outliving the command must not hold the port); a
+    :class:`CardpipeError` naming the address when it cannot be bound (a port in use, an unknown host)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
@@ -252,5 +253,4 @@ def listening_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise CardpipeError(f"could not serve on {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
     return sock

@@ -425,7 +425,7 @@ def test_listening_socket_is_bound_to_the_address_it_is_given():
     port = free_port()
     with listening_socket("127.0.0.1", port) as sock:
         assert sock.getsockname() == ("127.0.0.1", port)
-        assert sock.get_inheritable()
+        assert not sock.get_inheritable()
 
 
 def test_serve_on_a_public_address_requires_the_bearer_token(seed_dataset, tmp_path):
