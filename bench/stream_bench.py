@@ -519,7 +519,8 @@ def report_rounds(results: dict[str, Any]) -> None:
             )
     if rows:
         print_table(
-            "rounds (end-to-end targets: 100,000 tx/s on SQLite, 50,000 on MariaDB)",
+            f"rounds (end-to-end targets: {target_rate('sqlite'):,} tx/s on SQLite, "
+            f"{target_rate('mysql'):,} on MariaDB)",
             ["run", "each round", "median", "e2e at target"],
             rows,
         )
