@@ -349,15 +349,38 @@ def _copy_options(quote: str = "", *, header: bool = True) -> str:
     )
 
 
+def _quoted_otherwise(column: str) -> str:
+    """SQL: whether DuckDB's own quoting writes the text ``column`` otherwise than Python's csv module (it quotes
+    an empty string and any text holding a ``#``; see :func:`_csv_copy`)."""
+    return f"({_q(column)} = '' OR contains({_q(column)}, '#'))"
+
+
 def _native_quoting(conn: duckdb.DuckDBPyConnection, columns: tuple[str, ...], source: str) -> bool:
     """Whether DuckDB's own quoting writes ``columns`` of ``source`` as Python's csv module does: no text column
     holds an empty string or a ``#`` (one pass over the text columns; see :func:`_csv_copy`)."""
     texts = [c for c in columns if c in _TEXT_COLUMNS]
     if not texts:
         return True
-    found = ", ".join(f"bool_or({_q(c)} = '' OR contains({_q(c)}, '#'))" for c in texts)
+    found = ", ".join(f"bool_or({_quoted_otherwise(c)})" for c in texts)
     row = conn.execute(f"SELECT {found} FROM {source}").fetchone()
     return row is not None and not any(row)
+
+
+#: What a guarded COPY (:func:`_guarded`) fails with at the first text DuckDB's own quoting would write otherwise.
+_QUOTED_OTHERWISE = "cardpipe: a text that DuckDB would quote otherwise"
+
+
+def _guarded(columns: tuple[str, ...], source: str) -> str:
+    """``source`` (a table or a subquery) as a subquery that fails the statement reading it, with
+    :data:`_QUOTED_OTHERWISE`, at the first row holding a text of ``columns`` that DuckDB's own quoting would write
+    otherwise than Python's csv module: a COPY of it with DuckDB's quoting writes Python's bytes or nothing,
+    without a pass of its own over the texts first (:func:`_native_quoting`)."""
+    texts = [c for c in columns if c in _TEXT_COLUMNS]
+    if not texts:
+        return source
+    otherwise = " OR ".join(map(_quoted_otherwise, texts))
+    fail = f"error({rules.sql_string(_QUOTED_OTHERWISE)})"
+    return f"(SELECT * FROM {source} WHERE CASE WHEN {otherwise} THEN {fail} ELSE true END)"
 
 
 def _csv_copy(
@@ -495,7 +518,14 @@ def export_table_csv(
         conn = connect_for_export(database_url)
     try:
         conn.execute(f"SET temp_directory = {rules.sql_string(str(spill))}")
-        return _copy_to_csv(conn, table, path, lambda staged: _csv_copy(conn, columns, source, key, staged, look=False))
+        # DuckDB quotes unless a text needs Python's quoting, which SQL then gives (a second read, then).
+        return _copy_to_csv(
+            conn,
+            table,
+            path,
+            lambda staged: _csv_copy(conn, columns, _guarded(columns, source), key, staged, native=True),
+            otherwise=lambda staged: _csv_copy(conn, columns, source, key, staged, native=False),
+        )
     except duckdb.Error as exc:
         raise CardpipeError(f"exporting {table}: {first_line(exc)}") from None
     finally:
@@ -504,14 +534,28 @@ def export_table_csv(
         shutil.rmtree(spill, ignore_errors=True)
 
 
-def _copy_to_csv(conn: duckdb.DuckDBPyConnection, table: str, path: Path, statement: Callable[[Path], str]) -> int:
-    """Run the COPY ``statement`` gives for a staged name beside ``path``, then rename it; the row count."""
+def _copy_to_csv(
+    conn: duckdb.DuckDBPyConnection,
+    table: str,
+    path: Path,
+    statement: Callable[[Path], str],
+    *,
+    otherwise: Callable[[Path], str] | None = None,
+) -> int:
+    """Run the COPY ``statement`` gives for a staged name beside ``path``, then rename it; the row count.
+    ``otherwise``: the COPY run instead when the first fails with :data:`_QUOTED_OTHERWISE` (:func:`_guarded`)."""
     import duckdb
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        row = conn.execute(statement(staged)).fetchone()
+        try:
+            row = conn.execute(statement(staged)).fetchone()
+        except duckdb.InvalidInputException as exc:
+            if otherwise is None or _QUOTED_OTHERWISE not in str(exc):
+                raise
+            log.debug("%s written again with its texts quoted in SQL: %s", table, first_line(exc))
+            row = conn.execute(otherwise(staged)).fetchone()
         os.replace(staged, path)
     except duckdb.Error as exc:
         raise CardpipeError(f"exporting {table}: {first_line(exc)}") from None
