@@ -218,6 +218,12 @@ class ExportProcess:
             raise CardpipeError(f"exporting {table}: the export's process {self._child.describe_exit()}") from None
         self._pending.append(table)
 
+    def last_job(self) -> None:
+        """No file is asked for after those asked so far: the process ends once it has written them (its exit then
+        overlaps the caller's wait for the results instead of following it)."""
+        if not self._jobs.closed:
+            self._jobs.close()
+
     def result(self) -> int:
         """Wait for every file asked for; the row count of the last one. Raises the first one's error."""
         if not self._pending:

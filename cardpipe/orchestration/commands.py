@@ -443,6 +443,7 @@ def _decisions_exporter(
         try:
             if not (begun and process is ahead):
                 process.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+            process.last_job()
             return process.result()
         finally:
             rt.release(process)

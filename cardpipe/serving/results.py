@@ -42,16 +42,13 @@ def export_stream_results(
     the same format, and returns its row count."""
     stream_path = results_dir / STREAM_RESULTS_FILE
     with translated_errors(engine), engine.connect() as conn:
+        # The small file first: it is written while ``write_decisions`` may already be writing the other, apart.
+        rejected = export_table(conn, schema.rejected_transactions, results_dir / REJECTED_FILE, REJECTED_COLUMNS)
         if write_decisions is not None:
             decisions = write_decisions(stream_path)
         else:
             decisions = export_table(conn, schema.stream_transactions, stream_path, STREAM_COLUMNS)
-        return {
-            STREAM_RESULTS_FILE: decisions,
-            REJECTED_FILE: export_table(
-                conn, schema.rejected_transactions, results_dir / REJECTED_FILE, REJECTED_COLUMNS
-            ),
-        }
+        return {STREAM_RESULTS_FILE: decisions, REJECTED_FILE: rejected}
 
 
 def batch_table_counts(engine: Engine) -> dict[str, int]:

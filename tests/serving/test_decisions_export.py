@@ -196,7 +196,12 @@ def test_the_export_process_writes_the_same_file_and_reports_errors(tmp_path: Pa
                 busy, _log, _done = conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)")).one()
             assert busy == 0  # no read transaction of the export process holds the WAL
             process.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", path)
+            process.last_job()  # no more: the process ends by itself once the file is written
             assert process.result() == len(rows)
+            process._child.process.join(30)  # noqa: SLF001  # not stopped: it ends on its own
+            assert process._child.process.exitcode == 0  # noqa: SLF001
+            with pytest.raises(CardpipeError, match="the export's process"):  # nothing is asked after the last
+                process.begin("stream_transactions", STREAM_COLUMNS, "transaction_id", path)
         finally:
             process.stop()
         assert path.read_bytes() == expected_bytes(rows)
