@@ -355,17 +355,6 @@ def _quoted_otherwise(column: str) -> str:
     return f"({_q(column)} = '' OR contains({_q(column)}, '#'))"
 
 
-def _native_quoting(conn: duckdb.DuckDBPyConnection, columns: tuple[str, ...], source: str) -> bool:
-    """Whether DuckDB's own quoting writes ``columns`` of ``source`` as Python's csv module does: no text column
-    holds an empty string or a ``#`` (one pass over the text columns; see :func:`_csv_copy`)."""
-    texts = [c for c in columns if c in _TEXT_COLUMNS]
-    if not texts:
-        return True
-    found = ", ".join(f"bool_or({_quoted_otherwise(c)})" for c in texts)
-    row = conn.execute(f"SELECT {found} FROM {source}").fetchone()
-    return row is not None and not any(row)
-
-
 #: What a guarded COPY (:func:`_guarded`) fails with at the first text DuckDB's own quoting would write otherwise.
 _QUOTED_OTHERWISE = "cardpipe: a text that DuckDB would quote otherwise"
 
@@ -373,8 +362,8 @@ _QUOTED_OTHERWISE = "cardpipe: a text that DuckDB would quote otherwise"
 def _guarded(columns: tuple[str, ...], source: str) -> str:
     """``source`` (a table or a subquery) as a subquery that fails the statement reading it, with
     :data:`_QUOTED_OTHERWISE`, at the first row holding a text of ``columns`` that DuckDB's own quoting would write
-    otherwise than Python's csv module: a COPY of it with DuckDB's quoting writes Python's bytes or nothing,
-    without a pass of its own over the texts first (:func:`_native_quoting`)."""
+    otherwise than Python's csv module: a COPY of it with DuckDB's quoting writes Python's bytes or nothing, without
+    a pass of its own over the texts first."""
     texts = [c for c in columns if c in _TEXT_COLUMNS]
     if not texts:
         return source
@@ -384,15 +373,13 @@ def _guarded(columns: tuple[str, ...], source: str) -> str:
 
 
 def _csv_copy(
-    conn: duckdb.DuckDBPyConnection,
     columns: tuple[str, ...],
     source: str,
     key: str,
     path: Path,
     *,
-    look: bool = True,
+    native: bool,
     in_order: bool = False,
-    native: bool | None = None,
     header: bool = True,
 ) -> str:
     """The COPY statement writing ``columns`` of ``source`` (a table or a subquery) ordered by ``key`` to
@@ -401,19 +388,42 @@ def _csv_copy(
 
     DuckDB's own quoting gives Python's bytes (a field holding a comma, a quote, a line feed or a carriage return
     quoted, inner quotes doubled) except for two kinds of text, which it quotes and Python does not: the empty
-    string and any text holding a ``#``. With ``look``, one pass over the text columns finds whether ``source``
-    holds any of those (:func:`_native_quoting`; ``native`` gives its answer when known): if not, DuckDB quotes
-    (faster than quoting in SQL), else :func:`csv_field` does. ``header``: the file starts with the header line.
+    string and any text holding a ``#``. ``native``: DuckDB quotes (faster than quoting in SQL), reading ``source``
+    through :func:`_guarded`, which fails the COPY at the first such text; else :func:`csv_field` quotes in SQL
+    (:func:`_write_csv` runs one, then the other when needed). ``header``: the file starts with the header line.
     """
-    if native is None:
-        native = look and _native_quoting(conn, columns, source)
     target = rules.sql_string(str(path))
     order = "" if in_order else f" ORDER BY {_q(key)}"
     options = _copy_options(quote=chr(34) if native else "", header=header)
     if native:
-        query = f"SELECT {', '.join(map(_q, columns))} FROM {source}{order}"
+        query = f"SELECT {', '.join(map(_q, columns))} FROM {_guarded(columns, source)}{order}"
         return f"COPY ({query}) TO {target} ({options})"
     return f"COPY ({_output_select(columns, source)}{order}) TO {target} ({options})"
+
+
+def _write_csv(
+    conn: duckdb.DuckDBPyConnection,
+    columns: tuple[str, ...],
+    source: str,
+    key: str,
+    path: Path,
+    *,
+    in_order: bool = False,
+    header: bool = True,
+) -> int:
+    """Write ``columns`` of ``source`` to ``path`` with :func:`_csv_copy`: quoted by DuckDB, or, when a text needs
+    Python's quoting (the guard fails the COPY), written again with the texts quoted in SQL. The row count."""
+    import duckdb
+
+    try:
+        row = conn.execute(_csv_copy(columns, source, key, path, native=True, in_order=in_order, header=header))
+    except duckdb.InvalidInputException as exc:
+        if _QUOTED_OTHERWISE not in str(exc):
+            raise
+        log.debug("%s written again with its texts quoted in SQL: %s", path.name, first_line(exc))
+        row = conn.execute(_csv_copy(columns, source, key, path, native=False, in_order=in_order, header=header))
+    counted = row.fetchone()
+    return int(counted[0]) if counted else 0
 
 
 #: A table in its file's key order is written in parts of at least this many rows, side by side, one per DuckDB
@@ -429,9 +439,8 @@ def _copy_in_parts(
     rows, low, high = conn.execute(f"SELECT count(*), min(rowid), max(rowid) FROM {table}").fetchone() or (0, 0, 0)
     count = max(1, min(parts, int(rows) // MIN_PART_ROWS))
     if count == 1:
-        conn.execute(_csv_copy(conn, columns, table, key, path, in_order=True))
+        _write_csv(conn, columns, table, key, path, in_order=True)
         return
-    native = _native_quoting(conn, columns, table)
     bounds = [int(low) + (int(high) + 1 - int(low)) * k // count for k in range(count + 1)]
     paths = [path] + [path.with_name(f"{path.name}.part{k}") for k in range(1, count)]
     errors: list[BaseException] = []
@@ -440,9 +449,7 @@ def _copy_in_parts(
         cursor = conn.cursor()
         try:
             source = f"(SELECT * FROM {table} WHERE rowid >= {bounds[k]} AND rowid < {bounds[k + 1]})"
-            cursor.execute(
-                _csv_copy(cursor, columns, source, key, paths[k], in_order=True, native=native, header=k == 0)
-            )
+            _write_csv(cursor, columns, source, key, paths[k], in_order=True, header=k == 0)
         except BaseException as exc:  # raised below, on the writer's own thread
             errors.append(exc)
         finally:
@@ -519,13 +526,7 @@ def export_table_csv(
     try:
         conn.execute(f"SET temp_directory = {rules.sql_string(str(spill))}")
         # DuckDB quotes unless a text needs Python's quoting, which SQL then gives (a second read, then).
-        return _copy_to_csv(
-            conn,
-            table,
-            path,
-            lambda staged: _csv_copy(conn, columns, _guarded(columns, source), key, staged, native=True),
-            otherwise=lambda staged: _csv_copy(conn, columns, source, key, staged, native=False),
-        )
+        return _copy_to_csv(conn, table, path, lambda staged: _write_csv(conn, columns, source, key, staged))
     except duckdb.Error as exc:
         raise CardpipeError(f"exporting {table}: {first_line(exc)}") from None
     finally:
@@ -534,34 +535,21 @@ def export_table_csv(
         shutil.rmtree(spill, ignore_errors=True)
 
 
-def _copy_to_csv(
-    conn: duckdb.DuckDBPyConnection,
-    table: str,
-    path: Path,
-    statement: Callable[[Path], str],
-    *,
-    otherwise: Callable[[Path], str] | None = None,
-) -> int:
-    """Run the COPY ``statement`` gives for a staged name beside ``path``, then rename it; the row count.
-    ``otherwise``: the COPY run instead when the first fails with :data:`_QUOTED_OTHERWISE` (:func:`_guarded`)."""
+def _copy_to_csv(conn: duckdb.DuckDBPyConnection, table: str, path: Path, write: Callable[[Path], int]) -> int:
+    """Write ``table``'s file with ``write`` (given a staged name beside ``path``; it returns the row count), then
+    rename it into place; the row count."""
     import duckdb
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        try:
-            row = conn.execute(statement(staged)).fetchone()
-        except duckdb.InvalidInputException as exc:
-            if otherwise is None or _QUOTED_OTHERWISE not in str(exc):
-                raise
-            log.debug("%s written again with its texts quoted in SQL: %s", table, first_line(exc))
-            row = conn.execute(otherwise(staged)).fetchone()
+        written = write(staged)
         os.replace(staged, path)
     except duckdb.Error as exc:
         raise CardpipeError(f"exporting {table}: {first_line(exc)}") from None
     finally:
         staged.unlink(missing_ok=True)
-    return int(row[0]) if row else 0
+    return written
 
 
 def _csv_line(columns: tuple[str, ...], kinds: Mapping[str, str]) -> str:
@@ -672,10 +660,12 @@ class FollowedTable:
         log.debug("%s written from its copy: %d rows, %d read when asked", self.table, self.rows, self.rows - before)
         lines = "SELECT line FROM followed.copied ORDER BY k NULLS FIRST"  # the header first
         options = _copy_options(header=False)  # one column, unquoted: each line as it is
-        written = _copy_to_csv(
-            self.conn, self.table, path, lambda staged: f"COPY ({lines}) TO {rules.sql_string(str(staged))} ({options})"
-        )
-        return written - 1  # the header
+
+        def write(staged: Path) -> int:
+            row = self.conn.execute(f"COPY ({lines}) TO {rules.sql_string(str(staged))} ({options})").fetchone()
+            return int(row[0]) if row else 0
+
+        return _copy_to_csv(self.conn, self.table, path, write) - 1  # the header
 
 
 # --------------------------------------------------------------------------------------------- the engine
@@ -705,7 +695,7 @@ class _FileWriter(threading.Thread):
                     if table in _IN_KEY_ORDER:
                         _copy_in_parts(self.conn, columns, table, key, staged, self.parts)
                     else:
-                        self.conn.execute(_csv_copy(self.conn, columns, table, key, staged))
+                        _write_csv(self.conn, columns, table, key, staged)
                 self.written.append(staged)
         except BaseException as exc:  # handed to the settling thread, which raises it
             self.error = exc

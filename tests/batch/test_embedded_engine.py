@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import random
 import subprocess
@@ -517,35 +518,50 @@ def test_csv_text_is_quoted_as_pythons_csv_module(tmp_path: Path, hash_or_empty:
     assert b'"carriage\rreturn"' in (tmp_path / "out2" / "batch_transactions.csv").read_bytes()
 
 
-def test_duckdb_quotes_the_fields_only_when_no_text_holds_a_hash_or_is_empty(tmp_path: Path) -> None:
+def test_duckdb_quotes_the_fields_unless_a_text_holds_a_hash_or_is_empty(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DuckDB's own quoting writes the file when it gives Python's bytes; a text it would quote otherwise (empty, or
+    holding a ``#``) fails that COPY, and the file is written again with the texts quoted in SQL."""
     import duckdb
 
-    from cardpipe.batch.embedded import _csv_copy
+    from cardpipe.batch.embedded import _csv_copy, _write_csv
 
     conn = duckdb.connect()
     conn.execute("CREATE TABLE t (card_id INTEGER, merchant_name VARCHAR, location VARCHAR)")
-    conn.execute("INSERT INTO t VALUES (1, 'a, b', 'x'), (2, 'c', NULL)")
+    conn.execute("INSERT INTO t VALUES (2, 'c', NULL), (1, 'a, b', 'x')")
+    columns = ("card_id", "merchant_name", "location")
     path = tmp_path / "t.csv"
-    by_duckdb = _csv_copy(conn, ("card_id", "merchant_name", "location"), "t", "card_id", path)
-    assert "QUOTE '\"'" in by_duckdb and "CASE WHEN" not in by_duckdb
-    conn.execute(by_duckdb)
+    assert "QUOTE '\"'" in _csv_copy(columns, "t", "card_id", path, native=True)
+    assert "CASE WHEN" in _csv_copy(columns, "t", "card_id", path, native=False)
+    with caplog.at_level(logging.DEBUG, logger="cardpipe.batch.embedded"):
+        assert _write_csv(conn, columns, "t", "card_id", path) == 2
     assert path.read_bytes() == b'card_id,merchant_name,location\n1,"a, b",x\n2,c,\n'
+    assert "written again" not in caplog.text
     for text in ("", "#", "no # here"):
+        caplog.clear()
         conn.execute("UPDATE t SET location = ? WHERE card_id = 2", [text])
-        in_sql = _csv_copy(conn, ("card_id", "merchant_name", "location"), "t", "card_id", path)
-        assert "QUOTE ''" in in_sql and "CASE WHEN" in in_sql
-        conn.execute(in_sql)
+        with caplog.at_level(logging.DEBUG, logger="cardpipe.batch.embedded"):
+            assert _write_csv(conn, columns, "t", "card_id", path) == 2
         assert path.read_bytes() == f'card_id,merchant_name,location\n1,"a, b",x\n2,c,{text}\n'.encode()
-    assert "CASE WHEN" in _csv_copy(conn, ("card_id", "merchant_name"), "t", "card_id", path, look=False)
+        assert "t.csv written again with its texts quoted in SQL" in caplog.text
+    # A table without texts needs no guard: its COPY is DuckDB's.
+    assert _write_csv(conn, ("card_id",), "t", "card_id", path) == 2
+    assert path.read_bytes() == b"card_id\n1\n2\n"
 
 
 @pytest.mark.parametrize(("min_part_rows", "threads"), [(None, 2), (70_000, 3)])
 def test_decisions_stored_in_any_order_are_written_in_id_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_part_rows: int | None, threads: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    min_part_rows: int | None,
+    threads: int,
 ) -> None:
     """The decisions are read sorted by id and ``batch_transactions.csv`` is written in table order (no ORDER BY
     of its own): ids stored shuffled, over several of DuckDB's row groups and both threads, come out ascending,
-    written whole or in parts side by side (one header, the parts joined in order)."""
+    written whole or in parts side by side (one header, the parts joined in order). The one text holding a ``#``
+    has its part written again with the texts quoted in SQL, the other parts keep DuckDB's quoting."""
     import sqlite3
 
     from cardpipe.batch import embedded
@@ -554,9 +570,9 @@ def test_decisions_stored_in_any_order_are_written_in_id_order(
     if min_part_rows is not None:
         monkeypatch.setattr(embedded, "MIN_PART_ROWS", min_part_rows)
         written_parts: list[str] = []
-        real_csv_copy = embedded._csv_copy
+        real_write_csv = embedded._write_csv
         monkeypatch.setattr(
-            embedded, "_csv_copy", lambda *a, **k: written_parts.append(str(a[2])) or real_csv_copy(*a, **k)
+            embedded, "_write_csv", lambda *a, **k: written_parts.append(str(a[2])) or real_write_csv(*a, **k)
         )
     from cardpipe.serving.database import create_clean_schema, make_engine
     from cardpipe.serving.stream_store import DECISION_COLUMNS
@@ -574,7 +590,7 @@ def test_decisions_stored_in_any_order_are_written_in_id_order(
                 (
                     tid,
                     7,
-                    "m",
+                    "#m" if tid == 1 else "m",
                     "2025-04-01 00:00:00.000000",
                     1.5,
                     "l",
@@ -590,12 +606,17 @@ def test_decisions_stored_in_any_order_are_written_in_id_order(
                 for tid in ids
             ),
         )
-    summary = settle_embedded(url, dict.fromkeys(range(4), 1), tmp_path / "out", threads=threads)
+    with caplog.at_level(logging.DEBUG, logger="cardpipe.batch.embedded"):
+        summary = settle_embedded(url, dict.fromkeys(range(4), 1), tmp_path / "out", threads=threads)
     assert summary.transactions == len(ids)
     with (tmp_path / "out" / "batch_transactions.csv").open() as handle:
         assert handle.readline().startswith("transaction_id,")
-        written = [int(line.split(",", 1)[0]) for line in handle]  # a second header would not parse
+        lines = list(handle)
+    written = [int(line.split(",", 1)[0]) for line in lines]  # a second header would not parse
     assert written == sorted(ids)
+    assert lines[0].startswith("1,7,#m,2025-04-01 00:00:00,1.50,l,purchase,,approved,1.50,")
+    assert lines[1].startswith("2,7,m,")
+    assert caplog.text.count("written again with its texts quoted in SQL") == 1
     if min_part_rows is not None:  # three parts, each a rowid range of the decisions
         assert sum("rowid >=" in source for source in written_parts) == threads
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
