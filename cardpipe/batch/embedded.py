@@ -416,14 +416,18 @@ def _write_csv(
     import duckdb
 
     try:
-        row = conn.execute(_csv_copy(columns, source, key, path, native=True, in_order=in_order, header=header))
+        return _copied(conn, _csv_copy(columns, source, key, path, native=True, in_order=in_order, header=header))
     except duckdb.InvalidInputException as exc:
         if _QUOTED_OTHERWISE not in str(exc):
             raise
         log.debug("%s written again with its texts quoted in SQL: %s", path.name, first_line(exc))
-        row = conn.execute(_csv_copy(columns, source, key, path, native=False, in_order=in_order, header=header))
-    counted = row.fetchone()
-    return int(counted[0]) if counted else 0
+        return _copied(conn, _csv_copy(columns, source, key, path, native=False, in_order=in_order, header=header))
+
+
+def _copied(conn: duckdb.DuckDBPyConnection, copy: str) -> int:
+    """Run the COPY statement ``copy``; the row count it reports."""
+    row = conn.execute(copy).fetchone()
+    return int(row[0]) if row else 0
 
 
 #: A table in its file's key order is written in parts of at least this many rows, side by side, one per DuckDB
@@ -660,12 +664,13 @@ class FollowedTable:
         log.debug("%s written from its copy: %d rows, %d read when asked", self.table, self.rows, self.rows - before)
         lines = "SELECT line FROM followed.copied ORDER BY k NULLS FIRST"  # the header first
         options = _copy_options(header=False)  # one column, unquoted: each line as it is
-
-        def write(staged: Path) -> int:
-            row = self.conn.execute(f"COPY ({lines}) TO {rules.sql_string(str(staged))} ({options})").fetchone()
-            return int(row[0]) if row else 0
-
-        return _copy_to_csv(self.conn, self.table, path, write) - 1  # the header
+        written = _copy_to_csv(
+            self.conn,
+            self.table,
+            path,
+            lambda staged: _copied(self.conn, f"COPY ({lines}) TO {rules.sql_string(str(staged))} ({options})"),
+        )
+        return written - 1  # the header
 
 
 # --------------------------------------------------------------------------------------------- the engine
